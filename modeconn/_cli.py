@@ -1,0 +1,192 @@
+"""Pieces shared by the thin commands: argument groups, devices, output files, resume."""
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import math
+import os
+import platform
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence
+
+import numpy as np
+import torch
+
+from . import __version__
+from .checkpoint import CheckpointError, atomic_save, load_checkpoint
+from .data import DATASETS
+
+
+class CommandError(Exception):
+    """A user-facing error: printed as one line, exit status 2."""
+
+
+def parser(prog: str, description: str, example: str) -> argparse.ArgumentParser:
+    return argparse.ArgumentParser(
+        prog=f"python -m modeconn.{prog}", description=description,
+        epilog=f"example:\n{example}", formatter_class=argparse.RawDescriptionHelpFormatter)
+
+
+def add_data_args(p: argparse.ArgumentParser, dataset_default: Optional[str] = "digits") -> None:
+    g = p.add_argument_group("data")
+    g.add_argument("--dataset", default=dataset_default, choices=DATASETS,
+                   help="dataset (default: %(default)s)" if dataset_default else
+                   "dataset (default: the one recorded in the checkpoint)")
+    g.add_argument("--data-dir", default="data",
+                   help="where torchvision datasets are read from (default: %(default)s)")
+    g.add_argument("--download", action="store_true",
+                   help="download a torchvision dataset into --data-dir (needs internet)")
+    g.add_argument("--batch-size", type=int, default=64, help="training mini-batch size (default: %(default)s)")
+
+
+def add_optim_args(p: argparse.ArgumentParser, epochs: int, lr: float, wd: float = 5e-4) -> None:
+    g = p.add_argument_group("optimisation")
+    g.add_argument("--epochs", type=int, default=epochs, help="training epochs (default: %(default)s)")
+    g.add_argument("--lr", type=float, default=lr, help="initial learning rate of SGD (default: %(default)s)")
+    g.add_argument("--wd", type=float, default=wd, help="weight decay (default: %(default)s)")
+    g.add_argument("--momentum", type=float, default=0.9, help="SGD momentum (default: %(default)s)")
+    g.add_argument("--schedule", default="reference", choices=("reference", "cosine", "constant"),
+                   help="learning-rate schedule: 'reference' = constant for the first half, linear decay "
+                        "to 1%% at 90%%, then flat (Garipov et al.); 'cosine'; 'constant' "
+                        "(default: %(default)s)")
+    g.add_argument("--seed", type=int, default=0, help="seed of initialisation, batch order and t samples "
+                                                       "(default: %(default)s)")
+
+
+def add_run_args(p: argparse.ArgumentParser, out_default: Optional[str] = None) -> None:
+    g = p.add_argument_group("run")
+    g.add_argument("--out", default=out_default, required=out_default is None,
+                   help="output directory" + (" (default: %(default)s)" if out_default else ""))
+    g.add_argument("--device", default="auto", help="'cpu', 'cuda', 'cuda:1' or 'auto' (default: %(default)s)")
+    g.add_argument("--no-progress", action="store_true", help="hide progress bars")
+
+
+def add_resume_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--resume", action="store_true",
+                   help="continue an interrupted run from OUT/resume.pt (same arguments)")
+    p.add_argument("--force", action="store_true", help="start over, replacing an earlier run in OUT")
+
+
+def device_of(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(name)
+    except RuntimeError as e:
+        raise CommandError(f"--device {name!r}: {e}") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise CommandError(f"--device {name}: CUDA is not available on this machine")
+    return dev
+
+
+def progress(total: int, desc: str, disable: bool = False):
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc=desc, disable=disable, dynamic_ncols=True, leave=False)
+
+
+def _plain(obj: Any) -> Any:
+    if isinstance(obj, Mapping):
+        return {str(k): _plain(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_plain(v) for v in obj]
+    if isinstance(obj, np.ndarray):
+        return _plain(obj.tolist())
+    if isinstance(obj, torch.Tensor):
+        return _plain(obj.detach().cpu().tolist())
+    if isinstance(obj, (np.floating, float)):
+        v = float(obj)
+        return v if math.isfinite(v) else None
+    if isinstance(obj, np.integer):
+        return int(obj)
+    if isinstance(obj, Path):
+        return str(obj)
+    return obj
+
+
+def write_json(path: Path, obj: Any) -> Path:
+    """Atomic JSON write (non-finite floats become null)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    with os.fdopen(fd, "w") as f:
+        json.dump(_plain(obj), f, indent=2)
+        f.write("\n")
+    os.replace(tmp, path)
+    return path
+
+
+def write_csv(path: Path, columns: Mapping[str, Sequence]) -> Path:
+    path = Path(path)
+    names = list(columns)
+    rows = zip(*[columns[n] for n in names])
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    with os.fdopen(fd, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(names)
+        for r in rows:
+            w.writerow([f"{v:.6g}" if isinstance(v, (float, np.floating)) else v for v in r])
+    os.replace(tmp, path)
+    return path
+
+
+def run_info(argv: Optional[Sequence[str]]) -> Dict[str, Any]:
+    """The command line and versions, recorded in every result file."""
+    return {"argv": list(sys.argv[:1]) + list(argv if argv is not None else sys.argv[1:]),
+            "modeconn": __version__, "torch": str(torch.__version__), "numpy": np.__version__,
+            "python": platform.python_version()}
+
+
+def resume_or_start(out: Path, config: Mapping[str, Any], resume: bool, force: bool,
+                    final_name: str) -> Optional[dict]:
+    """Check the output directory; return the training state to resume from, or None.
+
+    A run directory is never overwritten silently: an earlier run needs
+    ``--resume`` (same configuration) or ``--force``.
+    """
+    state_path = out / "resume.pt"
+    if resume:
+        if not state_path.exists():
+            raise CommandError(f"--resume: {state_path} does not exist; nothing to resume")
+        try:
+            state = load_checkpoint(state_path, kind="training_state")
+        except CheckpointError as e:
+            raise CommandError(str(e)) from None
+        old = state.get("config", {})
+        diff = [k for k in config if k in old and old[k] != config[k] and k not in ("device",)]
+        if diff:
+            raise CommandError("--resume: arguments differ from the interrupted run: " + ", ".join(
+                f"{k}={config[k]!r} (was {old[k]!r})" for k in diff))
+        return state
+    if not force and (state_path.exists() or (out / final_name).exists()):
+        raise CommandError(f"{out} already holds a run; pass --resume to continue it or --force to start over")
+    return None
+
+
+def epoch_saver(out: Path, config: Mapping[str, Any], bar=None) -> Callable[[dict, dict], None]:
+    """``on_epoch_end`` callback: write the resumable state and the history (atomic)."""
+
+    def save(record: dict, state: dict) -> None:
+        atomic_save({"format": "modeconn", "format_version": 1, "kind": "training_state",
+                     "config": dict(config), **state}, out / "resume.pt")
+        write_json(out / "history.json", state["history"])
+        if bar is not None:
+            bar.set_postfix(epoch=record["epoch"], loss=f"{record['loss']:.4f}",
+                            acc=f"{record['acc']:.3f}", lr=f"{record['lr']:.2g}")
+
+    return save
+
+
+def run_command(main_fn: Callable[[Optional[Sequence[str]]], int], argv=None) -> int:
+    """Call a command body; turn expected errors into one line and exit status 2."""
+    try:
+        return main_fn(argv) or 0
+    except (CommandError, CheckpointError, FileNotFoundError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("\ninterrupted; rerun with --resume to continue from the last finished epoch", file=sys.stderr)
+        return 130

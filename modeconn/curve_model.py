@@ -1,0 +1,342 @@
+"""CurveModel: a path of networks θ(t) = Σ_k c_k(t) θ_k over any ``nn.Module``.
+
+One mechanism for every architecture. The template's parameters are removed
+from its modules and held here instead, flattened and stacked by parameter
+*name* into one matrix ``[num_bends, P]`` (fixed bends in a buffer, trainable
+ones in a parameter). A point on the path is one small matrix product; the
+template then runs with those weights through ``torch.func.functional_call``.
+No per-layer curve classes, no model written twice, parameters matched by
+name, never by order.
+
+Buffers (BatchNorm running statistics) are not interpolated: statistics along
+a curve are meaningless and are recomputed over training data before a point
+is evaluated (see :mod:`modeconn.bn`). The template's own buffers are the
+"live" ones a forward pass uses; the endpoints' buffers are kept so that
+``point(0)`` / ``point(1)`` reproduce the endpoint models exactly.
+"""
+from __future__ import annotations
+
+import copy
+from typing import Dict, List, Mapping, Optional, Union
+
+import torch
+from torch import nn
+from torch.func import functional_call
+
+from .checkpoint import load_state_dict
+from .curves import Bezier, Curve, PolyChain, TLike, _as_t, make_curve
+
+Source = Union[nn.Module, Mapping[str, torch.Tensor], str]
+
+
+class _BufferStore(nn.Module):
+    """Holds a copy of a state's buffers (names with dots are allowed)."""
+
+    def __init__(self, buffers: Mapping[str, torch.Tensor]):
+        super().__init__()
+        self._names = list(buffers)
+        for name, value in buffers.items():
+            self.register_buffer(name.replace(".", "__"), value.detach().clone())
+
+    def as_dict(self) -> Dict[str, torch.Tensor]:
+        return {n: getattr(self, n.replace(".", "__")) for n in self._names}
+
+
+def _strip_parameters(module: nn.Module) -> None:
+    for sub in module.modules():
+        for name in list(sub._parameters):
+            del sub._parameters[name]
+
+
+def _check_compatible(names, shapes, state: Mapping[str, torch.Tensor], which: str) -> None:
+    for name, shape in zip(names, shapes):
+        if name not in state:
+            raise ValueError(f"{which} endpoint has no parameter {name!r} (expected shape {tuple(shape)}); "
+                             "the endpoints and the template must share one architecture")
+        got = tuple(state[name].shape)
+        if got != tuple(shape):
+            raise ValueError(f"architectures differ at parameter {name!r}: template has shape "
+                             f"{tuple(shape)}, {which} endpoint has shape {got}")
+
+
+class CurveModel(nn.Module):
+    """A curve of networks between two endpoints.
+
+    Args:
+        template: an instance of the architecture (its weights are only used
+            with ``init="random"``).
+        start, end: the endpoints, as modules, state dicts or checkpoint paths.
+        curve: the curve family (default ``Bezier(3)``).
+        fix_start, fix_end: keep the endpoints fixed during training.
+        init: ``"linear"`` puts the middle bends on the straight segment,
+            ``"random"`` gives each a fresh initialisation of the template
+            (seeded by ``seed``).
+        middle: explicit middle bends (modules, state dicts or paths) instead
+            of ``init``; ``fix_middle=True`` keeps them fixed (a chain through
+            several checkpoints).
+    """
+
+    def __init__(self, template: nn.Module, start: Source, end: Source, curve: Optional[Curve] = None,
+                 fix_start: bool = True, fix_end: bool = True, init: str = "linear", seed: int = 0,
+                 middle: Optional[List[Source]] = None, fix_middle: bool = False):
+        super().__init__()
+        curve = Bezier(3) if curve is None else curve
+        if not isinstance(curve, Curve):
+            raise TypeError(f"curve must be a modeconn Curve (Bezier, PolyChain), got {type(curve).__name__}")
+        if init not in ("linear", "random"):
+            raise ValueError(f"init must be 'linear' or 'random', got {init!r}")
+        self.curve = curve
+        self.fix_start, self.fix_end, self.fix_middle = bool(fix_start), bool(fix_end), bool(fix_middle)
+
+        named = list(template.named_parameters())
+        if not named:
+            raise ValueError("the template has no parameters: nothing to connect")
+        dtypes = {p.dtype for _, p in named}
+        if len(dtypes) != 1 or not next(iter(dtypes)).is_floating_point:
+            raise ValueError(f"all parameters must share one floating dtype, got {sorted(map(str, dtypes))}")
+        self.names: List[str] = [n for n, _ in named]
+        self.shapes: List[torch.Size] = [p.shape for _, p in named]
+        self.numels: List[int] = [p.numel() for _, p in named]
+
+        s_state, e_state = load_state_dict(start), load_state_dict(end)
+        _check_compatible(self.names, self.shapes, s_state, "start")
+        _check_compatible(self.names, self.shapes, e_state, "end")
+
+        dtype, device = named[0][1].dtype, named[0][1].device
+
+        def flat(state):
+            return torch.cat([state[n].detach().reshape(-1).to(dtype) for n in self.names]).to(device)
+
+        first, last = flat(s_state), flat(e_state)
+        K = curve.num_bends
+        if middle is not None:
+            if len(middle) != K - 2:
+                raise ValueError(f"middle has {len(middle)} bends, curve {curve!r} needs {K - 2}")
+            inner = []
+            for k, m in enumerate(middle, 1):
+                state = load_state_dict(m)
+                _check_compatible(self.names, self.shapes, state, f"bend {k}")
+                inner.append(flat(state))
+        elif init == "linear":
+            inner = [(1 - k / (K - 1)) * first + (k / (K - 1)) * last for k in range(1, K - 1)]
+        else:
+            inner = [self._random_init(template, seed + k).to(device, dtype) for k in range(1, K - 1)]
+        bends = torch.stack([first, *inner, last])
+
+        fixed = [k for k in range(K) if (k == 0 and fix_start) or (k == K - 1 and fix_end)
+                 or (0 < k < K - 1 and fix_middle)]
+        free = [k for k in range(K) if k not in fixed]
+        self.fixed_idx, self.free_idx = fixed, free
+        self.free_bends = nn.Parameter(bends[free].clone(), requires_grad=bool(free))
+        self.register_buffer("fixed_bends", bends[fixed].clone())
+        self.register_buffer("_free_sel", torch.tensor(free, dtype=torch.long), persistent=False)
+        self.register_buffer("_fixed_sel", torch.tensor(fixed, dtype=torch.long), persistent=False)
+
+        net = copy.deepcopy(template)
+        _strip_parameters(net)
+        self.net = net
+        buffer_names = [n for n, _ in net.named_buffers()]
+        for n in buffer_names:  # live buffers start as the start endpoint's
+            if n in s_state:
+                net.get_buffer(n).copy_(s_state[n])
+        self.start_buffers = _BufferStore({n: s_state.get(n, net.get_buffer(n)) for n in buffer_names})
+        self.end_buffers = _BufferStore({n: e_state.get(n, net.get_buffer(n)) for n in buffer_names})
+
+    # ------------------------------------------------------------------ basics
+    def _random_init(self, template: nn.Module, seed: int) -> torch.Tensor:
+        fresh = copy.deepcopy(template)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            for m in fresh.modules():
+                if hasattr(m, "reset_parameters"):
+                    m.reset_parameters()
+        return torch.cat([p.detach().reshape(-1) for _, p in fresh.named_parameters()])
+
+    @property
+    def num_bends(self) -> int:
+        return self.curve.num_bends
+
+    @property
+    def num_parameters(self) -> int:
+        """Number of parameters of one point of the curve (P)."""
+        return sum(self.numels)
+
+    @property
+    def bends(self) -> torch.Tensor:
+        """All bends as one ``[num_bends, P]`` tensor (views of the stored ones)."""
+        out = self.fixed_bends.new_empty((self.num_bends, self.num_parameters))
+        out[self._fixed_sel] = self.fixed_bends
+        out[self._free_sel] = self.free_bends.detach()
+        return out
+
+    def bends_by_name(self) -> Dict[str, torch.Tensor]:
+        """Each parameter's bends stacked: name -> ``[num_bends, *shape]``."""
+        b = self.bends
+        return {n: c.reshape(self.num_bends, *s)
+                for n, s, c in zip(self.names, self.shapes, torch.split(b, self.numels, dim=1))}
+
+    def load_bends(self, bends: Mapping[str, torch.Tensor]) -> None:
+        """Set every bend from a name -> ``[num_bends, *shape]`` mapping."""
+        rows = []
+        for n, s in zip(self.names, self.shapes):
+            if n not in bends:
+                raise ValueError(f"bends have no entry for parameter {n!r}")
+            if tuple(bends[n].shape) != (self.num_bends, *s):
+                raise ValueError(f"bends of {n!r} have shape {tuple(bends[n].shape)}, "
+                                 f"expected {(self.num_bends, *s)}")
+            rows.append(bends[n].reshape(self.num_bends, -1))
+        full = torch.cat(rows, dim=1).to(self.fixed_bends)
+        with torch.no_grad():
+            self.fixed_bends.copy_(full[self._fixed_sel])
+            self.free_bends.copy_(full[self._free_sel])
+
+    # ----------------------------------------------------------- the point θ(t)
+    def coefficients(self, t: TLike, check: bool = True) -> torch.Tensor:
+        return self.curve.coefficients(t, check=check).to(self.fixed_bends)
+
+    def flat_weights_at(self, t: TLike, check: bool = True) -> torch.Tensor:
+        """θ(t) flattened: ``[P]`` for a scalar t, ``[len(t), P]`` for a 1-D t."""
+        c = self.coefficients(t, check)
+        return c.index_select(-1, self._free_sel) @ self.free_bends + \
+            c.index_select(-1, self._fixed_sel) @ self.fixed_bends
+
+    def unflatten(self, flat: torch.Tensor) -> Dict[str, torch.Tensor]:
+        """Split a flat ``[..., P]`` vector into name -> ``[..., *shape]`` tensors."""
+        lead = flat.shape[:-1]
+        return {n: c.reshape(*lead, *s)
+                for n, s, c in zip(self.names, self.shapes, torch.split(flat, self.numels, dim=-1))}
+
+    def weights_at(self, t: TLike) -> Dict[str, torch.Tensor]:
+        """Parameters at t: name -> tensor (differentiable w.r.t. the free bends)."""
+        return self.unflatten(self.flat_weights_at(t))
+
+    def forward_flat(self, x, flat: torch.Tensor, buffers: Optional[Mapping[str, torch.Tensor]] = None):
+        """Run the template with flat weights ``flat`` (and optionally other buffers)."""
+        params = self.unflatten(flat)
+        if buffers is not None:
+            params.update(buffers)
+        return functional_call(self.net, params, (x,))
+
+    def forward(self, x, t: Optional[TLike] = None):
+        """Output of the network at t; ``t=None`` draws t ~ U(0, 1)."""
+        if t is None:
+            t = torch.rand(())
+            return self.forward_flat(x, self.flat_weights_at(t, check=False))
+        return self.forward_flat(x, self.flat_weights_at(t))
+
+    # --------------------------------------------------------------- buffers
+    def has_batchnorm(self) -> bool:
+        return any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in self.net.modules())
+
+    def endpoint_buffers(self, which: int) -> Dict[str, torch.Tensor]:
+        """Buffers of the start (0) or end (1) endpoint as they were given."""
+        return (self.start_buffers if which == 0 else self.end_buffers).as_dict()
+
+    def point(self, t: TLike) -> nn.Module:
+        """A standalone copy of the template holding θ(t).
+
+        Buffers: at t = 0 (t = 1) with a fixed start (end) the endpoint's own
+        buffers, so the endpoint model is reproduced exactly; elsewhere the
+        template's current buffers. BatchNorm statistics of an inner point must
+        be recomputed (``modeconn.bn.recompute_bn``) before it is evaluated.
+        """
+        tt = _as_t(t)
+        if tt.dim() != 0:
+            raise ValueError("point(t) takes a single t")
+        with torch.no_grad():
+            weights = self.weights_at(tt)
+        model = copy.deepcopy(self.net)
+        for name, w in weights.items():
+            mod_name, _, attr = name.rpartition(".")
+            model.get_submodule(mod_name).register_parameter(attr, nn.Parameter(w.detach().clone()))
+        tv = float(tt)
+        src = None
+        if tv == 0.0 and self.fix_start:
+            src = self.endpoint_buffers(0)
+        elif tv == 1.0 and self.fix_end:
+            src = self.endpoint_buffers(1)
+        if src:
+            with torch.no_grad():
+                for n, v in src.items():
+                    model.get_buffer(n).copy_(v)
+        model.train(self.training)
+        return model
+
+    # ----------------------------------------------------------- checkpoints
+    def describe(self) -> dict:
+        """Plain-data description of the curve (for checkpoints)."""
+        return {
+            "curve": self.curve.name,
+            "num_bends": self.num_bends,
+            "fix_start": self.fix_start,
+            "fix_end": self.fix_end,
+            "fix_middle": self.fix_middle,
+            "bends": {n: v.detach().cpu().clone() for n, v in self.bends_by_name().items()},
+            "buffers": {n: v.detach().cpu().clone() for n, v in self.net.named_buffers()},
+            "start_buffers": {n: v.cpu().clone() for n, v in self.endpoint_buffers(0).items()},
+            "end_buffers": {n: v.cpu().clone() for n, v in self.endpoint_buffers(1).items()},
+        }
+
+    @classmethod
+    def from_description(cls, template: nn.Module, desc: Mapping) -> "CurveModel":
+        """Rebuild a curve from ``describe()`` output and a template instance."""
+        bends = desc["bends"]
+        start = {n: v[0] for n, v in bends.items()}
+        end = {n: v[-1] for n, v in bends.items()}
+        start.update(desc.get("start_buffers", {}))
+        end.update(desc.get("end_buffers", {}))
+        curve = cls(template, start, end, make_curve(desc["curve"], desc["num_bends"]),
+                    fix_start=desc["fix_start"], fix_end=desc["fix_end"],
+                    fix_middle=desc.get("fix_middle", False))
+        curve.load_bends(bends)
+        with torch.no_grad():
+            for n, v in desc.get("buffers", {}).items():
+                curve.net.get_buffer(n).copy_(v)
+        return curve
+
+    def extra_repr(self) -> str:
+        return (f"curve={self.curve!r}, parameters_per_point={self.num_parameters}, "
+                f"fixed_bends={self.fixed_idx}, free_bends={self.free_idx}")
+
+
+def linear_path(a: Source, b: Source, template: Optional[nn.Module] = None) -> CurveModel:
+    """The straight line between two networks: ``PolyChain(2)`` with both ends fixed."""
+    if template is None:
+        if not isinstance(a, nn.Module):
+            raise ValueError("linear_path needs a template module when the endpoints are not modules")
+        template = a
+    return CurveModel(template, a, b, PolyChain(2), fix_start=True, fix_end=True)
+
+
+def chain_path(points: List[Source], template: nn.Module) -> CurveModel:
+    """A polygonal chain through several networks (in order), every bend fixed."""
+    if len(points) < 2:
+        raise ValueError("chain_path needs at least two networks")
+    return CurveModel(template, points[0], points[-1], PolyChain(len(points)),
+                      middle=list(points[1:-1]), fix_middle=True)
+
+
+def save_curve(path, curve: CurveModel, meta: Mapping, **extra):
+    """Write a self-describing 'curve' checkpoint.
+
+    ``meta`` carries the architecture (``arch``, ``arch_kwargs``,
+    ``input_shape``, ``num_classes``) and usually ``dataset`` and ``seed``.
+    """
+    from .checkpoint import save_checkpoint
+
+    fields = {k: meta[k] for k in ("arch", "arch_kwargs", "input_shape", "num_classes")}
+    fields.update({k: v for k, v in meta.items() if k not in fields})
+    fields.update(extra)
+    return save_checkpoint(path, "curve", curve_state=curve.describe(), **fields)
+
+
+def load_curve(path, map_location="cpu"):
+    """Rebuild the CurveModel stored in a 'curve' checkpoint; returns (curve, metadata)."""
+    from .checkpoint import CheckpointError, build_model, load_checkpoint
+
+    meta = load_checkpoint(path, kind="curve", map_location=map_location)
+    try:
+        curve = CurveModel.from_description(build_model(meta), meta["curve_state"])
+    except (KeyError, ValueError) as e:
+        raise CheckpointError(f"{path}: curve does not fit architecture {meta.get('arch')!r}: {e}") from None
+    return curve, meta

@@ -1,0 +1,271 @@
+"""Datasets held as tensors, batched by index; nothing downloaded by default.
+
+Embedded (no files needed): ``digits`` (scikit-learn's 8x8 handwritten digits,
+real data, the default), ``moons`` and ``spirals`` (synthetic, seeded).
+Torchvision datasets (``mnist``, ``fashion_mnist``, ``cifar10``, ``cifar100``)
+are read from ``data_dir`` when their files are there; ``download=True`` is
+an opt-in for machines with internet.
+
+A :class:`TensorLoader` shuffles with a permutation drawn from
+``(seed, epoch)`` (like ``DistributedSampler.set_epoch``), so an epoch's batch
+order is a pure function of the seed and the epoch: a resumed run sees the
+same batches as an uninterrupted one, and ranks can shard it.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Iterator, Optional, Tuple
+
+import numpy as np
+import torch
+
+Transform = Callable[[torch.Tensor, Optional[torch.Generator]], torch.Tensor]
+
+EMBEDDED = ("digits", "moons", "spirals")
+TORCHVISION = ("mnist", "fashion_mnist", "cifar10", "cifar100")
+DATASETS = EMBEDDED + TORCHVISION
+
+
+def epoch_generator(seed: int, epoch: int, stream: int = 0) -> torch.Generator:
+    """A CPU generator that depends only on (seed, epoch, stream)."""
+    g = torch.Generator()
+    g.manual_seed((int(seed) * 1_000_003 + int(epoch) * 9_973 + int(stream)) % (2**63 - 1))
+    return g
+
+
+class TensorLoader:
+    """Mini-batches ``(x, y)`` by index over tensors; no per-sample Python.
+
+    Args:
+        x, y: full tensors (first dimension = samples).
+        batch_size: samples per batch.
+        shuffle: draw a new permutation each epoch from ``(seed, epoch)``.
+        transform: ``f(x_batch, generator) -> x_batch`` applied per batch
+            (normalisation, augmentation); the generator is the epoch's.
+        drop_last: drop the last incomplete batch.
+        rank, world_size: shard of this process (every rank gets the same
+            number of batches; the tail that does not divide is dropped when
+            ``world_size > 1``).
+    """
+
+    def __init__(self, x: torch.Tensor, y: torch.Tensor, batch_size: int = 128, shuffle: bool = False,
+                 seed: int = 0, transform: Optional[Transform] = None, drop_last: bool = False,
+                 rank: int = 0, world_size: int = 1):
+        if len(x) != len(y):
+            raise ValueError(f"x has {len(x)} samples but y has {len(y)}")
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        self.x, self.y = x, y
+        self.batch_size, self.shuffle, self.seed = int(batch_size), bool(shuffle), int(seed)
+        self.transform, self.drop_last = transform, bool(drop_last)
+        self.rank, self.world_size = int(rank), int(world_size)
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = int(epoch)
+
+    @property
+    def num_samples(self) -> int:
+        """Samples this rank sees per epoch."""
+        n = len(self.x)
+        if self.world_size > 1:
+            n //= self.world_size
+        if self.drop_last:
+            n -= n % self.batch_size
+        return n
+
+    def __len__(self) -> int:
+        n = self.num_samples
+        return n // self.batch_size if self.drop_last else -(-n // self.batch_size)
+
+    def to(self, device) -> "TensorLoader":
+        """Move the held tensors to ``device`` (returns self)."""
+        self.x, self.y = self.x.to(device), self.y.to(device)
+        return self
+
+    def __iter__(self) -> Iterator[Tuple[torch.Tensor, torch.Tensor]]:
+        g = epoch_generator(self.seed, self.epoch)
+        n = len(self.x)
+        idx = torch.randperm(n, generator=g) if self.shuffle else torch.arange(n)
+        if self.world_size > 1:
+            per = n // self.world_size
+            idx = idx[self.rank * per:(self.rank + 1) * per]
+        idx = idx[: self.num_samples].to(self.x.device)
+        aug = epoch_generator(self.seed, self.epoch, stream=1 + self.rank)
+        for i in range(0, len(idx), self.batch_size):
+            b = idx[i:i + self.batch_size]
+            xb = self.x.index_select(0, b)
+            if self.transform is not None:
+                xb = self.transform(xb, aug)
+            yield xb, self.y.index_select(0, b)
+
+
+@dataclass
+class Dataset:
+    """A dataset held as tensors, with the transforms that turn a batch into model input."""
+
+    name: str
+    x_train: torch.Tensor
+    y_train: torch.Tensor
+    x_test: torch.Tensor
+    y_test: torch.Tensor
+    num_classes: int
+    input_shape: Tuple[int, ...]
+    train_transform: Optional[Transform] = None  # augmentation + normalisation
+    eval_transform: Optional[Transform] = None   # normalisation only
+    info: dict = field(default_factory=dict)
+
+    def train_loader(self, batch_size: int = 128, seed: int = 0, shuffle: bool = True,
+                     augment: bool = True, **kw) -> TensorLoader:
+        """Loader for training: shuffled, augmented where the dataset has augmentation."""
+        tf = self.train_transform if augment else self.eval_transform
+        return TensorLoader(self.x_train, self.y_train, batch_size, shuffle, seed, tf, **kw)
+
+    def eval_loader(self, split: str = "test", batch_size: int = 1024, **kw) -> TensorLoader:
+        """Loader for evaluation and BN statistics: fixed order, no augmentation."""
+        if split not in ("train", "test"):
+            raise ValueError(f"split must be 'train' or 'test', got {split!r}")
+        x, y = (self.x_train, self.y_train) if split == "train" else (self.x_test, self.y_test)
+        return TensorLoader(x, y, batch_size, False, 0, self.eval_transform, **kw)
+
+
+# --------------------------------------------------------------------- embedded
+def _split(x: np.ndarray, y: np.ndarray, test_fraction: float, seed: int):
+    rng = np.random.RandomState(seed)
+    idx = rng.permutation(len(x))
+    n_test = int(round(len(x) * test_fraction))
+    return x[idx[n_test:]], y[idx[n_test:]], x[idx[:n_test]], y[idx[:n_test]]
+
+
+def _digits(seed: int = 0, **_) -> Dataset:
+    from sklearn.datasets import load_digits
+
+    d = load_digits()
+    x = d.images.astype(np.float32)[:, None]  # [N, 1, 8, 8], values 0..16
+    y = d.target.astype(np.int64)
+    # the split is part of the dataset's definition: fixed, whatever the run's seed
+    xtr, ytr, xte, yte = _split(x, y, 0.2, seed=0)
+    mean, std = float(xtr.mean()), float(xtr.std())
+    norm = lambda a: torch.from_numpy((a - mean) / std)
+    return Dataset("digits", norm(xtr), torch.from_numpy(ytr), norm(xte), torch.from_numpy(yte),
+                   10, (1, 8, 8), info={"mean": mean, "std": std, "split_seed": 0,
+                                        "n_train": len(xtr), "n_test": len(xte)})
+
+
+def _points(name: str, x: np.ndarray, y: np.ndarray, seed: int) -> Dataset:
+    xtr, ytr, xte, yte = _split(x.astype(np.float32), y.astype(np.int64), 0.5, seed)
+    mean, std = xtr.mean(0), xtr.std(0)
+    norm = lambda a: torch.from_numpy(((a - mean) / std).astype(np.float32))
+    return Dataset(name, norm(xtr), torch.from_numpy(ytr), norm(xte), torch.from_numpy(yte),
+                   int(y.max()) + 1, (2,), info={"seed": seed, "n_train": len(xtr), "n_test": len(xte)})
+
+
+def _moons(seed: int = 0, n_samples: int = 2000, noise: float = 0.2, **_) -> Dataset:
+    from sklearn.datasets import make_moons
+
+    x, y = make_moons(n_samples=n_samples, noise=noise, random_state=seed)
+    return _points("moons", x, y, seed)
+
+
+def _spirals(seed: int = 0, n_samples: int = 2000, noise: float = 0.3, turns: float = 1.5, **_) -> Dataset:
+    rng = np.random.RandomState(seed)
+    n = n_samples // 2
+    r = np.sqrt(rng.rand(n)) * turns * 2 * np.pi
+    arm = np.stack([r * np.cos(r), r * np.sin(r)], 1)
+    x = np.concatenate([arm, -arm]) + rng.randn(2 * n, 2) * noise
+    y = np.concatenate([np.zeros(n), np.ones(n)])
+    return _points("spirals", x, y, seed)
+
+
+# ------------------------------------------------------------------ torchvision
+_TV = {
+    # name: (torchvision class, mean, std, classes, folder torchvision looks for)
+    "mnist": ("MNIST", (0.1307,), (0.3081,), 10, "MNIST/raw"),
+    "fashion_mnist": ("FashionMNIST", (0.2860,), (0.3530,), 10, "FashionMNIST/raw"),
+    "cifar10": ("CIFAR10", (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616), 10, "cifar-10-batches-py"),
+    "cifar100": ("CIFAR100", (0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762), 100, "cifar-100-python"),
+}
+
+
+def normalize_transform(mean, std) -> Transform:
+    """uint8 [N, C, H, W] -> normalised float."""
+    m = torch.tensor(mean).view(1, -1, 1, 1)
+    s = torch.tensor(std).view(1, -1, 1, 1)
+
+    def f(xb: torch.Tensor, g: Optional[torch.Generator] = None) -> torch.Tensor:
+        x = xb.float().div_(255.0)
+        return (x - m.to(x.device)) / s.to(x.device)
+
+    return f
+
+
+def crop_flip_transform(mean, std, pad: int = 4) -> Transform:
+    """Random crop with zero padding and random horizontal flip, then normalise (batched)."""
+    norm = normalize_transform(mean, std)
+
+    def f(xb: torch.Tensor, g: Optional[torch.Generator] = None) -> torch.Tensor:
+        x = norm(xb)
+        n, c, h, w = x.shape
+        padded = torch.nn.functional.pad(x, (pad, pad, pad, pad))
+        dx = torch.randint(0, 2 * pad + 1, (n,), generator=g).to(x.device)
+        dy = torch.randint(0, 2 * pad + 1, (n,), generator=g).to(x.device)
+        flip = (torch.rand(n, generator=g) < 0.5).to(x.device)
+        rows = (dy.view(n, 1) + torch.arange(h, device=x.device).view(1, h))  # [n, h]
+        cols = (dx.view(n, 1) + torch.arange(w, device=x.device).view(1, w))  # [n, w]
+        cols = torch.where(flip.view(n, 1), cols.flip(1), cols)
+        bi = torch.arange(n, device=x.device).view(n, 1, 1, 1)
+        ci = torch.arange(c, device=x.device).view(1, c, 1, 1)
+        return padded[bi, ci, rows.view(n, 1, h, 1), cols.view(n, 1, 1, w)]
+
+    return f
+
+
+def _torchvision(name: str, data_dir, download: bool = False, **_) -> Dataset:
+    import torchvision.datasets as tvd
+
+    cls_name, mean, std, classes, folder = _TV[name]
+    cls = getattr(tvd, cls_name)
+    root = Path(data_dir)
+    try:
+        tr = cls(str(root), train=True, download=download)
+        te = cls(str(root), train=False, download=download)
+    except RuntimeError as e:
+        raise FileNotFoundError(
+            f"dataset {name!r} not found under {root.resolve()} (torchvision looks for {root / folder}). "
+            f"Copy the files there, or pass --download on a machine with internet. ({e})"
+        ) from None
+
+    def to_tensor(ds):
+        data = ds.data if isinstance(ds.data, torch.Tensor) else torch.from_numpy(np.asarray(ds.data))
+        if data.dim() == 3:
+            data = data.unsqueeze(1)           # [N, 1, 28, 28]
+        elif data.shape[-1] in (1, 3):
+            data = data.permute(0, 3, 1, 2)    # NHWC -> NCHW
+        return data.contiguous(), torch.as_tensor(ds.targets, dtype=torch.long)
+
+    xtr, ytr = to_tensor(tr)
+    xte, yte = to_tensor(te)
+    augment = crop_flip_transform(mean, std) if name.startswith("cifar") else normalize_transform(mean, std)
+    return Dataset(name, xtr, ytr, xte, yte, classes, tuple(xtr.shape[1:]),
+                   train_transform=augment, eval_transform=normalize_transform(mean, std),
+                   info={"data_dir": str(root)})
+
+
+def get_dataset(name: str = "digits", data_dir: str = "data", download: bool = False,
+                seed: int = 0, **kwargs) -> Dataset:
+    """Load a dataset by name as tensors.
+
+    ``seed`` only matters for synthetic sets (their sampling and split); the
+    digits split is fixed.
+    """
+    key = name.lower().replace("-", "_")
+    if key == "digits":
+        return _digits(seed, **kwargs)
+    if key == "moons":
+        return _moons(seed, **kwargs)
+    if key == "spirals":
+        return _spirals(seed, **kwargs)
+    if key in _TV:
+        return _torchvision(key, data_dir, download, **kwargs)
+    raise ValueError(f"unknown dataset {name!r}; choose one of {list(DATASETS)}")

@@ -1,0 +1,111 @@
+"""python -m modeconn.train_curve: fit a low-loss curve between two endpoints."""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import torch
+
+from . import _cli
+from .checkpoint import build_model, load_checkpoint
+from .curve_model import CurveModel, save_curve
+from .curves import make_curve
+from .data import get_dataset
+from .plots import plot_history
+from .training import fit_curve
+
+EXAMPLE = """  python -m modeconn.train_curve --start checkpoints/digits_mlp_a.pt --end checkpoints/digits_mlp_b.pt \\
+      --curve bezier --num-bends 3 --epochs 30 --out runs/curve_mlp
+
+writes OUT/curve.pt (self-describing: architecture, curve type, bends, which are fixed,
+dataset, seed, history), OUT/history.json, OUT/history.png and OUT/resume.pt.
+Then: python -m modeconn.eval_curve --ckpt OUT/curve.pt"""
+
+
+def build_parser():
+    p = _cli.parser("train_curve", "Fit a curve (Bezier or polygonal chain) of low loss between two trained "
+                    "networks: minimise the expected loss over t ~ U(0,1), one t per mini-batch.", EXAMPLE)
+    g = p.add_argument_group("curve")
+    g.add_argument("--start", required=True, help="checkpoint of the first endpoint (from modeconn.train)")
+    g.add_argument("--end", required=True, help="checkpoint of the second endpoint")
+    g.add_argument("--curve", default="bezier", choices=("bezier", "polychain"),
+                   help="curve family (default: %(default)s)")
+    g.add_argument("--num-bends", type=int, default=3,
+                   help="bends including both endpoints; 3 = one trainable middle bend (default: %(default)s)")
+    g.add_argument("--fix-start", action=argparse.BooleanOptionalAction, default=True,
+                   help="keep the start endpoint fixed (default: fixed)")
+    g.add_argument("--fix-end", action=argparse.BooleanOptionalAction, default=True,
+                   help="keep the end endpoint fixed (default: fixed)")
+    g.add_argument("--init", default="linear", choices=("linear", "random"),
+                   help="middle bends start on the straight segment or from a fresh initialisation "
+                        "(default: %(default)s)")
+    g.add_argument("--align", default=None, choices=("weight", "activation"),
+                   help="permute the end's neurons to match the start before fitting")
+    _cli.add_data_args(p, dataset_default=None)
+    _cli.add_optim_args(p, epochs=30, lr=0.03)
+    _cli.add_run_args(p)
+    _cli.add_resume_args(p)
+    return p
+
+
+def main_(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    out = Path(args.out)
+    device = _cli.device_of(args.device)
+    start_meta = load_checkpoint(args.start, kind="model")
+    end_meta = load_checkpoint(args.end, kind="model")
+    for key in ("arch", "arch_kwargs", "input_shape", "num_classes"):
+        if start_meta.get(key) != end_meta.get(key):
+            raise _cli.CommandError(f"--start and --end differ in {key}: {start_meta.get(key)!r} vs "
+                                    f"{end_meta.get(key)!r}")
+    dataset = args.dataset or start_meta.get("dataset")
+    if dataset is None:
+        raise _cli.CommandError("the endpoint checkpoints name no dataset; pass --dataset")
+    config = {"start": str(args.start), "end": str(args.end), "curve": args.curve, "num_bends": args.num_bends,
+              "fix_start": args.fix_start, "fix_end": args.fix_end, "init": args.init, "align": args.align,
+              "dataset": dataset, "epochs": args.epochs, "lr": args.lr, "wd": args.wd,
+              "momentum": args.momentum, "schedule": args.schedule, "seed": args.seed,
+              "batch_size": args.batch_size}
+    state = _cli.resume_or_start(out, config, args.resume, args.force, "curve.pt")
+    ds = get_dataset(dataset, args.data_dir, args.download, seed=start_meta.get("seed") or 0)
+    template = build_model(start_meta)
+    end_state = end_meta["state_dict"]
+    alignment = None
+    if args.align:
+        from .alignment import align
+
+        start_model, end_model = build_model(start_meta), build_model(end_meta)
+        start_model.load_state_dict(start_meta["state_dict"])
+        end_model.load_state_dict(end_state)
+        aligned, _, report = align(start_model, end_model, method=args.align,
+                                   loader=ds.eval_loader("train"), seed=args.seed)
+        end_state = aligned.state_dict()
+        alignment = {"method": args.align, "report": report.as_dict() if hasattr(report, "as_dict") else str(report)}
+    curve = CurveModel(template, start_meta["state_dict"], end_state, make_curve(args.curve, args.num_bends),
+                       fix_start=args.fix_start, fix_end=args.fix_end, init=args.init, seed=args.seed).to(device)
+    loader = ds.train_loader(args.batch_size, seed=args.seed).to(device)
+    out.mkdir(parents=True, exist_ok=True)
+    bar = _cli.progress(args.epochs * len(loader), f"fit {args.curve}({args.num_bends})", args.no_progress)
+    history = fit_curve(curve, loader, args.epochs, args.lr, args.wd, args.momentum, args.schedule,
+                        seed=args.seed, on_epoch_end=_cli.epoch_saver(out, config, bar), progress=bar,
+                        resume=state)
+    bar.close()
+    meta = {k: start_meta[k] for k in ("arch", "arch_kwargs", "input_shape", "num_classes")}
+    path = save_curve(out / "curve.pt", curve, meta, dataset=dataset, seed=args.seed, history=history,
+                      config=config, alignment=alignment, run=_cli.run_info(argv),
+                      start_metrics=start_meta.get("metrics", {}), end_metrics=end_meta.get("metrics", {}))
+    plot_history(history, out / "history.png", f"{args.curve}({args.num_bends}) between {args.start} and {args.end}")
+    last = history[-1]
+    print(f"final epoch: train loss over random t {last['loss']:.4f}, acc {last['acc']:.4f}")
+    print(f"wrote {path}, {out / 'history.json'}, {out / 'history.png'}")
+    print(f"next: python -m modeconn.eval_curve --ckpt {path}")
+    return 0
+
+
+def main(argv=None) -> int:
+    return _cli.run_command(main_, argv)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

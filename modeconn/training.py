@@ -1,0 +1,177 @@
+"""Training loops: endpoints (``train_model``) and curves (``fit_curve``).
+
+Both are the same loop (``_run``): SGD with momentum, a per-epoch learning
+rate schedule, per-epoch history, and a resumable state handed to a callback
+at the end of every epoch. Batch order and the curve's t samples depend only
+on ``(seed, epoch)``, so a run resumed from the state of epoch k ends exactly
+where an uninterrupted run does.
+
+The curve loss is the expected loss over t ~ U(0, 1) (one t per mini-batch)
+plus ``0.5 * wd * ||θ(t)||²`` at the sampled point (Garipov et al. 2018), not
+weight decay on the bends.
+"""
+from __future__ import annotations
+
+import math
+import time
+from typing import Callable, Iterable, List, Mapping, Optional, Union
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .curve_model import CurveModel
+from .data import epoch_generator
+
+LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+SCHEDULES = ("reference", "cosine", "constant")
+
+
+def reference_lr_factor(epoch: int, epochs: int) -> float:
+    """Garipov et al.'s schedule: 1 for the first half, linear to 0.01 at 90%, then 0.01.
+
+    ``epoch`` counts from 0; the factor applies to that whole epoch.
+    """
+    alpha = epoch / epochs
+    if alpha <= 0.5:
+        return 1.0
+    if alpha <= 0.9:
+        return 1.0 - (alpha - 0.5) / 0.4 * 0.99
+    return 0.01
+
+
+def make_scheduler(optimizer: torch.optim.Optimizer, schedule: str, epochs: int):
+    """A per-epoch ``torch.optim.lr_scheduler`` for the named schedule."""
+    if schedule == "reference":
+        return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda e: reference_lr_factor(e, epochs))
+    if schedule == "cosine":
+        return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=epochs)
+    if schedule == "constant":
+        return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda e: 1.0)
+    raise ValueError(f"unknown schedule {schedule!r}; choose one of {SCHEDULES}")
+
+
+def get_loss(loss: Union[str, LossFn]) -> LossFn:
+    """'cross_entropy' (classification), 'mse' (regression) or a callable."""
+    if callable(loss):
+        return loss
+    if loss == "cross_entropy":
+        return F.cross_entropy
+    if loss == "mse":
+        return lambda out, y: F.mse_loss(out, y.reshape(out.shape).to(out.dtype))
+    raise ValueError(f"unknown loss {loss!r}; use 'cross_entropy', 'mse' or a callable")
+
+
+def _is_classification(out: torch.Tensor, y: torch.Tensor) -> bool:
+    return out.dim() == 2 and not y.is_floating_point()
+
+
+def _run(module: nn.Module, params: List[torch.Tensor], loader, epochs: int, lr: float,
+         step_loss: Callable, optimizer_wd: float, momentum: float, schedule: str, seed: int,
+         on_epoch_end: Optional[Callable], progress, resume: Optional[Mapping]) -> List[dict]:
+    if epochs < 1:
+        raise ValueError(f"epochs must be >= 1, got {epochs}")
+    if lr <= 0 or not math.isfinite(lr):
+        raise ValueError(f"lr must be a positive number, got {lr}")
+    optimizer = torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=optimizer_wd)
+    scheduler = make_scheduler(optimizer, schedule, epochs)
+    history: List[dict] = []
+    first = 0
+    if resume is not None:
+        module.load_state_dict(resume["model"])
+        optimizer.load_state_dict(resume["optimizer"])
+        scheduler.load_state_dict(resume["scheduler"])
+        torch.set_rng_state(resume["rng"])
+        history = list(resume["history"])
+        first = int(resume["epoch"]) + 1
+        if progress is not None:
+            progress.update(first * len(loader))
+    for epoch in range(first, epochs):
+        t0 = time.perf_counter()
+        module.train()
+        if hasattr(loader, "set_epoch"):
+            loader.set_epoch(epoch)
+        gen = epoch_generator(seed, epoch, stream=1000)
+        loss_sum = torch.zeros((), dtype=torch.float64)
+        correct = torch.zeros((), dtype=torch.long)
+        count, classify = 0, True
+        for x, y in loader:
+            out, objective, data_loss = step_loss(x, y, gen)
+            optimizer.zero_grad(set_to_none=True)
+            objective.backward()
+            optimizer.step()
+            with torch.no_grad():
+                loss_sum = loss_sum + data_loss.detach().double().cpu() * len(y)
+                classify = classify and _is_classification(out, y)
+                if classify:
+                    correct = correct + (out.argmax(1) == y).sum().cpu()
+            count += len(y)
+            if progress is not None:
+                progress.update(1)
+        record = {"epoch": epoch + 1, "lr": optimizer.param_groups[0]["lr"],
+                  "loss": float(loss_sum) / max(count, 1),
+                  "acc": float(correct) / max(count, 1) if classify else float("nan")}
+        if not math.isfinite(record["loss"]):
+            raise FloatingPointError(f"training loss became {record['loss']} in epoch {epoch + 1}; "
+                                     f"lower the learning rate (lr={lr})")
+        scheduler.step()
+        record["seconds"] = time.perf_counter() - t0
+        history.append(record)
+        if on_epoch_end is not None:
+            state = {"epoch": epoch, "model": module.state_dict(), "optimizer": optimizer.state_dict(),
+                     "scheduler": scheduler.state_dict(), "rng": torch.get_rng_state(),
+                     "history": list(history)}
+            on_epoch_end(record, state)
+    return history
+
+
+def train_model(model: nn.Module, train_loader: Iterable, epochs: int = 20, lr: float = 0.05,
+                weight_decay: float = 5e-4, momentum: float = 0.9, schedule: str = "reference",
+                loss: Union[str, LossFn] = "cross_entropy", seed: int = 0,
+                on_epoch_end: Optional[Callable[[dict, dict], None]] = None, progress=None,
+                resume: Optional[Mapping] = None) -> List[dict]:
+    """Train an endpoint network with SGD; returns the per-epoch history.
+
+    History records hold ``epoch, lr, loss, acc, seconds`` (loss without the
+    weight-decay term; acc is NaN for non-classification outputs).
+    ``on_epoch_end(record, state)`` receives each epoch's record and a state
+    dict to pass back as ``resume=`` after an interruption. ``progress`` is a
+    tqdm-like object updated once per step.
+    """
+    loss_fn = get_loss(loss)
+
+    def step(x, y, gen):
+        out = model(x)
+        value = loss_fn(out, y)
+        return out, value, value
+
+    params = [p for p in model.parameters() if p.requires_grad]
+    return _run(model, params, train_loader, epochs, lr, step, weight_decay, momentum, schedule, seed,
+                on_epoch_end, progress, resume)
+
+
+def fit_curve(curve: CurveModel, train_loader: Iterable, epochs: int = 20, lr: float = 0.03,
+              weight_decay: float = 5e-4, momentum: float = 0.9, schedule: str = "reference",
+              loss: Union[str, LossFn] = "cross_entropy", seed: int = 0,
+              on_epoch_end: Optional[Callable[[dict, dict], None]] = None, progress=None,
+              resume: Optional[Mapping] = None) -> List[dict]:
+    """Train the free bends of ``curve`` to minimise E_{t~U(0,1)} L(θ(t)).
+
+    One t per mini-batch; the penalty ``0.5 * weight_decay * ||θ(t)||²`` is
+    applied at the sampled point. Same callbacks as :func:`train_model`.
+    """
+    if not curve.free_idx:
+        raise ValueError("the curve has no free bends to train (every bend is fixed)")
+    loss_fn = get_loss(loss)
+    device = curve.fixed_bends.device
+
+    def step(x, y, gen):
+        t = torch.rand((), generator=gen).to(device)
+        flat = curve.flat_weights_at(t, check=False)
+        out = curve.forward_flat(x, flat)
+        value = loss_fn(out, y)
+        objective = value + 0.5 * weight_decay * flat.pow(2).sum() if weight_decay else value
+        return out, objective, value
+
+    return _run(curve, [curve.free_bends], train_loader, epochs, lr, step, 0.0, momentum, schedule, seed,
+                on_epoch_end, progress, resume)
