@@ -1,0 +1,34 @@
+"""Model zoo: plain ``nn.Module`` classifiers built by name.
+
+    >>> from modeconn.models import create_model, list_models
+    >>> model = create_model("preresnet", (3, 32, 32), 10, depth=20)
+
+Every model:
+- takes a batch ``[B, *input_shape]`` and returns logits ``[B, num_classes]``;
+- is traceable by ``torch.fx.symbolic_trace`` (all sizes fixed at construction);
+- uses no in-place ops (safe under ``torch.func.functional_call`` / ``vmap``);
+  residual adds are ``out = out + shortcut``, flattening is ``torch.flatten(x, 1)``;
+- has deterministic parameter names (``nn.Sequential`` / named submodules).
+
+Register your own with ``@register_model("name")`` on a
+``fn(input_shape, num_classes, **kwargs) -> nn.Module``.
+"""
+from .registry import create_model, list_models, register_model
+
+# importing the family modules registers their models
+from .mlp import MLP
+from .convnet import ConvNet
+from .vgg import VGG
+from .preresnet import PreResNet
+from .wide_resnet import WideResNet
+
+__all__ = [
+    "register_model",
+    "create_model",
+    "list_models",
+    "MLP",
+    "ConvNet",
+    "VGG",
+    "PreResNet",
+    "WideResNet",
+]
