@@ -1,0 +1,45 @@
+"""Neuron alignment: permute model B's hidden units to line up with model A.
+
+Two trained networks that differ only by a permutation of hidden units compute
+the same function, yet the straight line between their weights crosses a high
+loss barrier.  Aligning B to A first (Tatro et al. 2020; Ainsworth et al. 2023
+"Git Re-Basin"; Jordan et al. 2022 "REPAIR") lowers that barrier, which makes
+the curves fitted by modeconn shorter and easier to find.
+
+* :func:`infer_permutation_spec` derives, with torch.fx, which parameter axes
+  move together (Linear/Conv outputs, BatchNorm/LayerNorm, residual stages,
+  channel concatenations, flatten); what it cannot prove safe stays fixed,
+  with a reason.  A :class:`PermutationSpec` can also be written by hand.
+* :func:`apply_permutation` permutes a module or state dict (a copy).
+* :func:`weight_matching` (Git Re-Basin) and :func:`activation_matching`
+  (correlation of activations) find the permutation; :func:`align` does it all.
+
+BN reset after interpolation (REPAIR's simple form: recompute BN statistics at the interpolated point) is what modeconn's path evaluation already does
+(``evaluate_path`` recomputes BN statistics at every point, see
+:func:`modeconn.bn.recompute_bn`), so it is not repeated here.
+"""
+from .align import AlignmentReport, GroupAlignment, align
+from .infer import infer_permutation_spec
+from .matching import (ActivationMatchingInfo, WeightMatchingInfo, activation_matching,
+                       weight_matching, weight_similarity)
+from .permute import apply_permutation
+from .spec import (AxisRef, ObservePoint, PermutationGroup, PermutationSpec,
+                   check_same_architecture)
+
+__all__ = [
+    "AxisRef",
+    "ObservePoint",
+    "PermutationGroup",
+    "PermutationSpec",
+    "infer_permutation_spec",
+    "apply_permutation",
+    "weight_matching",
+    "activation_matching",
+    "weight_similarity",
+    "align",
+    "AlignmentReport",
+    "GroupAlignment",
+    "WeightMatchingInfo",
+    "ActivationMatchingInfo",
+    "check_same_architecture",
+]
