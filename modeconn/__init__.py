@@ -21,3 +21,11 @@ __all__ = [
     "load_state_dict", "get_dataset", "TensorLoader", "recompute_bn", "has_batchnorm",
     "train_model", "fit_curve", "create_model", "list_models", "register_model",
 ]
+from .path import evaluate_path, evaluate_points, PathResult, barrier  # noqa: E402
+
+__all__ += ["evaluate_path", "evaluate_points", "PathResult", "barrier"]
+from .alignment import (PermutationSpec, infer_permutation_spec, apply_permutation,  # noqa: E402
+                        weight_matching, activation_matching, align)
+
+__all__ += ["PermutationSpec", "infer_permutation_spec", "apply_permutation", "weight_matching",
+            "activation_matching", "align"]

@@ -3,12 +3,12 @@ from __future__ import annotations
 
 import argparse
 import csv
+import io
 import json
 import math
 import os
 import platform
 import sys
-import tempfile
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence
 
@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 from . import __version__
-from .checkpoint import CheckpointError, atomic_save, load_checkpoint
+from .checkpoint import CheckpointError, atomic_save, atomic_write, load_checkpoint
 from .data import DATASETS
 
 
@@ -109,28 +109,19 @@ def _plain(obj: Any) -> Any:
 
 def write_json(path: Path, obj: Any) -> Path:
     """Atomic JSON write (non-finite floats become null)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    with os.fdopen(fd, "w") as f:
-        json.dump(_plain(obj), f, indent=2)
-        f.write("\n")
-    os.replace(tmp, path)
-    return path
+    text = json.dumps(_plain(obj), indent=2) + "\n"
+    return atomic_write(path, lambda f: f.write(text.encode()))
 
 
 def write_csv(path: Path, columns: Mapping[str, Sequence]) -> Path:
-    path = Path(path)
+    """Atomic CSV write, one column per key."""
+    buf = io.StringIO()
+    w = csv.writer(buf)
     names = list(columns)
-    rows = zip(*[columns[n] for n in names])
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    with os.fdopen(fd, "w", newline="") as f:
-        w = csv.writer(f)
-        w.writerow(names)
-        for r in rows:
-            w.writerow([f"{v:.6g}" if isinstance(v, (float, np.floating)) else v for v in r])
-    os.replace(tmp, path)
-    return path
+    w.writerow(names)
+    for row in zip(*[columns[n] for n in names]):
+        w.writerow([f"{v:.6g}" if isinstance(v, (float, np.floating)) else v for v in row])
+    return atomic_write(path, lambda f: f.write(buf.getvalue().encode()))
 
 
 def run_info(argv: Optional[Sequence[str]]) -> Dict[str, Any]:

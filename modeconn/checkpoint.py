@@ -20,7 +20,7 @@ import pickle
 import tempfile
 import zipfile
 from pathlib import Path
-from typing import Any, Mapping, Optional, Tuple, Union
+from typing import IO, Any, Callable, Mapping, Optional, Tuple, Union
 
 import torch
 from torch import nn
@@ -38,22 +38,34 @@ class CheckpointError(ValueError):
     """A file is not a readable modeconn checkpoint (or not the expected kind)."""
 
 
-def atomic_save(obj: Any, path: PathLike) -> Path:
-    """``torch.save`` to a temporary file beside ``path``, then rename over it."""
+def atomic_write(path: PathLike, write: Callable[[IO[bytes]], None]) -> Path:
+    """Call ``write(f)`` on a temporary file beside ``path``, then rename it over ``path``.
+
+    A crash or interruption leaves either the old file or the new one, never
+    half of one. The file gets the usual permissions (umask applied).
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
+            write(f)
             f.flush()
             os.fsync(f.fileno())
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
     return path
+
+
+def atomic_save(obj: Any, path: PathLike) -> Path:
+    """``torch.save`` through :func:`atomic_write`."""
+    return atomic_write(path, lambda f: torch.save(obj, f))
 
 
 def _plain_data(obj: Any) -> Any:

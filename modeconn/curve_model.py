@@ -44,8 +44,9 @@ class _BufferStore(nn.Module):
 
 def _strip_parameters(module: nn.Module) -> None:
     for sub in module.modules():
-        for name in list(sub._parameters):
-            del sub._parameters[name]
+        for name, value in list(sub._parameters.items()):
+            if value is not None:  # a None entry (conv without bias) must stay: forward reads it
+                del sub._parameters[name]
 
 
 def _check_compatible(names, shapes, state: Mapping[str, torch.Tensor], which: str) -> None:

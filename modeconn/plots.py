@@ -31,3 +31,29 @@ def plot_history(history: List[Mapping], path: Path, title: str = "training") ->
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return Path(path)
+
+
+def plot_path(result, path: Path, title: str = "") -> Path:
+    """Train loss and test error along t; the straight line dashed on the same axes."""
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 3.8))
+    paths = [(result, "-", result.name)]
+    if result.linear is not None:
+        paths.append((result.linear, "--", "linear"))
+    for res, style, label in paths:
+        ax1.plot(res.ts, res.train_loss, style, color="C0" if style == "-" else "C7", label=label)
+        ax2.plot(res.ts, 100 * res.test_error, style, color="C3" if style == "-" else "C7", label=label)
+    for ax, key, scale in ((ax1, "train_loss", 1), (ax2, "test_error", 100)):
+        v = getattr(result, key)
+        ax.plot([result.ts[0], result.ts[-1]], [scale * v[0], scale * v[-1]], "ko", ms=6, label="endpoints")
+        ax.set_xlabel("t")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    ax1.set_ylabel("train loss")
+    ax1.set_yscale("log")
+    ax2.set_ylabel("test error (%)")
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return Path(path)

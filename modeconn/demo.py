@@ -1,0 +1,114 @@
+"""python -m modeconn.demo: the main job on the embedded digits data, in a few minutes on a CPU.
+
+For each shipped endpoint pair (a digits MLP pair, a digits CNN-with-BatchNorm
+pair): fit a Bezier curve between the two networks, evaluate the straight line
+and the curve (BN statistics recomputed at every point), print the loss and
+accuracy at t = 0, 0.25, 0.5, 0.75, 1 and the barrier table, and write every
+result under OUT.
+"""
+from __future__ import annotations
+
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from . import _cli
+from .checkpoint import build_model, load_checkpoint
+from .curve_model import CurveModel, save_curve
+from .curves import Bezier
+from .data import get_dataset
+from .eval_curve import write_path_outputs
+from .path import evaluate_path
+from .training import fit_curve
+
+EXAMPLE = """  python -m modeconn.demo --out runs/demo
+  python -m modeconn.demo --pairs mlp --epochs 10     # quicker"""
+
+SHIPPED = Path(__file__).resolve().parent.parent / "checkpoints"
+PAIRS = {"mlp": ("digits_mlp_a.pt", "digits_mlp_b.pt"), "cnn": ("digits_cnn_a.pt", "digits_cnn_b.pt")}
+SHOW_T = (0.0, 0.25, 0.5, 0.75, 1.0)
+
+
+def build_parser():
+    p = _cli.parser("demo", "Fit Bezier curves between the shipped digits endpoint pairs and compare them with "
+                    "the straight line.", EXAMPLE)
+    p.add_argument("--checkpoints", default=str(SHIPPED), help="folder of the shipped endpoints "
+                                                               "(default: the repository's checkpoints/)")
+    p.add_argument("--pairs", nargs="+", default=list(PAIRS), choices=list(PAIRS),
+                   help="which endpoint pairs to connect (default: both)")
+    p.add_argument("--epochs", type=int, default=30, help="curve training epochs (default: %(default)s)")
+    p.add_argument("--lr", type=float, default=0.05, help="curve learning rate (default: %(default)s)")
+    p.add_argument("--num-points", type=int, default=21,
+                   help="points along each path; 4k+1 includes t=0.25, 0.5, 0.75 (default: %(default)s)")
+    _cli.add_run_args(p, out_default="runs/demo")
+    return p
+
+
+def point_table(result) -> list:
+    lines = [f"{'t':>5s} | {'line: train loss':>16s} {'acc':>6s} {'test loss':>9s} {'acc':>6s} | "
+             f"{'curve: train loss':>17s} {'acc':>6s} {'test loss':>9s} {'acc':>6s}"]
+    for t in SHOW_T:
+        i = int(abs(result.ts - t).argmin())
+        row = f"{result.ts[i]:5.2f} |"
+        for res, w in ((result.linear, 16), (result, 17)):
+            row += (f" {res.train_loss[i]:{w}.4f} {res.train_acc[i]:6.4f} {res.test_loss[i]:9.4f}"
+                    f" {res.test_acc[i]:6.4f} |")
+        lines.append(row.rstrip("|"))
+    return lines
+
+
+def main_(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    device = _cli.device_of(args.device)
+    out = Path(args.out)
+    ds = get_dataset("digits")
+    train_eval = ds.eval_loader("train").to(device)
+    test = ds.eval_loader("test").to(device)
+    summary = {"run": _cli.run_info(argv), "pairs": {}}
+    start_time = time.perf_counter()
+    for pair in args.pairs:
+        a_path, b_path = (Path(args.checkpoints) / f for f in PAIRS[pair])
+        a_meta, b_meta = load_checkpoint(a_path, kind="model"), load_checkpoint(b_path, kind="model")
+        curve = CurveModel(build_model(a_meta), a_meta["state_dict"], b_meta["state_dict"], Bezier(3)).to(device)
+        loader = ds.train_loader(64, seed=0).to(device)
+        bar = _cli.progress(args.epochs * len(loader), f"{pair}: fit Bezier(3)", args.no_progress)
+        history = fit_curve(curve, loader, args.epochs, args.lr, weight_decay=5e-4, progress=bar)
+        bar.close()
+        bar = _cli.progress(2 * args.num_points, f"{pair}: evaluate", args.no_progress)
+        result = evaluate_path(curve, train_eval, test, args.num_points, with_linear=True,
+                               progress=bar.update, name="bezier")
+        bar.close()
+        pdir = out / pair
+        meta = {k: a_meta[k] for k in ("arch", "arch_kwargs", "input_shape", "num_classes")}
+        save_curve(pdir / "curve.pt", curve, meta, dataset="digits", seed=0, history=history,
+                   config={"start": str(a_path), "end": str(b_path), "epochs": args.epochs, "lr": args.lr})
+        write_path_outputs(result, pdir, f"digits {pair}: Bezier curve vs straight line",
+                           {"dataset": "digits", "source": {"start": str(a_path), "end": str(b_path)}})
+        print(f"\n== {pair}: {a_meta['arch']} {a_meta['arch_kwargs']}  ({a_path.name} -> {b_path.name}), "
+              f"BN recomputed: {result.bn_recomputed}")
+        print("\n".join(point_table(result)))
+        summary["pairs"][pair] = {
+            name: {"test_loss_barrier": res.barrier("test_loss"), "test_error_barrier": res.barrier("test_error"),
+                   "min_test_acc": float(res.test_acc.min()), "max_test_acc": float(res.test_acc.max())}
+            for name, res in (("line", result.linear), ("curve", result))}
+    print(f"\n{'pair':5s} {'path':6s} {'test-loss barrier':>18s} {'test-error barrier':>19s} "
+          f"{'min acc':>8s} {'max acc':>8s}")
+    for pair, rows in summary["pairs"].items():
+        for name, r in rows.items():
+            print(f"{pair:5s} {name:6s} {r['test_loss_barrier']:18.4f} {100 * r['test_error_barrier']:18.2f}% "
+                  f"{r['min_test_acc']:8.4f} {r['max_test_acc']:8.4f}")
+    summary["seconds"] = time.perf_counter() - start_time
+    _cli.write_json(out / "summary.json", summary)
+    print(f"\nresults in {out.resolve()}: summary.json, and per pair curve.pt, path.json, path.csv, path.png "
+          f"({summary['seconds']:.0f} s)")
+    return 0
+
+
+def main(argv=None) -> int:
+    return _cli.run_command(main_, argv)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

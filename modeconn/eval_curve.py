@@ -1,0 +1,133 @@
+"""python -m modeconn.eval_curve: loss, error and barriers along a curve or a straight line."""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+from . import _cli
+from .checkpoint import build_model, load_checkpoint
+from .curve_model import linear_path, load_curve
+from .data import get_dataset
+from .path import evaluate_path
+from .plots import plot_path
+
+EXAMPLE = """  python -m modeconn.eval_curve --ckpt runs/curve_mlp/curve.pt --with-linear --out runs/eval_mlp
+  python -m modeconn.eval_curve --start checkpoints/digits_mlp_a.pt --end checkpoints/digits_mlp_b.pt
+
+writes OUT/path.json (every array, summaries, the barrier table, command line, versions),
+OUT/path.csv (one row per t) and OUT/path.png (train loss and test error vs t)."""
+
+
+def build_parser():
+    p = _cli.parser("eval_curve", "Evaluate train/test loss, error and NLL along a fitted curve (or the straight "
+                    "line between two checkpoints), with BatchNorm statistics recomputed at every point, and "
+                    "report the loss barriers.", EXAMPLE)
+    g = p.add_argument_group("path")
+    g.add_argument("--ckpt", help="curve checkpoint from modeconn.train_curve")
+    g.add_argument("--start", help="first endpoint checkpoint (straight line, without --ckpt)")
+    g.add_argument("--end", help="second endpoint checkpoint (straight line, without --ckpt)")
+    g.add_argument("--num-points", type=int, default=61, help="evenly spaced t in [0, 1] (default: %(default)s)")
+    g.add_argument("--with-linear", action="store_true",
+                   help="also evaluate the straight line between the curve's endpoints")
+    g.add_argument("--points-per-pass", type=int, default=8,
+                   help="points evaluated together in one pass over the data (default: %(default)s)")
+    g.add_argument("--no-bn-recompute", action="store_true",
+                   help="keep the stored BN statistics instead of recomputing them at every point")
+    g.add_argument("--wd", type=float, default=0.0,
+                   help="report loss = NLL + 0.5*wd*||θ(t)||² as Garipov et al. (default: %(default)s)")
+    g.add_argument("--dataset", default=None, help="dataset (default: the one recorded in the checkpoint)")
+    g.add_argument("--data-dir", default="data", help="where torchvision datasets are read from")
+    g.add_argument("--batch-size", type=int, default=1024, help="evaluation batch size (default: %(default)s)")
+    _cli.add_run_args(p, out_default=None)
+    p.set_defaults(out=None)
+    for a in p._actions:
+        if a.dest == "out":
+            a.required, a.help = False, "output directory (default: next to the checkpoint)"
+    return p
+
+
+def barrier_lines(result) -> list:
+    rows = result.barrier_table(("test_loss", "test_error"))
+    lines = [f"{'path':8s} {'metric':11s} {'interp':>16s} {'mean':>16s} {'max':>16s}"]
+    by = {}
+    for r in rows:
+        by.setdefault((r["path"], r["metric"]), {})[r["reference"]] = r
+    for (name, metric), refs in by.items():
+        cells = [f"{refs[k]['barrier']:9.4f} @t={refs[k]['t']:.2f}" for k in ("interp", "mean", "max")]
+        lines.append(f"{name:8s} {metric:11s} " + " ".join(f"{c:>16s}" for c in cells))
+    return lines
+
+
+def write_path_outputs(result, out: Path, title: str, extra: dict) -> None:
+    """path.json (all arrays, summaries, barrier table + ``extra``), path.csv and path.png in ``out``."""
+    out.mkdir(parents=True, exist_ok=True)
+    data = result.to_dict()
+    data["barrier_table"] = result.barrier_table()
+    data.update(extra)
+    _cli.write_json(out / "path.json", data)
+    columns = {"t": result.ts}
+    for m in ("train_loss", "train_nll", "train_error", "test_loss", "test_nll", "test_error"):
+        columns[m] = result.values(m)
+        if result.linear is not None:
+            columns[f"linear_{m}"] = result.linear.values(m)
+    columns["arc_length"] = result.arc_length
+    _cli.write_csv(out / "path.csv", columns)
+    plot_path(result, out / "path.png", title)
+
+
+def main_(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.num_points < 2:
+        raise _cli.CommandError(f"--num-points {args.num_points}: need at least 2 (the two endpoints)")
+    device = _cli.device_of(args.device)
+    if args.ckpt:
+        meta = load_checkpoint(args.ckpt)
+        if meta.get("kind") != "curve":
+            raise _cli.CommandError(f"{args.ckpt} is a {meta.get('kind')!r} checkpoint, not a curve; "
+                                    "for the straight line between two models use --start A.pt --end B.pt")
+        path, meta = load_curve(args.ckpt)
+        out = Path(args.out) if args.out else Path(args.ckpt).parent / "eval"
+        name = meta["curve_state"]["curve"]
+    elif args.start and args.end:
+        meta = load_checkpoint(args.start, kind="model")
+        end_meta = load_checkpoint(args.end, kind="model")
+        if (meta["arch"], meta["arch_kwargs"]) != (end_meta["arch"], end_meta["arch_kwargs"]):
+            raise _cli.CommandError(f"--start is {meta['arch']} {meta['arch_kwargs']} but --end is "
+                                    f"{end_meta['arch']} {end_meta['arch_kwargs']}")
+        template = build_model(meta)
+        template.load_state_dict(meta["state_dict"])
+        path = linear_path(template, end_meta["state_dict"])
+        out = Path(args.out) if args.out else Path(args.start).parent / "eval_linear"
+        name = "linear"
+    else:
+        raise _cli.CommandError("give --ckpt CURVE.pt, or --start A.pt and --end B.pt for a straight line")
+    dataset = args.dataset or meta.get("dataset")
+    if dataset is None:
+        raise _cli.CommandError("the checkpoint names no dataset; pass --dataset")
+    ds = get_dataset(dataset, args.data_dir)
+    path = path.to(device)
+    train = ds.eval_loader("train", args.batch_size).to(device)
+    test = ds.eval_loader("test", args.batch_size).to(device)
+    total = args.num_points * (2 if args.with_linear and args.ckpt else 1)
+    bar = _cli.progress(total, "points", args.no_progress)
+    result = evaluate_path(path, train, test, args.num_points, points_per_pass=args.points_per_pass,
+                           recompute_bn=not args.no_bn_recompute, with_linear=args.with_linear and bool(args.ckpt),
+                           weight_decay=args.wd, progress=bar.update, name=name)
+    bar.close()
+    write_path_outputs(result, out, f"{name} on {dataset}",
+                       {"dataset": dataset, "source": {"ckpt": args.ckpt, "start": args.start, "end": args.end},
+                        "run": _cli.run_info(argv)})
+    print("\n".join(barrier_lines(result)))
+    s = result.summary("test_error")
+    print(f"test error along the {name}: min {100 * s['min']:.2f}%  max {100 * s['max']:.2f}%  "
+          f"arc-weighted mean {100 * s['weighted_mean']:.2f}%")
+    print(f"wrote {out / 'path.json'}, {out / 'path.csv'}, {out / 'path.png'}")
+    return 0
+
+
+def main(argv=None) -> int:
+    return _cli.run_command(main_, argv)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
