@@ -295,9 +295,10 @@ class CurveModel(nn.Module):
                 curve.net.get_buffer(n).copy_(v)
         return curve
 
-    def extra_repr(self) -> str:
-        return (f"curve={self.curve!r}, parameters_per_point={self.num_parameters}, "
-                f"fixed_bends={self.fixed_idx}, free_bends={self.free_idx}")
+    def __repr__(self) -> str:  # the stripped template cannot print itself (its modules lack weights)
+        return (f"CurveModel({self.curve!r}, template={type(self.net).__name__}, "
+                f"parameters_per_point={self.num_parameters}, fixed_bends={self.fixed_idx}, "
+                f"free_bends={self.free_idx})")
 
 
 def linear_path(a: Source, b: Source, template: Optional[nn.Module] = None) -> CurveModel:

@@ -287,8 +287,8 @@ def evaluate_path(path: CurveModel, train_loader: Iterable, test_loader: Iterabl
         progress: called with the number of points finished after each chunk.
     """
     ts_arr = _grid(num_points) if ts is None else np.asarray(ts, dtype=float)
-    if ts_arr.ndim != 1 or len(ts_arr) < 2:
-        raise ValueError("ts must hold at least two values")
+    if ts_arr.ndim != 1 or len(ts_arr) < 1:
+        raise ValueError("ts must be a non-empty 1-D sequence of values in [0, 1]")
     if points_per_pass < 1:
         raise ValueError(f"points_per_pass must be >= 1, got {points_per_pass}")
     bn_loader = train_loader if bn_loader is None else bn_loader
