@@ -29,3 +29,6 @@ from .alignment import (PermutationSpec, infer_permutation_spec, apply_permutati
 
 __all__ += ["PermutationSpec", "infer_permutation_spec", "apply_permutation", "weight_matching",
             "activation_matching", "align"]
+from .ensembles import fge, evaluate_ensemble, curve_ensemble, cyclic_lr, FGEResult, EnsembleResult  # noqa: E402
+
+__all__ += ["fge", "evaluate_ensemble", "curve_ensemble", "cyclic_lr", "FGEResult", "EnsembleResult"]

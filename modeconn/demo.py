@@ -15,10 +15,11 @@ from pathlib import Path
 import torch
 
 from . import _cli
-from .checkpoint import build_model, load_checkpoint
+from .checkpoint import build_model, load_checkpoint, load_model
 from .curve_model import CurveModel, save_curve
 from .curves import Bezier
 from .data import get_dataset
+from .ensembles import evaluate_ensemble, fge
 from .eval_curve import write_path_outputs
 from .path import evaluate_path
 from .training import fit_curve
@@ -40,6 +41,8 @@ def build_parser():
                    help="which endpoint pairs to connect (default: both)")
     p.add_argument("--epochs", type=int, default=30, help="curve training epochs (default: %(default)s)")
     p.add_argument("--lr", type=float, default=0.05, help="curve learning rate (default: %(default)s)")
+    p.add_argument("--fge-cycles", type=int, default=4,
+                   help="FGE cycles (2 epochs each) from the shipped CNN; 0 skips FGE (default: %(default)s)")
     p.add_argument("--num-points", type=int, default=21,
                    help="points along each path; 4k+1 includes t=0.25, 0.5, 0.75 (default: %(default)s)")
     _cli.add_run_args(p, out_default="runs/demo")
@@ -57,6 +60,31 @@ def point_table(result) -> list:
                     f" {res.test_acc[i]:6.4f} |")
         lines.append(row.rstrip("|"))
     return lines
+
+
+def run_fge(args, ds, device, out: Path) -> dict:
+    """A short FGE run from the shipped digits CNN: single model vs FGE ensemble on the test set."""
+    start, _ = load_model(Path(args.checkpoints) / PAIRS["cnn"][0])
+    start = start.to(device)
+    loader = ds.train_loader(64, seed=0).to(device)
+    bar = _cli.progress(args.fge_cycles * 2 * len(loader), "cnn: FGE", args.no_progress)
+    result = fge(start, loader, args.fge_cycles, cycle_epochs=2, lr_max=0.05, lr_min=0.0005,
+                 bn_loader=ds.eval_loader("train").to(device), progress=bar)
+    bar.close()
+    test = ds.eval_loader("test").to(device)
+    single = evaluate_ensemble([start], test)
+    ens = evaluate_ensemble(result.snapshots, test)
+    rows = {"start model": {"test_acc": single.acc[0], "test_nll": single.nll[0], "members": 1},
+            f"FGE ({len(result.snapshots)} snapshots)": {"test_acc": ens.acc[-1], "test_nll": ens.nll[-1],
+                                                         "members": len(result.snapshots)}}
+    print(f"\n== FGE from {PAIRS['cnn'][0]}: {args.fge_cycles} cycles of 2 epochs, lr 0.05 -> 0.0005")
+    print(f"{'':22s} {'test acc':>8s} {'test NLL':>8s}")
+    for name, r in rows.items():
+        print(f"{name:22s} {r['test_acc']:8.4f} {r['test_nll']:8.4f}")
+    _cli.write_json(out / "fge" / "fge.json", {"rows": rows, "ensemble": ens.to_dict(),
+                                               "lr_trace": result.lr_trace,
+                                               "distances": result.distances})
+    return rows
 
 
 def main_(argv=None) -> int:
@@ -99,10 +127,12 @@ def main_(argv=None) -> int:
         for name, r in rows.items():
             print(f"{pair:5s} {name:6s} {r['test_loss_barrier']:18.4f} {100 * r['test_error_barrier']:18.2f}% "
                   f"{r['min_test_acc']:8.4f} {r['max_test_acc']:8.4f}")
+    if args.fge_cycles > 0:
+        summary["fge"] = run_fge(args, ds, device, out)
     summary["seconds"] = time.perf_counter() - start_time
     _cli.write_json(out / "summary.json", summary)
-    print(f"\nresults in {out.resolve()}: summary.json, and per pair curve.pt, path.json, path.csv, path.png "
-          f"({summary['seconds']:.0f} s)")
+    print(f"\nresults in {out.resolve()}: summary.json, per pair curve.pt, path.json, path.csv, path.png, "
+          f"and fge/fge.json ({summary['seconds']:.0f} s)")
     return 0
 
 

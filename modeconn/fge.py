@@ -1,0 +1,244 @@
+"""python -m modeconn.fge: Fast Geometric Ensembling from one trained network."""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import List, Mapping, Optional
+
+from . import _cli
+from . import plots  # noqa: F401  (selects the Agg backend)
+from .checkpoint import load_checkpoint, load_model, save_model
+from .data import get_dataset
+from .ensembles import (EnsembleResult, FGEResult, cycle_length, cyclic_lr, evaluate_ensemble, fge,
+                        snapshot_iterations)
+
+EXAMPLE = """  python -m modeconn.fge --ckpt checkpoints/digits_cnn_a.pt --cycles 8 --cycle-epochs 2 \\
+      --lr-max 0.05 --lr-min 0.0005 --out runs/fge_cnn \\
+      --independent checkpoints/digits_cnn_a.pt checkpoints/digits_cnn_b.pt
+
+starts from the network in --ckpt (architecture and dataset are read from it), trains
+cycles * cycle-epochs more epochs with a cyclical learning rate (lr-max at cycle
+boundaries, lr-min at each cycle's middle, set per iteration) and snapshots the network
+at every minimum of the rate. Writes:
+  OUT/fge.json              metrics of every member and of the ensemble of 1..n members
+                            (test accuracy, NLL, ECE), lr of every iteration, snapshot
+                            iterations, each snapshot's distance from the start, budget
+                            comparison, run info
+  OUT/fge.png               lr schedule with snapshot markers; ensemble accuracy / NLL
+                            against the number of members
+  OUT/snapshots/snap_XX.pt  the snapshots (model checkpoints, BN statistics recomputed)
+  OUT/resume.pt, OUT/history.json   state after the last finished epoch (for --resume)"""
+
+
+def build_parser():
+    p = _cli.parser("fge", "Fast Geometric Ensembling (Garipov et al. 2018): continue training a trained "
+                    "network with a cyclical learning rate, take a snapshot at each minimum of the rate, "
+                    "and evaluate the ensemble of snapshots (mean of softmax probabilities) against the "
+                    "start network and, optionally, an ensemble of independently trained networks.", EXAMPLE)
+    g = p.add_argument_group("FGE")
+    g.add_argument("--ckpt", required=True,
+                   help="model checkpoint to start from (from modeconn.train); gives architecture and dataset")
+    g.add_argument("--cycles", type=int, default=8,
+                   help="number of cycles = number of snapshots (default: %(default)s)")
+    c = g.add_mutually_exclusive_group()
+    c.add_argument("--cycle-epochs", type=int, default=None,
+                   help="cycle length in epochs, any integer >= 1, odd allowed (default: 2)")
+    c.add_argument("--cycle-iters", type=int, default=None,
+                   help="cycle length in iterations (>= 2) instead of --cycle-epochs")
+    g.add_argument("--lr-max", type=float, default=0.05,
+                   help="learning rate at cycle boundaries (default: %(default)s)")
+    g.add_argument("--lr-min", type=float, default=0.0005,
+                   help="learning rate at the middle of each cycle, where snapshots are taken "
+                        "(default: %(default)s)")
+    g.add_argument("--momentum", type=float, default=0.9, help="SGD momentum (default: %(default)s)")
+    g.add_argument("--wd", type=float, default=5e-4, help="weight decay (default: %(default)s)")
+    g.add_argument("--seed", type=int, default=0,
+                   help="seed of the batch order and of random layers during FGE (default: %(default)s)")
+    g.add_argument("--independent", nargs="+", metavar="CKPT", default=None,
+                   help="checkpoints of independently trained networks of the same dataset; their ensemble "
+                        "is evaluated and compared at equal training budget")
+    g.add_argument("--keep-on-disk", action="store_true",
+                   help="write each snapshot to OUT/snapshots as soon as it is taken instead of keeping it "
+                        "in memory (for large models; the resume state then holds paths, not weights)")
+    _cli.add_data_args(p, dataset_default=None)
+    _cli.add_run_args(p)
+    _cli.add_resume_args(p)
+    return p
+
+
+def epochs_of(meta: Mapping) -> Optional[float]:
+    """Training epochs recorded in a model checkpoint (its config, else its history), or None."""
+    config = meta.get("config") or {}
+    if isinstance(config, Mapping) and config.get("epochs") is not None:
+        return float(config["epochs"])
+    history = meta.get("history") or []
+    if history:
+        return float(len(history))
+    return None
+
+
+def plot_fge(result: FGEResult, fge_eval: EnsembleResult, path: Path, start: Optional[EnsembleResult] = None,
+             independent: Optional[EnsembleResult] = None, title: str = "FGE") -> Path:
+    """Two panels: lr per iteration with snapshot markers; ensemble test accuracy and NLL vs members."""
+    import matplotlib.pyplot as plt
+
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 4.4))
+    ax1.plot(range(len(result.lr_trace)), result.lr_trace, color="C0", lw=1)
+    ax1.plot(result.snapshot_iterations, [result.lr_trace[i] for i in result.snapshot_iterations], "v",
+             color="C3", ms=6, label="snapshot")
+    ax1.set_xlabel("iteration")
+    ax1.set_ylabel("learning rate")
+    ax1.legend(loc="upper right", fontsize=8)
+    ax1.set_title("cyclical learning rate")
+
+    k = range(1, len(fge_eval.acc) + 1)
+    ax2.plot(k, fge_eval.acc, "o-", color="C0", ms=4, label="FGE accuracy")
+    ax3 = ax2.twinx()
+    ax3.plot(k, fge_eval.nll, "s-", color="C1", ms=4, label="FGE NLL")
+    if independent is not None:
+        ki = range(1, len(independent.acc) + 1)
+        ax2.plot(ki, independent.acc, "o--", color="C0", ms=4, alpha=0.6, label="independent accuracy")
+        ax3.plot(ki, independent.nll, "s--", color="C1", ms=4, alpha=0.6, label="independent NLL")
+    if start is not None:
+        ax2.axhline(start.acc[0], color="C0", ls=":", lw=1, label="start accuracy")
+        ax3.axhline(start.nll[0], color="C1", ls=":", lw=1, label="start NLL")
+    accs = [float(a) for r in (fge_eval, independent, start) if r is not None for a in r.acc]
+    pad = max(0.005, 0.2 * (max(accs) - min(accs)))
+    ax2.set_ylim(min(accs) - pad, min(max(accs) + pad, 1.0 + pad / 4))
+    ax2.set_xlabel("ensemble members")
+    ax2.set_ylabel("test accuracy", color="C0")
+    ax3.set_ylabel("test NLL", color="C1")
+    h2, l2 = ax2.get_legend_handles_labels()
+    h3, l3 = ax3.get_legend_handles_labels()
+    ax2.legend(h2 + h3, l2 + l3, loc="upper center", bbox_to_anchor=(0.5, -0.17), ncol=3, fontsize=7,
+               frameon=False)
+    ax2.set_title("ensemble on the test set")
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return Path(path)
+
+
+def _fmt(v, spec=".4f"):
+    return "-" if v is None else format(v, spec)
+
+
+def main_(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    out = Path(args.out)
+    device = _cli.device_of(args.device)
+    if args.cycle_epochs is None and args.cycle_iters is None:
+        args.cycle_epochs = 2
+    snapshot_iterations(args.cycles, 2)           # check --cycles, --lr-max and --lr-min before any work
+    cyclic_lr(0, 2, args.lr_max, args.lr_min)
+    start_model, meta = load_model(args.ckpt)
+    dataset = args.dataset or meta.get("dataset")
+    if dataset is None:
+        raise _cli.CommandError(f"{args.ckpt} names no dataset; pass --dataset")
+    indep_meta = []
+    for path in args.independent or []:
+        m = load_checkpoint(path, kind="model")
+        if m.get("dataset") not in (None, dataset) or int(m["num_classes"]) != int(meta["num_classes"]):
+            raise _cli.CommandError(f"--independent {path}: trained on {m.get('dataset')!r} with "
+                                    f"{m['num_classes']} classes, the start network on {dataset!r} with "
+                                    f"{meta['num_classes']}")
+        indep_meta.append(m)
+    config = {"ckpt": str(args.ckpt), "dataset": dataset, "cycles": args.cycles,
+              "cycle_epochs": args.cycle_epochs, "cycle_iters": args.cycle_iters, "lr_max": args.lr_max,
+              "lr_min": args.lr_min, "momentum": args.momentum, "wd": args.wd, "seed": args.seed,
+              "batch_size": args.batch_size, "keep_on_disk": args.keep_on_disk}
+    state = _cli.resume_or_start(out, config, args.resume, args.force, "fge.json")
+
+    ds = get_dataset(dataset, args.data_dir, args.download, seed=meta.get("seed") or 0)
+    start_model = start_model.to(device)
+    train_loader = ds.train_loader(args.batch_size, seed=args.seed).to(device)
+    bn_loader = ds.eval_loader("train").to(device)
+    test_loader = ds.eval_loader("test").to(device)
+    C = cycle_length(len(train_loader), args.cycle_epochs, args.cycle_iters)
+
+    snap_dir = out / "snapshots"
+    out.mkdir(parents=True, exist_ok=True)
+    if state is None:  # a fresh run (possibly --force): no stale snapshots from an earlier, longer run
+        for old in snap_dir.glob("snap_*.pt"):
+            old.unlink()
+    arch = {"arch": meta["arch"], "arch_kwargs": meta.get("arch_kwargs", {}),
+            "input_shape": meta["input_shape"], "num_classes": meta["num_classes"],
+            "dataset": dataset, "seed": args.seed}
+    bar = _cli.progress(args.cycles * C, "fge", args.no_progress)
+    result = fge(start_model, train_loader, args.cycles, cycle_iters=C, lr_max=args.lr_max, lr_min=args.lr_min,
+                 momentum=args.momentum, weight_decay=args.wd, seed=args.seed, bn_loader=bn_loader,
+                 keep_on_disk=snap_dir if args.keep_on_disk else None, snapshot_meta=arch,
+                 on_epoch_end=_cli.epoch_saver(out, config, bar), progress=bar, resume=state)
+    bar.close()
+
+    snap_paths: List[Path] = []
+    for i, snap in enumerate(result.snapshots):
+        if isinstance(snap, Path):
+            snap_paths.append(snap)
+        else:
+            snap_paths.append(save_model(snap_dir / f"snap_{i:02d}.pt", snap, **arch,
+                                         fge={"index": i, "iteration": result.snapshot_iterations[i],
+                                              "distance": result.distances[i], "start": str(args.ckpt)}))
+
+    start_eval = evaluate_ensemble([start_model], test_loader)
+    fge_eval = evaluate_ensemble(result.snapshots, test_loader, map_location=device)
+    indep_eval = None
+    if args.independent:
+        indep_eval = evaluate_ensemble(list(args.independent), test_loader, map_location=device)
+
+    start_epochs = epochs_of(meta)
+    fge_epochs = result.epochs
+    indep_epochs = [epochs_of(m) for m in indep_meta]
+    indep_total = sum(indep_epochs) if indep_epochs and None not in indep_epochs else None
+    rows = [{"method": "start model", "members": 1, **_metrics(start_eval, 0),
+             "epochs": start_epochs},
+            {"method": "FGE ensemble", "members": len(result.snapshots), **_metrics(fge_eval, -1),
+             "epochs": None if start_epochs is None else start_epochs + fge_epochs,
+             "extra_epochs": fge_epochs}]
+    if indep_eval is not None:
+        rows.append({"method": "independent ensemble", "members": len(args.independent),
+                     **_metrics(indep_eval, -1), "epochs": indep_total, "epochs_each": indep_epochs})
+
+    members = fge_eval.to_dict()["members"]
+    for i, m in enumerate(members):
+        m.update(iteration=result.snapshot_iterations[i], lr=result.lr_trace[result.snapshot_iterations[i]],
+                 distance_from_start=result.distances[i], path=str(snap_paths[i]))
+    report = {
+        "config": config, "start": str(args.ckpt), "dataset": dataset, "arch": meta["arch"],
+        "arch_kwargs": meta.get("arch_kwargs", {}),
+        "cycle_iters": result.cycle_iters, "iters_per_epoch": result.iters_per_epoch, "fge_epochs": fge_epochs,
+        "test": {"n": fge_eval.n, "start": start_eval.to_dict()["members"][0],
+                 "members": members, "ensemble": fge_eval.to_dict()["ensemble"],
+                 "independent": None if indep_eval is None else {
+                     "checkpoints": list(args.independent), "members": indep_eval.to_dict()["members"],
+                     "ensemble": indep_eval.to_dict()["ensemble"]}},
+        "budget": rows,
+        "lr_trace": result.lr_trace, "snapshot_iterations": result.snapshot_iterations,
+        "distances": result.distances, "history": result.history, "ece_bins": fge_eval.num_bins,
+        "run": _cli.run_info(argv),
+    }
+    _cli.write_json(out / "fge.json", report)
+    plot_fge(result, fge_eval, out / "fge.png", start_eval, indep_eval,
+             f"FGE from {Path(args.ckpt).name} on {dataset}: {args.cycles} cycles of {result.cycle_iters} iterations")
+
+    print(f"{'':22s} {'members':>7s} {'test acc':>9s} {'test NLL':>9s} {'ECE':>7s} {'epochs':>12s}")
+    for r in rows:
+        ep = _fmt(r["epochs"], ".4g")
+        if r["method"] == "FGE ensemble":
+            ep += f" (+{fge_epochs:.4g})"
+        print(f"{r['method']:22s} {r['members']:7d} {r['acc']:9.4f} {r['nll']:9.4f} {r['ece']:7.4f} {ep:>12s}")
+    print(f"wrote {out / 'fge.json'}, {out / 'fge.png'}, {len(snap_paths)} snapshots in {snap_dir}")
+    return 0
+
+
+def _metrics(res: EnsembleResult, k: int) -> dict:
+    return {"acc": float(res.acc[k]), "nll": float(res.nll[k]), "ece": float(res.ece[k])}
+
+
+def main(argv=None) -> int:
+    return _cli.run_command(main_, argv)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
