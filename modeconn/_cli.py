@@ -181,3 +181,20 @@ def run_command(main_fn: Callable[[Optional[Sequence[str]]], int], argv=None) ->
     except KeyboardInterrupt:
         print("\ninterrupted; rerun with --resume to continue from the last finished epoch", file=sys.stderr)
         return 130
+
+
+def share_name_with(module_name: str, function: Callable) -> None:
+    """Let a command module and the library function of the same name coexist.
+
+    ``python -m modeconn.fge`` needs a module ``modeconn.fge``, while the API
+    has ``modeconn.fge(...)``. Importing the command module rebinds the
+    package attribute to the module; making that module callable (it calls
+    the library function) keeps ``modeconn.fge(...)`` working either way.
+    """
+    import types
+
+    class _CommandModule(types.ModuleType):
+        def __call__(self, *args, **kwargs):
+            return function(*args, **kwargs)
+
+    sys.modules[module_name].__class__ = _CommandModule

@@ -240,5 +240,7 @@ def main(argv=None) -> int:
     return _cli.run_command(main_, argv)
 
 
+_cli.share_name_with(__name__, fge)
+
 if __name__ == "__main__":
     sys.exit(main())

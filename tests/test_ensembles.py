@@ -1,4 +1,5 @@
 """Tests for modeconn.ensembles (FGE, ensemble evaluation) and the ``modeconn.fge`` command."""
+import importlib
 import copy
 import json
 
@@ -266,7 +267,7 @@ def _roundtrip(state, tmp_path):
 
 # ------------------------------------------------------------------- command
 def test_command_end_to_end(ds, cnn, tmp_path, capsys):
-    from modeconn import fge as fge_cmd
+    fge_cmd = importlib.import_module("modeconn.fge")
 
     other, hist = _train_cnn(ds, seed=2)
     start = save_model(tmp_path / "start.pt", cnn, **ARCH, dataset="digits", seed=0,
