@@ -1,10 +1,13 @@
 """One-call alignment of model B to model A."""
 from __future__ import annotations
 
+import dataclasses
 import itertools
+import math
+import numbers
 from collections import OrderedDict
 from dataclasses import dataclass, field
-from typing import Dict, List, Optional, Union
+from typing import Any, Dict, List, Optional, Union
 
 import torch
 from torch import nn
@@ -56,6 +59,26 @@ class AlignmentReport:
         vals = [g.after for g in self.groups.values()]
         return sum(vals) / len(vals) if vals else float("nan")
 
+    def as_dict(self) -> Dict[str, Any]:
+        """The report as plain data (dicts, lists, floats, ints, strings, None).
+
+        Safe to store in a checkpoint loaded with ``weights_only=True`` and to
+        write as JSON.  Non-finite floats (a group without observations) become
+        None.  Keys: method, metric, mean_before, mean_after, groups (name ->
+        size/before/after), reasons, fixed, info (the matching trace, or None).
+        """
+        return {
+            "method": self.method,
+            "metric": self.metric,
+            "mean_before": _plain(self.mean_before),
+            "mean_after": _plain(self.mean_after),
+            "groups": {k: {"size": int(g.size), "before": _plain(g.before), "after": _plain(g.after)}
+                       for k, g in self.groups.items()},
+            "reasons": [str(r) for r in self.reasons],
+            "fixed": [str(f) for f in self.fixed],
+            "info": _plain(dataclasses.asdict(self.info)) if self.info is not None else None,
+        }
+
     def summary(self) -> str:
         """Multi-line text table (the library never prints; callers may)."""
         lines = [f"alignment by {self.method} matching: {len(self.groups)} groups, "
@@ -65,6 +88,24 @@ class AlignmentReport:
         for r in self.reasons:
             lines.append(f"  fixed: {r}")
         return "\n".join(lines)
+
+
+def _plain(obj: Any) -> Any:
+    """Nested dicts/lists of Python scalars and strings; non-finite floats -> None."""
+    if isinstance(obj, dict):
+        return {str(k): _plain(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_plain(v) for v in obj]
+    if isinstance(obj, torch.Tensor):
+        return _plain(obj.detach().cpu().tolist())
+    if isinstance(obj, bool) or obj is None or isinstance(obj, str):
+        return obj
+    if isinstance(obj, numbers.Integral):
+        return int(obj)
+    if isinstance(obj, numbers.Real):
+        v = float(obj)
+        return v if math.isfinite(v) else None
+    return str(obj)
 
 
 def _first_input(batch):

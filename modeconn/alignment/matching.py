@@ -24,7 +24,7 @@ from torch import fx, nn
 
 from .infer import _EvalMode
 from .permute import permute_tensor, segment_rows
-from .spec import ObservePoint, PermutationSpec, check_same_architecture, state_dict_of
+from .spec import AxisRef, ObservePoint, PermutationSpec, check_same_architecture, state_dict_of
 
 __all__ = [
     "WeightMatchingInfo",
@@ -130,31 +130,84 @@ def weight_matching(a, b, spec: PermutationSpec, seed: int = 0, max_iter: int = 
     ``C[i, j] = sum over g's axes of <A_w[unit i], B_w[unit j]>`` (contracted
     over all other axes) and ``linear_sum_assignment(C, maximize=True)`` gives
     the new permutation, accepted only if it increases the objective.  Stops
-    when a full sweep changes nothing, or after ``max_iter`` sweeps.  Runs in
-    float64 on CPU.  Only parameters enter the objective (BatchNorm running
-    statistics are permuted by :func:`apply_permutation` but not matched).
+    when a full sweep changes nothing, or after ``max_iter`` sweeps.  Only
+    parameters enter the objective (BatchNorm running statistics are permuted
+    by :func:`apply_permutation` but not matched).
+
+    Precision and speed: the cost matrices are products of the weights in
+    their own precision (float32 unless a weight is float64; half precision is
+    widened to float32), summed in float64; the objective and the gain that
+    decides whether a new permutation is accepted are computed in float64
+    from the exact weight values, so the objective never decreases.  Each
+    axis's contribution to a cost matrix is cached and updated only when a
+    permutation it depends on has changed (by the moved columns alone when
+    they are fewer than half), and a group none of whose inputs changed since
+    it was last solved is not solved again.
 
     Returns ``(perm, WeightMatchingInfo)``.
     """
     if not isinstance(max_iter, int) or isinstance(max_iter, bool) or max_iter < 1:
         raise ValueError(f"max_iter must be a positive int, got {max_iter!r}")
-    A, B, entries = _prepare(a, b, spec)
+    sd_a, sd_b = state_dict_of(a), state_dict_of(b)
+    check_same_architecture(sd_a, sd_b)
+    spec.validate(sd_a)
+    covered = set(spec.covered())
+    all_names = [n for n in _param_names(a) if n in covered]
+    wide = any(sd[n].dtype == torch.float64 for sd in (sd_a, sd_b) for n in all_names)
+    work = torch.float64 if wide else torch.float32  # exact copies of the weights' values
+    A = {n: sd_a[n].detach().to(device="cpu", dtype=work) for n in all_names}
+    B = {n: sd_b[n].detach().to(device="cpu", dtype=work) for n in all_names}
+    entries = {n: e for n, e in spec.entries_by_name().items() if n in A}
     sizes = {k: g.size for k, g in spec.groups.items()}
     perms: Dict[str, torch.Tensor] = spec.identity()
     refs_of = {k: [r for r in g.axes if r.name in A] for k, g in spec.groups.items()}
-    all_names = list(entries)
 
-    # B with every current permutation applied, and its inner product with A, per name
-    Bp = {n: permute_tensor(B[n], entries[n], perms, sizes) for n in all_names}
-    dot = {n: (A[n] * Bp[n]).sum() for n in all_names}
-
-    def total() -> float:
-        return float(torch.stack(list(dot.values())).sum()) if dot else 0.0
-
-    scale = math.sqrt(sum(float(A[n].pow(2).sum()) for n in all_names)) * \
-        math.sqrt(sum(float(B[n].pow(2).sum()) for n in all_names))
+    initial = math.fsum(float((A[n].double() * B[n].double()).sum()) for n in all_names)
+    scale = math.sqrt(sum(float(A[n].double().pow(2).sum()) for n in all_names)) * \
+        math.sqrt(sum(float(B[n].double().pow(2).sum()) for n in all_names))
     tol = 1e-10 * max(scale, 1e-300)
-    initial = total()
+
+    # per (group, axis): A's rows (fixed), and the groups whose permutations B's rows depend on
+    a_rows = {(g, r): segment_rows(A[r.name], r, sizes[g]).contiguous() for g, refs in refs_of.items()
+              for r in refs}
+    deps = {(g, r): list(OrderedDict.fromkeys(h for h, r2 in entries[r.name] if r2 != r))
+            for g, refs in refs_of.items() for r in refs}
+    linear = {g: all(c == 1 for c in Counter(r.name for r in refs).values()) for g, refs in refs_of.items()}
+    version = {k: 0 for k in spec.groups}
+    cache: Dict[Tuple[str, AxisRef], Tuple[tuple, torch.Tensor, torch.Tensor]] = {}
+    solved: Dict[str, tuple] = {}
+
+    def contribution(g: str, r: AxisRef):
+        """(key, B's rows for axis r with every other permutation applied, A_rows @ B_rows.T as float64).
+
+        Cached per (group, axis) under the versions of the groups it depends on.  When one of
+        them changed, usually only a few columns of B's rows moved: the product is then
+        updated by those columns' difference instead of being recomputed.
+        """
+        key = tuple(version[h] for h in deps[(g, r)])
+        hit = cache.get((g, r))
+        if hit is not None and hit[0] == key:
+            return key, hit[1], hit[2]
+        b_rows = segment_rows(permute_tensor(B[r.name], entries[r.name], perms, sizes, skip=r),
+                              r, sizes[g]).contiguous()
+        ar = a_rows[(g, r)]
+        if hit is not None:
+            # only the columns a changed permutation moved: update the product by their difference
+            changed = (b_rows != hit[1]).any(0).nonzero().squeeze(1)
+            if len(changed) <= b_rows.shape[1] // 2:
+                c = hit[2] + (ar.index_select(1, changed) @
+                              (b_rows.index_select(1, changed) - hit[1].index_select(1, changed)).T).double()
+                cache[(g, r)] = (key, b_rows, c)
+                return key, b_rows, c
+        c = (ar @ b_rows.T).double()
+        cache[(g, r)] = (key, b_rows, c)
+        return key, b_rows, c
+
+    def objective(names, p) -> float:
+        return math.fsum(float((A[n].double() * permute_tensor(B[n], entries[n], p, sizes).double()).sum())
+                         for n in names)
+
+    current = initial
     history: List[float] = []
     rng = np.random.default_rng(seed)
     gnames = list(spec.groups)
@@ -168,42 +221,39 @@ def weight_matching(a, b, spec: PermutationSpec, seed: int = 0, max_iter: int = 
             refs = refs_of[g]
             if not refs:
                 continue
-            size = sizes[g]
+            parts = [contribution(g, r) for r in refs]
+            state = (version[g],) + tuple(p[0] for p in parts)
+            if solved.get(g) == state:
+                continue  # the same cost matrix and permutation as when g was last solved: same outcome
+            solved[g] = state
             old = perms[g]
-            # rows of Bp are B's units in the current order old; undo it to index B's own units
-            cost = torch.zeros(size, size, dtype=torch.float64)
-            for r in refs:
-                cost += segment_rows(A[r.name], r, size) @ segment_rows(Bp[r.name], r, size).T
-            cost = cost[:, torch.argsort(old)]
+            cost = parts[0][2].clone()
+            for p in parts[1:]:
+                cost += p[2]
             _, col = linear_sum_assignment(cost.numpy(), maximize=True)
             new = torch.as_tensor(col, dtype=torch.long)
             if torch.equal(new, old):
                 continue
-            names = list(OrderedDict.fromkeys(r.name for r in refs))
-            trial = dict(perms)
-            trial[g] = new
-
-            def moved():
-                bp = {n: permute_tensor(B[n], entries[n], trial, sizes) for n in names}
-                return bp, {n: (A[n] * bp[n]).sum() for n in names}
-
-            counts = Counter(r.name for r in refs)
-            if all(c == 1 for c in counts.values()):
-                # the objective is linear in this group's permutation: the cost matrix is exact
-                rows = torch.arange(size)
-                gain = float(cost[rows, new].sum() - cost[rows, old].sum())
-                new_bp = new_dot = None
+            if linear[g]:
+                # the objective is linear in this group's permutation: sum the changed rows' products
+                moved = (new != old).nonzero().squeeze(1)
+                gain = 0.0
+                for r, (_, b_rows, _) in zip(refs, parts):
+                    ar = a_rows[(g, r)].index_select(0, moved).double()
+                    diff = b_rows.index_select(0, new[moved]).double() - b_rows.index_select(0, old[moved]).double()
+                    gain += float((ar * diff).sum())
             else:  # a parameter with this group on two axes: evaluate the objective itself
-                new_bp, new_dot = moved()
-                gain = float(sum(new_dot[n] - dot[n] for n in names))
+                names = list(OrderedDict.fromkeys(r.name for r in refs))
+                trial = dict(perms)
+                trial[g] = new
+                gain = objective(names, trial) - objective(names, perms)
             if gain > tol:
-                if new_bp is None:
-                    new_bp, new_dot = moved()
                 perms[g] = new
-                Bp.update(new_bp)
-                dot.update(new_dot)
+                version[g] += 1
+                solved[g] = (version[g],) + state[1:]
+                current += gain
                 improved = True
-        history.append(total())
+        history.append(current)
         if not improved:
             converged = True
             break

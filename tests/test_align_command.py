@@ -1,0 +1,169 @@
+"""Neuron alignment on the shipped digits pairs, the align command, and train_curve --align."""
+import contextlib
+import importlib
+import io
+import json
+
+import pytest
+import torch
+
+import modeconn as mc
+from modeconn import train_curve
+from modeconn.alignment import align
+
+from conftest import CKPT
+
+align_cmd = importlib.import_module("modeconn.align")  # the command module (modeconn.align is also a function)
+
+MLP_A, MLP_B = CKPT / "digits_mlp_a.pt", CKPT / "digits_mlp_b.pt"
+CNN_A, CNN_B = CKPT / "digits_cnn_a.pt", CKPT / "digits_cnn_b.pt"
+POINTS = 11
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    # small models on a shared machine: extra threads only add contention
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def _line(a, b, digits):
+    return mc.evaluate_path(mc.linear_path(a, b), digits.eval_loader("train"), digits.eval_loader("test"),
+                            num_points=POINTS)
+
+
+def _params_equal(m1, m2):
+    return all(torch.equal(p, q) for p, q in zip(m1.state_dict().values(), m2.state_dict().values()))
+
+
+@pytest.fixture(scope="module")
+def commands(tmp_path_factory):
+    """The align command run once on each shipped pair: {pair: (out.pt, out.json, stdout)}."""
+    out = tmp_path_factory.mktemp("align")
+    runs = {}
+    for pair, (a, b, method) in {"mlp": (MLP_A, MLP_B, "weight"), "cnn": (CNN_A, CNN_B, "activation")}.items():
+        ckpt = out / f"{pair}_b_aligned.pt"
+        argv = ["--a", str(a), "--b", str(b), "--method", method, "--out", str(ckpt),
+                "--num-points", str(POINTS), "--no-progress", "--device", "cpu"]
+        if pair == "mlp":
+            argv.append("--report")
+        stdout, stderr = io.StringIO(), io.StringIO()
+        with contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stderr):
+            code = align_cmd.main(argv)
+        assert code == 0, stderr.getvalue()
+        runs[pair] = (ckpt, ckpt.with_suffix(".json"), stdout.getvalue())
+    return runs
+
+
+# ------------------------------------------------------------------------------ library level
+def test_weight_matching_halves_the_mlp_straight_line_barrier(mlp_pair, digits):
+    a, b = mlp_pair
+    aligned, perm, report = align(a, b, method="weight", loader=digits.eval_loader("train"), seed=0)
+    before = _line(a, b, digits).barrier("test_loss")
+    after = _line(a, aligned, digits).barrier("test_loss")
+    assert before > 0.1, before                      # the unaligned pair does have a barrier
+    assert after <= 0.5 * before, (before, after)
+    assert report.mean_after > report.mean_before
+    assert any(not torch.equal(p, torch.arange(len(p))) for p in perm.values())
+
+
+# ------------------------------------------------------------------------------ the command
+@pytest.mark.parametrize("pair", ["mlp", "cnn"])
+def test_aligned_checkpoint_computes_the_same_function_as_b(pair, commands, digits):
+    ckpt, _, _ = commands[pair]
+    aligned, meta = mc.load_model(ckpt)                  # weights_only=True underneath
+    b, _ = mc.load_model(CNN_B if pair == "cnn" else MLP_B)
+    assert not _params_equal(aligned, b)                 # the units did move ...
+    x = digits.x_test
+    with torch.no_grad():
+        out_b, out_aligned = b.eval()(x), aligned.eval()(x)
+    torch.testing.assert_close(out_aligned, out_b, rtol=1e-4, atol=1e-4)  # ... but the function did not
+    assert (out_aligned.argmax(1) == out_b.argmax(1)).all()
+
+
+@pytest.mark.parametrize("pair", ["mlp", "cnn"])
+def test_align_command_end_to_end(pair, commands, digits):
+    ckpt, js, stdout = commands[pair]
+    a_path, b_path = (CNN_A, CNN_B) if pair == "cnn" else (MLP_A, MLP_B)
+    method = "activation" if pair == "cnn" else "weight"
+    assert ckpt.exists() and js.exists() and ckpt.with_suffix(".png").stat().st_size > 1000
+    data = json.loads(js.read_text())
+    aligned, meta = mc.load_model(ckpt)
+    _, meta_b = mc.load_model(b_path)
+    # B's metadata, plus what was done
+    for key in ("arch", "arch_kwargs", "input_shape", "num_classes", "dataset", "seed", "metrics", "history"):
+        assert meta[key] == meta_b[key], key
+    al = meta["alignment"]
+    assert al["method"] == method and al["reference"] == str(a_path) and al["source"] == str(b_path)
+    assert set(al["report"]["groups"]) == set(data["report"]["groups"]) and al["report"]["groups"]
+    assert al["report"]["mean_after"] > al["report"]["mean_before"]
+    # the JSON's barriers are the ones of an independent evaluation of both straight lines
+    a, _ = mc.load_model(a_path)
+    b, _ = mc.load_model(b_path)
+    before, after = _line(a, b, digits), _line(a, aligned, digits)
+    for metric in ("test_loss", "test_error"):
+        assert data["barriers"]["before"][metric] == pytest.approx(before.barrier(metric), rel=1e-5, abs=1e-7)
+        assert data["barriers"]["after"][metric] == pytest.approx(after.barrier(metric), rel=1e-5, abs=1e-7)
+    assert data["barriers"]["before"]["test_loss"] > data["barriers"]["after"]["test_loss"]
+    assert len(data["paths"]["before"]["ts"]) == POINTS
+    # printed: the mean before/after always, the per-group table with --report, both barriers
+    assert f"mean {data['report']['metric']}" in stdout and "test loss barrier" in stdout
+    assert "test error barrier" in stdout
+    first_group = next(iter(data["report"]["groups"]))
+    assert (first_group in stdout) == (pair == "mlp")
+
+
+def test_align_help_shows_an_example(capsys):
+    with pytest.raises(SystemExit) as e:
+        align_cmd.main(["--help"])
+    assert e.value.code == 0
+    out = capsys.readouterr().out
+    assert "example:" in out and "python -m modeconn.align --a" in out
+
+
+@pytest.mark.parametrize("argv, words", [
+    (["--a", str(MLP_A), "--b", str(CNN_B)], ["different architectures", "'mlp'", "'convnet'"]),
+    (["--a", str(MLP_A), "--b", "nowhere.pt"], ["nowhere.pt", "no such checkpoint"]),
+    (["--a", str(MLP_A), "--b", str(MLP_B), "--num-points", "1"], ["--num-points"]),
+])
+def test_align_command_bad_input_is_one_line_exit_2(argv, words, tmp_path, capsys):
+    out = tmp_path / "x.pt"
+    assert align_cmd.main(argv + ["--out", str(out), "--no-progress"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and len(err.splitlines()) == 1, err
+    assert all(w in err for w in words), err
+    assert not out.exists() and not out.with_suffix(".json").exists()
+
+
+def test_library_align_is_still_callable_after_importing_the_command(mlp_pair, digits):
+    # importing the submodule rebinds the package attribute modeconn.align to the module
+    assert isinstance(importlib.import_module("modeconn.align"), type(mc))
+    aligned, _, report = mc.align(*mlp_pair, example_input=digits.x_test[:1])
+    assert report.method == "weight" and isinstance(aligned, torch.nn.Module)
+
+
+# ------------------------------------------------------------------------- train_curve --align
+def test_train_curve_align_records_and_uses_the_aligned_end(tmp_path, digits, capsys):
+    out = tmp_path / "curve"
+    assert train_curve.main(["--start", str(CNN_A), "--end", str(CNN_B), "--align", "weight", "--epochs", "1",
+                             "--out", str(out), "--no-progress", "--device", "cpu"]) == 0
+    assert "aligned --end to --start by weight matching" in capsys.readouterr().out
+    curve, meta = mc.load_curve(out / "curve.pt")      # weights_only=True: the record is plain data
+    al = meta["alignment"]
+    assert al["method"] == "weight" and al["aligned"] == "end" and al["reference"] == str(CNN_A)
+    assert al["report"]["method"] == "weight" and al["report"]["mean_after"] > al["report"]["mean_before"]
+    assert meta["config"]["align"] == "weight"
+
+    a, _ = mc.load_model(CNN_A)
+    b, _ = mc.load_model(CNN_B)
+    aligned, _, _ = align(a, b, method="weight", loader=digits.eval_loader("train"), seed=0)
+    end = {n: v[-1] for n, v in curve.bends_by_name().items()}
+    params = dict(aligned.named_parameters())
+    assert set(end) == set(params)
+    assert all(torch.equal(end[n], params[n]) for n in params)               # the end bend is the aligned B
+    assert not all(torch.equal(end[n], p) for n, p in b.named_parameters())  # not B itself
+    buffers = dict(aligned.named_buffers())
+    for n, v in curve.endpoint_buffers(1).items():                           # BN statistics moved with it
+        assert torch.equal(v, buffers[n]), n
