@@ -16,16 +16,32 @@ import numpy as np
 import torch
 
 from . import __version__
+from . import distributed
 from .checkpoint import CheckpointError, atomic_save, atomic_write, load_checkpoint
 from .data import DATASETS
+
+# Test hook (documented in README, "Multiple GPUs and machines"): "N" or "N:RANK" makes the process
+# (every rank, or only RANK) exit abruptly after N training steps, as a killed run would.
+FAULT_ENV = "MODECONN_FAULT_AFTER_STEPS"
 
 
 class CommandError(Exception):
     """A user-facing error: printed as one line, exit status 2."""
 
 
+class _Parser(argparse.ArgumentParser):
+    """Accepts a leading ``--``: ``torchrun ... -m modeconn.X -- --start A.pt`` keeps torchrun's own
+    parser from reading ``--start`` as an abbreviation of its ``--start-method``."""
+
+    def parse_known_args(self, args=None, namespace=None):
+        args = list(sys.argv[1:] if args is None else args)
+        if args[:1] == ["--"]:
+            args = args[1:]
+        return super().parse_known_args(args, namespace)
+
+
 def parser(prog: str, description: str, example: str) -> argparse.ArgumentParser:
-    return argparse.ArgumentParser(
+    return _Parser(
         prog=f"python -m modeconn.{prog}", description=description,
         epilog=f"example:\n{example}", formatter_class=argparse.RawDescriptionHelpFormatter)
 
@@ -39,7 +55,9 @@ def add_data_args(p: argparse.ArgumentParser, dataset_default: Optional[str] = "
                    help="where torchvision datasets are read from (default: %(default)s)")
     g.add_argument("--download", action="store_true",
                    help="download a torchvision dataset into --data-dir (needs internet)")
-    g.add_argument("--batch-size", type=int, default=64, help="training mini-batch size (default: %(default)s)")
+    g.add_argument("--batch-size", type=int, default=64,
+                   help="training mini-batch size; under torchrun the GLOBAL batch, split evenly over the "
+                        "processes (must be divisible by their number) (default: %(default)s)")
 
 
 def add_optim_args(p: argparse.ArgumentParser, epochs: int, lr: float, wd: float = 5e-4) -> None:
@@ -64,6 +82,52 @@ def add_run_args(p: argparse.ArgumentParser, out_default: Optional[str] = None) 
     g.add_argument("--no-progress", action="store_true", help="hide progress bars")
 
 
+def add_scale_args(p: argparse.ArgumentParser, training: bool = True) -> None:
+    """--backend, --amp, --compile: several processes under torchrun and the opt-in speed flags."""
+    g = p.add_argument_group("scale-out (README: Multiple GPUs and machines)")
+    g.add_argument("--backend", default="auto", choices=distributed.BACKENDS,
+                   help="torch.distributed backend when started by torchrun: auto = nccl on CUDA, gloo on "
+                        "the CPU (default: %(default)s); ignored in a single process")
+    g.add_argument("--amp", action="store_true",
+                   help="bf16 autocast for the forward passes on CUDA (on the CPU a note is printed and the "
+                        "flag is ignored)")
+    g.add_argument("--compile", action="store_true",
+                   help="torch.compile the " + ("model / curve step" if training else "metric passes") +
+                        " (off by default; the first steps are slow while it compiles)")
+
+
+def setup(args: argparse.Namespace) -> distributed.DistInfo:
+    """Device and processes of a command: one process, or this rank of a torchrun job.
+
+    Sets ``args.amp`` to False on the CPU (with a one-line note on rank 0).
+    """
+    device_of(args.device)  # the single-process checks and messages
+    joined_before = distributed.is_initialized()
+    try:
+        info = distributed.init_from_env(getattr(args, "backend", "auto"), args.device)
+    except ValueError as e:
+        raise CommandError(str(e)) from None
+    if distributed.is_initialized() and not joined_before:
+        _GROUP_STARTED_BY_COMMAND[0] = True  # run_command leaves it at the end
+    if getattr(args, "amp", False) and info.device.type != "cuda":
+        if info.is_main:
+            print("note: --amp (bf16 autocast) applies to CUDA devices; running in float32 on the CPU")
+        args.amp = False
+    return info
+
+
+_GROUP_STARTED_BY_COMMAND = [False]
+
+
+def train_loader(ds, args: argparse.Namespace, info: distributed.DistInfo):
+    """This rank's share of every global batch of ``--batch-size`` (the whole batch in one process)."""
+    try:
+        per_rank = distributed.per_rank_batch(args.batch_size, info.world_size)
+    except ValueError as e:
+        raise CommandError(str(e)) from None
+    return ds.train_loader(per_rank, seed=args.seed, rank=info.rank, world_size=info.world_size).to(info.device)
+
+
 def add_resume_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--resume", action="store_true",
                    help="continue an interrupted run from OUT/resume.pt (same arguments)")
@@ -83,9 +147,34 @@ def device_of(name: str) -> torch.device:
 
 
 def progress(total: int, desc: str, disable: bool = False):
+    """A tqdm bar, shown on rank 0 only."""
     from tqdm.auto import tqdm
 
-    return tqdm(total=total, desc=desc, disable=disable, dynamic_ncols=True, leave=False)
+    bar = tqdm(total=total, desc=desc, disable=disable or not distributed.is_main(), dynamic_ncols=True,
+               leave=False)
+    fault = os.environ.get(FAULT_ENV)
+    if fault:
+        steps, _, rank = fault.partition(":")
+        if not rank or int(rank) == distributed.get_rank():
+            return _FaultyProgress(bar, int(steps))
+    return bar
+
+
+class _FaultyProgress:
+    """A progress bar that ends the process abruptly after ``steps`` updates (the test hook FAULT_ENV)."""
+
+    def __init__(self, bar, steps: int):
+        self._bar, self._left = bar, steps
+
+    def update(self, n: int = 1):
+        self._bar.update(n)
+        self._left -= n
+        if self._left <= 0:
+            print(f"{FAULT_ENV}: rank {distributed.get_rank()} exits now", file=sys.stderr, flush=True)
+            os._exit(17)
+
+    def __getattr__(self, name):
+        return getattr(self._bar, name)
 
 
 def _plain(obj: Any) -> Any:
@@ -128,7 +217,7 @@ def run_info(argv: Optional[Sequence[str]]) -> Dict[str, Any]:
     """The command line and versions, recorded in every result file."""
     return {"argv": list(sys.argv[:1]) + list(argv if argv is not None else sys.argv[1:]),
             "modeconn": __version__, "torch": str(torch.__version__), "numpy": np.__version__,
-            "python": platform.python_version()}
+            "python": platform.python_version(), "processes": distributed.get_world_size()}
 
 
 def resume_or_start(out: Path, config: Mapping[str, Any], resume: bool, force: bool,
@@ -158,9 +247,11 @@ def resume_or_start(out: Path, config: Mapping[str, Any], resume: bool, force: b
 
 
 def epoch_saver(out: Path, config: Mapping[str, Any], bar=None) -> Callable[[dict, dict], None]:
-    """``on_epoch_end`` callback: write the resumable state and the history (atomic)."""
+    """``on_epoch_end`` callback: write the resumable state and the history (atomic; rank 0 only)."""
 
     def save(record: dict, state: dict) -> None:
+        if not distributed.is_main():
+            return
         atomic_save({"format": "modeconn", "format_version": 1, "kind": "training_state",
                      "config": dict(config), **state}, out / "resume.pt")
         write_json(out / "history.json", state["history"])
@@ -176,11 +267,16 @@ def run_command(main_fn: Callable[[Optional[Sequence[str]]], int], argv=None) ->
     try:
         return main_fn(argv) or 0
     except (CommandError, CheckpointError, FileNotFoundError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
+        rank = f"[rank {distributed.get_rank()}] " if distributed.active() else ""
+        print(f"{rank}error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("\ninterrupted; rerun with --resume to continue from the last finished epoch", file=sys.stderr)
         return 130
+    finally:
+        if _GROUP_STARTED_BY_COMMAND[0]:  # a group the caller had joined stays
+            _GROUP_STARTED_BY_COMMAND[0] = False
+            distributed.cleanup()
 
 
 def share_name_with(module_name: str, function: Callable) -> None:

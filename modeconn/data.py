@@ -44,9 +44,15 @@ class TensorLoader:
         transform: ``f(x_batch, generator) -> x_batch`` applied per batch
             (normalisation, augmentation); the generator is the epoch's.
         drop_last: drop the last incomplete batch.
-        rank, world_size: shard of this process (every rank gets the same
-            number of batches; the tail that does not divide is dropped when
-            ``world_size > 1``).
+        rank, world_size: shard of this process for data-parallel training.
+            ``batch_size`` is then the per-process batch and the global batch
+            is ``B = batch_size * world_size``: global batch k is
+            ``perm[k*B:(k+1)*B]`` of the epoch's permutation (exactly batch k
+            of a one-process loader with ``batch_size=B``) and rank r takes
+            its r-th of ``world_size`` equal slices. Every rank gets the same
+            number of batches of the same size; the ``n % world_size`` samples
+            at the end of the permutation are left out of the epoch (and,
+            with ``drop_last``, the last incomplete global batch).
     """
 
     def __init__(self, x: torch.Tensor, y: torch.Tensor, batch_size: int = 128, shuffle: bool = False,
@@ -60,6 +66,8 @@ class TensorLoader:
         self.batch_size, self.shuffle, self.seed = int(batch_size), bool(shuffle), int(seed)
         self.transform, self.drop_last = transform, bool(drop_last)
         self.rank, self.world_size = int(rank), int(world_size)
+        if self.world_size < 1 or not 0 <= self.rank < self.world_size:
+            raise ValueError(f"rank {rank} of world_size {world_size}: need 0 <= rank < world_size")
         self.epoch = 0
 
     def set_epoch(self, epoch: int) -> None:
@@ -68,11 +76,14 @@ class TensorLoader:
     @property
     def num_samples(self) -> int:
         """Samples this rank sees per epoch."""
+        return self._epoch_length() // self.world_size
+
+    def _epoch_length(self) -> int:
+        """Samples of the epoch's permutation used by all ranks together."""
         n = len(self.x)
-        if self.world_size > 1:
-            n //= self.world_size
+        n -= n % self.world_size
         if self.drop_last:
-            n -= n % self.batch_size
+            n -= n % (self.batch_size * self.world_size)
         return n
 
     def __len__(self) -> int:
@@ -88,10 +99,14 @@ class TensorLoader:
         g = epoch_generator(self.seed, self.epoch)
         n = len(self.x)
         idx = torch.randperm(n, generator=g) if self.shuffle else torch.arange(n)
-        if self.world_size > 1:
-            per = n // self.world_size
-            idx = idx[self.rank * per:(self.rank + 1) * per]
-        idx = idx[: self.num_samples].to(self.x.device)
+        idx = idx[: self._epoch_length()]
+        if self.world_size > 1:  # rank r: the r-th slice of every global batch
+            w, B = self.world_size, self.batch_size * self.world_size
+            full = len(idx) // B
+            head = idx[: full * B].view(full, w, self.batch_size)[:, self.rank].reshape(-1)
+            rest = idx[full * B:]  # the last, smaller global batch (may be empty)
+            idx = torch.cat([head, rest.view(w, len(rest) // w)[self.rank]])
+        idx = idx.to(self.x.device)
         aug = epoch_generator(self.seed, self.epoch, stream=1 + self.rank)
         for i in range(0, len(idx), self.batch_size):
             b = idx[i:i + self.batch_size]

@@ -38,7 +38,8 @@ from torch import nn
 from .bn import has_batchnorm, recompute_bn
 from .checkpoint import load_model, load_state_dict, save_checkpoint, save_model
 from .data import TensorLoader
-from .training import LossFn, get_loss
+from . import distributed as _dist
+from .training import LossFn, autocast, get_loss, use_ddp
 
 Member = Union[nn.Module, str, os.PathLike]
 
@@ -175,11 +176,11 @@ def _param_distance(a: nn.Module, start: Sequence[torch.Tensor]) -> float:
 
 
 def _default_bn_loader(train_loader: Iterable) -> Iterable:
-    """Fixed-order, large-batch view of a TensorLoader's data (same transform); else the loader."""
+    """Fixed-order, large-batch view of all of a TensorLoader's data (same transform, every rank
+    the whole set, so snapshots are identical on all ranks); else the loader."""
     if isinstance(train_loader, TensorLoader):
         return TensorLoader(train_loader.x, train_loader.y, batch_size=max(train_loader.batch_size, 1024),
-                            shuffle=False, seed=train_loader.seed, transform=train_loader.transform,
-                            rank=train_loader.rank, world_size=train_loader.world_size)
+                            shuffle=False, seed=train_loader.seed, transform=train_loader.transform)
     return train_loader
 
 
@@ -203,7 +204,8 @@ def fge(model: nn.Module, train_loader: Iterable, cycles: int, cycle_epochs: Opt
         on_epoch_end: Optional[Callable[[dict, dict], None]] = None, progress=None,
         resume: Optional[Mapping] = None, cycle_iters: Optional[int] = None,
         loss: Union[str, LossFn] = "cross_entropy",
-        snapshot_meta: Optional[Mapping[str, Any]] = None) -> FGEResult:
+        snapshot_meta: Optional[Mapping[str, Any]] = None, distributed: Optional[bool] = None,
+        amp: bool = False, compile: bool = False) -> FGEResult:
     """Fast Geometric Ensembling: cyclical-rate SGD from a trained network, one snapshot per cycle.
 
     Args:
@@ -249,6 +251,13 @@ def fge(model: nn.Module, train_loader: Iterable, cycles: int, cycle_epochs: Opt
         resume: a ``state`` from ``on_epoch_end``; pass ``model`` = the same
             start network (distances are measured from it).
         loss: ``"cross_entropy"``, ``"mse"`` or ``f(output, y) -> scalar``.
+        distributed: wrap the training network in ``DistributedDataParallel``
+            (default ``None``: inside a process group of several ranks; the
+            training loader must be sharded for this rank, the BN loader
+            should hold all the data). Epoch loss/accuracy are summed over
+            ranks; snapshots are taken on every rank (the same weights, the
+            same BN statistics) and only rank 0 writes ``keep_on_disk`` files.
+        amp, compile: bf16 autocast for the forward; ``torch.compile`` of the network.
 
     Returns:
         :class:`FGEResult`.
@@ -287,6 +296,11 @@ def fge(model: nn.Module, train_loader: Iterable, cycles: int, cycle_epochs: Opt
         params = list(net.parameters())
         for p in params:
             p.requires_grad_(True)
+    ddp = use_ddp(distributed, train_loader)
+    forward = _dist.wrap_ddp(net) if ddp else net
+    if compile:
+        forward = torch.compile(forward)
+    device = params[0].device
     optimizer = torch.optim.SGD(params, lr=lr_max, momentum=momentum, weight_decay=weight_decay)
 
     snapshots: List[Union[nn.Module, Path]] = []
@@ -334,6 +348,8 @@ def fge(model: nn.Module, train_loader: Iterable, cycles: int, cycle_epochs: Opt
             net.train()
             if hasattr(train_loader, "set_epoch"):
                 train_loader.set_epoch(epoch)
+            if ddp:  # dropout etc.: different on every rank, repeatable on resume
+                torch.manual_seed(_dist.rank_seed(seed, epoch))
             loss_sum = torch.zeros((), dtype=torch.float64)
             correct = torch.zeros((), dtype=torch.long)
             count, classify = 0, True
@@ -343,7 +359,10 @@ def fge(model: nn.Module, train_loader: Iterable, cycles: int, cycle_epochs: Opt
                 lr = cyclic_lr(it, C, lr_max, lr_min)
                 for g in optimizer.param_groups:
                     g["lr"] = lr
-                out = net(x)
+                with autocast(device, amp):
+                    out = forward(x)
+                if amp:
+                    out = out.float()
                 value = loss_fn(out, y)
                 optimizer.zero_grad(set_to_none=True)
                 value.backward()
@@ -357,7 +376,8 @@ def fge(model: nn.Module, train_loader: Iterable, cycles: int, cycle_epochs: Opt
                 count += len(y)
                 if it in snap_at:
                     snap = _take_snapshot(net, bn_loader, len(snapshots), disk, snapshot_meta,
-                                          {"iteration": it, "epoch": epoch, "lr": lr})
+                                          {"iteration": it, "epoch": epoch, "lr": lr},
+                                          write=_dist.is_main() or not ddp)
                     distances.append(_param_distance(net, start_params))  # snapshot weights = net's now
                     snap_iters.append(it)
                     snapshots.append(snap)
@@ -368,6 +388,10 @@ def fge(model: nn.Module, train_loader: Iterable, cycles: int, cycle_epochs: Opt
                 it += 1
                 if progress is not None:
                     progress.update(1)
+            if ddp:  # global sums: the history of a single process with the global batch
+                sums = _dist.all_reduce_sum(torch.stack([loss_sum, correct.double(),
+                                                         torch.tensor(float(count), dtype=torch.float64)]))
+                loss_sum, correct, count = sums[0], sums[1], int(sums[2])
             record = {"epoch": epoch + 1, "iterations": it, "lr": lr_trace[-1] if lr_trace else lr_max,
                       "loss": float(loss_sum) / max(count, 1),
                       "acc": float(correct) / max(count, 1) if classify else float("nan"),
@@ -394,8 +418,9 @@ def fge(model: nn.Module, train_loader: Iterable, cycles: int, cycle_epochs: Opt
 
 @torch.no_grad()
 def _take_snapshot(net: nn.Module, bn_loader: Iterable, index: int, disk: Optional[Path],
-                   meta: Optional[Mapping[str, Any]], info: dict) -> Union[nn.Module, Path]:
-    """Copy the training network, recompute its BN statistics; keep it or write it to ``disk``."""
+                   meta: Optional[Mapping[str, Any]], info: dict, write: bool = True) -> Union[nn.Module, Path]:
+    """Copy the training network, recompute its BN statistics; keep it or write it to ``disk``
+    (``write=False``: only return the path another rank writes)."""
     snap = copy.deepcopy(net)
     for p in snap.parameters():
         p.grad = None
@@ -405,6 +430,8 @@ def _take_snapshot(net: nn.Module, bn_loader: Iterable, index: int, disk: Option
     if disk is None:
         return snap
     path = disk / f"snap_{index:02d}.pt"
+    if not write:
+        return path
     fields = {"fge": {"index": index, **info}}
     if meta is not None and "arch" in meta:
         m = dict(meta)

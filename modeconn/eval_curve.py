@@ -8,14 +8,18 @@ from . import _cli
 from .checkpoint import build_model, load_checkpoint
 from .curve_model import linear_path, load_curve
 from .data import get_dataset
-from .path import evaluate_path
+from .path import evaluate_path, points_of_this_rank
 from .plots import plot_path
 
 EXAMPLE = """  python -m modeconn.eval_curve --ckpt runs/curve_mlp/curve.pt --with-linear --out runs/eval_mlp
   python -m modeconn.eval_curve --start checkpoints/digits_mlp_a.pt --end checkpoints/digits_mlp_b.pt
 
 writes OUT/path.json (every array, summaries, the barrier table, command line, versions),
-OUT/path.csv (one row per t) and OUT/path.png (train loss and test error vs t)."""
+OUT/path.csv (one row per t) and OUT/path.png (train loss and test error vs t).
+
+under torchrun the points are shared among the processes (each evaluates its own points
+over all the data, rank 0 writes the files; the numbers equal a one-process run):
+  torchrun --nproc_per_node 2 -m modeconn.eval_curve --ckpt runs/curve_mlp/curve.pt"""
 
 
 def build_parser():
@@ -39,6 +43,7 @@ def build_parser():
     g.add_argument("--data-dir", default="data", help="where torchvision datasets are read from")
     g.add_argument("--batch-size", type=int, default=1024, help="evaluation batch size (default: %(default)s)")
     _cli.add_run_args(p, out_default=None)
+    _cli.add_scale_args(p, training=False)
     p.set_defaults(out=None)
     for a in p._actions:
         if a.dest == "out":
@@ -79,7 +84,8 @@ def main_(argv=None) -> int:
     args = build_parser().parse_args(argv)
     if args.num_points < 2:
         raise _cli.CommandError(f"--num-points {args.num_points}: need at least 2 (the two endpoints)")
-    device = _cli.device_of(args.device)
+    info = _cli.setup(args)
+    device = info.device
     if args.ckpt:
         meta = load_checkpoint(args.ckpt)
         if meta.get("kind") != "curve":
@@ -108,12 +114,17 @@ def main_(argv=None) -> int:
     path = path.to(device)
     train = ds.eval_loader("train", args.batch_size).to(device)
     test = ds.eval_loader("test", args.batch_size).to(device)
-    total = args.num_points * (2 if args.with_linear and args.ckpt else 1)
+    if args.points_per_pass < 1:
+        raise _cli.CommandError(f"--points-per-pass {args.points_per_pass}: need at least 1")
+    total = points_of_this_rank(args.num_points, args.points_per_pass) * (2 if args.with_linear and args.ckpt else 1)
     bar = _cli.progress(total, "points", args.no_progress)
     result = evaluate_path(path, train, test, args.num_points, points_per_pass=args.points_per_pass,
                            recompute_bn=not args.no_bn_recompute, with_linear=args.with_linear and bool(args.ckpt),
-                           weight_decay=args.wd, progress=bar.update, name=name)
+                           weight_decay=args.wd, progress=bar.update, name=name, amp=args.amp,
+                           compile=args.compile)
     bar.close()
+    if not info.is_main:  # every rank holds the gathered result; rank 0 writes it
+        return 0
     write_path_outputs(result, out, f"{name} on {dataset}",
                        {"dataset": dataset, "source": {"ckpt": args.ckpt, "start": args.start, "end": args.end},
                         "run": _cli.run_info(argv)})

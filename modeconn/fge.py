@@ -27,7 +27,11 @@ at every minimum of the rate. Writes:
   OUT/fge.png               lr schedule with snapshot markers; ensemble accuracy / NLL
                             against the number of members
   OUT/snapshots/snap_XX.pt  the snapshots (model checkpoints, BN statistics recomputed)
-  OUT/resume.pt, OUT/history.json   state after the last finished epoch (for --resume)"""
+  OUT/resume.pt, OUT/history.json   state after the last finished epoch (for --resume)
+
+under torchrun the training is data parallel (DDP; --batch-size is the global batch) and
+rank 0 evaluates and writes everything:
+  torchrun --nproc_per_node 2 -m modeconn.fge --ckpt checkpoints/digits_cnn_a.pt --out runs/fge_ddp"""
 
 
 def build_parser():
@@ -63,6 +67,7 @@ def build_parser():
     _cli.add_data_args(p, dataset_default=None)
     _cli.add_run_args(p)
     _cli.add_resume_args(p)
+    _cli.add_scale_args(p)
     return p
 
 
@@ -127,7 +132,8 @@ def _fmt(v, spec=".4f"):
 def main_(argv=None) -> int:
     args = build_parser().parse_args(argv)
     out = Path(args.out)
-    device = _cli.device_of(args.device)
+    info = _cli.setup(args)
+    device = info.device
     if args.cycle_epochs is None and args.cycle_iters is None:
         args.cycle_epochs = 2
     snapshot_iterations(args.cycles, 2)           # check --cycles, --lr-max and --lr-min before any work
@@ -152,16 +158,17 @@ def main_(argv=None) -> int:
 
     ds = get_dataset(dataset, args.data_dir, args.download, seed=meta.get("seed") or 0)
     start_model = start_model.to(device)
-    train_loader = ds.train_loader(args.batch_size, seed=args.seed).to(device)
+    train_loader = _cli.train_loader(ds, args, info)
     bn_loader = ds.eval_loader("train").to(device)
     test_loader = ds.eval_loader("test").to(device)
     C = cycle_length(len(train_loader), args.cycle_epochs, args.cycle_iters)
 
     snap_dir = out / "snapshots"
-    out.mkdir(parents=True, exist_ok=True)
-    if state is None:  # a fresh run (possibly --force): no stale snapshots from an earlier, longer run
-        for old in snap_dir.glob("snap_*.pt"):
-            old.unlink()
+    if info.is_main:
+        out.mkdir(parents=True, exist_ok=True)
+        if state is None:  # a fresh run (possibly --force): no stale snapshots from an earlier, longer run
+            for old in snap_dir.glob("snap_*.pt"):
+                old.unlink()
     arch = {"arch": meta["arch"], "arch_kwargs": meta.get("arch_kwargs", {}),
             "input_shape": meta["input_shape"], "num_classes": meta["num_classes"],
             "dataset": dataset, "seed": args.seed}
@@ -169,8 +176,11 @@ def main_(argv=None) -> int:
     result = fge(start_model, train_loader, args.cycles, cycle_iters=C, lr_max=args.lr_max, lr_min=args.lr_min,
                  momentum=args.momentum, weight_decay=args.wd, seed=args.seed, bn_loader=bn_loader,
                  keep_on_disk=snap_dir if args.keep_on_disk else None, snapshot_meta=arch,
-                 on_epoch_end=_cli.epoch_saver(out, config, bar), progress=bar, resume=state)
+                 on_epoch_end=_cli.epoch_saver(out, config, bar), progress=bar, resume=state,
+                 amp=args.amp, compile=args.compile)
     bar.close()
+    if not info.is_main:  # rank 0 evaluates the ensembles and writes the results
+        return 0
 
     snap_paths: List[Path] = []
     for i, snap in enumerate(result.snapshots):

@@ -23,9 +23,19 @@ M(0), M(1):
 * ``"interp"`` (Entezari et al. 2022): ``max_t [M(t) - ((1-t) M(0) + t M(1))]``
 * ``"mean"`` (Frankle et al. 2020; Ainsworth et al. 2023): ``max_t M(t) - (M(0) + M(1)) / 2``
 * ``"max"``: ``max_t M(t) - max(M(0), M(1))``
+
+Several processes (torchrun, :mod:`modeconn.distributed`): ``evaluate_path``
+gives each rank a contiguous share of the chunks of points and gathers the
+results, so every rank returns the whole :class:`PathResult`. One rank per
+point: a rank evaluates its points over the *whole* training and test data
+(the BN statistics of a point are recomputed by the rank that owns it), so no
+communication happens inside the BN pass and the numbers are exactly those of
+a single process evaluating the same chunks of points.
 """
 from __future__ import annotations
 
+import math
+import weakref
 from dataclasses import dataclass, field
 from typing import Callable, Dict, Iterable, List, Optional, Sequence
 
@@ -35,8 +45,10 @@ import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call, vmap
 
+from . import distributed as _dist
 from .curve_model import CurveModel
 from .curves import PolyChain
+from .training import autocast
 
 METRICS = ("train_loss", "train_nll", "train_acc", "train_error",
            "test_loss", "test_nll", "test_acc", "test_error")
@@ -149,12 +161,24 @@ def _batched_forward(net: nn.Module):
     return vmap(lambda p, b, x: functional_call(net, {**p, **b}, (x,)), in_dims=(0, 0, None))
 
 
+_COMPILED: "weakref.WeakKeyDictionary[nn.Module, Callable]" = weakref.WeakKeyDictionary()
+
+
+def _compiled_forward(net: nn.Module):
+    """``torch.compile`` of the batched forward, built once per template (eval mode only)."""
+    if net not in _COMPILED:
+        _COMPILED[net] = torch.compile(_batched_forward(net))
+    return _COMPILED[net]
+
+
 @torch.no_grad()
-def bn_statistics(curve: CurveModel, flats: torch.Tensor, loader: Iterable) -> Dict[str, torch.Tensor]:
+def bn_statistics(curve: CurveModel, flats: torch.Tensor, loader: Iterable,
+                  amp: bool = False) -> Dict[str, torch.Tensor]:
     """BN running statistics of K points ``flats [K, P]`` over ``loader``, in one pass.
 
     Equal to ``torch.optim.swa_utils.update_bn`` run on each point separately.
     Returns buffer name -> ``[K, *shape]``; empty when the net has no BN.
+    ``amp``: the forward under bf16 autocast (statistics stay float32).
     """
     net = curve.net
     bns = _bn_modules(net)
@@ -180,7 +204,8 @@ def bn_statistics(curve: CurveModel, flats: torch.Tensor, loader: Iterable) -> D
             x = batch[0] if isinstance(batch, (list, tuple)) else batch
             for m in bns:
                 m.momentum = 1.0 / (k + 1)
-            fwd(params, buffers, x)
+            with autocast(flats.device, amp):
+                fwd(params, buffers, x)
     finally:
         for m, mom in zip(bns, momenta):
             m.momentum = mom
@@ -189,14 +214,21 @@ def bn_statistics(curve: CurveModel, flats: torch.Tensor, loader: Iterable) -> D
 
 
 @torch.no_grad()
-def _metrics(curve: CurveModel, flats: torch.Tensor, buffers: Dict[str, torch.Tensor], loader: Iterable):
+def _metrics(curve: CurveModel, flats: torch.Tensor, buffers: Dict[str, torch.Tensor], loader: Iterable,
+             amp: bool = False, compile: bool = False):
     """Summed cross-entropy and correct counts of K points over loader: ([K], [K], n)."""
     net = curve.net
     was_training = net.training
     net.eval()
     try:
         params = curve.unflatten(flats)
-        fwd = _batched_forward(net)
+        batched = _compiled_forward(net) if compile else _batched_forward(net)
+
+        def fwd(p, b, x):
+            with autocast(flats.device, amp):
+                out = batched(p, b, x)
+            return out.float() if amp else out
+
         loss_sum = torch.zeros(flats.shape[0], dtype=torch.float64, device=flats.device)
         correct = torch.zeros(flats.shape[0], dtype=torch.long, device=flats.device)
         n = 0
@@ -217,7 +249,7 @@ def _metrics(curve: CurveModel, flats: torch.Tensor, buffers: Dict[str, torch.Te
 @torch.no_grad()
 def evaluate_points(curve: CurveModel, flats: torch.Tensor, train_loader: Optional[Iterable],
                     test_loader: Optional[Iterable], bn_loader: Optional[Iterable] = None,
-                    recompute_bn: bool = True) -> Dict[str, np.ndarray]:
+                    recompute_bn: bool = True, amp: bool = False, compile: bool = False) -> Dict[str, np.ndarray]:
     """Metrics of K arbitrary points ``flats [K, P]`` of ``curve``'s architecture, in one pass per loader.
 
     The shared engine of path, grid and plane evaluation. Returns
@@ -225,21 +257,22 @@ def evaluate_points(curve: CurveModel, flats: torch.Tensor, train_loader: Option
     K (a split is left out when its loader is None). BN statistics are
     recomputed per point over ``bn_loader`` (default: ``train_loader``)
     when ``recompute_bn`` and the net has BatchNorm; otherwise the
-    template's current buffers are used.
+    template's current buffers are used. ``amp``: forwards under bf16
+    autocast; ``compile``: the metric passes through ``torch.compile``.
     """
     flats = flats.detach()
     bn_loader = train_loader if bn_loader is None else bn_loader
     if recompute_bn and _bn_modules(curve.net):
         if bn_loader is None:
             raise ValueError("BN statistics need a bn_loader or train_loader")
-        buffers = bn_statistics(curve, flats, bn_loader)
+        buffers = bn_statistics(curve, flats, bn_loader, amp=amp)
     else:
         buffers = {n: b.unsqueeze(0).expand(len(flats), *b.shape) for n, b in curve.net.named_buffers()}
     out = {}
     for split, loader in (("train", train_loader), ("test", test_loader)):
         if loader is None:
             continue
-        loss_sum, correct, n = _metrics(curve, flats, buffers, loader)
+        loss_sum, correct, n = _metrics(curve, flats, buffers, loader, amp=amp, compile=compile)
         out[f"{split}_loss"] = (loss_sum / n).cpu().numpy()
         out[f"{split}_acc"] = (correct.double() / n).cpu().numpy()
     return out
@@ -261,12 +294,32 @@ def endpoint_line(curve: CurveModel) -> CurveModel:
     return CurveModel(curve.point(0.0), start, end, PolyChain(2)).to(curve.fixed_bends.device)
 
 
+def _sharded(distributed: Optional[bool]) -> bool:
+    return (_dist.active() if distributed is None else bool(distributed)) and _dist.get_world_size() > 1
+
+
+def _chunk_plan(n: int, points_per_pass: int, sharded: bool):
+    """(points per pass, first index of every chunk, this rank's chunk numbers)."""
+    if sharded:  # every rank gets at least one chunk when there are enough points
+        points_per_pass = min(points_per_pass, math.ceil(n / _dist.get_world_size()))
+    starts = list(range(0, n, points_per_pass))
+    mine = range(*_dist.shard(len(starts))) if sharded else range(len(starts))
+    return points_per_pass, starts, mine
+
+
+def points_of_this_rank(num_points: int, points_per_pass: int = 8, distributed: Optional[bool] = None) -> int:
+    """How many of ``num_points`` points :func:`evaluate_path` evaluates on this rank (for progress bars)."""
+    ppp, starts, mine = _chunk_plan(int(num_points), int(points_per_pass), _sharded(distributed))
+    return sum(min(ppp, num_points - starts[i]) for i in mine)
+
+
 @torch.no_grad()
 def evaluate_path(path: CurveModel, train_loader: Iterable, test_loader: Iterable, num_points: int = 61,
                   ts: Optional[Sequence[float]] = None, bn_loader: Optional[Iterable] = None,
                   points_per_pass: int = 8, recompute_bn: bool = True, with_linear: bool = False,
                   weight_decay: float = 0.0,
-                  progress: Optional[Callable[[int], None]] = None, name: str = "curve") -> PathResult:
+                  progress: Optional[Callable[[int], None]] = None, name: str = "curve",
+                  distributed: Optional[bool] = None, amp: bool = False, compile: bool = False) -> PathResult:
     """Loss, NLL, accuracy and error along ``path`` on train and test data.
 
     Args:
@@ -284,7 +337,17 @@ def evaluate_path(path: CurveModel, train_loader: Iterable, test_loader: Iterabl
             endpoints at the same ts; stored in ``result.linear``.
         weight_decay: ``loss = nll + 0.5 * weight_decay * ||θ(t)||²`` as in
             Garipov et al.'s evaluation (default 0: loss equals NLL).
-        progress: called with the number of points finished after each chunk.
+        progress: called with the number of points finished after each chunk
+            (by this rank).
+        distributed: share the points among the ranks of the process group
+            (default ``None``: when one of several ranks is initialised). The
+            points are cut into chunks of ``points_per_pass`` (fewer when
+            there would be fewer chunks than ranks) and each rank evaluates a
+            contiguous run of chunks over all the data; the results are
+            gathered so every rank returns the whole result, equal to what
+            one process computes with the same chunks.
+        amp: forwards under bf16 autocast. compile: ``torch.compile`` of
+            the metric passes.
     """
     ts_arr = _grid(num_points) if ts is None else np.asarray(ts, dtype=float)
     if ts_arr.ndim != 1 or len(ts_arr) < 1:
@@ -296,14 +359,22 @@ def evaluate_path(path: CurveModel, train_loader: Iterable, test_loader: Iterabl
     t_tensor = torch.tensor(ts_arr, dtype=path.fixed_bends.dtype)
     path.coefficients(t_tensor)  # validates ts
     use_bn = recompute_bn and bool(_bn_modules(path.net))
+    sharded = _sharded(distributed)
+    points_per_pass, starts, mine = _chunk_plan(len(ts_arr), points_per_pass, sharded)
 
-    chunks, flats_all = [], []
-    for lo in range(0, len(ts_arr), points_per_pass):
+    results, flats_all = {}, []
+    for i, lo in enumerate(starts):
         flats = path.flat_weights_at(t_tensor[lo:lo + points_per_pass].to(device), check=False).detach()
         flats_all.append(flats)
-        chunks.append(evaluate_points(path, flats, train_loader, test_loader, bn_loader, use_bn))
-        if progress is not None:
-            progress(len(flats))
+        if i in mine:
+            results[i] = evaluate_points(path, flats, train_loader, test_loader, bn_loader, use_bn,
+                                         amp=amp, compile=compile)
+            if progress is not None:
+                progress(len(flats))
+    if sharded:  # one rank per point: gather every rank's chunks (plain numpy arrays)
+        for part in _dist.all_gather_object(results):
+            results.update(part)
+    chunks = [results[i] for i in range(len(starts))]
     arr = {k: np.concatenate([c[k] for c in chunks]) for k in chunks[0]}
     flats = torch.cat(flats_all)
     penalty = (0.5 * weight_decay * flats.double().pow(2).sum(1)).cpu().numpy() if weight_decay else 0.0
@@ -317,5 +388,5 @@ def evaluate_path(path: CurveModel, train_loader: Iterable, test_loader: Iterabl
         result.linear = evaluate_path(endpoint_line(path), train_loader, test_loader, ts=ts_arr,
                                       bn_loader=bn_loader, points_per_pass=points_per_pass,
                                       recompute_bn=recompute_bn, weight_decay=weight_decay, progress=progress,
-                                      name="linear")
+                                      name="linear", distributed=distributed, amp=amp, compile=compile)
     return result

@@ -19,7 +19,9 @@ EXAMPLE = """  python -m modeconn.train --dataset digits --model mlp --seed 1 --
   python -m modeconn.train --dataset digits --model convnet --model-kwargs bn=true width=16 --seed 2 --out runs/cnn_b
 
 writes OUT/model.pt (self-describing checkpoint), OUT/history.json, OUT/history.png,
-and OUT/resume.pt (state after the last finished epoch, for --resume)."""
+and OUT/resume.pt (state after the last finished epoch, for --resume).
+Under torchrun (DDP) --batch-size is the global batch:
+  torchrun --nproc_per_node 2 -m modeconn.train --model mlp --batch-size 128 --out runs/mlp_ddp"""
 
 
 def parse_kwargs(items: Optional[Sequence[str]]) -> dict:
@@ -56,13 +58,15 @@ def build_parser():
     _cli.add_optim_args(p, epochs=30, lr=0.05)
     _cli.add_run_args(p)
     _cli.add_resume_args(p)
+    _cli.add_scale_args(p)
     return p
 
 
 def main_(argv=None) -> int:
     args = build_parser().parse_args(argv)
     out = Path(args.out)
-    device = _cli.device_of(args.device)
+    info = _cli.setup(args)
+    device = info.device
     kwargs = parse_kwargs(args.model_kwargs)
     config = {"dataset": args.dataset, "model": args.model, "model_kwargs": kwargs, "seed": args.seed,
               "epochs": args.epochs, "lr": args.lr, "wd": args.wd, "momentum": args.momentum,
@@ -71,13 +75,16 @@ def main_(argv=None) -> int:
     ds = get_dataset(args.dataset, args.data_dir, args.download, seed=args.seed)
     torch.manual_seed(args.seed)
     model = create_model(args.model, ds.input_shape, ds.num_classes, **kwargs).to(device)
-    loader = ds.train_loader(args.batch_size, seed=args.seed).to(device)
-    out.mkdir(parents=True, exist_ok=True)
+    loader = _cli.train_loader(ds, args, info)
+    if info.is_main:
+        out.mkdir(parents=True, exist_ok=True)
     bar = _cli.progress(args.epochs * len(loader), f"train {args.model}", args.no_progress)
     history = train_model(model, loader, args.epochs, args.lr, args.wd, args.momentum, args.schedule,
                           seed=args.seed, on_epoch_end=_cli.epoch_saver(out, config, bar), progress=bar,
-                          resume=state)
+                          resume=state, amp=args.amp, compile=args.compile)
     bar.close()
+    if not info.is_main:  # rank 0 evaluates and writes the results
+        return 0
     train = evaluate(model, ds.eval_loader("train").to(device))
     test = evaluate(model, ds.eval_loader("test").to(device))
     metrics = {"train_loss": train["loss"], "train_acc": train["acc"],

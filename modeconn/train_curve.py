@@ -20,7 +20,11 @@ EXAMPLE = """  python -m modeconn.train_curve --start checkpoints/digits_mlp_a.p
 
 writes OUT/curve.pt (self-describing: architecture, curve type, bends, which are fixed,
 dataset, seed, history), OUT/history.json, OUT/history.png and OUT/resume.pt.
-Then: python -m modeconn.eval_curve --ckpt OUT/curve.pt"""
+Then: python -m modeconn.eval_curve --ckpt OUT/curve.pt
+
+on 4 GPUs (or CPU processes with gloo), --batch-size being the global batch:
+  torchrun --nproc_per_node 4 -m modeconn.train_curve -- --start A.pt --end B.pt --batch-size 256 --out OUT
+(the "--" keeps torchrun from reading --start as its own --start-method)"""
 
 
 def build_parser():
@@ -46,13 +50,15 @@ def build_parser():
     _cli.add_optim_args(p, epochs=30, lr=0.03)
     _cli.add_run_args(p)
     _cli.add_resume_args(p)
+    _cli.add_scale_args(p)
     return p
 
 
 def main_(argv=None) -> int:
     args = build_parser().parse_args(argv)
     out = Path(args.out)
-    device = _cli.device_of(args.device)
+    info = _cli.setup(args)
+    device = info.device
     start_meta = load_checkpoint(args.start, kind="model")
     end_meta = load_checkpoint(args.end, kind="model")
     for key in ("arch", "arch_kwargs", "input_shape", "num_classes"):
@@ -78,19 +84,27 @@ def main_(argv=None) -> int:
         start_model, end_model = build_model(start_meta), build_model(end_meta)
         start_model.load_state_dict(start_meta["state_dict"])
         end_model.load_state_dict(end_state)
+        # B (end) is permuted to line up with A (start); the training data without augmentation
+        # feed activation matching (the weight method only traces the first batch's shape)
         aligned, _, report = align(start_model, end_model, method=args.align,
-                                   loader=ds.eval_loader("train"), seed=args.seed)
-        end_state = aligned.state_dict()
-        alignment = {"method": args.align, "report": report.as_dict() if hasattr(report, "as_dict") else str(report)}
+                                   loader=ds.eval_loader("train"), seed=args.seed, device=device)
+        end_state = {k: v.detach().cpu() for k, v in aligned.state_dict().items()}
+        alignment = {"method": args.align, "aligned": "end", "reference": str(args.start),
+                     "report": report.as_dict()}
+        print(f"aligned --end to --start by {args.align} matching: mean {report.metric} "
+              f"{report.mean_before:.3f} -> {report.mean_after:.3f} over {len(report.groups)} groups")
     curve = CurveModel(template, start_meta["state_dict"], end_state, make_curve(args.curve, args.num_bends),
                        fix_start=args.fix_start, fix_end=args.fix_end, init=args.init, seed=args.seed).to(device)
-    loader = ds.train_loader(args.batch_size, seed=args.seed).to(device)
-    out.mkdir(parents=True, exist_ok=True)
+    loader = _cli.train_loader(ds, args, info)
+    if info.is_main:
+        out.mkdir(parents=True, exist_ok=True)
     bar = _cli.progress(args.epochs * len(loader), f"fit {args.curve}({args.num_bends})", args.no_progress)
     history = fit_curve(curve, loader, args.epochs, args.lr, args.wd, args.momentum, args.schedule,
                         seed=args.seed, on_epoch_end=_cli.epoch_saver(out, config, bar), progress=bar,
-                        resume=state)
+                        resume=state, amp=args.amp, compile=args.compile)
     bar.close()
+    if not info.is_main:  # rank 0 writes the results
+        return 0
     meta = {k: start_meta[k] for k in ("arch", "arch_kwargs", "input_shape", "num_classes")}
     path = save_curve(out / "curve.pt", curve, meta, dataset=dataset, seed=args.seed, history=history,
                       config=config, alignment=alignment, run=_cli.run_info(argv),

@@ -9,9 +9,21 @@ where an uninterrupted run does.
 The curve loss is the expected loss over t ~ U(0, 1) (one t per mini-batch)
 plus ``0.5 * wd * ||θ(t)||²`` at the sampled point (Garipov et al. 2018), not
 weight decay on the bends.
+
+Under torchrun (a process group of several ranks, see
+:mod:`modeconn.distributed`) the model, or the curve's free bends, is wrapped
+in ``DistributedDataParallel``; each rank iterates its shard of every global
+batch (``TensorLoader(rank=, world_size=)``), the t of a step is the same on
+every rank (drawn from the ``(seed, epoch)`` generator), DDP averages the
+gradients over equal-size shards, and the epoch's loss and accuracy are summed
+over ranks: the run takes the steps of a single process with the global batch.
+Rank-specific randomness (dropout) is reseeded per ``(seed, epoch, rank)`` at
+every epoch so a resumed run repeats it. ``amp`` runs the forward under bf16
+autocast, ``compile`` through ``torch.compile``; both are off by default.
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import time
 from typing import Callable, Iterable, List, Mapping, Optional, Union
@@ -20,6 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import distributed as _dist
 from .curve_model import CurveModel
 from .data import epoch_generator
 
@@ -66,9 +79,49 @@ def _is_classification(out: torch.Tensor, y: torch.Tensor) -> bool:
     return out.dim() == 2 and not y.is_floating_point()
 
 
+def autocast(device: torch.device, amp: bool):
+    """bf16 autocast on ``device`` when ``amp``; otherwise a no-op context."""
+    if not amp:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=torch.device(device).type, dtype=torch.bfloat16)
+
+
+def use_ddp(distributed: Optional[bool], loader=None) -> bool:
+    """Whether to wrap in DDP: ``None`` = inside a process group of several ranks."""
+    if distributed is None:
+        distributed = _dist.active()
+    elif distributed and not _dist.is_initialized():
+        raise ValueError("distributed=True needs an initialised process group "
+                         "(run under torchrun and call modeconn.distributed.init_from_env())")
+    if distributed and loader is not None:
+        _dist.check_sharded(loader)
+    return bool(distributed)
+
+
+class _CurveStep(nn.Module):
+    """What DDP wraps for a curve: θ(t) from the free bends (the only parameter), then the net at θ(t).
+
+    θ(t) stays in float32 (it is also the weight-decay penalty's input); with
+    ``amp`` only the network's forward runs under bf16 autocast.
+    """
+
+    def __init__(self, curve: CurveModel, amp: bool = False):
+        super().__init__()
+        self.curve, self.amp = curve, bool(amp)
+
+    def forward(self, x, t):
+        flat = self.curve.flat_weights_at(t, check=False)
+        with autocast(flat.device, self.amp):
+            out = self.curve.forward_flat(x, flat)
+        return out.float() if self.amp else out, flat
+
+
 def _run(module: nn.Module, params: List[torch.Tensor], loader, epochs: int, lr: float,
          step_loss: Callable, optimizer_wd: float, momentum: float, schedule: str, seed: int,
-         on_epoch_end: Optional[Callable], progress, resume: Optional[Mapping]) -> List[dict]:
+         on_epoch_end: Optional[Callable], progress, resume: Optional[Mapping], ddp: bool = False,
+         same_on_all_ranks: Optional[Callable[[], float]] = None) -> List[dict]:
+    """The loop. With ``ddp`` the epoch's sums are all-reduced and ``same_on_all_ranks()`` (a
+    number every rank must agree on, e.g. the sum of the epoch's t) is checked across ranks."""
     if epochs < 1:
         raise ValueError(f"epochs must be >= 1, got {epochs}")
     if lr <= 0 or not math.isfinite(lr):
@@ -91,6 +144,8 @@ def _run(module: nn.Module, params: List[torch.Tensor], loader, epochs: int, lr:
         module.train()
         if hasattr(loader, "set_epoch"):
             loader.set_epoch(epoch)
+        if ddp:  # dropout etc.: different on every rank, repeatable on resume
+            torch.manual_seed(_dist.rank_seed(seed, epoch))
         gen = epoch_generator(seed, epoch, stream=1000)
         loss_sum = torch.zeros((), dtype=torch.float64)
         correct = torch.zeros((), dtype=torch.long)
@@ -108,6 +163,12 @@ def _run(module: nn.Module, params: List[torch.Tensor], loader, epochs: int, lr:
             count += len(y)
             if progress is not None:
                 progress.update(1)
+        if ddp:  # global sums: the history of a single process with the global batch
+            sums = _dist.all_reduce_sum(torch.stack([loss_sum, correct.double(),
+                                                     torch.tensor(float(count), dtype=torch.float64)]))
+            loss_sum, correct, count = sums[0], sums[1], int(sums[2])
+            if same_on_all_ranks is not None:
+                _dist.check_same(same_on_all_ranks(), f"the t samples of epoch {epoch + 1}")
         record = {"epoch": epoch + 1, "lr": optimizer.param_groups[0]["lr"],
                   "loss": float(loss_sum) / max(count, 1),
                   "acc": float(correct) / max(count, 1) if classify else float("nan")}
@@ -129,7 +190,8 @@ def train_model(model: nn.Module, train_loader: Iterable, epochs: int = 20, lr: 
                 weight_decay: float = 5e-4, momentum: float = 0.9, schedule: str = "reference",
                 loss: Union[str, LossFn] = "cross_entropy", seed: int = 0,
                 on_epoch_end: Optional[Callable[[dict, dict], None]] = None, progress=None,
-                resume: Optional[Mapping] = None) -> List[dict]:
+                resume: Optional[Mapping] = None, distributed: Optional[bool] = None, amp: bool = False,
+                compile: bool = False) -> List[dict]:
     """Train an endpoint network with SGD; returns the per-epoch history.
 
     History records hold ``epoch, lr, loss, acc, seconds`` (loss without the
@@ -137,41 +199,76 @@ def train_model(model: nn.Module, train_loader: Iterable, epochs: int = 20, lr: 
     ``on_epoch_end(record, state)`` receives each epoch's record and a state
     dict to pass back as ``resume=`` after an interruption. ``progress`` is a
     tqdm-like object updated once per step.
+
+    ``distributed``: wrap the model in ``DistributedDataParallel`` (default
+    ``None``: when a process group of several ranks is initialised; the loader
+    must then be sharded for this rank). BatchNorm layers normalise with the
+    statistics of each rank's share of the batch (plain DDP; running
+    statistics are broadcast from rank 0). ``amp``: bf16 autocast for the
+    forward. ``compile``: run the model through ``torch.compile``.
     """
     loss_fn = get_loss(loss)
+    params = [p for p in model.parameters() if p.requires_grad]
+    ddp = use_ddp(distributed, train_loader)
+    device = params[0].device if params else torch.device("cpu")
+    net = _dist.wrap_ddp(model) if ddp else model
+    if compile:
+        net = torch.compile(net)
 
     def step(x, y, gen):
-        out = model(x)
+        with autocast(device, amp):
+            out = net(x)
+        if amp:
+            out = out.float()
         value = loss_fn(out, y)
         return out, value, value
 
-    params = [p for p in model.parameters() if p.requires_grad]
     return _run(model, params, train_loader, epochs, lr, step, weight_decay, momentum, schedule, seed,
-                on_epoch_end, progress, resume)
+                on_epoch_end, progress, resume, ddp=ddp)
 
 
 def fit_curve(curve: CurveModel, train_loader: Iterable, epochs: int = 20, lr: float = 0.03,
               weight_decay: float = 5e-4, momentum: float = 0.9, schedule: str = "reference",
               loss: Union[str, LossFn] = "cross_entropy", seed: int = 0,
               on_epoch_end: Optional[Callable[[dict, dict], None]] = None, progress=None,
-              resume: Optional[Mapping] = None) -> List[dict]:
+              resume: Optional[Mapping] = None, distributed: Optional[bool] = None, amp: bool = False,
+              compile: bool = False) -> List[dict]:
     """Train the free bends of ``curve`` to minimise E_{t~U(0,1)} L(θ(t)).
 
     One t per mini-batch; the penalty ``0.5 * weight_decay * ||θ(t)||²`` is
     applied at the sampled point. Same callbacks as :func:`train_model`.
+
+    ``distributed`` (default: inside a process group of several ranks): DDP
+    over the curve's one parameter, ``free_bends``; the fixed bends and the
+    template's buffers are broadcast from rank 0 once and not synchronised
+    afterwards (running BN statistics of the template play no part in curve
+    training). Every rank draws the same t at every step (checked once per
+    epoch). ``amp``: bf16 autocast for the network's forward (θ(t) stays
+    float32). ``compile``: ``torch.compile`` of the step (θ(t) and forward).
     """
     if not curve.free_idx:
         raise ValueError("the curve has no free bends to train (every bend is fixed)")
     loss_fn = get_loss(loss)
     device = curve.fixed_bends.device
+    ddp = use_ddp(distributed, train_loader)
+    stepper: nn.Module = _CurveStep(curve, amp)
+    if ddp:  # bends and buffers copied from rank 0 once, buffers not re-broadcast every step
+        stepper = _dist.wrap_ddp(stepper, sync_buffers_every_step=False)
+    if compile:
+        stepper = torch.compile(stepper)
+    drawn = {"t_sum": 0.0}
 
     def step(x, y, gen):
-        t = torch.rand((), generator=gen).to(device)
-        flat = curve.flat_weights_at(t, check=False)
-        out = curve.forward_flat(x, flat)
+        t = torch.rand((), generator=gen)
+        drawn["t_sum"] += float(t)  # a CPU number: no device synchronisation
+        out, flat = stepper(x, t.to(device))
         value = loss_fn(out, y)
         objective = value + 0.5 * weight_decay * flat.pow(2).sum() if weight_decay else value
         return out, objective, value
 
+    def epoch_t_sum() -> float:
+        value, drawn["t_sum"] = drawn["t_sum"], 0.0
+        return value
+
     return _run(curve, [curve.free_bends], train_loader, epochs, lr, step, 0.0, momentum, schedule, seed,
-                on_epoch_end, progress, resume)
+                on_epoch_end, progress, resume, ddp=ddp, same_on_all_ranks=epoch_t_sum)

@@ -98,3 +98,14 @@ def test_console_script_and_help():
     assert out.returncode == 0 and "example:" in out.stdout and "--resume" in out.stdout
     bad = subprocess.run([sys.executable, "-m", "modeconn", "nonsense"], capture_output=True, text=True, cwd=ROOT)
     assert bad.returncode == 2 and "train_curve" in bad.stderr
+
+
+def test_command_modules_do_not_shadow_library_functions():
+    import importlib
+
+    for name in ("fge", "align"):
+        module = importlib.import_module(f"modeconn.{name}")
+        assert hasattr(module, "main")
+        assert callable(getattr(mc, name))  # still the library function's behaviour
+    assert mc.fge(mc.create_model("mlp", (2,), 2), [(torch.zeros(4, 2), torch.zeros(4, dtype=torch.long))],
+                  cycles=1, cycle_iters=2).lr_trace[0] == 0.05

@@ -28,10 +28,24 @@ def test_loader_epochs_are_permutations_and_reproducible(digits):
 
 
 def test_sharded_loader_splits_the_epoch(digits):
-    shards = [torch.cat([y for _, y in digits.train_loader(64, seed=1, rank=r, world_size=2)]) for r in (0, 1)]
-    assert len(shards[0]) == len(shards[1]) == 719
-    full = torch.cat([y for _, y in digits.train_loader(1438, seed=1)])
-    assert torch.equal(torch.cat(shards), full[:1438])
+    # global batch k of a one-process loader (batch 64) = rank 0's batch k + rank 1's batch k (32 each)
+    shards = [list(digits.train_loader(32, seed=1, rank=r, world_size=2, augment=False)) for r in (0, 1)]
+    single = list(digits.train_loader(64, seed=1, augment=False))
+    assert len(shards[0]) == len(shards[1]) == len(single) == 23  # 1438 = 22 * 64 + 30
+    for (x0, y0), (x1, y1), (x, y) in zip(*shards, single):
+        assert len(y0) == len(y1) == len(y) // 2  # the last global batch of 30 splits 15 + 15
+        assert torch.equal(torch.cat([y0, y1]), y) and torch.equal(torch.cat([x0, x1]), x)
+    assert sum(len(y) for _, y in shards[0]) == 719
+    # an odd number of samples: the one at the end of the permutation is left out, shards stay equal
+    x, y = torch.arange(11.0).view(11, 1), torch.arange(11)
+    parts = [torch.cat([b for _, b in mc.TensorLoader(x, y, 2, shuffle=True, seed=3, rank=r, world_size=2)])
+             for r in (0, 1)]
+    whole = torch.cat([b for _, b in mc.TensorLoader(x, y, 4, shuffle=True, seed=3)])
+    assert len(parts[0]) == len(parts[1]) == 5
+    interleaved = [parts[0][:2], parts[1][:2], parts[0][2:4], parts[1][2:4], parts[0][4:], parts[1][4:]]
+    assert torch.equal(torch.cat(interleaved), whole[:10])
+    with pytest.raises(ValueError, match="rank"):
+        mc.TensorLoader(x, y, 2, rank=2, world_size=2)
 
 
 @pytest.mark.parametrize("name", ["moons", "spirals"])
