@@ -9,17 +9,22 @@ collapse that inflates barriers between aligned networks.
 """
 from __future__ import annotations
 
-from typing import Iterable
+from typing import Iterable, List
 
 import torch
 from torch import nn
 from torch.optim.swa_utils import update_bn
 
 
+def batchnorm_modules(model: nn.Module) -> List[nn.Module]:
+    """The BatchNorm layers of ``model`` that track running statistics."""
+    return [m for m in model.modules()
+            if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
+
+
 def has_batchnorm(model: nn.Module) -> bool:
     """True when the model has BatchNorm layers that track running statistics."""
-    return any(isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats
-               for m in model.modules())
+    return bool(batchnorm_modules(model))
 
 
 @torch.no_grad()

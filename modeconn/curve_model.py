@@ -227,7 +227,10 @@ class CurveModel(nn.Module):
 
     # --------------------------------------------------------------- buffers
     def has_batchnorm(self) -> bool:
-        return any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in self.net.modules())
+        """True when the template has BatchNorm layers tracking running statistics."""
+        from .bn import has_batchnorm
+
+        return has_batchnorm(self.net)
 
     def endpoint_buffers(self, which: int) -> Dict[str, torch.Tensor]:
         """Buffers of the start (0) or end (1) endpoint as they were given."""

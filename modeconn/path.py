@@ -46,6 +46,7 @@ from torch import nn
 from torch.func import functional_call, vmap
 
 from . import distributed as _dist
+from .bn import batchnorm_modules
 from .curve_model import CurveModel
 from .curves import PolyChain
 from .training import autocast
@@ -153,10 +154,6 @@ class PathResult:
 
 
 # --------------------------------------------------------------- evaluation
-def _bn_modules(net: nn.Module) -> List[nn.Module]:
-    return [m for m in net.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
-
-
 def _batched_forward(net: nn.Module):
     return vmap(lambda p, b, x: functional_call(net, {**p, **b}, (x,)), in_dims=(0, 0, None))
 
@@ -181,7 +178,7 @@ def bn_statistics(curve: CurveModel, flats: torch.Tensor, loader: Iterable,
     ``amp``: the forward under bf16 autocast (statistics stay float32).
     """
     net = curve.net
-    bns = _bn_modules(net)
+    bns = batchnorm_modules(net)
     if not bns:
         return {}
     K = flats.shape[0]
@@ -262,7 +259,7 @@ def evaluate_points(curve: CurveModel, flats: torch.Tensor, train_loader: Option
     """
     flats = flats.detach()
     bn_loader = train_loader if bn_loader is None else bn_loader
-    if recompute_bn and _bn_modules(curve.net):
+    if recompute_bn and batchnorm_modules(curve.net):
         if bn_loader is None:
             raise ValueError("BN statistics need a bn_loader or train_loader")
         buffers = bn_statistics(curve, flats, bn_loader, amp=amp)
@@ -358,7 +355,7 @@ def evaluate_path(path: CurveModel, train_loader: Iterable, test_loader: Iterabl
     device = path.fixed_bends.device
     t_tensor = torch.tensor(ts_arr, dtype=path.fixed_bends.dtype)
     path.coefficients(t_tensor)  # validates ts
-    use_bn = recompute_bn and bool(_bn_modules(path.net))
+    use_bn = recompute_bn and bool(batchnorm_modules(path.net))
     sharded = _sharded(distributed)
     points_per_pass, starts, mine = _chunk_plan(len(ts_arr), points_per_pass, sharded)
 
