@@ -20,6 +20,8 @@ from .curve_model import CurveModel, save_curve
 from .curves import Bezier
 from .data import get_dataset
 from .ensembles import evaluate_ensemble, fge
+from .landscape.grid import curve_plane
+from .landscape.plots import plot_curve_plane
 from .eval_curve import write_path_outputs
 from .path import evaluate_path
 from .training import fit_curve
@@ -43,6 +45,8 @@ def build_parser():
     p.add_argument("--lr", type=float, default=0.05, help="curve learning rate (default: %(default)s)")
     p.add_argument("--fge-cycles", type=int, default=4,
                    help="FGE cycles (2 epochs each) from the shipped CNN; 0 skips FGE (default: %(default)s)")
+    p.add_argument("--plane-grid", type=int, nargs=2, default=(21, 11), metavar=("MLP", "CNN"),
+                   help="plane grid size per pair (MLP, CNN); 0 skips the plane picture (default: 21 11)")
     p.add_argument("--num-points", type=int, default=21,
                    help="points along each path; 4k+1 includes t=0.25, 0.5, 0.75 (default: %(default)s)")
     _cli.add_run_args(p, out_default="runs/demo")
@@ -114,6 +118,13 @@ def main_(argv=None) -> int:
                    config={"start": str(a_path), "end": str(b_path), "epochs": args.epochs, "lr": args.lr})
         write_path_outputs(result, pdir, f"digits {pair}: Bezier curve vs straight line",
                            {"dataset": "digits", "source": {"start": str(a_path), "end": str(b_path)}})
+        grid = args.plane_grid[list(PAIRS).index(pair)]
+        if grid:
+            bar = _cli.progress(grid * grid, f"{pair}: plane", args.no_progress)
+            cp = curve_plane(curve, train_eval, test, grid=grid, margin=0.2, num_points=args.num_points,
+                             progress=bar)
+            bar.close()
+            plot_curve_plane(cp, pdir / "plane.png", f"digits {pair}: plane through start, bend and end")
         print(f"\n== {pair}: {a_meta['arch']} {a_meta['arch_kwargs']}  ({a_path.name} -> {b_path.name}), "
               f"BN recomputed: {result.bn_recomputed}")
         print("\n".join(point_table(result)))
@@ -131,7 +142,7 @@ def main_(argv=None) -> int:
         summary["fge"] = run_fge(args, ds, device, out)
     summary["seconds"] = time.perf_counter() - start_time
     _cli.write_json(out / "summary.json", summary)
-    print(f"\nresults in {out.resolve()}: summary.json, per pair curve.pt, path.json, path.csv, path.png, "
+    print(f"\nresults in {out.resolve()}: summary.json, per pair curve.pt, path.json, path.csv, path.png, plane.png, "
           f"and fge/fge.json ({summary['seconds']:.0f} s)")
     return 0
 

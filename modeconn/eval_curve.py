@@ -39,6 +39,14 @@ def build_parser():
                    help="keep the stored BN statistics instead of recomputing them at every point")
     g.add_argument("--wd", type=float, default=0.0,
                    help="report loss = NLL + 0.5*wd*||θ(t)||² as Garipov et al. (default: %(default)s)")
+    g.add_argument("--hessian", action="store_true",
+                   help="also the sharpness at every point: top and bottom Hessian eigenvalues (Lanczos) "
+                        "and |λmin/λmax| (Li et al. 2018), over --hessian-samples training samples")
+    g.add_argument("--hessian-samples", type=int, default=512,
+                   help="training samples for the Hessian (default: %(default)s)")
+    g.add_argument("--hessian-points", type=int, default=11,
+                   help="evenly spaced t for the Hessian, fewer than --num-points as it is costly "
+                        "(default: %(default)s)")
     g.add_argument("--dataset", default=None, help="dataset (default: the one recorded in the checkpoint)")
     g.add_argument("--data-dir", default="data", help="where torchvision datasets are read from")
     g.add_argument("--batch-size", type=int, default=1024, help="evaluation batch size (default: %(default)s)")
@@ -80,6 +88,27 @@ def write_path_outputs(result, out: Path, title: str, extra: dict) -> None:
     plot_path(result, out / "path.png", title)
 
 
+def path_sharpness(path, ds, device, args) -> dict:
+    """λmax, λmin and |λmin/λmax| at evenly spaced points (BN statistics recomputed first)."""
+    import numpy as np
+
+    from .bn import recompute_bn
+    from .data import TensorLoader
+    from .hessian import sharpness_along
+
+    if args.hessian_samples < 1 or args.hessian_points < 2:
+        raise _cli.CommandError("--hessian-samples must be >= 1 and --hessian-points >= 2")
+    n = args.hessian_samples
+    data = TensorLoader(ds.x_train[:n], ds.y_train[:n], args.batch_size, transform=ds.eval_transform).to(device)
+    bn_data = ds.eval_loader("train", args.batch_size).to(device)
+    ts = np.linspace(0, 1, args.hessian_points)
+    models = (recompute_bn(path.point(float(t)), bn_data) for t in ts)
+    bar = _cli.progress(len(ts), "Hessian", args.no_progress)
+    s = sharpness_along(models, "cross_entropy", data, ts=ts, progress=bar)
+    bar.close()
+    return {"hessian_ts": ts, "lambda_max": s.lambda_max, "lambda_min": s.lambda_min, "curvature_ratio": s.ratio}
+
+
 def main_(argv=None) -> int:
     args = build_parser().parse_args(argv)
     if args.num_points < 2:
@@ -110,7 +139,7 @@ def main_(argv=None) -> int:
     dataset = args.dataset or meta.get("dataset")
     if dataset is None:
         raise _cli.CommandError("the checkpoint names no dataset; pass --dataset")
-    ds = get_dataset(dataset, args.data_dir)
+    ds = get_dataset(dataset, args.data_dir, seed=meta.get("dataset_seed", meta.get("seed")) or 0)
     path = path.to(device)
     train = ds.eval_loader("train", args.batch_size).to(device)
     test = ds.eval_loader("test", args.batch_size).to(device)
@@ -125,6 +154,8 @@ def main_(argv=None) -> int:
     bar.close()
     if not info.is_main:  # every rank holds the gathered result; rank 0 writes it
         return 0
+    if args.hessian:
+        result.extra.update(path_sharpness(path, ds, device, args))
     write_path_outputs(result, out, f"{name} on {dataset}",
                        {"dataset": dataset, "source": {"ckpt": args.ckpt, "start": args.start, "end": args.end},
                         "run": _cli.run_info(argv)})
@@ -132,6 +163,10 @@ def main_(argv=None) -> int:
     s = result.summary("test_error")
     print(f"test error along the {name}: min {100 * s['min']:.2f}%  max {100 * s['max']:.2f}%  "
           f"arc-weighted mean {100 * s['weighted_mean']:.2f}%")
+    if "lambda_max" in result.extra:
+        for t, lmax, ratio in zip(result.extra["hessian_ts"], result.extra["lambda_max"],
+                                  result.extra["curvature_ratio"]):
+            print(f"t={t:.2f}  λmax {lmax:9.4g}  |λmin/λmax| {ratio:.3g}")
     print(f"wrote {out / 'path.json'}, {out / 'path.csv'}, {out / 'path.png'}")
     return 0
 

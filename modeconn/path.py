@@ -154,8 +154,35 @@ class PathResult:
 
 
 # --------------------------------------------------------------- evaluation
-def _batched_forward(net: nn.Module):
-    return vmap(lambda p, b, x: functional_call(net, {**p, **b}, (x,)), in_dims=(0, 0, None))
+def _batched_forward(net: nn.Module, vectorize: bool = True):
+    """``f(params [K,...], buffers [K,...], x) -> [K, B, ...]``: K points on one batch.
+
+    ``vectorize``: one ``vmap`` over the stacked weights; otherwise a loop
+    over the K points (each a plain ``functional_call`` on views of the
+    stacked tensors, so in-place BN updates land in the stacked buffers).
+    """
+    if vectorize:
+        return vmap(lambda p, b, x: functional_call(net, {**p, **b}, (x,)), in_dims=(0, 0, None))
+
+    def loop(p, b, x):
+        K = next(iter(p.values())).shape[0]
+        if x.dim() == 4:  # channels-last convolutions are markedly faster on CPUs
+            x = x.contiguous(memory_format=torch.channels_last)
+        outs = []
+        for k in range(K):
+            pk = {n: v[k].contiguous(memory_format=torch.channels_last) if v.dim() == 5 else v[k]
+                  for n, v in p.items()}
+            outs.append(functional_call(net, {**pk, **{n: v[k] for n, v in b.items()}}, (x,)))
+        return torch.stack(outs)
+    return loop
+
+
+def vectorize_by_default(net: nn.Module, device: torch.device) -> bool:
+    """vmap over points pays on GPUs and for dense layers; on CPUs vmapped convolutions become
+    grouped convolutions that run slower than one point after another (measured in
+    experiments/bench_eval_path.py), so CPU + convolutions -> loop over points."""
+    has_conv = any(isinstance(m, nn.modules.conv._ConvNd) for m in net.modules())
+    return torch.device(device).type != "cpu" or not has_conv
 
 
 _COMPILED: "weakref.WeakKeyDictionary[nn.Module, Callable]" = weakref.WeakKeyDictionary()
@@ -196,7 +223,7 @@ def bn_statistics(curve: CurveModel, flats: torch.Tensor, loader: Iterable,
     for m in bns:
         m.train()
     try:
-        fwd = _batched_forward(net)
+        fwd = _batched_forward(net, vectorize_by_default(net, flats.device))
         for k, batch in enumerate(loader):
             x = batch[0] if isinstance(batch, (list, tuple)) else batch
             for m in bns:
@@ -219,7 +246,8 @@ def _metrics(curve: CurveModel, flats: torch.Tensor, buffers: Dict[str, torch.Te
     net.eval()
     try:
         params = curve.unflatten(flats)
-        batched = _compiled_forward(net) if compile else _batched_forward(net)
+        batched = _compiled_forward(net) if compile else \
+            _batched_forward(net, vectorize_by_default(net, flats.device))
 
         def fwd(p, b, x):
             with autocast(flats.device, amp):

@@ -90,7 +90,7 @@ def main_(argv=None) -> int:
     metrics = {"train_loss": train["loss"], "train_acc": train["acc"],
                "test_loss": test["loss"], "test_acc": test["acc"]}
     ckpt = save_model(out / "model.pt", model, args.model, kwargs, ds.input_shape, ds.num_classes,
-                      dataset=args.dataset, seed=args.seed, metrics=metrics, history=history,
+                      dataset=args.dataset, dataset_seed=args.seed, seed=args.seed, metrics=metrics, history=history,
                       config=config, run=_cli.run_info(argv))
     plot_history(history, out / "history.png", f"{args.model} on {args.dataset}, seed {args.seed}")
     print(f"train loss {train['loss']:.4f} acc {train['acc']:.4f} | "

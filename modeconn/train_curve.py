@@ -74,7 +74,8 @@ def main_(argv=None) -> int:
               "momentum": args.momentum, "schedule": args.schedule, "seed": args.seed,
               "batch_size": args.batch_size}
     state = _cli.resume_or_start(out, config, args.resume, args.force, "curve.pt")
-    ds = get_dataset(dataset, args.data_dir, args.download, seed=start_meta.get("seed") or 0)
+    dataset_seed = start_meta.get("dataset_seed", start_meta.get("seed")) or 0  # synthetic sets depend on it
+    ds = get_dataset(dataset, args.data_dir, args.download, seed=dataset_seed)
     template = build_model(start_meta)
     end_state = end_meta["state_dict"]
     alignment = None
@@ -106,7 +107,8 @@ def main_(argv=None) -> int:
     if not info.is_main:  # rank 0 writes the results
         return 0
     meta = {k: start_meta[k] for k in ("arch", "arch_kwargs", "input_shape", "num_classes")}
-    path = save_curve(out / "curve.pt", curve, meta, dataset=dataset, seed=args.seed, history=history,
+    path = save_curve(out / "curve.pt", curve, meta, dataset=dataset, dataset_seed=dataset_seed, seed=args.seed,
+                      history=history,
                       config=config, alignment=alignment, run=_cli.run_info(argv),
                       start_metrics=start_meta.get("metrics", {}), end_metrics=end_meta.get("metrics", {}))
     plot_history(history, out / "history.png", f"{args.curve}({args.num_bends}) between {args.start} and {args.end}")

@@ -109,3 +109,19 @@ def test_command_modules_do_not_shadow_library_functions():
         assert callable(getattr(mc, name))  # still the library function's behaviour
     assert mc.fge(mc.create_model("mlp", (2,), 2), [(torch.zeros(4, 2), torch.zeros(4, dtype=torch.long))],
                   cycles=1, cycle_iters=2).lr_trace[0] == 0.05
+
+
+def test_eval_curve_hessian_matches_the_endpoint(tmp_path):
+    from modeconn.hessian import hessian_extreme_eigenvalues
+
+    out = tmp_path / "h"
+    assert eval_curve.main(["--start", str(CKPT / "digits_mlp_a.pt"), "--end", str(CKPT / "digits_mlp_b.pt"),
+                            "--num-points", "3", "--hessian", "--hessian-points", "3", "--hessian-samples", "200",
+                            "--out", str(out), "--no-progress"]) == 0
+    data = json.loads((out / "path.json").read_text())
+    assert data["hessian_ts"] == [0.0, 0.5, 1.0]
+    a, _ = mc.load_model(CKPT / "digits_mlp_a.pt")
+    ds = mc.get_dataset("digits")
+    ref = hessian_extreme_eigenvalues(a, "cross_entropy", [(ds.x_train[:200], ds.y_train[:200])])
+    assert data["lambda_max"][0] == pytest.approx(ref.lambda_max, rel=1e-2)
+    assert data["lambda_max"][1] > 2 * data["lambda_max"][0]  # the middle of the line is sharper
