@@ -45,8 +45,8 @@ def build_parser():
     p.add_argument("--lr", type=float, default=0.05, help="curve learning rate (default: %(default)s)")
     p.add_argument("--fge-cycles", type=int, default=4,
                    help="FGE cycles (2 epochs each) from the shipped CNN; 0 skips FGE (default: %(default)s)")
-    p.add_argument("--plane-grid", type=int, nargs=2, default=(21, 11), metavar=("MLP", "CNN"),
-                   help="plane grid size per pair (MLP, CNN); 0 skips the plane picture (default: 21 11)")
+    p.add_argument("--plane-grid", type=int, nargs=2, default=(21, 21), metavar=("MLP", "CNN"),
+                   help="plane grid size per pair (MLP, CNN); 0 skips the plane picture (default: 21 21)")
     p.add_argument("--num-points", type=int, default=21,
                    help="points along each path; 4k+1 includes t=0.25, 0.5, 0.75 (default: %(default)s)")
     _cli.add_run_args(p, out_default="runs/demo")
