@@ -60,6 +60,24 @@ def _check_compatible(names, shapes, state: Mapping[str, torch.Tensor], which: s
                              f"{tuple(shape)}, {which} endpoint has shape {got}")
 
 
+class _DecayedPoint(torch.autograd.Function):
+    """θ = c_free @ free + fixed_part; backward: dθ + wd·θ, projected on the free bends."""
+
+    @staticmethod
+    def forward(ctx, free, c_free, fixed_part, weight_decay):
+        theta = torch.addmm(fixed_part.unsqueeze(0), c_free.unsqueeze(0), free).squeeze(0)
+        ctx.save_for_backward(c_free, theta)
+        ctx.weight_decay = weight_decay
+        return theta
+
+    @staticmethod
+    def backward(ctx, grad):
+        c_free, theta = ctx.saved_tensors
+        if ctx.weight_decay:
+            grad = grad.add(theta, alpha=ctx.weight_decay)
+        return torch.outer(c_free, grad), None, None, None
+
+
 class CurveModel(nn.Module):
     """A curve of networks between two endpoints.
 
@@ -200,6 +218,18 @@ class CurveModel(nn.Module):
         c = self.coefficients(t, check)
         return c.index_select(-1, self._free_sel) @ self.free_bends + \
             c.index_select(-1, self._fixed_sel) @ self.fixed_bends
+
+    def training_point(self, t: torch.Tensor, weight_decay: float = 0.0) -> torch.Tensor:
+        """θ(t) for a training step (scalar t, unchecked), with the curve's weight decay in its backward.
+
+        The gradient of ``0.5 * weight_decay * ||θ(t)||²`` (= ``weight_decay * θ(t)``)
+        is added to θ(t)'s gradient inside one custom backward, so the penalty
+        costs no extra pass over the P parameters (``fit_curve``'s step).
+        """
+        c = self.coefficients(t, check=False)
+        fixed_part = c.index_select(-1, self._fixed_sel) @ self.fixed_bends
+        return _DecayedPoint.apply(self.free_bends, c.index_select(-1, self._free_sel), fixed_part,
+                                   float(weight_decay))
 
     def unflatten(self, flat: torch.Tensor) -> Dict[str, torch.Tensor]:
         """Split a flat ``[..., P]`` vector into name -> ``[..., *shape]`` tensors."""

@@ -39,7 +39,7 @@ from .bn import has_batchnorm, recompute_bn
 from .checkpoint import load_model, load_state_dict, save_checkpoint, save_model
 from .data import TensorLoader
 from . import distributed as _dist
-from .training import LossFn, autocast, get_loss, use_ddp
+from .training import LossFn, autocast, check_finite, get_loss, run_epoch, use_ddp
 
 Member = Union[nn.Module, str, os.PathLike]
 
@@ -343,62 +343,40 @@ def fge(model: nn.Module, train_loader: Iterable, cycles: int, cycle_epochs: Opt
             if progress is not None:
                 progress.update(it)
 
+        def step_loss(x, y, gen):
+            with autocast(device, amp):
+                out = forward(x)
+            value = loss_fn(out.float() if amp else out, y)
+            return out, value, value
+
+        def set_rate():
+            lr = cyclic_lr(it, C, lr_max, lr_min)
+            for g in optimizer.param_groups:
+                g["lr"] = lr
+            lr_trace.append(lr)
+
+        def after_step():
+            nonlocal it
+            if it in snap_at:
+                info = {"iteration": it, "epoch": epoch, "lr": lr_trace[-1]}
+                snap = _take_snapshot(net, bn_loader, len(snapshots), disk, snapshot_meta, info,
+                                      write=_dist.is_main() or not ddp)
+                distances.append(_param_distance(net, start_params))  # snapshot weights = net's now
+                snap_iters.append(it)
+                snapshots.append(snap)
+                snap_states.append(snap.state_dict() if isinstance(snap, nn.Module) else str(snap))
+                if on_snapshot is not None:
+                    on_snapshot(len(snapshots) - 1, snap, {**info, "distance": distances[-1], "model": net})
+            it += 1
+
         for epoch in range(first_epoch, n_epochs):
             t0 = time.perf_counter()
             net.train()
-            if hasattr(train_loader, "set_epoch"):
-                train_loader.set_epoch(epoch)
-            if ddp:  # dropout etc.: different on every rank, repeatable on resume
-                torch.manual_seed(_dist.rank_seed(seed, epoch))
-            loss_sum = torch.zeros((), dtype=torch.float64)
-            correct = torch.zeros((), dtype=torch.long)
-            count, classify = 0, True
-            for x, y in train_loader:
-                if it >= total:
-                    break
-                lr = cyclic_lr(it, C, lr_max, lr_min)
-                for g in optimizer.param_groups:
-                    g["lr"] = lr
-                with autocast(device, amp):
-                    out = forward(x)
-                if amp:
-                    out = out.float()
-                value = loss_fn(out, y)
-                optimizer.zero_grad(set_to_none=True)
-                value.backward()
-                optimizer.step()
-                lr_trace.append(lr)
-                with torch.no_grad():
-                    loss_sum = loss_sum + value.detach().double().cpu() * len(y)
-                    classify = classify and out.dim() == 2 and not y.is_floating_point()
-                    if classify:
-                        correct = correct + (out.argmax(1) == y).sum().cpu()
-                count += len(y)
-                if it in snap_at:
-                    snap = _take_snapshot(net, bn_loader, len(snapshots), disk, snapshot_meta,
-                                          {"iteration": it, "epoch": epoch, "lr": lr},
-                                          write=_dist.is_main() or not ddp)
-                    distances.append(_param_distance(net, start_params))  # snapshot weights = net's now
-                    snap_iters.append(it)
-                    snapshots.append(snap)
-                    snap_states.append(snap.state_dict() if isinstance(snap, nn.Module) else str(snap))
-                    if on_snapshot is not None:
-                        on_snapshot(len(snapshots) - 1, snap, {"iteration": it, "epoch": epoch, "lr": lr,
-                                                               "distance": distances[-1], "model": net})
-                it += 1
-                if progress is not None:
-                    progress.update(1)
-            if ddp:  # global sums: the history of a single process with the global batch
-                sums = _dist.all_reduce_sum(torch.stack([loss_sum, correct.double(),
-                                                         torch.tensor(float(count), dtype=torch.float64)]))
-                loss_sum, correct, count = sums[0], sums[1], int(sums[2])
-            record = {"epoch": epoch + 1, "iterations": it, "lr": lr_trace[-1] if lr_trace else lr_max,
-                      "loss": float(loss_sum) / max(count, 1),
-                      "acc": float(correct) / max(count, 1) if classify else float("nan"),
-                      "snapshots": len(snapshots)}
-            if not math.isfinite(record["loss"]):
-                raise FloatingPointError(f"FGE training loss became {record['loss']} in epoch {epoch + 1}; "
-                                         f"lower lr_max (lr_max={lr_max})")
+            record = run_epoch(train_loader, epoch, seed, step_loss, optimizer, ddp, progress,
+                               before_step=set_rate, after_step=after_step, max_steps=total - it)
+            record.update({"iterations": it, "lr": lr_trace[-1] if lr_trace else lr_max,
+                           "snapshots": len(snapshots)})
+            check_finite(record, f"lower lr_max (lr_max={lr_max})")
             record["seconds"] = time.perf_counter() - t0
             history.append(record)
             if on_epoch_end is not None:

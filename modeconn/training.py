@@ -105,15 +105,68 @@ class _CurveStep(nn.Module):
     ``amp`` only the network's forward runs under bf16 autocast.
     """
 
-    def __init__(self, curve: CurveModel, amp: bool = False):
+    def __init__(self, curve: CurveModel, amp: bool = False, weight_decay: float = 0.0):
         super().__init__()
-        self.curve, self.amp = curve, bool(amp)
+        self.curve, self.amp, self.weight_decay = curve, bool(amp), float(weight_decay)
 
     def forward(self, x, t):
-        flat = self.curve.flat_weights_at(t, check=False)
+        flat = self.curve.training_point(t, self.weight_decay)
         with autocast(flat.device, self.amp):
             out = self.curve.forward_flat(x, flat)
         return out.float() if self.amp else out, flat
+
+
+def run_epoch(loader, epoch: int, seed: int, step_loss: Callable, optimizer: torch.optim.Optimizer,
+              ddp: bool = False, progress=None, before_step: Optional[Callable[[], None]] = None,
+              after_step: Optional[Callable[[], None]] = None, max_steps: Optional[int] = None) -> dict:
+    """One epoch of SGD steps, shared by every training loop (endpoints, curves, FGE).
+
+    ``step_loss(x, y, generator) -> (output, objective, logged_loss)``; the
+    generator depends only on ``(seed, epoch)`` (the curve's t samples).
+    ``before_step`` / ``after_step`` run around each step (FGE sets the rate
+    and takes snapshots there); at most ``max_steps`` steps. Returns
+    ``{"epoch", "loss", "acc"}`` averaged over the epoch's samples, summed
+    over ranks under DDP (the history of one process with the global batch).
+    """
+    if hasattr(loader, "set_epoch"):
+        loader.set_epoch(epoch)
+    if ddp:  # dropout etc.: different on every rank, repeatable on resume
+        torch.manual_seed(_dist.rank_seed(seed, epoch))
+    gen = epoch_generator(seed, epoch, stream=1000)
+    loss_sum = torch.zeros((), dtype=torch.float64)
+    correct = torch.zeros((), dtype=torch.long)
+    count, steps, classify = 0, 0, True
+    for x, y in loader:
+        if max_steps is not None and steps >= max_steps:
+            break
+        if before_step is not None:
+            before_step()
+        out, objective, data_loss = step_loss(x, y, gen)
+        optimizer.zero_grad(set_to_none=True)
+        objective.backward()
+        optimizer.step()
+        with torch.no_grad():
+            loss_sum = loss_sum + data_loss.detach().double().cpu() * len(y)
+            classify = classify and _is_classification(out, y)
+            if classify:
+                correct = correct + (out.argmax(1) == y).sum().cpu()
+        count += len(y)
+        steps += 1
+        if after_step is not None:
+            after_step()
+        if progress is not None:
+            progress.update(1)
+    if ddp:
+        sums = _dist.all_reduce_sum(torch.stack([loss_sum, correct.double(),
+                                                 torch.tensor(float(count), dtype=torch.float64)]))
+        loss_sum, correct, count = sums[0], sums[1], int(sums[2])
+    return {"epoch": epoch + 1, "loss": float(loss_sum) / max(count, 1),
+            "acc": float(correct) / max(count, 1) if classify else float("nan")}
+
+
+def check_finite(record: dict, advice: str) -> None:
+    if not math.isfinite(record["loss"]):
+        raise FloatingPointError(f"training loss became {record['loss']} in epoch {record['epoch']}; {advice}")
 
 
 def _run(module: nn.Module, params: List[torch.Tensor], loader, epochs: int, lr: float,
@@ -142,39 +195,11 @@ def _run(module: nn.Module, params: List[torch.Tensor], loader, epochs: int, lr:
     for epoch in range(first, epochs):
         t0 = time.perf_counter()
         module.train()
-        if hasattr(loader, "set_epoch"):
-            loader.set_epoch(epoch)
-        if ddp:  # dropout etc.: different on every rank, repeatable on resume
-            torch.manual_seed(_dist.rank_seed(seed, epoch))
-        gen = epoch_generator(seed, epoch, stream=1000)
-        loss_sum = torch.zeros((), dtype=torch.float64)
-        correct = torch.zeros((), dtype=torch.long)
-        count, classify = 0, True
-        for x, y in loader:
-            out, objective, data_loss = step_loss(x, y, gen)
-            optimizer.zero_grad(set_to_none=True)
-            objective.backward()
-            optimizer.step()
-            with torch.no_grad():
-                loss_sum = loss_sum + data_loss.detach().double().cpu() * len(y)
-                classify = classify and _is_classification(out, y)
-                if classify:
-                    correct = correct + (out.argmax(1) == y).sum().cpu()
-            count += len(y)
-            if progress is not None:
-                progress.update(1)
-        if ddp:  # global sums: the history of a single process with the global batch
-            sums = _dist.all_reduce_sum(torch.stack([loss_sum, correct.double(),
-                                                     torch.tensor(float(count), dtype=torch.float64)]))
-            loss_sum, correct, count = sums[0], sums[1], int(sums[2])
-            if same_on_all_ranks is not None:
-                _dist.check_same(same_on_all_ranks(), f"the t samples of epoch {epoch + 1}")
-        record = {"epoch": epoch + 1, "lr": optimizer.param_groups[0]["lr"],
-                  "loss": float(loss_sum) / max(count, 1),
-                  "acc": float(correct) / max(count, 1) if classify else float("nan")}
-        if not math.isfinite(record["loss"]):
-            raise FloatingPointError(f"training loss became {record['loss']} in epoch {epoch + 1}; "
-                                     f"lower the learning rate (lr={lr})")
+        record = run_epoch(loader, epoch, seed, step_loss, optimizer, ddp, progress)
+        if ddp and same_on_all_ranks is not None:
+            _dist.check_same(same_on_all_ranks(), f"the t samples of epoch {epoch + 1}")
+        record["lr"] = optimizer.param_groups[0]["lr"]
+        check_finite(record, f"lower the learning rate (lr={lr})")
         scheduler.step()
         record["seconds"] = time.perf_counter() - t0
         history.append(record)
@@ -251,7 +276,7 @@ def fit_curve(curve: CurveModel, train_loader: Iterable, epochs: int = 20, lr: f
     loss_fn = get_loss(loss)
     device = curve.fixed_bends.device
     ddp = use_ddp(distributed, train_loader)
-    stepper: nn.Module = _CurveStep(curve, amp)
+    stepper: nn.Module = _CurveStep(curve, amp, weight_decay)
     if ddp:  # bends and buffers copied from rank 0 once, buffers not re-broadcast every step
         stepper = _dist.wrap_ddp(stepper, sync_buffers_every_step=False)
     if compile:
@@ -261,10 +286,9 @@ def fit_curve(curve: CurveModel, train_loader: Iterable, epochs: int = 20, lr: f
     def step(x, y, gen):
         t = torch.rand((), generator=gen)
         drawn["t_sum"] += float(t)  # a CPU number: no device synchronisation
-        out, flat = stepper(x, t.to(device))
+        out, _ = stepper(x, t.to(device))  # the weight-decay gradient comes from training_point's backward
         value = loss_fn(out, y)
-        objective = value + 0.5 * weight_decay * flat.pow(2).sum() if weight_decay else value
-        return out, objective, value
+        return out, value, value
 
     def epoch_t_sum() -> float:
         value, drawn["t_sum"] = drawn["t_sum"], 0.0

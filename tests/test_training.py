@@ -98,3 +98,20 @@ def test_bad_training_arguments(mlp_pair, digits):
         mc.fit_curve(mc.linear_path(a, b), digits.train_loader(), epochs=1)
     with pytest.raises(ValueError, match="schedule"):
         mc.train_model(copy.deepcopy(a), digits.train_loader(), epochs=1, schedule="warp")
+
+
+def test_training_point_gradient_includes_weight_decay(mlp_pair):
+    a, b = mlp_pair
+    curve = mc.CurveModel(a, a, b, mc.Bezier(4), fix_start=True, fix_end=False)
+    t, wd = torch.tensor(0.3), 0.02
+    g = torch.randn(curve.num_parameters)
+    # the custom backward
+    theta = curve.training_point(t, wd)
+    (theta * g).sum().backward()
+    fast = curve.free_bends.grad.clone()
+    curve.free_bends.grad = None
+    # the plain autograd formula: <θ(t), g> + 0.5 wd ||θ(t)||²
+    theta2 = curve.flat_weights_at(t)
+    ((theta2 * g).sum() + 0.5 * wd * theta2.pow(2).sum()).backward()
+    assert torch.allclose(theta, theta2, atol=1e-6)
+    assert torch.allclose(fast, curve.free_bends.grad, atol=1e-5, rtol=1e-5)
