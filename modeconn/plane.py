@@ -47,6 +47,7 @@ def build_parser():
     _io.add_data_args(p)
     _io.add_grid_args(p)
     _cli.add_run_args(p)
+    _cli.add_scale_args(p, training=False)
     _io.add_resume_args(p, PARTIAL)
     return p
 
@@ -54,7 +55,8 @@ def build_parser():
 def main_(argv=None) -> int:
     args = build_parser().parse_args(argv)
     out = Path(args.out)
-    device = _cli.device_of(args.device)
+    info = _cli.setup(args)  # one process, or this rank of a torchrun job
+    device = info.device
     args.grid_y = args.grid if args.grid_y is None else args.grid_y
     _io.check_positive(args.grid, "--grid", 2)
     _io.check_positive(args.grid_y, "--grid-y", 2)
@@ -80,20 +82,24 @@ def main_(argv=None) -> int:
         metrics_fn = curvature_metrics(curve, _io.hessian_loader(ds, args, device), bn_loader=bn,
                                        recompute_bn=not args.no_bn_recompute, tol=args.hessian_tol)
 
-    out.mkdir(parents=True, exist_ok=True)
+    if info.is_main:
+        out.mkdir(parents=True, exist_ok=True)
     total = len(cp.xs) * len(cp.ys)
     bar = _cli.progress(total, f"plane ({total} points)", args.no_progress)
+    save_row = (lambda r, g: _io.save_partial(out / PARTIAL, g, config)) if info.is_main else None
     t0 = time.perf_counter()
     try:
         cp.grid = evaluate_grid(curve, cp.plane, cp.xs, cp.ys, train, test, bn,
                                 recompute_bn=not args.no_bn_recompute, points_per_pass=args.points_per_pass,
-                                on_row=lambda r, g: _io.save_partial(out / PARTIAL, g, config),
-                                resume=resume, progress=bar, point_metrics=metrics_fn)
+                                on_row=save_row, resume=resume, progress=bar, point_metrics=metrics_fn,
+                                amp=args.amp, compile=args.compile)
     except KeyboardInterrupt:
         bar.close()
         return _io.interrupted(out, PARTIAL)
     bar.close()
     seconds = time.perf_counter() - t0
+    if not info.is_main:  # every rank holds the gathered grid; rank 0 writes it
+        return 0
     grid = cp.grid
 
     arrays = grid.to_arrays()

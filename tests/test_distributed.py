@@ -26,6 +26,8 @@ MLP_A, MLP_B = str(ROOT / "checkpoints/digits_mlp_a.pt"), str(ROOT / "checkpoint
 CNN_A, CNN_B = str(ROOT / "checkpoints/digits_cnn_a.pt"), str(ROOT / "checkpoints/digits_cnn_b.pt")
 CURVE_ARGS = ["--start", MLP_A, "--end", MLP_B, "--epochs", "2", "--batch-size", "64", "--lr", "0.05",
               "--seed", "3", "--no-progress"]
+LANDSCAPE_ARGS = ["--ckpt", MLP_A, "--dims", "2", "--steps", "5", "--steps-y", "3", "--points-per-pass", "2",
+                  "--no-progress"]
 EVAL_ARGS = ["--start", CNN_A, "--end", CNN_B, "--num-points", "7", "--points-per-pass", "2", "--no-progress"]
 
 
@@ -54,6 +56,7 @@ def jobs(tmp_path_factory):
     cwd = tmp_path_factory.mktemp("torchrun")
     torchrun("modeconn.train_curve", [*CURVE_ARGS, "--out", "ddp"], cwd)
     torchrun("modeconn.eval_curve", [*EVAL_ARGS, "--out", "eval"], cwd)
+    torchrun("modeconn.landscape", [*LANDSCAPE_ARGS, "--out", "landscape"], cwd)
     # rank 1 exits abruptly after 30 steps: 7 steps into epoch 2 (23 steps per epoch)
     crashed = torchrun("modeconn.train_curve", [*CURVE_ARGS, "--out", "crash"], cwd,
                        env_extra={_cli.FAULT_ENV: "30:1"}, check=False)
@@ -88,8 +91,8 @@ def test_every_rank_draws_the_same_t_at_every_step(mlp_pair, digits):
     for rank in (0, 1):
         curve = mc.CurveModel(a, a, b, mc.Bezier(3))
         ts = []
-        original = curve.flat_weights_at
-        curve.flat_weights_at = lambda t, check=True, _o=original, _ts=ts: (_ts.append(float(t)), _o(t, check))[1]
+        original = curve.training_point
+        curve.training_point = lambda t, wd=0.0, _o=original, _ts=ts: (_ts.append(float(t)), _o(t, wd))[1]
         loader = digits.train_loader(32, seed=3, rank=rank, world_size=2)
         mc.fit_curve(curve, loader, epochs=2, lr=0.05, seed=3, distributed=False)
         assert len(ts) == 2 * len(loader) == 46
@@ -125,6 +128,20 @@ def test_sharded_path_evaluation_equals_one_rank(jobs, tmp_path):
     assert len((jobs["cwd"] / "eval" / "path.csv").read_text().splitlines()) == 8
 
 
+def test_sharded_landscape_grid_equals_one_rank(jobs, tmp_path):
+    import numpy as np
+
+    from modeconn.landscape import main as landscape_main
+
+    assert landscape_main([*LANDSCAPE_ARGS, "--out", str(tmp_path / "one")]) == 0
+    one = np.load(tmp_path / "one" / "landscape.npz")
+    two = np.load(jobs["cwd"] / "landscape" / "landscape.npz")
+    for key in ("train_loss", "test_loss", "train_acc", "test_acc"):
+        assert one[key].shape == (3, 5) and np.isfinite(two[key]).all()
+        assert np.allclose(two[key], one[key], rtol=1e-5, atol=1e-7), key
+    assert not (jobs["cwd"] / "landscape" / "landscape.partial.npz").exists()
+
+
 def test_a_job_killed_mid_epoch_resumes_under_torchrun(jobs):
     crashed = jobs["crashed"]
     assert crashed.returncode != 0 and "rank 1 exits now" in crashed.stderr
@@ -141,7 +158,7 @@ def test_a_job_killed_mid_epoch_resumes_under_torchrun(jobs):
 
 def test_only_rank_0_writes_one_set_of_files(jobs):
     cwd = jobs["cwd"]
-    assert sorted(p.name for p in cwd.iterdir()) == ["crash", "ddp", "eval"]  # nothing stray in the cwd
+    assert sorted(p.name for p in cwd.iterdir()) == ["crash", "ddp", "eval", "landscape"]  # nothing stray in the cwd
     training = ["curve.pt", "history.json", "history.png", "resume.pt"]
     assert sorted(p.name for p in (cwd / "ddp").iterdir()) == training
     assert sorted(p.name for p in (cwd / "crash").iterdir()) == training

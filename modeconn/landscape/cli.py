@@ -71,6 +71,7 @@ def build_parser():
     _io.add_data_args(p)
     _io.add_grid_args(p)
     _cli.add_run_args(p)
+    _cli.add_scale_args(p, training=False)
     _io.add_resume_args(p, PARTIAL)
     return p
 
@@ -79,7 +80,8 @@ def main_(argv=None) -> int:
     argv = _io.join_negative_values(argv, RANGE_FLAGS)
     args = build_parser().parse_args(argv)
     out = Path(args.out)
-    device = _cli.device_of(args.device)
+    info = _cli.setup(args)  # one process, or this rank of a torchrun job
+    device = info.device
     if args.range is None:
         args.range = "-0.5:1.5" if args.ckpt2 else "-1:1"
     if args.dims == 1:
@@ -120,22 +122,26 @@ def main_(argv=None) -> int:
         metrics_fn = curvature_metrics(model, _io.hessian_loader(ds, args, device), bn_loader=bn,
                                        recompute_bn=not args.no_bn_recompute, tol=args.hessian_tol, seed=args.seed)
 
-    out.mkdir(parents=True, exist_ok=True)
-    if resume is None:
+    if info.is_main:
+        out.mkdir(parents=True, exist_ok=True)
+    if resume is None and info.is_main:
         _io.save_npz(out / "directions.npz", {k: v for k, v in plane.arrays().items() if k != "origin"})
     total = len(xs) * (1 if ys is None else len(ys))
     bar = _cli.progress(total, f"{args.dims}-D slice ({total} points)", args.no_progress)
+    save_row = (lambda r, g: _io.save_partial(out / PARTIAL, g, config)) if info.is_main else None
     t0 = time.perf_counter()
     try:
         grid = evaluate_grid(model, plane, xs, ys, train, test, bn, recompute_bn=not args.no_bn_recompute,
                              points_per_pass=args.points_per_pass,
-                             on_row=lambda r, g: _io.save_partial(out / PARTIAL, g, config),
+                             on_row=save_row, amp=args.amp, compile=args.compile,
                              resume=resume, progress=bar, point_metrics=metrics_fn)
     except KeyboardInterrupt:
         bar.close()
         return _io.interrupted(out, PARTIAL)
     bar.close()
     seconds = time.perf_counter() - t0
+    if not info.is_main:  # every rank holds the gathered grid; rank 0 writes it
+        return 0
 
     arrays = grid.to_arrays()
     _io.save_npz(out / FINAL, arrays)

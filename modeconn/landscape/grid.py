@@ -34,6 +34,7 @@ from torch import nn
 
 from ..curve_model import CurveModel, linear_path
 from ..bn import has_batchnorm
+from .. import distributed as _dist
 from ..path import evaluate_points
 from .directions import Plane, plane_through
 
@@ -194,7 +195,7 @@ def evaluate_grid(net: Union[nn.Module, CurveModel], plane: Plane, xs: Sequence[
                   recompute_bn: bool = True, points_per_pass: int = 8,
                   on_row: Optional[RowCallback] = None, resume: Optional[GridResult] = None,
                   progress=None, point_metrics: Optional[PointMetrics] = None, amp: bool = False,
-                  compile: bool = False) -> GridResult:
+                  compile: bool = False, distributed: Optional[bool] = None) -> GridResult:
     """Metrics at ``θ = origin + x·d1 (+ y·d2)`` for every ``x`` in ``xs`` (and ``y`` in ``ys``).
 
     Args:
@@ -221,6 +222,10 @@ def evaluate_grid(net: Union[nn.Module, CurveModel], plane: Plane, xs: Sequence[
             more per-point values (e.g. Hessian eigenvalues); stored alongside.
         amp, compile: passed on to :func:`modeconn.path.evaluate_points`
             (bf16 autocast on CUDA; ``torch.compile`` of the metric passes).
+        distributed: share each row's chunks among the ranks of the process
+            group (default: when one of several ranks is initialised, e.g.
+            under torchrun) and gather the row on every rank; each point's BN
+            statistics see the whole training set on the rank that owns it.
 
     Returns a :class:`GridResult`; 2-D arrays are indexed ``[i_y, i_x]``.
     """
@@ -263,18 +268,25 @@ def evaluate_grid(net: Union[nn.Module, CurveModel], plane: Plane, xs: Sequence[
     else:
         result = GridResult(xs, ys, {}, 0, len(rows), use_bn, points_per_pass, checksum)
 
+    sharded = (_dist.active() if distributed is None else bool(distributed)) and _dist.get_world_size() > 1
     for r in range(result.rows_done, len(rows)):
-        for chunk in _chunks(rows[r], points_per_pass):
-            flats = plane.points(coords[chunk]).to(device=device, dtype=dtype)
+        chunks = _chunks(rows[r], points_per_pass)
+        done = []
+        for i in range(*_dist.shard(len(chunks))) if sharded else range(len(chunks)):
+            flats = plane.points(coords[chunks[i]]).to(device=device, dtype=dtype)
             vals = dict(evaluate_points(evaluator, flats, train_loader, test_loader, bn_loader, use_bn,
                                         **engine))
             if point_metrics is not None:
                 vals.update({k: np.asarray(v, float) for k, v in point_metrics(flats).items()})
+            done.append((chunks[i], vals))
+            _report(progress, len(chunks[i]))
+        if sharded:  # every rank gets the whole row: resume state and results are the same everywhere
+            done = [item for part in _dist.all_gather_object(done) for item in part]
+        for chunk, vals in done:
             for k, v in vals.items():
                 if k not in result.arrays:
                     result.arrays[k] = np.full(shape, np.nan)
                 result.arrays[k].reshape(-1)[chunk] = np.asarray(v, float)
-            _report(progress, len(chunk))
         result.rows_done = r + 1
         if on_row is not None:
             on_row(r, result)
