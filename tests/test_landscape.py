@@ -358,9 +358,7 @@ def test_landscape_command_resumes_after_a_hard_crash(checkpoints, tmp_path):
     from modeconn import _cli
     from modeconn.landscape.cli import main
 
-    fault = getattr(_cli, "FAULT_ENV", None)
-    if fault is None:
-        pytest.skip("modeconn._cli has no fault-injection hook")
+    fault = _cli.FAULT_ENV
     a, _, _ = checkpoints
     common = ["--ckpt", str(a), "--dims", "2", "--range", "-1:1", "--steps", "4", "--steps-y", "3",
               "--points-per-pass", "2", "--no-progress"]
