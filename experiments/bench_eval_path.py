@@ -54,6 +54,7 @@ def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--points", type=int, default=61)
     p.add_argument("--points-per-pass", type=int, default=8)
+    p.add_argument("--eval-batch", type=int, default=1024)
     p.add_argument("--only", nargs="*", default=list(CONFIGS))
     args = p.parse_args()
     ds = mc.get_dataset("digits")
@@ -75,7 +76,7 @@ def main():
         t_ref = time.perf_counter() - t0
         t0 = time.perf_counter()
         # BN statistics are an average over batches, so they use the reference's batches of 128
-        res = evaluate_path(curve, ds.eval_loader("train", 1024), ds.eval_loader("test", 1024), ts=ts,
+        res = evaluate_path(curve, ds.eval_loader("train", args.eval_batch), ds.eval_loader("test", args.eval_batch), ts=ts,
                             bn_loader=ds.eval_loader("train", 128), points_per_pass=args.points_per_pass)
         t_ours = time.perf_counter() - t0
         ours = np.stack([res.train_loss, res.train_acc, res.test_loss, res.test_acc], 1)
