@@ -103,7 +103,7 @@ def save_checkpoint(path: PathLike, kind: str, **fields: Any) -> Path:
     return atomic_save(_plain_data(payload), path)
 
 
-def _torch_load(path: Path, map_location) -> Any:
+def _read_checkpoint_file(path: Path, map_location) -> Any:
     if not path.exists():
         raise CheckpointError(f"{path}: no such checkpoint file")
     if path.is_dir():
@@ -125,7 +125,7 @@ def _torch_load(path: Path, map_location) -> Any:
 def load_checkpoint(path: PathLike, kind: Optional[str] = None, map_location="cpu") -> dict:
     """Load a modeconn checkpoint; check its kind if ``kind`` is given."""
     path = Path(path)
-    obj = _torch_load(path, map_location)
+    obj = _read_checkpoint_file(path, map_location)
     if not isinstance(obj, dict) or obj.get("format") != FORMAT:
         raise CheckpointError(
             f"{path}: not a modeconn checkpoint (no 'format': 'modeconn' header); "
@@ -147,7 +147,7 @@ def load_state_dict(source: Union[PathLike, Mapping[str, torch.Tensor], nn.Modul
     if isinstance(source, Mapping):
         return dict(source)
     path = Path(source)
-    obj = _torch_load(path, "cpu")
+    obj = _read_checkpoint_file(path, "cpu")
     if isinstance(obj, dict) and obj.get("format") == FORMAT:
         if obj.get("kind") != "model":
             raise CheckpointError(f"{path}: is a {obj.get('kind')!r} checkpoint, expected a model")

@@ -3,7 +3,7 @@
 Embedded (no files needed): ``digits`` (scikit-learn's 8x8 handwritten digits,
 real data, the default), ``moons`` and ``spirals`` (synthetic, seeded).
 Torchvision datasets (``mnist``, ``fashion_mnist``, ``cifar10``, ``cifar100``)
-are read from ``data_dir`` when their files are there; ``download=True`` is
+are read from ``data_dir`` when their files are there; downloading (``download``) is
 an opt-in for machines with internet.
 
 A :class:`TensorLoader` shuffles with a permutation drawn from
