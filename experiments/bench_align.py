@@ -38,12 +38,12 @@ from pathlib import Path  # noqa: E402
 
 import torch  # noqa: E402
 
-from modeconn.alignment import align, infer_permutation_spec, weight_matching  # noqa: E402
-from modeconn.checkpoint import load_model  # noqa: E402
-from modeconn.curve_model import linear_path  # noqa: E402
+from modeconn.alignment import align_models, infer_permutation_spec, weight_matching  # noqa: E402
+from modeconn.runtime.checkpoints import load_model  # noqa: E402
+from modeconn.core.curve_model import linear_path  # noqa: E402
 from modeconn.data import get_dataset  # noqa: E402
 from modeconn.models import create_model  # noqa: E402
-from modeconn.path import evaluate_path  # noqa: E402
+from modeconn.evaluation.path import evaluate_path  # noqa: E402
 
 CKPT = Path(__file__).resolve().parent.parent / "checkpoints"
 
@@ -73,10 +73,10 @@ def bench_weight(label, arch, kwargs, repeats):
     n = sum(p.numel() for p in a.parameters())
     spec, t_spec, _ = timed(lambda: infer_permutation_spec(a, x), 1)
     (perm, info), t_wm, c_wm = timed(lambda: weight_matching(a, b, spec, seed=0), repeats)
-    (_, _, report), t_align, c_align = timed(lambda: align(a, b, example_input=x, seed=0), repeats)
+    (_, _, report), t_align, c_align = timed(lambda: align_models(a, b, example_input=x, seed=0), repeats)
     print(f"{label:12s} {n / 1e6:6.2f}M params, {len(spec.groups):2d} groups | weight_matching "
           f"{t_wm:6.2f} s (cpu {c_wm:6.2f} s, {info.sweeps} sweeps, converged={info.converged}) | "
-          f"align() {t_align:6.2f} s (cpu {c_align:6.2f} s; spec inference {t_spec:.2f} s) | "
+          f"align_models() {t_align:6.2f} s (cpu {c_align:6.2f} s; spec inference {t_spec:.2f} s) | "
           f"mean cosine {report.mean_before:.3f} -> {report.mean_after:.3f} | {load()}")
     return t_wm
 
@@ -103,8 +103,8 @@ def main():
         b, _ = load_model(CKPT / f"digits_{name}_b.pt")
         pairs[name] = (a, b)
     a, b = pairs["cnn"]
-    (_, _, rep), t_act, c_act = timed(lambda: align(a, b, method="activation", loader=train), args.repeats)
-    print(f"{'digits cnn':12s} activation matching, align() {t_act:6.2f} s (cpu {c_act:6.2f} s) over "
+    (_, _, rep), t_act, c_act = timed(lambda: align_models(a, b, method="activation", loader=train), args.repeats)
+    print(f"{'digits cnn':12s} activation matching, align_models() {t_act:6.2f} s (cpu {c_act:6.2f} s) over "
           f"{len(ds.x_train)} training images | mean correlation {rep.mean_before:.3f} -> "
           f"{rep.mean_after:.3f} | {load()}")
     print(f"VGG16 weight matching target < 10 s: {'met' if t_vgg < 10 else 'NOT met'} ({t_vgg:.2f} s)")
@@ -119,7 +119,7 @@ def main():
             end = b
             if method is not None:
                 t0 = time.perf_counter()
-                end, _, _ = align(a, b, method=method, loader=train, seed=0)
+                end, _, _ = align_models(a, b, method=method, loader=train, seed=0)
                 t = time.perf_counter() - t0
             res = evaluate_path(linear_path(a, end), train, test, args.num_points)
             print(f"{name:6s} {method or 'none':11s} {res.barrier('test_loss'):18.4f} "

@@ -36,7 +36,7 @@ WORKLOADS = ("digits_mlp", "big_mlp", "eval")
 # ------------------------------------------------------------------ worker
 def _curve_throughput(curve, loader, epochs: int, seed: int = 0) -> dict:
     import modeconn as mc
-    from modeconn import distributed as dist
+    from modeconn.runtime import distributed as dist
 
     mc.fit_curve(curve, loader, epochs=1, lr=0.01, seed=seed)  # warm-up (allocations, DDP buckets)
     dist.barrier()
@@ -55,7 +55,7 @@ def worker(args) -> None:
     import torch
 
     import modeconn as mc
-    from modeconn import distributed as dist
+    from modeconn.runtime import distributed as dist
 
     torch.set_num_threads(1)
     info = dist.init_from_env("gloo", "cpu")
@@ -81,7 +81,7 @@ def worker(args) -> None:
             loader = mc.TensorLoader(x, y, batch // world, shuffle=True, seed=0, rank=rank, world_size=world)
             out[f"big_mlp_{batch}"] = _curve_throughput(curve, loader, args.epochs)
     if "eval" in args.only:
-        from modeconn.path import evaluate_path
+        from modeconn.evaluation.path import evaluate_path
 
         ds = mc.get_dataset("digits")
         a, _ = mc.load_model(CKPT / "digits_cnn_a.pt")

@@ -19,7 +19,7 @@ from torch.optim.swa_utils import update_bn
 from torch.utils.data import DataLoader, TensorDataset
 
 import modeconn as mc
-from modeconn.path import evaluate_path
+from modeconn.evaluation.path import evaluate_path
 
 CONFIGS = {"mlp": ("mlp", {}), "cnn": ("convnet", {"width": 16}), "cnn_bn": ("convnet", {"width": 16, "bn": True})}
 

@@ -26,12 +26,13 @@ from pathlib import Path
 
 import torch
 
-from modeconn.bn import recompute_bn
-from modeconn.checkpoint import load_model
+from modeconn.evaluation.bn import recompute_bn
+from modeconn.runtime.checkpoints import load_model
 from modeconn.data import get_dataset
-from modeconn.ensembles import evaluate_ensemble, fge
+from modeconn.evaluation.ensembles import evaluate_ensemble
+from modeconn.training.fge import train_fge
 from modeconn.models import create_model
-from modeconn.training import train_model
+from modeconn.training.loop import train_model
 
 DEFAULT_CKPT = Path(__file__).resolve().parent.parent / "checkpoints" / "digits_cnn_a.pt"
 
@@ -79,7 +80,7 @@ def main():
     def run_fge(cycle_epochs):
         cycles = budget // cycle_epochs
         t0, c0 = time.perf_counter(), time.process_time()
-        res = fge(start, train_loader, cycles, cycle_epochs, args.lr_max, args.lr_min, seed=1, bn_loader=bn_loader)
+        res = train_fge(start, train_loader, cycles, cycle_epochs, args.lr_max, args.lr_min, seed=1, bn_loader=bn_loader)
         t1 = time.perf_counter()
         ens = evaluate_ensemble(res.snapshots, test_loader)
         t2, c2 = time.perf_counter(), time.process_time()

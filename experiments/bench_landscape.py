@@ -7,8 +7,8 @@ Two networks on the digits dataset: the default MLP (no BN) and a BN CNN
 trained. For each, the same filter-normalised random plane (seed 0) over
 [-1, 1]² is evaluated
 
-* by ``modeconn.landscape.evaluate_grid`` (several points per pass through
-  ``modeconn.path.evaluate_points``: vmap over stacked weights, data held as
+* by ``modeconn.geometry.evaluate_grid`` (several points per pass through
+  ``modeconn.evaluation.path.evaluate_points``: vmap over stacked weights, data held as
   tensors, BN statistics of all points of a pass in one pass), and
 * by the loop of Li et al.'s ``loss-landscape`` code re-created below: for
   each grid point, write ``w + x·d1 + y·d2`` into the parameters of one model
@@ -38,8 +38,8 @@ from torch.optim.swa_utils import update_bn
 from torch.utils.data import DataLoader, TensorDataset
 
 import modeconn as mc
-from modeconn.evaluation import evaluate
-from modeconn.landscape import evaluate_grid, evaluator_for, flatten_parameters, random_plane
+from modeconn.evaluation.model import evaluate
+from modeconn.geometry import evaluate_grid, evaluator_for, flatten_parameters, random_plane
 
 
 # ------------------------------------------------------- Li et al., re-created

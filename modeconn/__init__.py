@@ -4,31 +4,32 @@ Fit low-loss curves between two trained networks, measure loss barriers along
 any path, align neurons before fitting, build Fast Geometric Ensembles, and
 draw the loss landscape around them.
 """
-__version__ = "0.1.0"
-
-from .curves import Bezier, PolyChain, Curve, make_curve  # noqa: E402
-from .curve_model import CurveModel, linear_path, chain_path, save_curve, load_curve  # noqa: E402
-from .checkpoint import (CheckpointError, load_checkpoint, save_checkpoint, load_model,  # noqa: E402
-                         save_model, load_state_dict)
-from .data import get_dataset, TensorLoader  # noqa: E402
-from .bn import recompute_bn, has_batchnorm  # noqa: E402
-from .training import train_model, fit_curve  # noqa: E402
-from .models import create_model, list_models, register_model  # noqa: E402
+from modeconn._version import __version__
+from modeconn.core.curves import Bezier, Curve, PolyChain, make_curve
+from modeconn.core.curve_model import CurveModel, chain_path, linear_path, load_curve, save_curve
+from modeconn.runtime.checkpoints import (CheckpointError, load_checkpoint, load_model, load_state_dict,
+                                          save_checkpoint, save_model)
+from modeconn.data import TensorLoader, get_dataset
+from modeconn.models import create_model, list_models, register_model
+from modeconn.evaluation.bn import has_batchnorm, recompute_bn
+from modeconn.evaluation.path import PathResult, barrier, evaluate_path, evaluate_points
+from modeconn.evaluation.ensembles import EnsembleResult, curve_ensemble, evaluate_ensemble
+from modeconn.training.loop import fit_curve, train_model
+from modeconn.training.fge import FGEResult, cyclic_lr, train_fge
+from modeconn.alignment import (PermutationSpec, activation_matching, align_models, apply_permutation,
+                                infer_permutation_spec, weight_matching)
 
 __all__ = [
-    "Bezier", "PolyChain", "Curve", "make_curve", "CurveModel", "linear_path", "chain_path", "save_curve", "load_curve",
-    "CheckpointError", "load_checkpoint", "save_checkpoint", "load_model", "save_model",
-    "load_state_dict", "get_dataset", "TensorLoader", "recompute_bn", "has_batchnorm",
-    "train_model", "fit_curve", "create_model", "list_models", "register_model",
+    "__version__",
+    "Bezier", "PolyChain", "Curve", "make_curve",
+    "CurveModel", "linear_path", "chain_path", "save_curve", "load_curve",
+    "CheckpointError", "load_checkpoint", "save_checkpoint", "load_model", "save_model", "load_state_dict",
+    "get_dataset", "TensorLoader",
+    "create_model", "list_models", "register_model",
+    "recompute_bn", "has_batchnorm",
+    "evaluate_path", "evaluate_points", "PathResult", "barrier",
+    "evaluate_ensemble", "curve_ensemble", "EnsembleResult",
+    "train_model", "fit_curve", "train_fge", "cyclic_lr", "FGEResult",
+    "PermutationSpec", "infer_permutation_spec", "apply_permutation", "weight_matching", "activation_matching",
+    "align_models",
 ]
-from .path import evaluate_path, evaluate_points, PathResult, barrier  # noqa: E402
-
-__all__ += ["evaluate_path", "evaluate_points", "PathResult", "barrier"]
-from .alignment import (PermutationSpec, infer_permutation_spec, apply_permutation,  # noqa: E402
-                        weight_matching, activation_matching, align)
-
-__all__ += ["PermutationSpec", "infer_permutation_spec", "apply_permutation", "weight_matching",
-            "activation_matching", "align"]
-from .ensembles import fge, evaluate_ensemble, curve_ensemble, cyclic_lr, FGEResult, EnsembleResult  # noqa: E402
-
-__all__ += ["fge", "evaluate_ensemble", "curve_ensemble", "cyclic_lr", "FGEResult", "EnsembleResult"]

@@ -1,5 +1,7 @@
+"""``python -m modeconn <command> [args]``: the same as ``python -m modeconn.<command> [args]``."""
 import sys
 
-from .cli import main
+from modeconn.cli import main
 
-sys.exit(main())
+if __name__ == "__main__":
+    sys.exit(main())

@@ -8,13 +8,13 @@ from pathlib import Path
 
 import torch
 
-from . import _cli
-from .alignment import align as _align
-from .checkpoint import load_model, save_model
-from .curve_model import linear_path
-from .data import get_dataset
-from .path import evaluate_path
-from .plots import plot_path
+from modeconn.cli import common as _cli
+from modeconn.alignment import align_models
+from modeconn.runtime.checkpoints import load_model, save_model
+from modeconn.core.curve_model import linear_path
+from modeconn.data import get_dataset
+from modeconn.evaluation.path import evaluate_path
+from modeconn.plots.history import plot_path
 
 EXAMPLE = """  python -m modeconn.align --a checkpoints/digits_mlp_a.pt --b checkpoints/digits_mlp_b.pt \\
       --method weight --out runs/align/digits_mlp_b_aligned.pt --report
@@ -105,7 +105,7 @@ def main_(argv=None) -> int:
 
     # alignment: on the CPU copies of the checkpoints; activations are computed on --device
     t0 = time.perf_counter()
-    aligned_b, _, report = _align(model_a, model_b, method=args.method,
+    aligned_b, _, report = align_models(model_a, model_b, method=args.method,
                                   loader=ds.eval_loader("train", args.batch_size), seed=args.seed,
                                   max_iter=args.max_iter, device=device)
     align_seconds = time.perf_counter() - t0
@@ -160,7 +160,6 @@ def main(argv=None) -> int:
     return _cli.run_command(main_, argv)
 
 
-_cli.share_name_with(__name__, _align)  # keeps modeconn.align(...) the library function
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -14,17 +14,18 @@ from pathlib import Path
 
 import torch
 
-from . import _cli
-from .checkpoint import build_model, load_checkpoint, load_model
-from .curve_model import CurveModel, save_curve
-from .curves import Bezier
-from .data import get_dataset
-from .ensembles import evaluate_ensemble, fge
-from .landscape.grid import curve_plane
-from .landscape.plots import plot_curve_plane
-from .eval_curve import write_path_outputs
-from .path import evaluate_path
-from .training import fit_curve
+from modeconn.cli import common as _cli
+from modeconn.runtime.checkpoints import build_model, load_checkpoint, load_model
+from modeconn.core.curve_model import CurveModel, save_curve
+from modeconn.core.curves import Bezier
+from modeconn.data import get_dataset
+from modeconn.evaluation.ensembles import evaluate_ensemble
+from modeconn.training.fge import train_fge
+from modeconn.geometry.grid import curve_plane
+from modeconn.plots.landscape import plot_curve_plane
+from modeconn.eval_curve import write_path_outputs
+from modeconn.evaluation.path import evaluate_path
+from modeconn.training.loop import fit_curve
 
 EXAMPLE = """  python -m modeconn.demo --out runs/demo
   python -m modeconn.demo --pairs mlp --epochs 10     # quicker"""
@@ -72,7 +73,7 @@ def run_fge(args, ds, device, out: Path) -> dict:
     start = start.to(device)
     loader = ds.train_loader(64, seed=0).to(device)
     bar = _cli.progress(args.fge_cycles * 2 * len(loader), "cnn: FGE", args.no_progress)
-    result = fge(start, loader, args.fge_cycles, cycle_epochs=2, lr_max=0.05, lr_min=0.0005,
+    result = train_fge(start, loader, args.fge_cycles, cycle_epochs=2, lr_max=0.05, lr_min=0.0005,
                  bn_loader=ds.eval_loader("train").to(device), progress=bar)
     bar.close()
     test = ds.eval_loader("test").to(device)

@@ -4,12 +4,12 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from . import _cli
-from .checkpoint import build_model, load_checkpoint
-from .curve_model import linear_path, load_curve
-from .data import get_dataset
-from .path import evaluate_path, points_of_this_rank
-from .plots import plot_path
+from modeconn.cli import common as _cli
+from modeconn.runtime.checkpoints import build_model, load_checkpoint
+from modeconn.core.curve_model import linear_path, load_curve
+from modeconn.data import get_dataset
+from modeconn.evaluation.path import evaluate_path, points_of_this_rank
+from modeconn.plots.history import plot_path
 
 EXAMPLE = """  python -m modeconn.eval_curve --ckpt runs/curve_mlp/curve.pt --with-linear --out runs/eval_mlp
   python -m modeconn.eval_curve --start checkpoints/digits_mlp_a.pt --end checkpoints/digits_mlp_b.pt
@@ -92,9 +92,9 @@ def path_sharpness(path, ds, device, args) -> dict:
     """λmax, λmin and |λmin/λmax| at evenly spaced points (BN statistics recomputed first)."""
     import numpy as np
 
-    from .bn import recompute_bn
-    from .data import TensorLoader
-    from .hessian import sharpness_along
+    from modeconn.evaluation.bn import recompute_bn
+    from modeconn.data import TensorLoader
+    from modeconn.geometry.hessian import sharpness_along
 
     if args.hessian_samples < 1 or args.hessian_points < 2:
         raise _cli.CommandError("--hessian-samples must be >= 1 and --hessian-points >= 2")

@@ -5,12 +5,12 @@ import sys
 from pathlib import Path
 from typing import List, Mapping, Optional
 
-from . import _cli
-from . import plots  # noqa: F401  (selects the Agg backend)
-from .checkpoint import load_checkpoint, load_model, save_model
-from .data import get_dataset
-from .ensembles import (EnsembleResult, FGEResult, cycle_length, cyclic_lr, evaluate_ensemble, fge,
-                        snapshot_iterations)
+from modeconn.cli import common as _cli
+from modeconn.plots import history as plots
+from modeconn.runtime.checkpoints import load_checkpoint, load_model, save_model
+from modeconn.data import get_dataset
+from modeconn.evaluation.ensembles import EnsembleResult, evaluate_ensemble
+from modeconn.training.fge import FGEResult, cycle_length, cyclic_lr, snapshot_iterations, train_fge
 
 EXAMPLE = """  python -m modeconn.fge --ckpt checkpoints/digits_cnn_a.pt --cycles 8 --cycle-epochs 2 \\
       --lr-max 0.05 --lr-min 0.0005 --out runs/fge_cnn \\
@@ -173,7 +173,7 @@ def main_(argv=None) -> int:
             "input_shape": meta["input_shape"], "num_classes": meta["num_classes"],
             "dataset": dataset, "seed": args.seed}
     bar = _cli.progress(args.cycles * C, "fge", args.no_progress)
-    result = fge(start_model, train_loader, args.cycles, cycle_iters=C, lr_max=args.lr_max, lr_min=args.lr_min,
+    result = train_fge(start_model, train_loader, args.cycles, cycle_iters=C, lr_max=args.lr_max, lr_min=args.lr_min,
                  momentum=args.momentum, weight_decay=args.wd, seed=args.seed, bn_loader=bn_loader,
                  keep_on_disk=snap_dir if args.keep_on_disk else None, snapshot_meta=arch,
                  on_epoch_end=_cli.epoch_saver(out, config, bar), progress=bar, resume=state,
@@ -250,7 +250,6 @@ def main(argv=None) -> int:
     return _cli.run_command(main_, argv)
 
 
-_cli.share_name_with(__name__, fge)
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -5,10 +5,10 @@ import sys
 import time
 from pathlib import Path
 
-from . import _cli
-from .curve_model import load_curve
-from .landscape import _io
-from .landscape.grid import curve_plane_geometry, evaluate_grid
+from modeconn.cli import common as _cli
+from modeconn.core.curve_model import load_curve
+from modeconn.cli import grids as _io
+from modeconn.geometry.grid import curve_plane_geometry, evaluate_grid
 
 PARTIAL, FINAL = "plane.partial.npz", "plane.npz"
 
@@ -77,7 +77,7 @@ def main_(argv=None) -> int:
     ds, train, test, bn = _io.loaders(meta, args, device)
     metrics_fn = None
     if args.hessian:
-        from .landscape.curvature import curvature_metrics
+        from modeconn.geometry.curvature import curvature_metrics
 
         metrics_fn = curvature_metrics(curve, _io.hessian_loader(ds, args, device), bn_loader=bn,
                                        recompute_bn=not args.no_bn_recompute, tol=args.hessian_tol)
@@ -121,7 +121,7 @@ def main_(argv=None) -> int:
     _cli.write_json(out / "plane.json", summary)
     _io.finish(out, PARTIAL)
 
-    from .landscape.plots import plot_curvature, plot_curve_plane
+    from modeconn.plots.landscape import plot_curvature, plot_curve_plane
 
     title = f"{curve.curve.name}({curve.num_bends}) of {meta['arch']} on {ds.name}"
     plot_curve_plane(cp, out / "plane.png", title)

@@ -7,13 +7,13 @@ from typing import Optional, Sequence
 
 import torch
 
-from . import _cli
-from .checkpoint import save_model
-from .data import get_dataset
-from .evaluation import evaluate
-from .models import create_model, list_models
-from .plots import plot_history
-from .training import train_model
+from modeconn.cli import common as _cli
+from modeconn.runtime.checkpoints import save_model
+from modeconn.data import get_dataset
+from modeconn.evaluation.model import evaluate
+from modeconn.models import create_model, list_models
+from modeconn.plots.history import plot_history
+from modeconn.training.loop import train_model
 
 EXAMPLE = """  python -m modeconn.train --dataset digits --model mlp --seed 1 --epochs 30 --out runs/mlp_a
   python -m modeconn.train --dataset digits --model convnet --model-kwargs bn=true width=16 --seed 2 --out runs/cnn_b

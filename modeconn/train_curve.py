@@ -7,13 +7,13 @@ from pathlib import Path
 
 import torch
 
-from . import _cli
-from .checkpoint import build_model, load_checkpoint
-from .curve_model import CurveModel, save_curve
-from .curves import make_curve
-from .data import get_dataset
-from .plots import plot_history
-from .training import fit_curve
+from modeconn.cli import common as _cli
+from modeconn.runtime.checkpoints import build_model, load_checkpoint
+from modeconn.core.curve_model import CurveModel, save_curve
+from modeconn.core.curves import make_curve
+from modeconn.data import get_dataset
+from modeconn.plots.history import plot_history
+from modeconn.training.loop import fit_curve
 
 EXAMPLE = """  python -m modeconn.train_curve --start checkpoints/digits_mlp_a.pt --end checkpoints/digits_mlp_b.pt \\
       --curve bezier --num-bends 3 --epochs 30 --out runs/curve_mlp
@@ -80,14 +80,14 @@ def main_(argv=None) -> int:
     end_state = end_meta["state_dict"]
     alignment = None
     if args.align:
-        from .alignment import align
+        from modeconn.alignment import align_models
 
         start_model, end_model = build_model(start_meta), build_model(end_meta)
         start_model.load_state_dict(start_meta["state_dict"])
         end_model.load_state_dict(end_state)
         # B (end) is permuted to line up with A (start); the training data without augmentation
         # feed activation matching (the weight method only traces the first batch's shape)
-        aligned, _, report = align(start_model, end_model, method=args.align,
+        aligned, _, report = align_models(start_model, end_model, method=args.align,
                                    loader=ds.eval_loader("train"), seed=args.seed, device=device)
         end_state = {k: v.detach().cpu() for k, v in aligned.state_dict().items()}
         alignment = {"method": args.align, "aligned": "end", "reference": str(args.start),

@@ -9,7 +9,7 @@ import torch
 
 import modeconn as mc
 from modeconn import train_curve
-from modeconn.alignment import align
+from modeconn.alignment import align_models
 
 from conftest import CKPT
 
@@ -60,7 +60,7 @@ def commands(tmp_path_factory):
 # ------------------------------------------------------------------------------ library level
 def test_weight_matching_halves_the_mlp_straight_line_barrier(mlp_pair, digits):
     a, b = mlp_pair
-    aligned, perm, report = align(a, b, method="weight", loader=digits.eval_loader("train"), seed=0)
+    aligned, perm, report = align_models(a, b, method="weight", loader=digits.eval_loader("train"), seed=0)
     before = _line(a, b, digits).barrier("test_loss")
     after = _line(a, aligned, digits).barrier("test_loss")
     assert before > 0.1, before                      # the unaligned pair does have a barrier
@@ -140,7 +140,7 @@ def test_align_command_bad_input_is_one_line_exit_2(argv, words, tmp_path, capsy
 def test_library_align_is_still_callable_after_importing_the_command(mlp_pair, digits):
     # importing the submodule rebinds the package attribute modeconn.align to the module
     assert isinstance(importlib.import_module("modeconn.align"), type(mc))
-    aligned, _, report = mc.align(*mlp_pair, example_input=digits.x_test[:1])
+    aligned, _, report = mc.align_models(*mlp_pair, example_input=digits.x_test[:1])
     assert report.method == "weight" and isinstance(aligned, torch.nn.Module)
 
 
@@ -158,7 +158,7 @@ def test_train_curve_align_records_and_uses_the_aligned_end(tmp_path, digits, ca
 
     a, _ = mc.load_model(CNN_A)
     b, _ = mc.load_model(CNN_B)
-    aligned, _, _ = align(a, b, method="weight", loader=digits.eval_loader("train"), seed=0)
+    aligned, _, _ = align_models(a, b, method="weight", loader=digits.eval_loader("train"), seed=0)
     end = {n: v[-1] for n, v in curve.bends_by_name().items()}
     params = dict(aligned.named_parameters())
     assert set(end) == set(params)

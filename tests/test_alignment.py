@@ -14,7 +14,7 @@ from modeconn.alignment import (
     PermutationGroup,
     PermutationSpec,
     activation_matching,
-    align,
+    align_models,
     apply_permutation,
     infer_permutation_spec,
     weight_matching,
@@ -378,7 +378,7 @@ def test_self_recovery(name, method):
     p = spec.random_permutation(seed=5)
     shuffled = apply_permutation(model, spec, p)
     loader = [(x[i:i + 16], torch.zeros(16)) for i in range(0, 64, 16)]
-    aligned, perm, report = align(model, shuffled, method=method, loader=loader, spec=spec)
+    aligned, perm, report = align_models(model, shuffled, method=method, loader=loader, spec=spec)
     for k in spec.groups:
         assert torch.equal(perm[k], torch.argsort(p[k])), k
     sd = model.state_dict()
@@ -414,7 +414,7 @@ def test_weight_matching_on_state_dicts():
     perm, info = weight_matching(model.state_dict(), sd_b, spec, seed=3)
     assert info.converged
     assert all(torch.equal(perm[k], torch.argsort(p[k])) for k in spec.groups)
-    aligned, _, report = align(model.state_dict(), sd_b, spec=spec)
+    aligned, _, report = align_models(model.state_dict(), sd_b, spec=spec)
     assert isinstance(aligned, dict) and report.metric == "cosine"
     assert all(torch.equal(aligned[k], v) for k, v in model.state_dict().items())
 
@@ -431,7 +431,7 @@ def test_weight_matching_objective_never_decreases(name):
     assert all(later >= earlier for earlier, later in zip(hist, hist[1:])), hist
     assert hist[-1] > hist[0]
     assert info.converged
-    aligned, perm2, report = align(a, b, example_input=x[:1], seed=0)
+    aligned, perm2, report = align_models(a, b, example_input=x[:1], seed=0)
     assert all(torch.equal(perm[k], perm2[k]) for k in spec.groups)
     assert report.mean_after > report.mean_before
     _assert_same_function(b, aligned, x)
@@ -500,13 +500,13 @@ def test_different_architectures_raise():
     a = create_model("mlp", (1, 8, 8), 10, depth=2, width=16)
     b = create_model("mlp", (1, 8, 8), 10, depth=2, width=24)
     with pytest.raises(ValueError, match=r"layers\.0\.weight.*\(16, 64\).*\(24, 64\)"):
-        align(a, b, example_input=torch.randn(1, 1, 8, 8))
+        align_models(a, b, example_input=torch.randn(1, 1, 8, 8))
     spec = infer_permutation_spec(a, torch.randn(1, 1, 8, 8))
     with pytest.raises(ValueError, match=r"layers\.0\.weight"):
         weight_matching(a, b, spec)
     c = create_model("mlp", (1, 8, 8), 10, depth=3, width=16)
     with pytest.raises(ValueError, match=r"layers\.4\.weight.*\(10, 16\).*\(16, 16\)"):
-        align(a, c, example_input=torch.randn(1, 1, 8, 8))
+        align_models(a, c, example_input=torch.randn(1, 1, 8, 8))
 
 
 def test_spec_that_does_not_fit_raises():
@@ -519,7 +519,7 @@ def test_spec_that_does_not_fit_raises():
     with pytest.raises(ValueError, match=r"hidden1"):
         apply_permutation(model, wrong_size, {"hidden1": torch.randperm(20)})
     with pytest.raises(ValueError, match=r"hidden1"):
-        align(model, copy.deepcopy(model), spec=wrong_size)
+        align_models(model, copy.deepcopy(model), spec=wrong_size)
     smaller = PermutationSpec({"h": PermutationGroup(8, [("layers.0.weight", 0), ("layers.0.bias", 0)])})
     with pytest.raises(ValueError, match=r"'h' has size 8"):
         smaller.validate(model)
@@ -542,13 +542,13 @@ def test_align_argument_errors():
     model = create_model("mlp", (1, 8, 8), 10, depth=1, width=8)
     other = create_model("mlp", (1, 8, 8), 10, depth=1, width=8)
     with pytest.raises(ValueError, match="example_input"):
-        align(model, other)
+        align_models(model, other)
     with pytest.raises(ValueError, match="method"):
-        align(model, other, method="magic")
+        align_models(model, other, method="magic")
     with pytest.raises(ValueError, match="loader"):
-        align(model, other, method="activation")
+        align_models(model, other, method="activation")
     # a one-shot loader gives both the example input and the data
     batches = iter([torch.randn(32, 1, 8, 8) for _ in range(2)])
-    aligned, perm, report = align(model, other, method="activation", loader=batches)
+    aligned, perm, report = align_models(model, other, method="activation", loader=batches)
     assert report.info.num_batches == 2
     assert isinstance(aligned, type(other))

@@ -6,8 +6,8 @@ import pytest
 import torch
 
 import modeconn as mc
-from modeconn.checkpoint import atomic_save
-from modeconn.evaluation import evaluate
+from modeconn.runtime.checkpoints import atomic_save
+from modeconn.evaluation.model import evaluate
 
 from conftest import CKPT
 

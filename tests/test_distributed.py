@@ -16,10 +16,11 @@ import pytest
 import torch
 
 import modeconn as mc
-from modeconn import _cli, distributed
+from modeconn.cli import common as _cli
+from modeconn.runtime import distributed
 from modeconn import eval_curve as eval_cmd
 from modeconn import train_curve as curve_cmd
-from modeconn.curve_model import load_curve
+from modeconn.core.curve_model import load_curve
 
 ROOT = Path(__file__).resolve().parent.parent
 MLP_A, MLP_B = str(ROOT / "checkpoints/digits_mlp_a.pt"), str(ROOT / "checkpoints/digits_mlp_b.pt")

@@ -9,13 +9,14 @@ import torch.nn.functional as F
 from torch import nn
 from torch.optim.swa_utils import update_bn
 
-from modeconn.checkpoint import load_model, save_model
-from modeconn.curve_model import linear_path
+from modeconn.runtime.checkpoints import load_model, save_model
+from modeconn.core.curve_model import linear_path
 from modeconn.data import TensorLoader, get_dataset
-from modeconn.ensembles import (curve_ensemble, cyclic_lr, evaluate_ensemble, fge, snapshot_iterations)
-from modeconn.evaluation import evaluate
+from modeconn.evaluation.ensembles import curve_ensemble, evaluate_ensemble
+from modeconn.training.fge import cyclic_lr, snapshot_iterations, train_fge
+from modeconn.evaluation.model import evaluate
 from modeconn.models import create_model
-from modeconn.training import train_model
+from modeconn.training.loop import train_model
 
 ARCH = {"arch": "convnet", "arch_kwargs": {"bn": True, "width": 8}, "input_shape": (1, 8, 8), "num_classes": 10}
 START_EPOCHS = 4
@@ -90,7 +91,7 @@ def test_bad_input_raises(kwargs, match):
     args = dict(cycles=2, cycle_epochs=1, lr_max=0.1, lr_min=0.01)
     args.update(kwargs)
     with pytest.raises(ValueError, match=match):
-        fge(nn.Linear(3, 2), TensorLoader(x, y, 5), **args)
+        train_fge(nn.Linear(3, 2), TensorLoader(x, y, 5), **args)
     with pytest.raises(ValueError, match="lr_min"):
         cyclic_lr(0, 8, 0.01, 0.1)
     with pytest.raises(ValueError, match=">= 2"):
@@ -103,7 +104,7 @@ def test_fge_schedule_and_odd_cycle_epochs():
     x, y = torch.randn(30, 4), torch.randint(0, 3, (30,))
     model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 3))
     before = copy.deepcopy(model.state_dict())
-    res = fge(model, TensorLoader(x, y, 10, shuffle=True), cycles=3, cycle_epochs=1, lr_max=0.1, lr_min=0.01)
+    res = train_fge(model, TensorLoader(x, y, 10, shuffle=True), cycles=3, cycle_epochs=1, lr_max=0.1, lr_min=0.01)
     assert res.cycle_iters == 3 and len(res.lr_trace) == 9 and len(res.history) == 3
     assert res.snapshot_iterations == [1, 4, 7]
     assert res.lr_trace == [cyclic_lr(k, 3, 0.1, 0.01) for k in range(9)]
@@ -114,7 +115,7 @@ def test_fge_schedule_and_odd_cycle_epochs():
     flat = lambda m: torch.cat([p.detach().reshape(-1) for p in m.parameters()])
     assert res.distances[0] == pytest.approx(float((flat(res.snapshots[0]) - flat(model)).norm()), rel=1e-5)
     # cycle_iters not a multiple of the epoch: the last epoch is partial
-    res = fge(model, TensorLoader(x, y, 10), cycles=2, cycle_iters=4, lr_max=0.1, lr_min=0.01)
+    res = train_fge(model, TensorLoader(x, y, 10), cycles=2, cycle_iters=4, lr_max=0.1, lr_min=0.01)
     assert len(res.lr_trace) == 8 and res.snapshot_iterations == [2, 6] and len(res.history) == 3
     assert res.lr_trace[2] == pytest.approx(0.01)
 
@@ -185,7 +186,7 @@ def test_snapshot_bn_statistics_recomputed(ds, cnn):
         live[index] = {k: v.clone() for k, v in info["model"].state_dict().items() if "running" in k}
 
     bn_loader = ds.eval_loader("train")
-    res = fge(cnn, ds.train_loader(64, seed=5), cycles=2, cycle_iters=6, lr_max=0.05, lr_min=0.0005,
+    res = train_fge(cnn, ds.train_loader(64, seed=5), cycles=2, cycle_iters=6, lr_max=0.05, lr_min=0.0005,
               bn_loader=bn_loader, on_snapshot=grab)
     for i, snap in enumerate(res.snapshots):
         ref = copy.deepcopy(snap)
@@ -211,7 +212,7 @@ def test_fge_ensemble_improves_nll(ds, cnn):
     """
     test = ds.eval_loader("test")
     start = evaluate_ensemble([cnn], test)
-    res = fge(cnn, ds.train_loader(64, seed=100), cycles=4, cycle_epochs=1, lr_max=0.05, lr_min=0.0005,
+    res = train_fge(cnn, ds.train_loader(64, seed=100), cycles=4, cycle_epochs=1, lr_max=0.05, lr_min=0.0005,
               bn_loader=ds.eval_loader("train"))
     ens = evaluate_ensemble(res.snapshots, test)
     assert ens.nll[-1] < 0.9 * start.nll[0]
@@ -224,7 +225,7 @@ def test_fge_ensemble_improves_nll(ds, cnn):
 def test_resume_gives_same_snapshots(ds, cnn, tmp_path, on_disk):
     settings = dict(cycles=3, cycle_epochs=1, lr_max=0.05, lr_min=0.0005, seed=3,
                     bn_loader=ds.eval_loader("train"))
-    full = fge(cnn, ds.train_loader(64, seed=7), keep_on_disk=tmp_path / "a" if on_disk else None,
+    full = train_fge(cnn, ds.train_loader(64, seed=7), keep_on_disk=tmp_path / "a" if on_disk else None,
                snapshot_meta=ARCH, **settings)
 
     class Stop(Exception):
@@ -239,12 +240,12 @@ def test_resume_gives_same_snapshots(ds, cnn, tmp_path, on_disk):
 
     disk = tmp_path / "b" if on_disk else None
     with pytest.raises(Stop):
-        fge(cnn, ds.train_loader(64, seed=7), keep_on_disk=disk, on_epoch_end=interrupt,
+        train_fge(cnn, ds.train_loader(64, seed=7), keep_on_disk=disk, on_epoch_end=interrupt,
             snapshot_meta=ARCH, **settings)
     state = saved["state"]
     assert state["epoch"] == 1 and len(state["snapshots"]) == 2
     state = torch.load(_roundtrip(state, tmp_path), weights_only=True)  # as the command stores it
-    resumed = fge(cnn, ds.train_loader(64, seed=7), keep_on_disk=disk, resume=state,
+    resumed = train_fge(cnn, ds.train_loader(64, seed=7), keep_on_disk=disk, resume=state,
                   snapshot_meta=ARCH, **settings)
     assert resumed.lr_trace == full.lr_trace
     assert resumed.snapshot_iterations == full.snapshot_iterations
@@ -255,7 +256,7 @@ def test_resume_gives_same_snapshots(ds, cnn, tmp_path, on_disk):
         for (k, u), v in zip(m.state_dict().items(), n.state_dict().values()):
             assert torch.equal(u, v), k
     with pytest.raises(ValueError, match="different settings"):
-        fge(cnn, ds.train_loader(64, seed=7), keep_on_disk=disk, resume=state, snapshot_meta=ARCH,
+        train_fge(cnn, ds.train_loader(64, seed=7), keep_on_disk=disk, resume=state, snapshot_meta=ARCH,
             **{**settings, "lr_max": 0.1})
 
 

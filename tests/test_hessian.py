@@ -13,7 +13,7 @@ from torch import nn
 from torch.func import functional_call
 
 from modeconn.data import TensorLoader
-from modeconn.hessian import (ExtremeEigenvalues, HessianOperator, curvature_ratio, hessian_eigenvalues,
+from modeconn.geometry.hessian import (ExtremeEigenvalues, HessianOperator, curvature_ratio, hessian_eigenvalues,
                               hessian_extreme_eigenvalues, hessian_trace, hessian_vector_product,
                               sharpness_along)
 

@@ -13,14 +13,14 @@ import torch
 from torch.optim.swa_utils import update_bn
 
 import modeconn as mc
-from modeconn.checkpoint import save_model
-from modeconn.curve_model import CurveModel, linear_path, save_curve
-from modeconn.curves import Bezier
-from modeconn.evaluation import evaluate
-from modeconn.landscape import (GridResult, curve_plane, curve_plane_geometry, evaluate_grid,
+from modeconn.runtime.checkpoints import save_model
+from modeconn.core.curve_model import CurveModel, linear_path, save_curve
+from modeconn.core.curves import Bezier
+from modeconn.evaluation.model import evaluate
+from modeconn.geometry import (GridResult, curve_plane, curve_plane_geometry, evaluate_grid,
                                 flatten_parameters, model_direction, normalize_direction, orthogonalize,
                                 plane_through, random_direction, random_plane)
-from modeconn.path import evaluate_path
+from modeconn.evaluation.path import evaluate_path
 
 
 @pytest.fixture(scope="module")
@@ -298,8 +298,8 @@ def checkpoints(tmp_path_factory, digits):
 
 
 def test_landscape_command_2d_1d_and_resume(checkpoints, tmp_path, monkeypatch, capsys):
-    from modeconn.landscape import _io
-    from modeconn.landscape.cli import main
+    from modeconn.cli import grids as _io
+    from modeconn.landscape import main
 
     a, b, _ = checkpoints
     out = tmp_path / "land2"
@@ -355,8 +355,8 @@ def test_landscape_command_2d_1d_and_resume(checkpoints, tmp_path, monkeypatch, 
 
 
 def test_landscape_command_resumes_after_a_hard_crash(checkpoints, tmp_path):
-    from modeconn import _cli
-    from modeconn.landscape.cli import main
+    from modeconn.cli import common as _cli
+    from modeconn.landscape import main
 
     fault = _cli.FAULT_ENV
     a, _, _ = checkpoints
@@ -378,7 +378,7 @@ def test_landscape_command_resumes_after_a_hard_crash(checkpoints, tmp_path):
 
 
 def test_landscape_command_hessian_and_errors(checkpoints, tmp_path, capsys):
-    from modeconn.landscape.cli import main
+    from modeconn.landscape import main
 
     a, _, curve = checkpoints
     out = tmp_path / "hess"
@@ -411,7 +411,7 @@ def test_plane_command_writes_its_files(checkpoints, tmp_path):
 
 
 def test_help_explains_every_flag(capsys):
-    from modeconn.landscape.cli import build_parser as land
+    from modeconn.landscape import build_parser as land
     from modeconn.plane import build_parser as plane
 
     for build in (land, plane):

@@ -6,8 +6,8 @@ import torch
 from torch.optim.swa_utils import update_bn
 
 import modeconn as mc
-from modeconn.evaluation import evaluate
-from modeconn.path import barrier, bn_statistics, evaluate_path
+from modeconn.evaluation.model import evaluate
+from modeconn.evaluation.path import barrier, bn_statistics, evaluate_path
 
 
 def test_barrier_definitions_by_hand():

@@ -4,8 +4,8 @@ import pytest
 import torch
 
 import modeconn as mc
-from modeconn.path import evaluate_path
-from modeconn.training import reference_lr_factor
+from modeconn.evaluation.path import evaluate_path
+from modeconn.training.loop import reference_lr_factor
 
 
 def test_reference_schedule_by_hand():

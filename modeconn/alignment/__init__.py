@@ -12,18 +12,18 @@ the curves fitted by modeconn shorter and easier to find.
   with a reason.  A :class:`PermutationSpec` can also be written by hand.
 * :func:`apply_permutation` permutes a module or state dict (a copy).
 * :func:`weight_matching` (Git Re-Basin) and :func:`activation_matching`
-  (correlation of activations) find the permutation; :func:`align` does it all.
+  (correlation of activations) find the permutation; :func:`align_models` does it all.
 
 BN reset after interpolation (REPAIR's simple form: recompute BN statistics at the interpolated point) is what modeconn's path evaluation already does
 (``evaluate_path`` recomputes BN statistics at every point, see
 :func:`modeconn.bn.recompute_bn`), so it is not repeated here.
 """
-from .align import AlignmentReport, GroupAlignment, align
-from .infer import infer_permutation_spec
-from .matching import (ActivationMatchingInfo, WeightMatchingInfo, activation_matching,
+from modeconn.alignment.align import AlignmentReport, GroupAlignment, align_models
+from modeconn.alignment.infer import infer_permutation_spec
+from modeconn.alignment.matching import (ActivationMatchingInfo, WeightMatchingInfo, activation_matching,
                        weight_matching, weight_similarity)
-from .permute import apply_permutation
-from .spec import (AxisRef, ObservePoint, PermutationGroup, PermutationSpec,
+from modeconn.alignment.permute import apply_permutation
+from modeconn.alignment.spec import (AxisRef, ObservePoint, PermutationGroup, PermutationSpec,
                    check_same_architecture)
 
 __all__ = [
@@ -36,7 +36,7 @@ __all__ = [
     "weight_matching",
     "activation_matching",
     "weight_similarity",
-    "align",
+    "align_models",
     "AlignmentReport",
     "GroupAlignment",
     "WeightMatchingInfo",

@@ -12,11 +12,11 @@ from typing import Any, Dict, List, Optional, Union
 import torch
 from torch import nn
 
-from .infer import infer_permutation_spec
-from .matching import (ActivationMatchingInfo, WeightMatchingInfo, activation_matching,
+from modeconn.alignment.infer import infer_permutation_spec
+from modeconn.alignment.matching import (ActivationMatchingInfo, WeightMatchingInfo, activation_matching,
                        weight_matching, weight_similarity)
-from .permute import apply_permutation
-from .spec import PermutationSpec, check_same_architecture, state_dict_of
+from modeconn.alignment.permute import apply_permutation
+from modeconn.alignment.spec import PermutationSpec, check_same_architecture, state_dict_of
 
 __all__ = ["GroupAlignment", "AlignmentReport", "align"]
 
@@ -117,7 +117,7 @@ def _first_input(batch):
         f"loader batches must be tensors or (x, y) tuples with a tensor x, got {type(batch).__name__}")
 
 
-def align(model_a, model_b, method: str = "weight", loader=None, spec: Optional[PermutationSpec] = None,
+def align_models(model_a, model_b, method: str = "weight", loader=None, spec: Optional[PermutationSpec] = None,
           example_input=None, seed: int = 0, *, max_iter: int = 100, max_batches: Optional[int] = None,
           device=None):
     """Permute the hidden units of ``model_b`` to line up with ``model_a``.

@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from torch import fx, nn
 from torch.fx.passes.shape_prop import ShapeProp, TensorMetadata
 
-from .spec import AxisRef, ObservePoint, PermutationGroup, PermutationSpec, NEVER_PERMUTED_SUFFIXES
+from modeconn.alignment.spec import AxisRef, ObservePoint, PermutationGroup, PermutationSpec, NEVER_PERMUTED_SUFFIXES
 
 __all__ = ["infer_permutation_spec", "trace_model"]
 

@@ -22,9 +22,9 @@ import torch
 from scipy.optimize import linear_sum_assignment
 from torch import fx, nn
 
-from .infer import _EvalMode
-from .permute import permute_tensor, segment_rows
-from .spec import AxisRef, ObservePoint, PermutationSpec, check_same_architecture, state_dict_of
+from modeconn.alignment.infer import _EvalMode
+from modeconn.alignment.permute import permute_tensor, segment_rows
+from modeconn.alignment.spec import AxisRef, ObservePoint, PermutationSpec, check_same_architecture, state_dict_of
 
 __all__ = [
     "WeightMatchingInfo",

@@ -8,7 +8,7 @@ from typing import Dict, Iterable, List, Mapping, Optional, Tuple
 import torch
 from torch import nn
 
-from .spec import AxisRef, PermutationSpec, state_dict_of
+from modeconn.alignment.spec import AxisRef, PermutationSpec, state_dict_of
 
 __all__ = ["apply_permutation", "permute_tensor", "segment_rows"]
 

@@ -13,14 +13,14 @@ Every model:
 Register your own with ``@register_model("name")`` on a
 ``fn(input_shape, num_classes, **kwargs) -> nn.Module``.
 """
-from .registry import create_model, list_models, register_model
+from modeconn.models.registry import create_model, list_models, register_model
 
 # importing the family modules registers their models
-from .mlp import MLP
-from .convnet import ConvNet
-from .vgg import VGG
-from .preresnet import PreResNet
-from .wide_resnet import WideResNet
+from modeconn.models.mlp import MLP
+from modeconn.models.convnet import ConvNet
+from modeconn.models.vgg import VGG
+from modeconn.models.preresnet import PreResNet
+from modeconn.models.wide_resnet import WideResNet
 
 __all__ = [
     "register_model",

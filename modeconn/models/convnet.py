@@ -15,7 +15,7 @@ from typing import Sequence
 import torch
 import torch.nn as nn
 
-from .registry import check_bool, check_image_shape, check_int, pooled_size, register_model
+from modeconn.models.registry import check_bool, check_image_shape, check_int, pooled_size, register_model
 
 __all__ = ["ConvNet", "convnet", "convnet_bn"]
 

@@ -7,7 +7,7 @@ from typing import Sequence
 import torch
 import torch.nn as nn
 
-from .registry import check_input_shape, check_int, register_model
+from modeconn.models.registry import check_input_shape, check_int, register_model
 
 __all__ = ["MLP", "mlp"]
 

@@ -26,7 +26,7 @@ from typing import Optional, Sequence
 import torch
 import torch.nn as nn
 
-from .registry import check_image_shape, register_model
+from modeconn.models.registry import check_image_shape, register_model
 
 __all__ = ["PreResNet", "PreActBasicBlock", "PreActBottleneck", "preresnet"]
 

@@ -23,7 +23,7 @@ from typing import List, Sequence, Union
 import torch
 import torch.nn as nn
 
-from .registry import (
+from modeconn.models.registry import (
     check_image_shape,
     check_positive_float,
     check_probability,

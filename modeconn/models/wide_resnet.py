@@ -19,7 +19,7 @@ from typing import Sequence
 import torch
 import torch.nn as nn
 
-from .registry import check_image_shape, check_int, check_probability, register_model
+from modeconn.models.registry import check_image_shape, check_int, check_probability, register_model
 
 __all__ = ["WideResNet", "WideBasicBlock", "wide_resnet"]
 

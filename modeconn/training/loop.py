@@ -32,9 +32,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import distributed as _dist
-from .curve_model import CurveModel
-from .data import epoch_generator
+from modeconn.runtime import distributed as _dist
+from modeconn.core.curve_model import CurveModel
+from modeconn.data import epoch_generator
 
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 SCHEDULES = ("reference", "cosine", "constant")

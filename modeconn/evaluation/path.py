@@ -45,11 +45,11 @@ import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call, vmap
 
-from . import distributed as _dist
-from .bn import batchnorm_modules
-from .curve_model import CurveModel
-from .curves import PolyChain
-from .training import autocast
+from modeconn.runtime import distributed as _dist
+from modeconn.evaluation.bn import batchnorm_modules
+from modeconn.core.curve_model import CurveModel
+from modeconn.core.curves import PolyChain
+from modeconn.training.loop import autocast
 
 METRICS = ("train_loss", "train_nll", "train_acc", "train_error",
            "test_loss", "test_nll", "test_acc", "test_error")

@@ -15,10 +15,10 @@ from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence
 import numpy as np
 import torch
 
-from . import __version__
-from . import distributed
-from .checkpoint import CheckpointError, atomic_save, atomic_write, load_checkpoint
-from .data import DATASETS
+from modeconn._version import __version__
+from modeconn.runtime import distributed
+from modeconn.runtime.checkpoints import CheckpointError, atomic_save, atomic_write, load_checkpoint
+from modeconn.data import DATASETS
 
 # Test hook (documented in README, "Multiple GPUs and machines"): "N" or "N:RANK" makes the process
 # (every rank, or only RANK) exit abruptly after N training steps, as a killed run would.

@@ -23,8 +23,8 @@ import torch
 from torch import nn
 from torch.func import functional_call
 
-from .checkpoint import load_state_dict
-from .curves import Bezier, Curve, PolyChain, TLike, _as_t, make_curve
+from modeconn.runtime.checkpoints import load_state_dict
+from modeconn.core.curves import Bezier, Curve, PolyChain, TLike, _as_t, make_curve
 
 Source = Union[nn.Module, Mapping[str, torch.Tensor], str]
 
@@ -258,7 +258,7 @@ class CurveModel(nn.Module):
     # --------------------------------------------------------------- buffers
     def has_batchnorm(self) -> bool:
         """True when the template has BatchNorm layers tracking running statistics."""
-        from .bn import has_batchnorm
+        from modeconn.evaluation.bn import has_batchnorm
 
         return has_batchnorm(self.net)
 
@@ -357,7 +357,7 @@ def save_curve(path, curve: CurveModel, meta: Mapping, **extra):
     ``meta`` carries the architecture (``arch``, ``arch_kwargs``,
     ``input_shape``, ``num_classes``) and usually ``dataset`` and ``seed``.
     """
-    from .checkpoint import save_checkpoint
+    from modeconn.runtime.checkpoints import save_checkpoint
 
     fields = {k: meta[k] for k in ("arch", "arch_kwargs", "input_shape", "num_classes")}
     fields.update({k: v for k, v in meta.items() if k not in fields})
@@ -367,7 +367,7 @@ def save_curve(path, curve: CurveModel, meta: Mapping, **extra):
 
 def load_curve(path, map_location="cpu"):
     """Rebuild the CurveModel stored in a 'curve' checkpoint; returns (curve, metadata)."""
-    from .checkpoint import CheckpointError, build_model, load_checkpoint
+    from modeconn.runtime.checkpoints import CheckpointError, build_model, load_checkpoint
 
     meta = load_checkpoint(path, kind="curve", map_location=map_location)
     try:

@@ -32,11 +32,11 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..curve_model import CurveModel, linear_path
-from ..bn import has_batchnorm
-from .. import distributed as _dist
-from ..path import evaluate_points
-from .directions import Plane, plane_through
+from modeconn.core.curve_model import CurveModel, linear_path
+from modeconn.evaluation.bn import has_batchnorm
+from modeconn.runtime import distributed as _dist
+from modeconn.evaluation.path import evaluate_points
+from modeconn.geometry.directions import Plane, plane_through
 
 RowCallback = Callable[[int, "GridResult"], None]
 PointMetrics = Callable[[torch.Tensor], Mapping[str, np.ndarray]]

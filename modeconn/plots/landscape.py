@@ -6,11 +6,11 @@ from typing import Optional, Sequence, Tuple
 
 import numpy as np
 
-from .. import plots as _plots  # noqa: F401  (selects the Agg backend before pyplot is imported)
+from modeconn.plots import history as _plots
 import matplotlib.pyplot as plt  # noqa: E402
 from matplotlib.colors import LogNorm  # noqa: E402
 
-from .grid import CurvePlane, GridResult  # noqa: E402
+from modeconn.geometry.grid import CurvePlane, GridResult  # noqa: E402
 
 __all__ = ["plot_line", "plot_contours", "plot_surface", "plot_curve_plane", "plot_curvature"]
 

@@ -25,7 +25,7 @@ from typing import IO, Any, Callable, Mapping, Optional, Tuple, Union
 import torch
 from torch import nn
 
-from . import __version__
+from modeconn._version import __version__
 
 FORMAT = "modeconn"
 FORMAT_VERSION = 1
@@ -171,7 +171,7 @@ def save_model(path: PathLike, model: nn.Module, arch: str, arch_kwargs: Mapping
 
 def build_model(meta: Mapping) -> nn.Module:
     """Instantiate the architecture a checkpoint describes (weights not loaded)."""
-    from .models import create_model
+    from modeconn.models import create_model
 
     return create_model(meta["arch"], tuple(meta["input_shape"]), meta["num_classes"],
                         **meta.get("arch_kwargs", {}))

@@ -17,10 +17,10 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..curve_model import CurveModel
-from ..bn import has_batchnorm
-from ..path import bn_statistics
-from .grid import evaluator_for
+from modeconn.core.curve_model import CurveModel
+from modeconn.evaluation.bn import has_batchnorm
+from modeconn.evaluation.path import bn_statistics
+from modeconn.geometry.grid import evaluator_for
 
 __all__ = ["module_at", "curvature_metrics"]
 
@@ -53,7 +53,7 @@ def curvature_metrics(net: Union[nn.Module, CurveModel], data: Iterable, bn_load
     batches for the BN statistics of each point when ``recompute_bn``.
     The rest goes to :func:`modeconn.hessian.sharpness_along`.
     """
-    from ..hessian import sharpness_along
+    from modeconn.geometry.hessian import sharpness_along
 
     ev = evaluator_for(net)
     use_bn = bool(recompute_bn and has_batchnorm(ev.net))

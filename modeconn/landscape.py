@@ -5,12 +5,12 @@ import sys
 import time
 from pathlib import Path
 
-from .. import _cli
-from ..bn import has_batchnorm
-from ..checkpoint import load_model
-from . import _io
-from .directions import NORMS, flatten_parameters, model_direction, random_plane
-from .grid import axis, evaluate_grid
+from modeconn.cli import common as _cli
+from modeconn.evaluation.bn import has_batchnorm
+from modeconn.runtime.checkpoints import load_model
+from modeconn.cli import grids as _io
+from modeconn.geometry.directions import NORMS, flatten_parameters, model_direction, random_plane
+from modeconn.geometry.grid import axis, evaluate_grid
 
 PARTIAL, FINAL = "landscape.partial.npz", "landscape.npz"
 
@@ -117,7 +117,7 @@ def main_(argv=None) -> int:
     ds, train, test, bn = _io.loaders(meta, args, device)
     metrics_fn = None
     if args.hessian:
-        from .curvature import curvature_metrics
+        from modeconn.geometry.curvature import curvature_metrics
 
         metrics_fn = curvature_metrics(model, _io.hessian_loader(ds, args, device), bn_loader=bn,
                                        recompute_bn=not args.no_bn_recompute, tol=args.hessian_tol, seed=args.seed)
@@ -165,7 +165,7 @@ def main_(argv=None) -> int:
     _cli.write_json(out / "landscape.json", summary)
     _io.finish(out, PARTIAL)
 
-    from .plots import plot_contours, plot_curvature, plot_line, plot_surface
+    from modeconn.plots.landscape import plot_contours, plot_curvature, plot_line, plot_surface
 
     title = f"{meta['arch']} on {ds.name}: " + (f"from {_short(args.ckpt)} towards {_short(args.ckpt2)}" if args.ckpt2
                                                  else f"{args.norm}-normalised directions, seed {args.seed}")

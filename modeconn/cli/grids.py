@@ -11,10 +11,10 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
 
-from .. import _cli
-from ..checkpoint import atomic_write
-from ..data import DATASETS, TensorLoader, get_dataset
-from .grid import GridResult
+from modeconn.cli import common as _cli
+from modeconn.runtime.checkpoints import atomic_write
+from modeconn.data import DATASETS, TensorLoader, get_dataset
+from modeconn.geometry.grid import GridResult
 
 _RANGE = re.compile(r"^\s*[-+]?[\d.eE+-]*\s*:\s*[-+]?[\d.eE+-]*\s*$")
 

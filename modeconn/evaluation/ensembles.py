@@ -1,0 +1,213 @@
+"""Ensembles: evaluate several networks as one (mean of softmax probabilities).
+
+* :func:`evaluate_ensemble` — accuracy, NLL and calibration of an ensemble
+  as members are added, in one pass over the data -> :class:`EnsembleResult`;
+* :func:`curve_ensemble` — the point networks of a fitted curve, BN
+  statistics recomputed per point, ready for :func:`evaluate_ensemble`;
+* :func:`load_members` — modules from a mix of modules and checkpoint paths.
+"""
+from __future__ import annotations
+
+import copy
+import os
+from dataclasses import dataclass
+from typing import Dict, Iterable, List, Optional, Sequence, Union
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..runtime.checkpoints import load_model, load_state_dict
+from .bn import has_batchnorm, recompute_bn
+
+Member = Union[nn.Module, str, os.PathLike]
+
+__all__ = ["evaluate_ensemble", "EnsembleResult", "curve_ensemble", "load_members", "ECE_BINS", "frozen"]
+
+ECE_BINS = 15
+
+
+def frozen(module: nn.Module) -> nn.Module:
+    """``module`` in eval mode with gradients off and dropped (a finished ensemble member)."""
+    for p in module.parameters():
+        p.grad = None
+        p.requires_grad_(False)
+    return module.eval()
+
+
+# ----------------------------------------------------------------- members
+def load_members(members: Sequence[Member], template: Optional[nn.Module] = None,
+                 map_location="cpu") -> List[nn.Module]:
+    """Modules from a mix of modules and checkpoint paths (modules are passed through).
+
+    A path is loaded with :func:`~modeconn.checkpoint.load_model` or, when
+    ``template`` is given, as a copy of ``template`` holding the file's state
+    dict (for checkpoints that do not name a registered architecture).
+    """
+    out = []
+    for m in members:
+        if isinstance(m, nn.Module):
+            out.append(m)
+        elif template is not None:
+            net = copy.deepcopy(template).to(map_location)
+            net.load_state_dict(load_state_dict(m))
+            out.append(net.eval())
+        else:
+            out.append(load_model(m, map_location=map_location)[0].eval())
+    return out
+
+
+def curve_ensemble(curve, ts: Sequence[float], bn_loader: Optional[Iterable] = None) -> List[nn.Module]:
+    """The networks at ``ts`` along a fitted curve, BN statistics recomputed per point.
+
+    Every point (endpoints included) gets statistics computed over
+    ``bn_loader`` (required when the network has BatchNorm). Returns
+    standalone modules in eval mode, for :func:`evaluate_ensemble`.
+    """
+    ts = [float(t) for t in ts]
+    if not ts:
+        raise ValueError("ts is empty: an ensemble needs at least one point")
+    points = [curve.point(t) for t in ts]
+    if has_batchnorm(points[0]):
+        if bn_loader is None:
+            raise ValueError("the network has BatchNorm: pass bn_loader (training data) so each point's "
+                             "statistics can be recomputed")
+        for p in points:
+            recompute_bn(p, bn_loader)
+    return [frozen(p) for p in points]
+
+
+# -------------------------------------------------------------- evaluation
+@dataclass
+class EnsembleResult:
+    """Metrics of an ensemble as members are added, and of each member alone.
+
+    Arrays have one entry per member. ``acc[k]``, ``nll[k]``, ``ece[k]``
+    belong to the ensemble of the first ``k + 1`` members (mean of their
+    softmax probabilities); ``member_*[k]`` to member k alone. NLL is the mean
+    of ``-log p̄(y|x)``; ECE uses ``num_bins`` equal-width confidence bins
+    ``(b/B, (b+1)/B]`` and is ``Σ_b (n_b / n) |acc_b - conf_b|``.
+    """
+
+    acc: np.ndarray
+    nll: np.ndarray
+    ece: np.ndarray
+    member_acc: np.ndarray
+    member_nll: np.ndarray
+    member_ece: np.ndarray
+    n: int
+    num_bins: int = ECE_BINS
+
+    @property
+    def error(self) -> np.ndarray:
+        return 1.0 - self.acc
+
+    @property
+    def final(self) -> Dict[str, float]:
+        """Metrics of the whole ensemble."""
+        return {"acc": float(self.acc[-1]), "nll": float(self.nll[-1]), "ece": float(self.ece[-1]),
+                "error": float(1.0 - self.acc[-1]), "members": len(self.acc)}
+
+    def to_dict(self) -> dict:
+        """Plain data: ``{"n", "num_bins", "ensemble": [...], "members": [...]}``."""
+        return {"n": self.n, "num_bins": self.num_bins,
+                "ensemble": [{"members": k + 1, "acc": float(a), "nll": float(l), "ece": float(e),
+                              "error": float(1 - a)}
+                             for k, (a, l, e) in enumerate(zip(self.acc, self.nll, self.ece))],
+                "members": [{"index": k, "acc": float(a), "nll": float(l), "ece": float(e),
+                             "error": float(1 - a)}
+                            for k, (a, l, e) in enumerate(zip(self.member_acc, self.member_nll,
+                                                              self.member_ece))]}
+
+
+class _Tally:
+    """Sums over batches (as tensors) for M prediction sets: NLL, correct, ECE bins."""
+
+    def __init__(self, M: int, num_bins: int, device):
+        self.edges = torch.linspace(0, 1, num_bins + 1, dtype=torch.float64, device=device)[1:-1]
+        self.nll = torch.zeros(M, dtype=torch.float64, device=device)
+        self.correct = torch.zeros(M, dtype=torch.float64, device=device)
+        self.count = torch.zeros(M, num_bins, dtype=torch.float64, device=device)
+        self.conf = torch.zeros(M, num_bins, dtype=torch.float64, device=device)
+        self.hits = torch.zeros(M, num_bins, dtype=torch.float64, device=device)
+
+    def add(self, logp: torch.Tensor, y: torch.Tensor) -> None:
+        """``logp``: [M, B, C] log-probabilities (float64); ``y``: [B]."""
+        M, B, _ = logp.shape
+        yy = y.view(1, B, 1).expand(M, B, 1)
+        self.nll -= logp.gather(2, yy).squeeze(2).sum(1)
+        top, pred = logp.max(2)
+        hit = (pred == y.view(1, B)).double()
+        conf = top.exp()
+        self.correct += hit.sum(1)
+        b = torch.bucketize(conf, self.edges)  # (edge[b-1], edge[b]]
+        self.count.scatter_add_(1, b, torch.ones_like(conf))
+        self.conf.scatter_add_(1, b, conf)
+        self.hits.scatter_add_(1, b, hit)
+
+    def result(self, n: int):
+        acc = (self.correct / n).cpu().numpy()
+        nll = (self.nll / n).cpu().numpy()
+        ece = ((self.hits - self.conf).abs().sum(1) / n).cpu().numpy()
+        return acc, nll, ece
+
+
+@torch.no_grad()
+def evaluate_ensemble(models: Sequence[Member], loader: Iterable, bn_loader: Optional[Iterable] = None,
+                      num_bins: int = ECE_BINS, template: Optional[nn.Module] = None,
+                      map_location="cpu") -> EnsembleResult:
+    """Accuracy, NLL and ECE of the ensemble of ``models`` (sizes 1..n) and of each member.
+
+    The ensemble predicts the mean of the members' softmax probabilities
+    (not of their logits), in the given order. One pass over ``loader``: each
+    batch goes through every member; sums are float64 tensors (no ``.item()``
+    per batch). Mean probabilities of growing prefixes are computed in the
+    log domain (``logcumsumexp``), so NLL stays finite for confident members.
+
+    Args:
+        models: modules and/or checkpoint paths (loaded with
+            :func:`load_members`, all held in memory during the pass).
+        loader: evaluation batches ``(x, y)`` with integer class labels.
+        bn_loader: if given, each member's BatchNorm statistics are
+            recomputed over it first (**in place** for modules passed in).
+        num_bins: ECE bins (15, equal width).
+        template, map_location: how paths are loaded (see :func:`load_members`).
+
+    Modules are evaluated in eval mode and their train/eval mode restored.
+    """
+    if num_bins < 1:
+        raise ValueError(f"num_bins must be >= 1, got {num_bins}")
+    members = load_members(list(models), template, map_location)
+    if not members:
+        raise ValueError("an ensemble needs at least one member")
+    if bn_loader is not None:
+        for m in members:
+            recompute_bn(m, bn_loader)
+    modes = [m.training for m in members]
+    for m in members:
+        m.eval()
+    M = len(members)
+    ens = mem = None
+    n = 0
+    log_k = None
+    try:
+        for x, y in loader:
+            logp = torch.stack([F.log_softmax(m(x).double(), dim=1) for m in members])  # [M, B, C]
+            if logp.dim() != 3:
+                raise ValueError(f"members must output [batch, classes] logits, got {tuple(logp.shape[1:])}")
+            if ens is None:
+                ens, mem = _Tally(M, num_bins, logp.device), _Tally(M, num_bins, logp.device)
+                log_k = torch.arange(1, M + 1, dtype=torch.float64, device=logp.device).log().view(M, 1, 1)
+            y = y.to(logp.device)
+            mem.add(logp, y)
+            ens.add(torch.logcumsumexp(logp, dim=0) - log_k, y)
+            n += len(y)
+    finally:
+        for m, mode in zip(members, modes):
+            m.train(mode)
+    if n == 0:
+        raise ValueError("the loader yielded no samples")
+    acc, nll, ece = ens.result(n)
+    macc, mnll, mece = mem.result(n)
+    return EnsembleResult(acc, nll, ece, macc, mnll, mece, n, num_bins)

@@ -1,0 +1,24 @@
+"""The geometry of the loss surface: directions, planes, 1-D / 2-D grids, Hessian and sharpness.
+
+Example::
+
+    from modeconn.geometry import random_plane, evaluate_grid, flatten_parameters
+    plane = random_plane(flatten_parameters(model), model, dims=2, norm="filter", seed=0)
+    grid = evaluate_grid(model, plane, xs=np.linspace(-1, 1, 21), ys=np.linspace(-1, 1, 21),
+                         train_loader=ds.eval_loader("train"), test_loader=ds.eval_loader("test"))
+    grid.arrays["train_loss"][j, i]      # at (xs[i], ys[j])
+
+Commands: ``python -m modeconn.landscape`` (slices around a model) and
+``python -m modeconn.plane`` (the plane of a fitted curve).
+"""
+from modeconn.geometry.directions import (NORMS, Layout, Plane, flatten_parameters, layout_of, model_direction,
+                                          normalize_direction, orthogonalize, plane_through, random_direction,
+                                          random_plane)
+from modeconn.geometry.grid import (CurvePlane, GridResult, axis, curve_plane, curve_plane_geometry, evaluate_grid,
+                                    evaluator_for, plane_checksum)
+from modeconn.geometry.curvature import curvature_metrics, module_at
+
+__all__ = ["NORMS", "Layout", "Plane", "flatten_parameters", "layout_of", "model_direction",
+           "normalize_direction", "orthogonalize", "plane_through", "random_direction", "random_plane",
+           "CurvePlane", "GridResult", "axis", "curve_plane", "curve_plane_geometry", "evaluate_grid",
+           "evaluator_for", "plane_checksum", "curvature_metrics", "module_at"]
