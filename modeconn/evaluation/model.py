@@ -1,11 +1,39 @@
 """Evaluate one network (or any ``x -> logits`` function) over a loader."""
 from __future__ import annotations
 
-from typing import Callable, Dict, Iterable, Union
+import contextlib
+from typing import Callable, Dict, Iterable, Iterator, Union
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+
+@contextlib.contextmanager
+def eval_mode(*modules: nn.Module) -> Iterator[None]:
+    """Every given module, and each of its submodules, in eval mode inside the block.
+
+    On exit each submodule gets back its own earlier mode (not one flag for
+    the whole tree), also when the block raises.
+
+    Example:
+        >>> net = nn.Sequential(nn.Linear(2, 2), nn.Dropout(0.5))
+        >>> net[1].eval()  # doctest: +ELLIPSIS
+        Dropout(...)
+        >>> with eval_mode(net):
+        ...     net.training, net[1].training
+        (False, False)
+        >>> net.training, net[1].training
+        (True, False)
+    """
+    saved = [(m, m.training) for module in modules for m in module.modules()]
+    for module in modules:
+        module.eval()
+    try:
+        yield
+    finally:
+        for m, flag in saved:
+            m.training = flag
 
 
 @torch.no_grad()
