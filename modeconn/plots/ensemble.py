@@ -6,6 +6,7 @@ from pathlib import Path
 from typing import Optional, Union
 
 from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
 
 from modeconn.evaluation.ensembles import EnsembleResult
 from modeconn.plots._figure import save_png
@@ -63,6 +64,7 @@ def plot_fge(result: FGEResult, fge_eval: EnsembleResult, path: Union[str, os.Pa
     pad = max(0.005, 0.2 * (max(accs) - min(accs)))  # room around the accuracies, not the whole [0, 1]
     ax2.set_ylim(min(accs) - pad, min(max(accs) + pad, 1.0 + pad / 4))
     ax2.set_xlabel("ensemble members")
+    ax2.xaxis.set_major_locator(MaxNLocator(integer=True))  # members are counted, not measured
     ax2.set_ylabel("test accuracy", color="C0")
     ax3.set_ylabel("test NLL", color="C1")
     h2, l2 = ax2.get_legend_handles_labels()
