@@ -14,7 +14,7 @@ from modeconn.runtime.checkpoints import load_model, save_model
 from modeconn.core.curve_model import linear_path
 from modeconn.data import get_dataset
 from modeconn.evaluation.path import evaluate_path
-from modeconn.plots.history import plot_path
+from modeconn.plots.path import plot_path
 
 EXAMPLE = """  python -m modeconn.align --a checkpoints/digits_mlp_a.pt --b checkpoints/digits_mlp_b.pt \\
       --method weight --out runs/align/digits_mlp_b_aligned.pt --report

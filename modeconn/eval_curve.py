@@ -9,7 +9,7 @@ from modeconn.runtime.checkpoints import build_model, load_checkpoint
 from modeconn.core.curve_model import linear_path, load_curve
 from modeconn.data import get_dataset
 from modeconn.evaluation.path import evaluate_path, points_of_this_rank
-from modeconn.plots.history import plot_path
+from modeconn.plots.path import plot_path
 
 EXAMPLE = """  python -m modeconn.eval_curve --ckpt runs/curve_mlp/curve.pt --with-linear --out runs/eval_mlp
   python -m modeconn.eval_curve --start checkpoints/digits_mlp_a.pt --end checkpoints/digits_mlp_b.pt

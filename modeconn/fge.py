@@ -6,7 +6,7 @@ from pathlib import Path
 from typing import List, Mapping, Optional
 
 from modeconn.cli import common as _cli
-from modeconn.plots import history as plots
+from modeconn.plots.ensemble import plot_fge
 from modeconn.runtime.checkpoints import load_checkpoint, load_model, save_model
 from modeconn.data import get_dataset
 from modeconn.evaluation.ensembles import EnsembleResult, evaluate_ensemble
@@ -80,49 +80,6 @@ def epochs_of(meta: Mapping) -> Optional[float]:
     if history:
         return float(len(history))
     return None
-
-
-def plot_fge(result: FGEResult, fge_eval: EnsembleResult, path: Path, start: Optional[EnsembleResult] = None,
-             independent: Optional[EnsembleResult] = None, title: str = "FGE") -> Path:
-    """Two panels: lr per iteration with snapshot markers; ensemble test accuracy and NLL vs members."""
-    import matplotlib.pyplot as plt
-
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 4.4))
-    ax1.plot(range(len(result.lr_trace)), result.lr_trace, color="C0", lw=1)
-    ax1.plot(result.snapshot_iterations, [result.lr_trace[i] for i in result.snapshot_iterations], "v",
-             color="C3", ms=6, label="snapshot")
-    ax1.set_xlabel("iteration")
-    ax1.set_ylabel("learning rate")
-    ax1.legend(loc="upper right", fontsize=8)
-    ax1.set_title("cyclical learning rate")
-
-    k = range(1, len(fge_eval.acc) + 1)
-    ax2.plot(k, fge_eval.acc, "o-", color="C0", ms=4, label="FGE accuracy")
-    ax3 = ax2.twinx()
-    ax3.plot(k, fge_eval.nll, "s-", color="C1", ms=4, label="FGE NLL")
-    if independent is not None:
-        ki = range(1, len(independent.acc) + 1)
-        ax2.plot(ki, independent.acc, "o--", color="C0", ms=4, alpha=0.6, label="independent accuracy")
-        ax3.plot(ki, independent.nll, "s--", color="C1", ms=4, alpha=0.6, label="independent NLL")
-    if start is not None:
-        ax2.axhline(start.acc[0], color="C0", ls=":", lw=1, label="start accuracy")
-        ax3.axhline(start.nll[0], color="C1", ls=":", lw=1, label="start NLL")
-    accs = [float(a) for r in (fge_eval, independent, start) if r is not None for a in r.acc]
-    pad = max(0.005, 0.2 * (max(accs) - min(accs)))
-    ax2.set_ylim(min(accs) - pad, min(max(accs) + pad, 1.0 + pad / 4))
-    ax2.set_xlabel("ensemble members")
-    ax2.set_ylabel("test accuracy", color="C0")
-    ax3.set_ylabel("test NLL", color="C1")
-    h2, l2 = ax2.get_legend_handles_labels()
-    h3, l3 = ax3.get_legend_handles_labels()
-    ax2.legend(h2 + h3, l2 + l3, loc="upper center", bbox_to_anchor=(0.5, -0.17), ncol=3, fontsize=7,
-               frameon=False)
-    ax2.set_title("ensemble on the test set")
-    fig.suptitle(title)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return Path(path)
 
 
 def _fmt(v, spec=".4f"):

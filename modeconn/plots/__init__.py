@@ -1,1 +1,21 @@
+"""Pictures of modeconn's results, one module per kind of result.
 
+Every function draws with matplotlib's object API (``Figure``, never pyplot),
+so importing this package leaves the matplotlib backend and pyplot's global
+state alone; each writes one PNG atomically and returns its path.
+
+  history    training history                    :func:`plot_history`
+  path       metrics along a path                :func:`plot_path`
+  landscape  1-D/2-D grids, surface, curve plane,
+             curvature                           :func:`plot_line`, :func:`plot_contours`,
+                                                 :func:`plot_surface`, :func:`plot_curve_plane`,
+                                                 :func:`plot_curvature`
+  ensemble   Fast Geometric Ensembling           :func:`plot_fge`
+"""
+from modeconn.plots.ensemble import plot_fge
+from modeconn.plots.history import plot_history
+from modeconn.plots.landscape import plot_contours, plot_curvature, plot_curve_plane, plot_line, plot_surface
+from modeconn.plots.path import plot_path
+
+__all__ = ["plot_history", "plot_path", "plot_line", "plot_contours", "plot_surface", "plot_curve_plane",
+           "plot_curvature", "plot_fge"]

@@ -1,25 +1,53 @@
-"""Pictures of results (matplotlib, Agg backend: no screen needed)."""
+"""Picture of a training history (loss, accuracy and learning rate per epoch)."""
 from __future__ import annotations
 
+import os
 from pathlib import Path
-from typing import List, Mapping
+from typing import List, Mapping, Union
 
-import matplotlib
+from matplotlib.figure import Figure
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
+from modeconn.plots._figure import save_png
+
+__all__ = ["plot_history"]
 
 
-def plot_history(history: List[Mapping], path: Path, title: str = "training") -> Path:
-    """Training loss and accuracy per epoch, learning rate on a second panel."""
+def plot_history(history: List[Mapping], path: Union[str, os.PathLike], title: str = "training") -> Path:
+    """Draw a training history: loss and accuracy per epoch, learning rate beside.
+
+    The left panel shows the training loss per epoch on a log scale and, when
+    every record has a finite ``acc``, the training accuracy on a second y axis;
+    the right panel shows the learning rate per epoch. The picture is a
+    990 x 374 pixel PNG written atomically to ``path``.
+
+    Args:
+        history: one record per epoch with keys ``epoch``, ``loss``, ``lr`` and
+            optionally ``acc`` (what :func:`modeconn.train_model` and
+            :func:`modeconn.fit_curve` return).
+        path: the PNG file to write (its directory is created if needed).
+        title: figure title.
+
+    Returns:
+        ``Path(path)``, the file written.
+
+    Example:
+        >>> import tempfile, pathlib
+        >>> from modeconn.plots import plot_history
+        >>> records = [{"epoch": e, "loss": 1.0 / e, "acc": 0.5 + e / 10, "lr": 0.1} for e in (1, 2, 3)]
+        >>> with tempfile.TemporaryDirectory() as tmp:
+        ...     png = plot_history(records, pathlib.Path(tmp) / "history.png")
+        ...     png.read_bytes()[:8] == b"\\x89PNG\\r\\n\\x1a\\n"
+        True
+    """
     epochs = [r["epoch"] for r in history]
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(9, 3.4))
+    fig = Figure(figsize=(9, 3.4))
+    ax1, ax2 = fig.subplots(1, 2)
     ax1.plot(epochs, [r["loss"] for r in history], "o-", color="C0", ms=3, label="train loss")
     ax1.set_xlabel("epoch")
     ax1.set_ylabel("train loss")
     ax1.set_yscale("log")
     acc = [r.get("acc") for r in history]
-    if all(a is not None and a == a for a in acc):
+    if all(a is not None and a == a for a in acc):  # a == a is False for NaN
         axb = ax1.twinx()
         axb.plot(epochs, acc, "s--", color="C1", ms=3)
         axb.set_ylabel("train accuracy", color="C1")
@@ -28,32 +56,4 @@ def plot_history(history: List[Mapping], path: Path, title: str = "training") ->
     ax2.set_ylabel("learning rate")
     fig.suptitle(title)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return Path(path)
-
-
-def plot_path(result, path: Path, title: str = "") -> Path:
-    """Train loss and test error along t; the straight line dashed on the same axes."""
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 3.8))
-    paths = [(result, "-", result.name)]
-    if result.linear is not None:
-        paths.append((result.linear, "--", "linear"))
-    for res, style, label in paths:
-        ax1.plot(res.ts, res.train_loss, style, color="C0" if style == "-" else "C7", label=label)
-        ax2.plot(res.ts, 100 * res.test_error, style, color="C3" if style == "-" else "C7", label=label)
-    for ax, key, scale in ((ax1, "train_loss", 1), (ax2, "test_error", 100)):
-        v = getattr(result, key)
-        ax.plot([result.ts[0], result.ts[-1]], [scale * v[0], scale * v[-1]], "ko", ms=6, label="endpoints")
-        ax.set_xlabel("t")
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
-    ax1.set_ylabel("train loss")
-    ax1.set_yscale("log")
-    ax2.set_ylabel("test error (%)")
-    if title:
-        fig.suptitle(title)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return Path(path)
+    return save_png(fig, path, dpi=110)
