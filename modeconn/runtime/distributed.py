@@ -1,31 +1,11 @@
-"""Several processes, one run: ``torch.distributed`` as torchrun sets it up.
+"""Several processes, one run: thin helpers over ``torch.distributed`` as torchrun sets it up.
 
-Nothing here is home-made: ``torchrun`` starts the processes and sets
-``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``, ``MASTER_ADDR`` and ``MASTER_PORT``;
-:func:`init_from_env` reads them and calls
-``torch.distributed.init_process_group`` (``nccl`` when CUDA is available,
-``gloo`` otherwise); training wraps the model in
-``torch.nn.parallel.DistributedDataParallel``. Without those variables
-everything runs as one process and nothing here has any effect, so the same
-command (or script) runs alone or as every rank of a torchrun job::
-
-    torchrun --nproc_per_node 4 -m modeconn.train_curve --start A.pt --end B.pt --out runs/c
-
-How the work is divided:
-
-* **training** (``train_model``, ``fit_curve``, ``fge``): data parallel. A
-  global batch of ``B`` samples is split into ``world_size`` equal parts
-  (``TensorLoader(rank=, world_size=)``: global batch k is
-  ``perm[k*B:(k+1)*B]`` of the epoch's permutation and rank r takes the r-th
-  slice of it); DDP averages the gradients, so a step equals the single
-  process step on the global batch. A curve's t is drawn from a generator
-  seeded by ``(seed, epoch)`` only, so every rank uses the same t at each step.
-* **evaluation** (``evaluate_path``): one rank per point. The points of a
-  path are split into contiguous shares; each rank evaluates its share over
-  the *whole* training and test sets (BN statistics of a point are recomputed
-  by one rank over all the data: no communication inside the BN pass, and the
-  numbers are exactly those of a one-process run), then the results are
-  gathered.
+:func:`init_from_env` joins the process group torchrun describes in the
+environment (or does nothing in a single process); the rest are the few
+collective operations, shard computations and checks the library needs.
+How the work is divided among ranks (data-parallel training, one rank per
+evaluated point, what only rank 0 writes) is explained once, in the README
+section "Multiple GPUs and machines".
 """
 from __future__ import annotations
 
