@@ -82,13 +82,14 @@ def worker(args) -> None:
             out[f"big_mlp_{batch}"] = _curve_throughput(curve, loader, args.epochs)
     if "eval" in args.only:
         from modeconn.evaluation.path import evaluate_path
+        from modeconn.runtime import Runtime
 
         ds = mc.get_dataset("digits")
         a, _ = mc.load_model(CKPT / "digits_cnn_a.pt")
         b, _ = mc.load_model(CKPT / "digits_cnn_b.pt")
         line = mc.linear_path(a, b)
         train, test = ds.eval_loader("train"), ds.eval_loader("test")
-        evaluate_path(line, train, test, ts=[0.5], distributed=False)  # warm-up
+        evaluate_path(line, train, test, ts=[0.5], runtime=Runtime(distributed=False))  # warm-up
         dist.barrier()
         t0 = time.perf_counter()
         res = evaluate_path(line, train, test, num_points=args.points, points_per_pass=args.points_per_pass)

@@ -14,6 +14,7 @@ from modeconn.runtime.checkpoints import load_model, save_model
 from modeconn.core.curve_model import linear_path
 from modeconn.data import get_dataset
 from modeconn.evaluation.path import evaluate_path
+from modeconn.runtime import Hooks
 from modeconn.plots.path import plot_path
 
 EXAMPLE = """  python -m modeconn.align --a checkpoints/digits_mlp_a.pt --b checkpoints/digits_mlp_b.pt \\
@@ -117,7 +118,7 @@ def main_(argv=None) -> int:
     results = {}
     for which, end in (("before", model_b), ("after", aligned_b)):
         path = linear_path(model_a, end).to(device)
-        results[which] = evaluate_path(path, train, test, args.num_points, progress=bar.update,
+        results[which] = evaluate_path(path, train, test, args.num_points, hooks=Hooks(progress=bar.update),
                                        name=f"linear_{which}")
     bar.close()
     barriers = {"reference": "interp", "before": _barriers(results["before"]),

@@ -25,6 +25,7 @@ from modeconn.geometry.grid import curve_plane
 from modeconn.plots.landscape import plot_curve_plane
 from modeconn.eval_curve import write_path_outputs
 from modeconn.evaluation.path import evaluate_path
+from modeconn.runtime import Hooks
 from modeconn.training.loop import fit_curve
 
 EXAMPLE = """  python -m modeconn.demo --out runs/demo
@@ -111,7 +112,7 @@ def main_(argv=None) -> int:
         bar.close()
         bar = _cli.progress(2 * args.num_points, f"{pair}: evaluate", args.no_progress)
         result = evaluate_path(curve, train_eval, test, args.num_points, with_linear=True,
-                               progress=bar.update, name="bezier")
+                               hooks=Hooks(progress=bar.update), name="bezier")
         bar.close()
         pdir = out / pair
         meta = {k: a_meta[k] for k in ("arch", "arch_kwargs", "input_shape", "num_classes")}

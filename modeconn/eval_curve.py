@@ -9,6 +9,7 @@ from modeconn.runtime.checkpoints import build_model, load_checkpoint
 from modeconn.core.curve_model import linear_path, load_curve
 from modeconn.data import get_dataset
 from modeconn.evaluation.path import evaluate_path, points_of_this_rank
+from modeconn.runtime import Hooks, Runtime
 from modeconn.plots.path import plot_path
 
 EXAMPLE = """  python -m modeconn.eval_curve --ckpt runs/curve_mlp/curve.pt --with-linear --out runs/eval_mlp
@@ -149,8 +150,8 @@ def main_(argv=None) -> int:
     bar = _cli.progress(total, "points", args.no_progress)
     result = evaluate_path(path, train, test, args.num_points, points_per_pass=args.points_per_pass,
                            recompute_bn=not args.no_bn_recompute, with_linear=args.with_linear and bool(args.ckpt),
-                           weight_decay=args.wd, progress=bar.update, name=name, amp=args.amp,
-                           compile=args.compile)
+                           weight_decay=args.wd, name=name, runtime=Runtime(amp=args.amp, compile=args.compile),
+                           hooks=Hooks(progress=bar.update))
     bar.close()
     if not info.is_main:  # every rank holds the gathered result; rank 0 writes it
         return 0

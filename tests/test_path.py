@@ -1,13 +1,14 @@
-import json
-
 import numpy as np
 import pytest
 import torch
 from torch.optim.swa_utils import update_bn
 
 import modeconn as mc
+from bn_by_hand import bn_by_hand, nll_and_acc
+from modeconn.evaluation.barriers import barrier
+from modeconn.evaluation.bn import bn_statistics
 from modeconn.evaluation.model import evaluate
-from modeconn.evaluation.path import barrier, bn_statistics, evaluate_path
+from modeconn.evaluation.path import evaluate_path
 
 
 def test_barrier_definitions_by_hand():
@@ -30,14 +31,15 @@ def test_barrier_definitions_by_hand():
 
 
 def _loop_reference(curve, ts, train, test):
-    """The plain one-point-at-a-time loop: point(t), update_bn, evaluate."""
+    """The plain one-point-at-a-time loop: point(t), BN statistics and metrics by hand."""
+    train_x, train_y = (torch.cat(v) for v in zip(*train))
+    test_x, test_y = (torch.cat(v) for v in zip(*test))
     rows = []
     for t in ts:
         m = curve.point(float(t))
         if mc.has_batchnorm(m):
-            update_bn(train, m)
-        tr, te = evaluate(m, train), evaluate(m, test)
-        rows.append([tr["loss"], tr["acc"], te["loss"], te["acc"]])
+            m = bn_by_hand(m, [x for x, _ in train])
+        rows.append([*nll_and_acc(m, train_x, train_y), *nll_and_acc(m, test_x, test_y)])
     return np.array(rows)
 
 

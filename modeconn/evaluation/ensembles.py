@@ -18,8 +18,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..runtime.checkpoints import load_model, load_state_dict
-from .bn import has_batchnorm, recompute_bn
+from modeconn.evaluation.bn import has_batchnorm, recompute_bn
+from modeconn.evaluation.model import MetricSums, eval_mode
+from modeconn.runtime.checkpoints import load_model, load_state_dict
 
 Member = Union[nn.Module, str, os.PathLike]
 
@@ -101,6 +102,7 @@ class EnsembleResult:
 
     @property
     def error(self) -> np.ndarray:
+        """1 - acc, per ensemble size."""
         return 1.0 - self.acc
 
     @property
@@ -121,38 +123,6 @@ class EnsembleResult:
                                                               self.member_ece))]}
 
 
-class _Tally:
-    """Sums over batches (as tensors) for M prediction sets: NLL, correct, ECE bins."""
-
-    def __init__(self, M: int, num_bins: int, device):
-        self.edges = torch.linspace(0, 1, num_bins + 1, dtype=torch.float64, device=device)[1:-1]
-        self.nll = torch.zeros(M, dtype=torch.float64, device=device)
-        self.correct = torch.zeros(M, dtype=torch.float64, device=device)
-        self.count = torch.zeros(M, num_bins, dtype=torch.float64, device=device)
-        self.conf = torch.zeros(M, num_bins, dtype=torch.float64, device=device)
-        self.hits = torch.zeros(M, num_bins, dtype=torch.float64, device=device)
-
-    def add(self, logp: torch.Tensor, y: torch.Tensor) -> None:
-        """``logp``: [M, B, C] log-probabilities (float64); ``y``: [B]."""
-        M, B, _ = logp.shape
-        yy = y.view(1, B, 1).expand(M, B, 1)
-        self.nll -= logp.gather(2, yy).squeeze(2).sum(1)
-        top, pred = logp.max(2)
-        hit = (pred == y.view(1, B)).double()
-        conf = top.exp()
-        self.correct += hit.sum(1)
-        b = torch.bucketize(conf, self.edges)  # (edge[b-1], edge[b]]
-        self.count.scatter_add_(1, b, torch.ones_like(conf))
-        self.conf.scatter_add_(1, b, conf)
-        self.hits.scatter_add_(1, b, hit)
-
-    def result(self, n: int):
-        acc = (self.correct / n).cpu().numpy()
-        nll = (self.nll / n).cpu().numpy()
-        ece = ((self.hits - self.conf).abs().sum(1) / n).cpu().numpy()
-        return acc, nll, ece
-
-
 @torch.no_grad()
 def evaluate_ensemble(models: Sequence[Member], loader: Iterable, bn_loader: Optional[Iterable] = None,
                       num_bins: int = ECE_BINS, template: Optional[nn.Module] = None,
@@ -162,8 +132,10 @@ def evaluate_ensemble(models: Sequence[Member], loader: Iterable, bn_loader: Opt
     The ensemble predicts the mean of the members' softmax probabilities
     (not of their logits), in the given order. One pass over ``loader``: each
     batch goes through every member; sums are float64 tensors (no ``.item()``
-    per batch). Mean probabilities of growing prefixes are computed in the
-    log domain (``logcumsumexp``), so NLL stays finite for confident members.
+    per batch; one :class:`~modeconn.evaluation.model.MetricSums` for the
+    growing ensembles, one for the members). Mean probabilities of growing
+    prefixes are computed in the log domain (``logcumsumexp``), so NLL stays
+    finite for confident members.
 
     Args:
         models: modules and/or checkpoint paths (loaded with
@@ -175,6 +147,19 @@ def evaluate_ensemble(models: Sequence[Member], loader: Iterable, bn_loader: Opt
         template, map_location: how paths are loaded (see :func:`load_members`).
 
     Modules are evaluated in eval mode and their train/eval mode restored.
+    BN statistics (``bn_loader``) are :func:`~modeconn.evaluation.bn.recompute_bn`'s:
+    the same numbers :func:`~modeconn.evaluation.path.evaluate_path` uses.
+
+    Example:
+        >>> from modeconn.data import TensorLoader
+        >>> _ = torch.manual_seed(0)
+        >>> nets = [nn.Linear(4, 3) for _ in range(3)]
+        >>> data = TensorLoader(torch.randn(32, 4), torch.randint(0, 3, (32,)), batch_size=8)
+        >>> res = evaluate_ensemble(nets, data)
+        >>> len(res.nll), res.n
+        (3, 32)
+        >>> bool(res.nll[-1] <= res.member_nll.mean())  # -log of a mean <= mean of -logs (Jensen)
+        True
     """
     if num_bins < 1:
         raise ValueError(f"num_bins must be >= 1, got {num_bins}")
@@ -184,30 +169,15 @@ def evaluate_ensemble(models: Sequence[Member], loader: Iterable, bn_loader: Opt
     if bn_loader is not None:
         for m in members:
             recompute_bn(m, bn_loader)
-    modes = [m.training for m in members]
-    for m in members:
-        m.eval()
-    M = len(members)
-    ens = mem = None
-    n = 0
+    ens, mem = MetricSums(num_bins), MetricSums(num_bins)
     log_k = None
-    try:
+    with eval_mode(*members):
         for x, y in loader:
-            logp = torch.stack([F.log_softmax(m(x).double(), dim=1) for m in members])  # [M, B, C]
-            if logp.dim() != 3:
-                raise ValueError(f"members must output [batch, classes] logits, got {tuple(logp.shape[1:])}")
-            if ens is None:
-                ens, mem = _Tally(M, num_bins, logp.device), _Tally(M, num_bins, logp.device)
-                log_k = torch.arange(1, M + 1, dtype=torch.float64, device=logp.device).log().view(M, 1, 1)
-            y = y.to(logp.device)
+            logp = F.log_softmax(torch.stack([m(x) for m in members]).double(), dim=-1)  # [M, B, C]
+            if log_k is None:
+                log_k = torch.arange(1, len(members) + 1, dtype=torch.float64, device=logp.device).log()
             mem.add(logp, y)
-            ens.add(torch.logcumsumexp(logp, dim=0) - log_k, y)
-            n += len(y)
-    finally:
-        for m, mode in zip(members, modes):
-            m.train(mode)
-    if n == 0:
-        raise ValueError("the loader yielded no samples")
-    acc, nll, ece = ens.result(n)
-    macc, mnll, mece = mem.result(n)
-    return EnsembleResult(acc, nll, ece, macc, mnll, mece, n, num_bins)
+            # log of the mean probability of the first k+1 members, for every k at once
+            ens.add(torch.logcumsumexp(logp, dim=0) - log_k.view(-1, 1, 1), y)
+    e, m = ens.means(), mem.means()
+    return EnsembleResult(e["acc"], e["loss"], e["ece"], m["acc"], m["loss"], m["ece"], ens.n, num_bins)

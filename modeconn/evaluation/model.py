@@ -1,12 +1,23 @@
-"""Evaluate one network (or any ``x -> logits`` function) over a loader."""
+"""Evaluate one network (or any ``x -> logits`` function) over a loader.
+
+Every metric pass of the library (:func:`evaluate` here, the points of a path
+in :mod:`modeconn.evaluation.points`, ensembles in
+:mod:`modeconn.evaluation.ensembles`) accumulates into one
+:class:`MetricSums`: float64 sums on the device, read once at the end, so no
+pass pays a device synchronisation per batch and all report the same numbers
+for the same predictions.
+"""
 from __future__ import annotations
 
 import contextlib
 from typing import Callable, Dict, Iterable, Iterator, Union
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+__all__ = ["eval_mode", "MetricSums", "evaluate"]
 
 
 @contextlib.contextmanager
@@ -36,40 +47,119 @@ def eval_mode(*modules: nn.Module) -> Iterator[None]:
             m.training = flag
 
 
+class MetricSums:
+    """Sums over batches for M prediction sets: loss (NLL), correct predictions, calibration bins.
+
+    Sums are float64 tensors on the predictions' device, created at the first
+    batch; nothing is read back before :meth:`means`. With ``num_bins > 0``
+    the ECE bins ``(b/B, (b+1)/B]`` of the top-class confidence are filled too.
+
+    Example:
+        >>> sums = MetricSums()
+        >>> logits = torch.tensor([[[2.0, 0.0], [0.0, 1.0]]])   # M=1 set, B=2 samples, C=2 classes
+        >>> sums.add_logits(logits, torch.tensor([0, 0]))
+        >>> m = sums.means()
+        >>> m["acc"].tolist(), round(float(m["loss"][0]), 4)   # (log(1+e^-2) + log(1+e)) / 2
+        ([0.5], 0.7201)
+    """
+
+    def __init__(self, num_bins: int = 0):
+        if num_bins < 0:
+            raise ValueError(f"num_bins must be >= 0, got {num_bins}")
+        self.num_bins = int(num_bins)
+        self.n = 0
+        self.loss = self.correct = self.count = self.conf = self.hits = self.edges = None
+
+    def _zeros(self, M: int, device, *bins: int) -> torch.Tensor:
+        return torch.zeros(M, *bins, dtype=torch.float64, device=device)
+
+    def _start(self, M: int, device) -> None:
+        if self.loss is not None:
+            if len(self.loss) != M:
+                raise ValueError(f"batches disagree on the number of prediction sets: {len(self.loss)} then {M}")
+            return
+        self.loss, self.correct = self._zeros(M, device), self._zeros(M, device)
+        if self.num_bins:
+            self.edges = torch.linspace(0, 1, self.num_bins + 1, dtype=torch.float64, device=device)[1:-1]
+            self.count, self.conf, self.hits = (self._zeros(M, device, self.num_bins) for _ in range(3))
+
+    def add(self, logp: torch.Tensor, y: torch.Tensor) -> None:
+        """Add a batch: ``logp`` [M, B, C] log-probabilities (float64), ``y`` [B] class labels."""
+        if logp.dim() != 3:
+            raise ValueError(f"predictions must be [sets, batch, classes], got shape {tuple(logp.shape)}")
+        M, B, _ = logp.shape
+        self._start(M, logp.device)
+        y = y.to(logp.device)
+        self.loss -= logp.gather(2, y.view(1, B, 1).expand(M, B, 1)).squeeze(2).sum(1)
+        top, pred = logp.max(2)
+        hit = (pred == y.view(1, B)).double()
+        self.correct += hit.sum(1)
+        if self.num_bins:
+            conf = top.exp()
+            b = torch.bucketize(conf, self.edges)  # bin b holds (edge[b-1], edge[b]]
+            self.count.scatter_add_(1, b, torch.ones_like(conf))
+            self.conf.scatter_add_(1, b, conf)
+            self.hits.scatter_add_(1, b, hit)
+        self.n += B
+
+    def add_logits(self, logits: torch.Tensor, y: torch.Tensor) -> None:
+        """Add a batch of logits [M, B, C] (normalised in float64, so the NLL keeps its digits)."""
+        self.add(F.log_softmax(logits.double(), dim=-1), y)
+
+    def add_loss(self, loss_sum: torch.Tensor, batch_size: int) -> None:
+        """Add a batch of a loss without classes (e.g. MSE): ``loss_sum`` [M] summed over the batch."""
+        loss_sum = loss_sum.detach().double().reshape(-1)
+        self._start(len(loss_sum), loss_sum.device)
+        self.loss += loss_sum
+        self.n += int(batch_size)
+
+    def means(self) -> Dict[str, np.ndarray]:
+        """``{"loss", "acc", "error"}`` (and ``"ece"`` with bins), arrays of length M: sums / n."""
+        if self.n == 0:
+            raise ValueError("the loader yielded no samples")
+        out = {"loss": (self.loss / self.n).cpu().numpy(), "acc": (self.correct / self.n).cpu().numpy()}
+        out["error"] = 1.0 - out["acc"]
+        if self.num_bins:
+            out["ece"] = ((self.hits - self.conf).abs().sum(1) / self.n).cpu().numpy()
+        return out
+
+
+def _as_modules(model) -> tuple:
+    return (model,) if isinstance(model, nn.Module) else ()
+
+
 @torch.no_grad()
 def evaluate(model: Union[nn.Module, Callable], loader: Iterable, loss: str = "cross_entropy") -> Dict[str, float]:
     """Mean loss, accuracy, error and NLL of ``model`` over ``loader``.
 
-    Modules are put in eval mode for the pass and restored afterwards. Sums
-    are kept as tensors on the device (no per-batch ``.item()``). For
-    ``loss="mse"`` only ``loss`` is reported.
+    Modules run in eval mode (:func:`eval_mode`; each submodule's mode is
+    restored afterwards). Sums are a :class:`MetricSums` (no per-batch
+    ``.item()``); the cross-entropy is the mean of ``-log softmax(out)[y]``
+    computed in float64. For ``loss="mse"`` (mean over output entries per
+    sample, averaged over samples) only ``loss`` is reported.
+
+    Example:
+        >>> from modeconn.data import TensorLoader
+        >>> net = nn.Linear(3, 2)
+        >>> data = TensorLoader(torch.randn(10, 3), torch.randint(0, 2, (10,)), batch_size=4)
+        >>> r = evaluate(net, data)
+        >>> r["n"], r["loss"] == r["nll"], r["acc"] + r["error"]
+        (10, True, 1.0)
     """
-    was_training = isinstance(model, nn.Module) and model.training
-    if isinstance(model, nn.Module):
-        model.eval()
-    total_loss = total_correct = None
-    n = 0
-    try:
+    if loss not in ("cross_entropy", "mse"):
+        raise ValueError(f"unknown loss {loss!r}; choose 'cross_entropy' or 'mse'")
+    sums = MetricSums()
+    with eval_mode(*_as_modules(model)):
         for x, y in loader:
             out = model(x)
             if loss == "cross_entropy":
-                batch_loss = F.cross_entropy(out, y, reduction="sum")
-                correct = (out.argmax(1) == y).sum()
-            elif loss == "mse":
-                batch_loss = F.mse_loss(out, y.reshape(out.shape).to(out.dtype), reduction="sum") / out[0].numel()
-                correct = torch.zeros((), device=out.device)
+                sums.add_logits(out.unsqueeze(0), y)
             else:
-                raise ValueError(f"unknown loss {loss!r}")
-            total_loss = batch_loss.double() if total_loss is None else total_loss + batch_loss.double()
-            total_correct = correct if total_correct is None else total_correct + correct
-            n += len(y)
-    finally:
-        if was_training:
-            model.train()
-    if n == 0:
-        raise ValueError("the loader yielded no samples")
-    mean_loss = float(total_loss) / n
+                err = F.mse_loss(out, y.reshape(out.shape).to(out.dtype), reduction="sum") / out[0].numel()
+                sums.add_loss(err, len(y))
+    m = sums.means()
+    mean_loss = float(m["loss"][0])
     if loss == "mse":
-        return {"loss": mean_loss, "n": n}
-    acc = float(total_correct) / n
-    return {"loss": mean_loss, "nll": mean_loss, "acc": acc, "error": 1.0 - acc, "n": n}
+        return {"loss": mean_loss, "n": sums.n}
+    acc = float(m["acc"][0])
+    return {"loss": mean_loss, "nll": mean_loss, "acc": acc, "error": 1.0 - acc, "n": sums.n}

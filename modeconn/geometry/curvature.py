@@ -18,8 +18,7 @@ import torch
 from torch import nn
 
 from modeconn.core.curve_model import CurveModel
-from modeconn.evaluation.bn import has_batchnorm
-from modeconn.evaluation.path import bn_statistics
+from modeconn.evaluation.bn import bn_statistics, has_batchnorm
 from modeconn.geometry.grid import evaluator_for
 
 __all__ = ["module_at", "curvature_metrics"]

@@ -35,7 +35,8 @@ from torch import nn
 from modeconn.core.curve_model import CurveModel, linear_path
 from modeconn.evaluation.bn import has_batchnorm
 from modeconn.runtime import distributed as _dist
-from modeconn.evaluation.path import evaluate_points
+from modeconn.evaluation.points import evaluate_points
+from modeconn.runtime import Runtime
 from modeconn.geometry.directions import Plane, plane_through
 
 RowCallback = Callable[[int, "GridResult"], None]
@@ -252,7 +253,7 @@ def evaluate_grid(net: Union[nn.Module, CurveModel], plane: Plane, xs: Sequence[
         raise ValueError("recomputing BN statistics needs a bn_loader or a train_loader")
     device, dtype = evaluator.fixed_bends.device, evaluator.fixed_bends.dtype
     use_bn = bool(recompute_bn and has_batchnorm(evaluator.net))
-    engine = {k: v for k, v in (("amp", amp), ("compile", compile)) if v}  # only what is asked for
+    runtime = Runtime(amp=amp, compile=compile)
 
     nx, ny = len(xs), (None if ys is None else len(ys))
     rows = _rows(nx, ny, points_per_pass)
@@ -275,7 +276,7 @@ def evaluate_grid(net: Union[nn.Module, CurveModel], plane: Plane, xs: Sequence[
         for i in range(*_dist.shard(len(chunks))) if sharded else range(len(chunks)):
             flats = plane.points(coords[chunks[i]]).to(device=device, dtype=dtype)
             vals = dict(evaluate_points(evaluator, flats, train_loader, test_loader, bn_loader, use_bn,
-                                        **engine))
+                                        runtime=runtime))
             if point_metrics is not None:
                 vals.update({k: np.asarray(v, float) for k, v in point_metrics(flats).items()})
             done.append((chunks[i], vals))

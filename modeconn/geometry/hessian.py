@@ -55,6 +55,8 @@ from scipy.sparse.linalg import ArpackNoConvergence, LinearOperator, eigsh
 from torch import nn
 from torch.func import functional_call, grad, jvp, vjp, vmap
 
+from modeconn.evaluation.model import eval_mode
+
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 LossLike = Union[None, str, LossFn]
 Progress = Union[None, Callable[[int, Optional[int]], None], Any]
@@ -237,11 +239,8 @@ class HessianOperator:
             raise
 
     def _apply(self, v: torch.Tensor, batched: bool) -> torch.Tensor:
-        model = self.model
-        was_training = model.training
-        model.eval()
         total, n = None, 0
-        try:
+        with eval_mode(self.model):
             for x, y in self.data:
                 x, y = self._move(x), self._move(y)
                 nb = _batch_size(x, y)
@@ -250,9 +249,6 @@ class HessianOperator:
                 hv = self._batch_hvp(x, y, v, batched) * nb
                 total = hv if total is None else total + hv
                 n += nb
-        finally:
-            if was_training:
-                model.train()
         if n == 0:
             raise ValueError("data yielded no samples: the Hessian of a loss needs at least one (x, y) batch")
         self.num_matvecs += v.shape[0] if batched else 1

@@ -1,0 +1,69 @@
+"""K networks of one architecture as stacked weights: one forward for all of them.
+
+The weights of K points are tensors ``[K, *shape]`` per parameter (and per
+buffer); :func:`batched_forward` runs the template on a batch for all K, either
+as one ``torch.func.vmap`` or as a loop of ``functional_call`` on views of the
+stacked tensors (so in-place BatchNorm updates land in the stacked buffers).
+"""
+from __future__ import annotations
+
+import weakref
+from typing import Callable, Dict
+
+import torch
+from torch import nn
+from torch.func import functional_call, vmap
+
+__all__ = ["batched_forward", "vectorize_by_default", "compiled_forward"]
+
+Stacked = Dict[str, torch.Tensor]
+
+
+def batched_forward(net: nn.Module, vectorize: bool = True) -> Callable[[Stacked, Stacked, torch.Tensor], torch.Tensor]:
+    """``f(params [K,...], buffers [K,...], x) -> [K, B, ...]``: K points on one batch.
+
+    ``vectorize``: one ``vmap`` over the stacked weights; otherwise a loop
+    over the K points.
+
+    Example:
+        >>> net = nn.Linear(3, 2)
+        >>> params = {"weight": torch.randn(4, 2, 3), "bias": torch.zeros(4, 2)}
+        >>> batched_forward(net)(params, {}, torch.randn(5, 3)).shape
+        torch.Size([4, 5, 2])
+    """
+    if vectorize:
+        return vmap(lambda p, b, x: functional_call(net, {**p, **b}, (x,)), in_dims=(0, 0, None))
+
+    def loop(p: Stacked, b: Stacked, x: torch.Tensor) -> torch.Tensor:
+        """The K points one after another."""
+        K = next(iter(p.values())).shape[0]
+        if x.dim() == 4:  # channels-last convolutions are markedly faster on CPUs
+            x = x.contiguous(memory_format=torch.channels_last)
+        outs = []
+        for k in range(K):
+            pk = {n: v[k].contiguous(memory_format=torch.channels_last) if v.dim() == 5 else v[k]
+                  for n, v in p.items()}
+            outs.append(functional_call(net, {**pk, **{n: v[k] for n, v in b.items()}}, (x,)))
+        return torch.stack(outs)
+    return loop
+
+
+def vectorize_by_default(net: nn.Module, device: torch.device) -> bool:
+    """Whether to vmap over points: yes on GPUs and for dense layers.
+
+    On CPUs vmapped convolutions become grouped convolutions that run slower
+    than one point after another (measured in experiments/bench_eval_path.py),
+    so CPU + convolutions -> loop over points.
+    """
+    has_conv = any(isinstance(m, nn.modules.conv._ConvNd) for m in net.modules())
+    return torch.device(device).type != "cpu" or not has_conv
+
+
+_COMPILED: "weakref.WeakKeyDictionary[nn.Module, Callable]" = weakref.WeakKeyDictionary()
+
+
+def compiled_forward(net: nn.Module) -> Callable[[Stacked, Stacked, torch.Tensor], torch.Tensor]:
+    """``torch.compile`` of the vmapped forward, built once per template (for eval-mode passes only)."""
+    if net not in _COMPILED:
+        _COMPILED[net] = torch.compile(batched_forward(net))
+    return _COMPILED[net]
