@@ -49,7 +49,7 @@ from modeconn.runtime import distributed as _dist
 from modeconn.evaluation.bn import batchnorm_modules
 from modeconn.core.curve_model import CurveModel
 from modeconn.core.curves import PolyChain
-from modeconn.training.loop import autocast
+from modeconn.runtime import Runtime
 
 METRICS = ("train_loss", "train_nll", "train_acc", "train_error",
            "test_loss", "test_nll", "test_acc", "test_error")
@@ -228,7 +228,7 @@ def bn_statistics(curve: CurveModel, flats: torch.Tensor, loader: Iterable,
             x = batch[0] if isinstance(batch, (list, tuple)) else batch
             for m in bns:
                 m.momentum = 1.0 / (k + 1)
-            with autocast(flats.device, amp):
+            with Runtime(amp=amp).autocast(flats.device):
                 fwd(params, buffers, x)
     finally:
         for m, mom in zip(bns, momenta):
@@ -250,7 +250,7 @@ def _metrics(curve: CurveModel, flats: torch.Tensor, buffers: Dict[str, torch.Te
             _batched_forward(net, vectorize_by_default(net, flats.device))
 
         def fwd(p, b, x):
-            with autocast(flats.device, amp):
+            with Runtime(amp=amp).autocast(flats.device):
                 out = batched(p, b, x)
             return out.float() if amp else out
 
