@@ -41,8 +41,8 @@ from modeconn.runtime import Hooks, Runtime
 from modeconn.runtime import distributed as _dist
 from modeconn.runtime.checkpoints import save_checkpoint, save_model
 from modeconn.training.loop import LossFn, model_step, run_sgd
-from modeconn.training.schedules import (FGELR, check_cycles, check_schedule, cycle_length, cyclic_lr,
-                                         snapshot_iterations)
+from modeconn.training.schedules import (FGELR, check_cycle_iters, check_cycles, check_schedule, cycle_length,
+                                         cyclic_lr, snapshot_iterations)
 from modeconn.training.state import seeded_rng
 
 __all__ = ["FGELR", "FGESnapshots", "FGEResult", "train_fge", "cyclic_lr", "snapshot_iterations", "cycle_length"]
@@ -121,7 +121,8 @@ class FGESnapshots:
 
     def __init__(self, model: nn.Module, cycle_iters: int, bn_loader: Optional[Iterable] = None,
                  directory: Optional[Union[str, os.PathLike]] = None, meta: Optional[Mapping[str, Any]] = None):
-        snapshot_iterations(1, cycle_iters)  # checks cycle_iters
+        """Remember the start parameters; no snapshot yet (see the class docstring)."""
+        check_cycle_iters(cycle_iters)
         if bn_loader is None and has_batchnorm(model):
             raise ValueError("the network has BatchNorm: pass bn_loader (training data) so each snapshot's "
                              "statistics can be recomputed")
@@ -141,16 +142,20 @@ class FGESnapshots:
         return len(self.snapshots)
 
     def update(self, model: nn.Module) -> Optional[Snapshot]:
-        """Count one finished SGD step of ``model``; at a rate minimum take and return a snapshot, else None."""
+        """Count one finished SGD step of ``model``; at a rate minimum take and return a snapshot, else None.
+
+        ``model`` is the plain network (not its DistributedDataParallel or compiled wrapper).
+        """
         k, self.iteration = self.iteration, self.iteration + 1
         if k % self.cycle_iters != self.cycle_iters // 2:
             return None
         with torch.no_grad():
             sq = sum((p.detach() - s).pow(2).sum(dtype=torch.float64) for p, s in zip(model.parameters(), self._start))
-        snap = self._take(model, {"index": len(self.snapshots), "iteration": k})
+        distance = float(torch.as_tensor(sq).sqrt())
+        snap = self._take(model, {"index": len(self.snapshots), "iteration": k, "distance": distance})
         self.snapshots.append(snap)
         self.iterations.append(k)
-        self.distances.append(float(torch.as_tensor(sq).sqrt()))
+        self.distances.append(distance)
         return snap
 
     @torch.no_grad()

@@ -60,6 +60,7 @@ def get_loss(loss: Union[str, LossFn]) -> LossFn:
 
 
 def _is_classification(out: torch.Tensor, y: torch.Tensor) -> bool:
+    """Logits ``[B, K]`` with integer labels: accuracy is defined."""
     return out.dim() == 2 and not y.is_floating_point()
 
 
@@ -73,6 +74,7 @@ def model_step(net: nn.Module, loss: Union[str, LossFn], runtime: Runtime, devic
     loss_fn = get_loss(loss)
 
     def step(x, y, generator):
+        """(output, objective, logged loss) of one batch."""
         x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
         with runtime.autocast(device):
             out = net(x)
@@ -177,6 +179,7 @@ def run_sgd(module: nn.Module, loader, epochs: int, step_loss: StepLoss, optimiz
         hooks.advance(done if total_steps is None else min(done, total_steps))
 
     def step_done():
+        """After every SGD step: the caller's hook, then a per-iteration scheduler."""
         if after_step is not None:
             after_step()
         if per_step:
@@ -213,6 +216,7 @@ def _sgd(params: List[torch.Tensor], epochs: int, lr: float, momentum: float, we
 
 
 def _settings(loop: str, epochs, lr, weight_decay, momentum, schedule, seed) -> dict:
+    """What a resume state of :func:`train_model` / :func:`fit_curve` must agree on."""
     return {"loop": loop, "epochs": int(epochs), "lr": float(lr), "weight_decay": float(weight_decay),
             "momentum": float(momentum), "schedule": schedule, "seed": int(seed)}
 
@@ -281,6 +285,7 @@ class _CurveStep(nn.Module):
     """
 
     def __init__(self, curve: CurveModel, runtime: Runtime, weight_decay: float = 0.0):
+        """Wrap ``curve``; ``weight_decay`` is the penalty's coefficient at θ(t)."""
         super().__init__()
         self.curve, self.runtime, self.weight_decay = curve, runtime, float(weight_decay)
 
@@ -344,6 +349,7 @@ def fit_curve(curve: CurveModel, train_loader: Iterable, epochs: int = 20, lr: f
     drawn = {"t_sum": 0.0}
 
     def step(x, y, gen):
+        """One t from the epoch's generator, the network at θ(t) on the batch."""
         t = torch.rand((), generator=gen)
         drawn["t_sum"] += float(t)  # a CPU number: no device synchronisation
         x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
@@ -352,6 +358,7 @@ def fit_curve(curve: CurveModel, train_loader: Iterable, epochs: int = 20, lr: f
         return out, value, value
 
     def epoch_t_sum() -> float:
+        """Sum of the epoch's t (reset for the next), for the ranks' agreement check."""
         value, drawn["t_sum"] = drawn["t_sum"], 0.0
         return value
 

@@ -60,14 +60,15 @@ def make_scheduler(optimizer: torch.optim.Optimizer, schedule: str, epochs: int)
 
 
 # ------------------------------------------------------------- FGE, per step
-def _check_cycle_iters(cycle_iters: int) -> None:
+def check_cycle_iters(cycle_iters: int) -> None:
+    """Raise ValueError unless ``cycle_iters`` is an integer >= 2."""
     if isinstance(cycle_iters, bool) or int(cycle_iters) != cycle_iters or cycle_iters < 2:
         raise ValueError(f"a cycle needs an integer number of iterations >= 2, got {cycle_iters}")
 
 
 def check_schedule(cycle_iters: int, lr_max: float, lr_min: float) -> None:
     """Raise ValueError unless the cycle has >= 2 iterations and ``0 <= lr_min <= lr_max``, ``lr_max > 0``."""
-    _check_cycle_iters(cycle_iters)
+    check_cycle_iters(cycle_iters)
     for name, v in (("lr_max", lr_max), ("lr_min", lr_min)):
         if not math.isfinite(v) or v < 0:
             raise ValueError(f"{name} must be a finite number >= 0, got {v}")
@@ -134,7 +135,7 @@ def snapshot_iterations(cycles: int, cycle_iters: int) -> List[int]:
         ([2, 6, 10], [2, 7])
     """
     check_cycles(cycles)
-    _check_cycle_iters(cycle_iters)
+    check_cycle_iters(cycle_iters)
     C = int(cycle_iters)
     return [c * C + C // 2 for c in range(int(cycles))]
 
@@ -210,6 +211,7 @@ class FGELR(LRScheduler):
 
     def __init__(self, optimizer: torch.optim.Optimizer, cycle_iters: int, lr_max: float, lr_min: float,
                  last_epoch: int = -1):
+        """Check the schedule and set step ``last_epoch + 1``'s rate on ``optimizer``."""
         check_schedule(cycle_iters, lr_max, lr_min)
         self.cycle_iters, self.lr_max, self.lr_min = int(cycle_iters), float(lr_max), float(lr_min)
         super().__init__(optimizer, last_epoch)

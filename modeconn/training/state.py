@@ -52,14 +52,17 @@ def rng_state() -> Dict[str, Any]:
 
 
 def set_rng_state(state: Mapping[str, Any]) -> None:
-    """Restore a state from :func:`rng_state` (CUDA states only where CUDA is available)."""
+    """Restore a state from :func:`rng_state`.
+
+    CUDA states are restored for the devices this process sees (on a machine
+    without CUDA, none): a run moved to other hardware resumes, with the CPU
+    stream exact and the CUDA streams wherever the devices match.
+    """
     torch.set_rng_state(state["cpu"])
-    cuda = state.get("cuda")
+    cuda = state.get("cuda") or []
     if cuda and torch.cuda.is_available():
-        if len(cuda) != torch.cuda.device_count():
-            raise ValueError(f"the state holds the random state of {len(cuda)} CUDA devices, "
-                             f"this process sees {torch.cuda.device_count()}")
-        torch.cuda.set_rng_state_all(cuda)
+        for index in range(min(len(cuda), torch.cuda.device_count())):
+            torch.cuda.set_rng_state(cuda[index], device=index)
 
 
 @contextlib.contextmanager
