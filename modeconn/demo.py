@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 
 from modeconn.cli import common as _cli
+from modeconn.runtime import Hooks
 from modeconn.runtime.checkpoints import build_model, load_checkpoint, load_model
 from modeconn.core.curve_model import CurveModel, save_curve
 from modeconn.core.curves import Bezier
@@ -75,7 +76,7 @@ def run_fge(args, ds, device, out: Path) -> dict:
     loader = ds.train_loader(64, seed=0).to(device)
     bar = _cli.progress(args.fge_cycles * 2 * len(loader), "cnn: FGE", args.no_progress)
     result = train_fge(start, loader, args.fge_cycles, cycle_epochs=2, lr_max=0.05, lr_min=0.0005,
-                 bn_loader=ds.eval_loader("train").to(device), progress=bar)
+                 bn_loader=ds.eval_loader("train").to(device), hooks=Hooks(progress=bar.update))
     bar.close()
     test = ds.eval_loader("test").to(device)
     single = evaluate_ensemble([start], test)
@@ -108,7 +109,8 @@ def main_(argv=None) -> int:
         curve = CurveModel(build_model(a_meta), a_meta["state_dict"], b_meta["state_dict"], Bezier(3)).to(device)
         loader = ds.train_loader(64, seed=0).to(device)
         bar = _cli.progress(args.epochs * len(loader), f"{pair}: fit Bezier(3)", args.no_progress)
-        history = fit_curve(curve, loader, args.epochs, args.lr, weight_decay=5e-4, progress=bar)
+        history = fit_curve(curve, loader, args.epochs, args.lr, weight_decay=5e-4,
+                            hooks=Hooks(progress=bar.update))
         bar.close()
         bar = _cli.progress(2 * args.num_points, f"{pair}: evaluate", args.no_progress)
         result = evaluate_path(curve, train_eval, test, args.num_points, with_linear=True,

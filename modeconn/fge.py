@@ -7,6 +7,7 @@ from typing import List, Mapping, Optional
 
 from modeconn.cli import common as _cli
 from modeconn.plots.ensemble import plot_fge
+from modeconn.runtime import Hooks, Runtime
 from modeconn.runtime.checkpoints import load_checkpoint, load_model, save_model
 from modeconn.data import get_dataset
 from modeconn.evaluation.ensembles import EnsembleResult, evaluate_ensemble
@@ -133,8 +134,8 @@ def main_(argv=None) -> int:
     result = train_fge(start_model, train_loader, args.cycles, cycle_iters=C, lr_max=args.lr_max, lr_min=args.lr_min,
                  momentum=args.momentum, weight_decay=args.wd, seed=args.seed, bn_loader=bn_loader,
                  keep_on_disk=snap_dir if args.keep_on_disk else None, snapshot_meta=arch,
-                 on_epoch_end=_cli.epoch_saver(out, config, bar), progress=bar, resume=state,
-                 amp=args.amp, compile=args.compile)
+                 resume=state, runtime=Runtime(device, args.amp, args.compile),
+                 hooks=Hooks(progress=bar.update, on_epoch_end=_cli.epoch_saver(out, config, bar)))
     bar.close()
     if not info.is_main:  # rank 0 evaluates the ensembles and writes the results
         return 0

@@ -13,6 +13,7 @@ from modeconn.data import get_dataset
 from modeconn.evaluation.model import evaluate
 from modeconn.models import create_model, list_models
 from modeconn.plots.history import plot_history
+from modeconn.runtime import Hooks, Runtime
 from modeconn.training.loop import train_model
 
 EXAMPLE = """  python -m modeconn.train --dataset digits --model mlp --seed 1 --epochs 30 --out runs/mlp_a
@@ -80,8 +81,8 @@ def main_(argv=None) -> int:
         out.mkdir(parents=True, exist_ok=True)
     bar = _cli.progress(args.epochs * len(loader), f"train {args.model}", args.no_progress)
     history = train_model(model, loader, args.epochs, args.lr, args.wd, args.momentum, args.schedule,
-                          seed=args.seed, on_epoch_end=_cli.epoch_saver(out, config, bar), progress=bar,
-                          resume=state, amp=args.amp, compile=args.compile)
+                          seed=args.seed, resume=state, runtime=Runtime(device, args.amp, args.compile),
+                          hooks=Hooks(progress=bar.update, on_epoch_end=_cli.epoch_saver(out, config, bar)))
     bar.close()
     if not info.is_main:  # rank 0 evaluates and writes the results
         return 0

@@ -13,6 +13,7 @@ from modeconn.core.curve_model import CurveModel, save_curve
 from modeconn.core.curves import make_curve
 from modeconn.data import get_dataset
 from modeconn.plots.history import plot_history
+from modeconn.runtime import Hooks, Runtime
 from modeconn.training.loop import fit_curve
 
 EXAMPLE = """  python -m modeconn.train_curve --start checkpoints/digits_mlp_a.pt --end checkpoints/digits_mlp_b.pt \\
@@ -101,8 +102,8 @@ def main_(argv=None) -> int:
         out.mkdir(parents=True, exist_ok=True)
     bar = _cli.progress(args.epochs * len(loader), f"fit {args.curve}({args.num_bends})", args.no_progress)
     history = fit_curve(curve, loader, args.epochs, args.lr, args.wd, args.momentum, args.schedule,
-                        seed=args.seed, on_epoch_end=_cli.epoch_saver(out, config, bar), progress=bar,
-                        resume=state, amp=args.amp, compile=args.compile)
+                        seed=args.seed, resume=state, runtime=Runtime(device, args.amp, args.compile),
+                        hooks=Hooks(progress=bar.update, on_epoch_end=_cli.epoch_saver(out, config, bar)))
     bar.close()
     if not info.is_main:  # rank 0 writes the results
         return 0

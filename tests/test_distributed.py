@@ -17,7 +17,7 @@ import torch
 
 import modeconn as mc
 from modeconn.cli import common as _cli
-from modeconn.runtime import distributed
+from modeconn.runtime import Runtime, distributed
 from modeconn import eval_curve as eval_cmd
 from modeconn import train_curve as curve_cmd
 from modeconn.core.curve_model import load_curve
@@ -95,7 +95,7 @@ def test_every_rank_draws_the_same_t_at_every_step(mlp_pair, digits):
         original = curve.training_point
         curve.training_point = lambda t, wd=0.0, _o=original, _ts=ts: (_ts.append(float(t)), _o(t, wd))[1]
         loader = digits.train_loader(32, seed=3, rank=rank, world_size=2)
-        mc.fit_curve(curve, loader, epochs=2, lr=0.05, seed=3, distributed=False)
+        mc.fit_curve(curve, loader, epochs=2, lr=0.05, seed=3, runtime=Runtime(distributed=False))
         assert len(ts) == 2 * len(loader) == 46
         drawn.append(ts)
     assert drawn[0] == drawn[1] and len(set(drawn[0])) == len(drawn[0])

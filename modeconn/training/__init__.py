@@ -1,1 +1,2 @@
-
+"""Training: loops (loop.py), schedules (schedules.py), Fast Geometric Ensembling (fge.py) and the one
+resume mechanism they share (state.py)."""

@@ -1,67 +1,51 @@
-"""Training loops: endpoints (``train_model``) and curves (``fit_curve``).
+"""Training loops: endpoints (:func:`train_model`) and curves (:func:`fit_curve`).
 
-Both are the same loop (``_run``): SGD with momentum, a per-epoch learning
-rate schedule, per-epoch history, and a resumable state handed to a callback
-at the end of every epoch. Batch order and the curve's t samples depend only
-on ``(seed, epoch)``, so a run resumed from the state of epoch k ends exactly
-where an uninterrupted run does.
+Both, and FGE (:func:`~modeconn.training.fge.train_fge`), are one loop
+(:func:`run_sgd` over epochs of :func:`run_epoch`): SGD with momentum, a
+learning-rate scheduler stepped per epoch (or per iteration for FGE),
+per-epoch history, and at the end of every epoch the resumable state of
+:func:`~modeconn.training.state.capture_state` handed to
+``hooks.on_epoch_end``. Batch order and the curve's t samples depend only on
+``(seed, epoch)`` and the state carries the global RNG, so a run resumed from
+the state of epoch k ends exactly where an uninterrupted run does.
 
 The curve loss is the expected loss over t ~ U(0, 1) (one t per mini-batch)
 plus ``0.5 * wd * ||θ(t)||²`` at the sampled point (Garipov et al. 2018), not
 weight decay on the bends.
 
 Under torchrun (a process group of several ranks, see
-:mod:`modeconn.distributed`) the model, or the curve's free bends, is wrapped
-in ``DistributedDataParallel``; each rank iterates its shard of every global
-batch (``TensorLoader(rank=, world_size=)``), the t of a step is the same on
-every rank (drawn from the ``(seed, epoch)`` generator), DDP averages the
-gradients over equal-size shards, and the epoch's loss and accuracy are summed
-over ranks: the run takes the steps of a single process with the global batch.
-Rank-specific randomness (dropout) is reseeded per ``(seed, epoch, rank)`` at
-every epoch so a resumed run repeats it. ``amp`` runs the forward under bf16
-autocast, ``compile`` through ``torch.compile``; both are off by default.
+:mod:`modeconn.runtime.distributed`) the model, or the curve's free bends, is
+wrapped in ``DistributedDataParallel``; each rank iterates its shard of every
+global batch (``TensorLoader(rank=, world_size=)``), the t of a step is the
+same on every rank (drawn from the ``(seed, epoch)`` generator), DDP averages
+the gradients over equal-size shards, and the epoch's loss and accuracy are
+summed over ranks: the run takes the steps of a single process with the global
+batch. Rank-specific randomness (dropout) is reseeded per ``(seed, epoch,
+rank)`` at every epoch so a resumed run repeats it. ``Runtime(amp=True)``
+runs the forward under bf16 autocast, ``Runtime(compile=True)`` through
+``torch.compile``; both are off by default.
 """
 from __future__ import annotations
 
-import contextlib
 import math
 import time
-from typing import Callable, Iterable, List, Mapping, Optional, Union
+from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Union
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from modeconn.runtime import distributed as _dist
 from modeconn.core.curve_model import CurveModel
 from modeconn.data import epoch_generator
+from modeconn.runtime import Hooks, Runtime
+from modeconn.runtime import distributed as _dist
+from modeconn.training.schedules import make_scheduler
+from modeconn.training.state import capture_state, restore_state
 
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
-SCHEDULES = ("reference", "cosine", "constant")
+StepLoss = Callable[[torch.Tensor, torch.Tensor, torch.Generator], tuple]
 
-
-def reference_lr_factor(epoch: int, epochs: int) -> float:
-    """Garipov et al.'s schedule: 1 for the first half, linear to 0.01 at 90%, then 0.01.
-
-    ``epoch`` counts from 0; the factor applies to that whole epoch.
-    """
-    alpha = epoch / epochs
-    if alpha <= 0.5:
-        return 1.0
-    if alpha <= 0.9:
-        return 1.0 - (alpha - 0.5) / 0.4 * 0.99
-    return 0.01
-
-
-def make_scheduler(optimizer: torch.optim.Optimizer, schedule: str, epochs: int):
-    """A per-epoch ``torch.optim.lr_scheduler`` for the named schedule."""
-    if schedule == "reference":
-        return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda e: reference_lr_factor(e, epochs))
-    if schedule == "cosine":
-        return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=epochs)
-    if schedule == "constant":
-        return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda e: 1.0)
-    raise ValueError(f"unknown schedule {schedule!r}; choose one of {SCHEDULES}")
+__all__ = ["train_model", "fit_curve", "run_epoch", "run_sgd", "get_loss", "model_step"]
 
 
 def get_loss(loss: Union[str, LossFn]) -> LossFn:
@@ -76,57 +60,53 @@ def get_loss(loss: Union[str, LossFn]) -> LossFn:
 
 
 def _is_classification(out: torch.Tensor, y: torch.Tensor) -> bool:
+    """Logits ``[B, K]`` with integer labels: accuracy is defined."""
     return out.dim() == 2 and not y.is_floating_point()
 
 
-def autocast(device: torch.device, amp: bool):
-    """bf16 autocast on ``device`` when ``amp``; otherwise a no-op context."""
-    if not amp:
-        return contextlib.nullcontext()
-    return torch.autocast(device_type=torch.device(device).type, dtype=torch.bfloat16)
+def model_step(net: nn.Module, loss: Union[str, LossFn], runtime: Runtime, device: torch.device) -> StepLoss:
+    """The ``step_loss`` of a plain network for :func:`run_epoch`: batch to ``device``, forward, loss.
 
-
-def use_ddp(distributed: Optional[bool], loader=None) -> bool:
-    """Whether to wrap in DDP: ``None`` = inside a process group of several ranks."""
-    if distributed is None:
-        distributed = _dist.active()
-    elif distributed and not _dist.is_initialized():
-        raise ValueError("distributed=True needs an initialised process group "
-                         "(run under torchrun and call modeconn.distributed.init_from_env())")
-    if distributed and loader is not None:
-        _dist.check_sharded(loader)
-    return bool(distributed)
-
-
-class _CurveStep(nn.Module):
-    """What DDP wraps for a curve: θ(t) from the free bends (the only parameter), then the net at θ(t).
-
-    θ(t) stays in float32 (it is also the weight-decay penalty's input); with
-    ``amp`` only the network's forward runs under bf16 autocast.
+    The forward runs under ``runtime.autocast`` (its output cast back to
+    float32 for the loss); the objective is the data loss itself (weight
+    decay is the optimizer's).
     """
+    loss_fn = get_loss(loss)
 
-    def __init__(self, curve: CurveModel, amp: bool = False, weight_decay: float = 0.0):
-        super().__init__()
-        self.curve, self.amp, self.weight_decay = curve, bool(amp), float(weight_decay)
+    def step(x, y, generator):
+        """(output, objective, logged loss) of one batch."""
+        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+        with runtime.autocast(device):
+            out = net(x)
+        value = loss_fn(out.float() if runtime.amp else out, y)
+        return out, value, value
 
-    def forward(self, x, t):
-        flat = self.curve.training_point(t, self.weight_decay)
-        with autocast(flat.device, self.amp):
-            out = self.curve.forward_flat(x, flat)
-        return out.float() if self.amp else out, flat
+    return step
 
 
-def run_epoch(loader, epoch: int, seed: int, step_loss: Callable, optimizer: torch.optim.Optimizer,
-              ddp: bool = False, progress=None, before_step: Optional[Callable[[], None]] = None,
-              after_step: Optional[Callable[[], None]] = None, max_steps: Optional[int] = None) -> dict:
+def run_epoch(loader: Iterable, epoch: int, seed: int, step_loss: StepLoss, optimizer: torch.optim.Optimizer,
+              ddp: bool = False, hooks: Optional[Hooks] = None, after_step: Optional[Callable[[], Any]] = None,
+              max_steps: Optional[int] = None) -> dict:
     """One epoch of SGD steps, shared by every training loop (endpoints, curves, FGE).
 
-    ``step_loss(x, y, generator) -> (output, objective, logged_loss)``; the
-    generator depends only on ``(seed, epoch)`` (the curve's t samples).
-    ``before_step`` / ``after_step`` run around each step (FGE sets the rate
-    and takes snapshots there); at most ``max_steps`` steps. Returns
-    ``{"epoch", "loss", "acc"}`` averaged over the epoch's samples, summed
-    over ranks under DDP (the history of one process with the global batch).
+    Args:
+        loader: batches ``(x, y)``; its ``set_epoch(epoch)`` is called first when it has one.
+        epoch: 0-based epoch index (batch order and the generator depend on it).
+        seed: the run's seed.
+        step_loss: ``f(x, y, generator) -> (output, objective, logged_loss)``;
+            the generator depends only on ``(seed, epoch)`` (the curve's t samples).
+        optimizer: zeroed, back-propagated and stepped once per batch.
+        ddp: sum the epoch's loss and accuracy over ranks, reseed the global
+            RNG per ``(seed, epoch, rank)`` first.
+        hooks: ``hooks.advance(1)`` after every step.
+        after_step: called after every ``optimizer.step()`` (an iteration
+            scheduler's ``step``, FGE's snapshots).
+        max_steps: stop after this many steps.
+
+    Returns:
+        ``{"epoch": epoch + 1, "loss", "acc", "lr"}``: loss and accuracy averaged
+        over the epoch's samples (acc NaN for non-classification outputs), lr
+        of the last step.
     """
     if hasattr(loader, "set_epoch"):
         loader.set_epoch(epoch)
@@ -136,163 +116,253 @@ def run_epoch(loader, epoch: int, seed: int, step_loss: Callable, optimizer: tor
     loss_sum = torch.zeros((), dtype=torch.float64)
     correct = torch.zeros((), dtype=torch.long)
     count, steps, classify = 0, 0, True
+    lr = optimizer.param_groups[0]["lr"]
     for x, y in loader:
         if max_steps is not None and steps >= max_steps:
             break
-        if before_step is not None:
-            before_step()
         out, objective, data_loss = step_loss(x, y, gen)
         optimizer.zero_grad(set_to_none=True)
         objective.backward()
         optimizer.step()
+        lr = optimizer.param_groups[0]["lr"]
         with torch.no_grad():
             loss_sum = loss_sum + data_loss.detach().double().cpu() * len(y)
             classify = classify and _is_classification(out, y)
             if classify:
-                correct = correct + (out.argmax(1) == y).sum().cpu()
+                correct = correct + (out.argmax(1) == y.to(out.device)).sum().cpu()
         count += len(y)
         steps += 1
         if after_step is not None:
             after_step()
-        if progress is not None:
-            progress.update(1)
+        if hooks is not None:
+            hooks.advance(1)
     if ddp:
         sums = _dist.all_reduce_sum(torch.stack([loss_sum, correct.double(),
                                                  torch.tensor(float(count), dtype=torch.float64)]))
         loss_sum, correct, count = sums[0], sums[1], int(sums[2])
     return {"epoch": epoch + 1, "loss": float(loss_sum) / max(count, 1),
-            "acc": float(correct) / max(count, 1) if classify else float("nan")}
+            "acc": float(correct) / max(count, 1) if classify else float("nan"), "lr": float(lr)}
 
 
-def check_finite(record: dict, advice: str) -> None:
-    if not math.isfinite(record["loss"]):
-        raise FloatingPointError(f"training loss became {record['loss']} in epoch {record['epoch']}; {advice}")
+def run_sgd(module: nn.Module, loader, epochs: int, step_loss: StepLoss, optimizer: torch.optim.Optimizer,
+            scheduler, *, seed: int, settings: Mapping[str, Any], hooks: Hooks, resume: Optional[Mapping],
+            ddp: bool = False, per_step: bool = False, total_steps: Optional[int] = None,
+            extra_parts: Optional[Dict[str, Any]] = None, after_step: Optional[Callable[[], Any]] = None,
+            epoch_fields: Optional[Callable[[], dict]] = None, advice: str = "lower the learning rate",
+            same_on_all_ranks: Optional[Callable[[], float]] = None) -> List[dict]:
+    """The loop every trainer runs: epochs of :func:`run_epoch`, history, resumable state.
 
+    ``scheduler.step()`` runs after every epoch, or after every iteration with
+    ``per_step`` (then ``total_steps`` may end the last epoch early).
+    ``module``, ``optimizer``, ``scheduler`` and ``extra_parts`` form the state
+    (:func:`~modeconn.training.state.capture_state`, with ``settings``)
+    handed to ``hooks.on_epoch_end`` and restored from ``resume``.
+    ``after_step`` runs after every SGD step (before a per-step scheduler),
+    ``epoch_fields()`` adds entries to each epoch's record. With ``ddp``,
+    ``same_on_all_ranks()`` (a number every rank must agree on, e.g. the sum
+    of the epoch's t) is checked across ranks once per epoch.
 
-def _run(module: nn.Module, params: List[torch.Tensor], loader, epochs: int, lr: float,
-         step_loss: Callable, optimizer_wd: float, momentum: float, schedule: str, seed: int,
-         on_epoch_end: Optional[Callable], progress, resume: Optional[Mapping], ddp: bool = False,
-         same_on_all_ranks: Optional[Callable[[], float]] = None) -> List[dict]:
-    """The loop. With ``ddp`` the epoch's sums are all-reduced and ``same_on_all_ranks()`` (a
-    number every rank must agree on, e.g. the sum of the epoch's t) is checked across ranks."""
-    if epochs < 1:
-        raise ValueError(f"epochs must be >= 1, got {epochs}")
-    if lr <= 0 or not math.isfinite(lr):
-        raise ValueError(f"lr must be a positive number, got {lr}")
-    optimizer = torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=optimizer_wd)
-    scheduler = make_scheduler(optimizer, schedule, epochs)
+    Returns:
+        The history: one record per epoch (``epoch, loss, acc, lr, seconds``, ...).
+
+    Raises:
+        FloatingPointError: the epoch's loss is NaN or infinite (``advice`` says what to try).
+        ValueError: ``resume`` does not fit this run.
+    """
+    parts = {"model": module, "optimizer": optimizer, "scheduler": scheduler, **(extra_parts or {})}
+    per_epoch = len(loader)
     history: List[dict] = []
     first = 0
     if resume is not None:
-        module.load_state_dict(resume["model"])
-        optimizer.load_state_dict(resume["optimizer"])
-        scheduler.load_state_dict(resume["scheduler"])
-        torch.set_rng_state(resume["rng"])
-        history = list(resume["history"])
-        first = int(resume["epoch"]) + 1
-        if progress is not None:
-            progress.update(first * len(loader))
+        first, history = restore_state(resume, settings, **parts)
+        done = first * per_epoch
+        hooks.advance(done if total_steps is None else min(done, total_steps))
+
+    def step_done():
+        """After every SGD step: the caller's hook, then a per-iteration scheduler."""
+        if after_step is not None:
+            after_step()
+        if per_step:
+            scheduler.step()
+
     for epoch in range(first, epochs):
         t0 = time.perf_counter()
         module.train()
-        record = run_epoch(loader, epoch, seed, step_loss, optimizer, ddp, progress)
+        limit = None if total_steps is None else total_steps - epoch * per_epoch
+        record = run_epoch(loader, epoch, seed, step_loss, optimizer, ddp, hooks, step_done, limit)
         if ddp and same_on_all_ranks is not None:
             _dist.check_same(same_on_all_ranks(), f"the t samples of epoch {epoch + 1}")
-        record["lr"] = optimizer.param_groups[0]["lr"]
-        check_finite(record, f"lower the learning rate (lr={lr})")
-        scheduler.step()
+        if not math.isfinite(record["loss"]):
+            raise FloatingPointError(f"training loss became {record['loss']} in epoch {record['epoch']}; {advice}")
+        if not per_step:
+            scheduler.step()
+        record.update(epoch_fields() if epoch_fields is not None else {})
         record["seconds"] = time.perf_counter() - t0
         history.append(record)
-        if on_epoch_end is not None:
-            state = {"epoch": epoch, "model": module.state_dict(), "optimizer": optimizer.state_dict(),
-                     "scheduler": scheduler.state_dict(), "rng": torch.get_rng_state(),
-                     "history": list(history)}
-            on_epoch_end(record, state)
+        if hooks.on_epoch_end is not None:  # the copies cost time and memory: only when someone listens
+            hooks.epoch_end(record, capture_state(epoch, history, settings, **parts))
     return history
+
+
+def _sgd(params: List[torch.Tensor], epochs: int, lr: float, momentum: float, weight_decay: float,
+         schedule: str):
+    """Checked SGD optimizer and per-epoch scheduler of :func:`train_model` / :func:`fit_curve`."""
+    if isinstance(epochs, bool) or int(epochs) != epochs or epochs < 1:
+        raise ValueError(f"epochs must be an integer >= 1, got {epochs}")
+    if not math.isfinite(lr) or lr <= 0:
+        raise ValueError(f"lr must be a positive number, got {lr}")
+    optimizer = torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=weight_decay)
+    return optimizer, make_scheduler(optimizer, schedule, int(epochs))
+
+
+def _settings(loop: str, epochs, lr, weight_decay, momentum, schedule, seed) -> dict:
+    """What a resume state of :func:`train_model` / :func:`fit_curve` must agree on."""
+    return {"loop": loop, "epochs": int(epochs), "lr": float(lr), "weight_decay": float(weight_decay),
+            "momentum": float(momentum), "schedule": schedule, "seed": int(seed)}
 
 
 def train_model(model: nn.Module, train_loader: Iterable, epochs: int = 20, lr: float = 0.05,
                 weight_decay: float = 5e-4, momentum: float = 0.9, schedule: str = "reference",
-                loss: Union[str, LossFn] = "cross_entropy", seed: int = 0,
-                on_epoch_end: Optional[Callable[[dict, dict], None]] = None, progress=None,
-                resume: Optional[Mapping] = None, distributed: Optional[bool] = None, amp: bool = False,
-                compile: bool = False) -> List[dict]:
-    """Train an endpoint network with SGD; returns the per-epoch history.
+                loss: Union[str, LossFn] = "cross_entropy", seed: int = 0, resume: Optional[Mapping] = None,
+                runtime: Optional[Runtime] = None, hooks: Optional[Hooks] = None) -> List[dict]:
+    """Train an endpoint network in place with SGD (momentum, weight decay); returns the per-epoch history.
 
-    History records hold ``epoch, lr, loss, acc, seconds`` (loss without the
-    weight-decay term; acc is NaN for non-classification outputs).
-    ``on_epoch_end(record, state)`` receives each epoch's record and a state
-    dict to pass back as ``resume=`` after an interruption. ``progress`` is a
-    tqdm-like object updated once per step.
+    Args:
+        model: the network (trained in place; moved to ``runtime.device`` when given).
+        train_loader: batches ``(x, y)``, reshuffled per epoch by ``set_epoch`` when it has it.
+        epochs, lr, weight_decay, momentum: of the SGD run.
+        schedule: per-epoch rate: ``"reference"`` (Garipov et al.'s, see
+            :func:`~modeconn.training.schedules.reference_lr_factor`),
+            ``"cosine"`` or ``"constant"``.
+        loss: ``"cross_entropy"``, ``"mse"`` or ``f(output, y) -> scalar``.
+        seed: batch order (with the loader's own seed) and DDP's per-rank
+            dropout seeds. Single-process dropout draws from the global RNG.
+        resume: a ``state`` from ``hooks.on_epoch_end`` of an interrupted run
+            with the same settings; the run continues after its epoch.
+        runtime: device, amp, compile, distributed. Under DDP the loader must
+            be sharded for this rank; BatchNorm normalises with each rank's
+            share of the batch (plain DDP; running statistics broadcast from rank 0).
+        hooks: ``progress(n)`` per finished step, ``on_epoch_end(record, state)``.
 
-    ``distributed``: wrap the model in ``DistributedDataParallel`` (default
-    ``None``: when a process group of several ranks is initialised; the loader
-    must then be sharded for this rank). BatchNorm layers normalise with the
-    statistics of each rank's share of the batch (plain DDP; running
-    statistics are broadcast from rank 0). ``amp``: bf16 autocast for the
-    forward. ``compile``: run the model through ``torch.compile``.
+    Returns:
+        History records ``epoch, loss, acc, lr, seconds`` (loss without the
+        weight-decay term; acc NaN for non-classification outputs).
+
+    Example:
+        >>> import torch
+        >>> from torch import nn
+        >>> from modeconn.data import TensorLoader
+        >>> from modeconn.runtime import Hooks
+        >>> from modeconn.training.loop import train_model
+        >>> _ = torch.manual_seed(0)
+        >>> net = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 3))
+        >>> loader = TensorLoader(torch.randn(32, 4), torch.randint(0, 3, (32,)), batch_size=8, shuffle=True)
+        >>> steps = []
+        >>> history = train_model(net, loader, epochs=2, lr=0.1, hooks=Hooks(progress=steps.append))
+        >>> [r["epoch"] for r in history], sum(steps)
+        ([1, 2], 8)
     """
-    loss_fn = get_loss(loss)
+    runtime, hooks = runtime or Runtime(), hooks or Hooks()
+    if runtime.device is not None:
+        model.to(runtime.device)
     params = [p for p in model.parameters() if p.requires_grad]
-    ddp = use_ddp(distributed, train_loader)
-    device = params[0].device if params else torch.device("cpu")
+    optimizer, scheduler = _sgd(params, epochs, lr, momentum, weight_decay, schedule)
+    device = params[0].device
+    ddp = runtime.use_ddp(train_loader)
     net = _dist.wrap_ddp(model) if ddp else model
-    if compile:
+    if runtime.compile:
         net = torch.compile(net)
+    return run_sgd(model, train_loader, int(epochs), model_step(net, loss, runtime, device), optimizer, scheduler,
+                   seed=seed, settings=_settings("train_model", epochs, lr, weight_decay, momentum, schedule, seed),
+                   hooks=hooks, resume=resume, ddp=ddp, advice=f"lower the learning rate (lr={lr})")
 
-    def step(x, y, gen):
-        with autocast(device, amp):
-            out = net(x)
-        if amp:
-            out = out.float()
-        value = loss_fn(out, y)
-        return out, value, value
 
-    return _run(model, params, train_loader, epochs, lr, step, weight_decay, momentum, schedule, seed,
-                on_epoch_end, progress, resume, ddp=ddp)
+class _CurveStep(nn.Module):
+    """What DDP wraps for a curve: θ(t) from the free bends (the only parameter), then the net at θ(t).
+
+    θ(t) stays in float32 (it is also the weight-decay penalty's input); with
+    ``runtime.amp`` only the network's forward runs under bf16 autocast.
+    """
+
+    def __init__(self, curve: CurveModel, runtime: Runtime, weight_decay: float = 0.0):
+        """Wrap ``curve``; ``weight_decay`` is the penalty's coefficient at θ(t)."""
+        super().__init__()
+        self.curve, self.runtime, self.weight_decay = curve, runtime, float(weight_decay)
+
+    def forward(self, x, t):
+        """Network output at θ(t) (float32) and θ(t)."""
+        flat = self.curve.training_point(t, self.weight_decay)
+        with self.runtime.autocast(flat.device):
+            out = self.curve.forward_flat(x, flat)
+        return out.float() if self.runtime.amp else out, flat
 
 
 def fit_curve(curve: CurveModel, train_loader: Iterable, epochs: int = 20, lr: float = 0.03,
               weight_decay: float = 5e-4, momentum: float = 0.9, schedule: str = "reference",
-              loss: Union[str, LossFn] = "cross_entropy", seed: int = 0,
-              on_epoch_end: Optional[Callable[[dict, dict], None]] = None, progress=None,
-              resume: Optional[Mapping] = None, distributed: Optional[bool] = None, amp: bool = False,
-              compile: bool = False) -> List[dict]:
-    """Train the free bends of ``curve`` to minimise E_{t~U(0,1)} L(θ(t)).
+              loss: Union[str, LossFn] = "cross_entropy", seed: int = 0, resume: Optional[Mapping] = None,
+              runtime: Optional[Runtime] = None, hooks: Optional[Hooks] = None) -> List[dict]:
+    """Train the free bends of ``curve`` to minimise E_{t~U(0,1)} L(θ(t)) (Garipov et al. 2018, Eq. 2).
 
-    One t per mini-batch; the penalty ``0.5 * weight_decay * ||θ(t)||²`` is
-    applied at the sampled point. Same callbacks as :func:`train_model`.
+    One t per mini-batch, drawn from the ``(seed, epoch)`` generator; the
+    penalty ``0.5 * weight_decay * ||θ(t)||²`` is applied at the sampled point
+    (not to the bends). Arguments, resume and hooks as :func:`train_model`.
+    Under DDP (``runtime.distributed``, default: inside a process group of
+    several ranks) the one parameter ``free_bends`` is data parallel; the
+    fixed bends and the template's buffers are broadcast from rank 0 once
+    (running BN statistics play no part in curve training) and every rank
+    draws the same t at every step (checked once per epoch). With
+    ``runtime.amp`` only the network's forward runs in bf16 (θ(t) stays
+    float32); ``runtime.compile`` compiles the step (θ(t) and forward).
 
-    ``distributed`` (default: inside a process group of several ranks): DDP
-    over the curve's one parameter, ``free_bends``; the fixed bends and the
-    template's buffers are broadcast from rank 0 once and not synchronised
-    afterwards (running BN statistics of the template play no part in curve
-    training). Every rank draws the same t at every step (checked once per
-    epoch). ``amp``: bf16 autocast for the network's forward (θ(t) stays
-    float32). ``compile``: ``torch.compile`` of the step (θ(t) and forward).
+    Raises:
+        ValueError: every bend is fixed, or bad arguments (see :func:`train_model`).
+
+    Example:
+        >>> import torch
+        >>> from torch import nn
+        >>> from modeconn import Bezier, CurveModel
+        >>> from modeconn.data import TensorLoader
+        >>> from modeconn.training.loop import fit_curve
+        >>> _ = torch.manual_seed(0)
+        >>> a, b = nn.Linear(4, 3), nn.Linear(4, 3)
+        >>> curve = CurveModel(a, a, b, Bezier(3))
+        >>> loader = TensorLoader(torch.randn(32, 4), torch.randint(0, 3, (32,)), batch_size=8)
+        >>> before = curve.bends.clone()
+        >>> history = fit_curve(curve, loader, epochs=2, lr=0.05)
+        >>> len(history), torch.equal(curve.bends[0], before[0]), torch.equal(curve.bends[1], before[1])
+        (2, True, False)
     """
     if not curve.free_idx:
         raise ValueError("the curve has no free bends to train (every bend is fixed)")
+    runtime, hooks = runtime or Runtime(), hooks or Hooks()
+    if runtime.device is not None:
+        curve.to(runtime.device)
+    optimizer, scheduler = _sgd([curve.free_bends], epochs, lr, momentum, 0.0, schedule)
     loss_fn = get_loss(loss)
     device = curve.fixed_bends.device
-    ddp = use_ddp(distributed, train_loader)
-    stepper: nn.Module = _CurveStep(curve, amp, weight_decay)
+    ddp = runtime.use_ddp(train_loader)
+    stepper: nn.Module = _CurveStep(curve, runtime, weight_decay)
     if ddp:  # bends and buffers copied from rank 0 once, buffers not re-broadcast every step
         stepper = _dist.wrap_ddp(stepper, sync_buffers_every_step=False)
-    if compile:
+    if runtime.compile:
         stepper = torch.compile(stepper)
     drawn = {"t_sum": 0.0}
 
     def step(x, y, gen):
+        """One t from the epoch's generator, the network at θ(t) on the batch."""
         t = torch.rand((), generator=gen)
         drawn["t_sum"] += float(t)  # a CPU number: no device synchronisation
+        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
         out, _ = stepper(x, t.to(device))  # the weight-decay gradient comes from training_point's backward
         value = loss_fn(out, y)
         return out, value, value
 
     def epoch_t_sum() -> float:
+        """Sum of the epoch's t (reset for the next), for the ranks' agreement check."""
         value, drawn["t_sum"] = drawn["t_sum"], 0.0
         return value
 
-    return _run(curve, [curve.free_bends], train_loader, epochs, lr, step, 0.0, momentum, schedule, seed,
-                on_epoch_end, progress, resume, ddp=ddp, same_on_all_ranks=epoch_t_sum)
+    return run_sgd(curve, train_loader, int(epochs), step, optimizer, scheduler, seed=seed,
+                   settings=_settings("fit_curve", epochs, lr, weight_decay, momentum, schedule, seed),
+                   hooks=hooks, resume=resume, ddp=ddp, advice=f"lower the learning rate (lr={lr})",
+                   same_on_all_ranks=epoch_t_sum)
