@@ -5,6 +5,7 @@ any path, align neurons before fitting, build Fast Geometric Ensembles, and
 draw the loss landscape around them.
 """
 from modeconn._version import __version__
+from modeconn.runtime import Hooks, Runtime
 from modeconn.core.curves import Bezier, Curve, PolyChain, make_curve
 from modeconn.core.curve_model import CurveModel, chain_path, linear_path, load_curve, save_curve
 from modeconn.runtime.checkpoints import (CheckpointError, load_checkpoint, load_model, load_state_dict,
@@ -15,12 +16,13 @@ from modeconn.evaluation.bn import has_batchnorm, recompute_bn
 from modeconn.evaluation.path import PathResult, barrier, evaluate_path, evaluate_points
 from modeconn.evaluation.ensembles import EnsembleResult, curve_ensemble, evaluate_ensemble
 from modeconn.training.loop import fit_curve, train_model
-from modeconn.training.fge import FGEResult, cyclic_lr, train_fge
+from modeconn.training.fge import FGEResult, FGESnapshots, train_fge
+from modeconn.training.schedules import FGELR, cyclic_lr
 from modeconn.alignment import (PermutationSpec, activation_matching, align_models, apply_permutation,
                                 infer_permutation_spec, weight_matching)
 
 __all__ = [
-    "__version__",
+    "__version__", "Runtime", "Hooks",
     "Bezier", "PolyChain", "Curve", "make_curve",
     "CurveModel", "linear_path", "chain_path", "save_curve", "load_curve",
     "CheckpointError", "load_checkpoint", "save_checkpoint", "load_model", "save_model", "load_state_dict",
@@ -29,7 +31,7 @@ __all__ = [
     "recompute_bn", "has_batchnorm",
     "evaluate_path", "evaluate_points", "PathResult", "barrier",
     "evaluate_ensemble", "curve_ensemble", "EnsembleResult",
-    "train_model", "fit_curve", "train_fge", "cyclic_lr", "FGEResult",
+    "train_model", "fit_curve", "train_fge", "FGELR", "FGESnapshots", "cyclic_lr", "FGEResult",
     "PermutationSpec", "infer_permutation_spec", "apply_permutation", "weight_matching", "activation_matching",
     "align_models",
 ]
