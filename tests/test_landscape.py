@@ -21,6 +21,7 @@ from modeconn.geometry import (GridResult, curve_plane, curve_plane_geometry, ev
                                 flatten_parameters, model_direction, normalize_direction, orthogonalize,
                                 plane_through, random_direction, random_plane)
 from modeconn.evaluation.path import evaluate_path
+from modeconn.runtime import Hooks
 
 
 @pytest.fixture(scope="module")
@@ -236,10 +237,11 @@ def test_grid_resume_after_interruption_equals_uninterrupted(loaders, tmp_path):
     assert not partial.complete and np.isnan(partial.arrays["train_loss"][2:]).all()
     assert np.isfinite(partial.arrays["train_loss"][:2]).all()
 
-    done = []
+    done, told = [], []
     resumed = evaluate_grid(net, plane, xs, ys, train, test, points_per_pass=4, resume=partial,
-                            on_row=lambda r, res: done.append(r), progress=lambda n: None)
+                            on_row=lambda r, res: done.append(r), hooks=Hooks(progress=told.append))
     assert done == [2, 3]  # only the missing rows were evaluated
+    assert told == [6, 3, 3]  # the 2 rows of 3 points already done, then each new row
     for k in full.arrays:
         np.testing.assert_array_equal(resumed.arrays[k], full.arrays[k])
 
