@@ -44,6 +44,7 @@ def curvature_metrics(net: Union[nn.Module, CurveModel], data: Iterable, bn_load
     bn_loader = data if bn_loader is None else bn_loader
 
     def f(flats: torch.Tensor) -> Dict[str, np.ndarray]:
+        """λmax, λmin and their ratio at each of the K points ``flats``."""
         stats = bn_statistics(ev, flats, bn_loader) if use_bn else {}
         models = (ev.layout.module_at(ev.net, flats[k], {n: v[k] for n, v in stats.items()}).eval()
                   for k in range(len(flats)))

@@ -319,6 +319,7 @@ def evaluate_grid(net: Union[nn.Module, CurveModel], plane: Plane, xs: Sequence[
     result = _start(resume, xs, ys, use_bn, points_per_pass, plane_checksum(plane), rows, hooks)
 
     def values_at(idx: np.ndarray) -> Dict[str, np.ndarray]:
+        """Metrics (and point metrics) of the grid points ``idx``, in one pass per loader."""
         flats = plane.points(coords[idx]).to(device=device, dtype=dtype)
         vals = dict(evaluate_points(evaluator, flats, train_loader, test_loader, bn_loader, use_bn,
                                     amp=runtime.amp, compile=runtime.compile))
