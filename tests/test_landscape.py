@@ -22,7 +22,7 @@ from modeconn.geometry import (GridResult, Plane, curvature_metrics, curve_plane
                                orthogonalize, plane_through, random_direction, random_plane)
 from modeconn.geometry.hessian import sharpness_along
 from modeconn.evaluation.path import evaluate_path
-from modeconn.runtime import Hooks
+from modeconn.runtime import Hooks, Runtime
 
 
 @pytest.fixture(scope="module")
@@ -307,6 +307,9 @@ def test_grid_resume_after_interruption_equals_uninterrupted(loaders, tmp_path):
                       points_per_pass=4, resume=partial)
     with pytest.raises(ValueError, match="xs differ"):
         evaluate_grid(net, plane, xs + 1, ys, train, test, points_per_pass=4, resume=partial)
+    # the grid runs where the network is: another runtime device is refused, not silently ignored
+    with pytest.raises(ValueError, match="runtime.device is meta"):
+        evaluate_grid(net, plane, xs, ys, train, test, runtime=Runtime(device="meta"))
 
 
 def test_point_curvature_network_and_grid_agree_at_one_flat_point(loaders, monkeypatch):

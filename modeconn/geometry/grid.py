@@ -213,7 +213,8 @@ def _evaluator_on(net: Union[nn.Module, CurveModel], plane: Plane, runtime: Runt
         raise ValueError(f"the plane lives in a space of {plane.origin.numel()} parameters, the network has "
                          f"{evaluator.num_parameters}")
     device = evaluator.fixed_bends.device
-    if runtime.device is not None and torch.device(runtime.device) != device:
+    want = None if runtime.device is None else torch.device(runtime.device)
+    if want is not None and (want.type != device.type or want.index not in (None, device.index)):
         raise ValueError(f"runtime.device is {runtime.device} but the network is on {device}: "
                          "the grid is evaluated where the network is; move it first")
     return evaluator
