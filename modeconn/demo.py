@@ -23,6 +23,7 @@ from modeconn.data import get_dataset
 from modeconn.evaluation.ensembles import evaluate_ensemble
 from modeconn.training.fge import train_fge
 from modeconn.geometry.grid import curve_plane
+from modeconn.runtime import Hooks
 from modeconn.plots.landscape import plot_curve_plane
 from modeconn.eval_curve import write_path_outputs
 from modeconn.evaluation.path import evaluate_path
@@ -126,7 +127,7 @@ def main_(argv=None) -> int:
         if grid:
             bar = _cli.progress(grid * grid, f"{pair}: plane", args.no_progress)
             cp = curve_plane(curve, train_eval, test, grid=grid, margin=0.2, num_points=args.num_points,
-                             progress=bar)
+                             hooks=Hooks(progress=bar.update))
             bar.close()
             plot_curve_plane(cp, pdir / "plane.png", f"digits {pair}: plane through start, bend and end")
         print(f"\n== {pair}: {a_meta['arch']} {a_meta['arch_kwargs']}  ({a_path.name} -> {b_path.name}), "

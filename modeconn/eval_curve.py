@@ -96,6 +96,7 @@ def path_sharpness(path, ds, device, args) -> dict:
     from modeconn.evaluation.bn import recompute_bn
     from modeconn.data import TensorLoader
     from modeconn.geometry.hessian import sharpness_along
+    from modeconn.runtime import Hooks
 
     if args.hessian_samples < 1 or args.hessian_points < 2:
         raise _cli.CommandError("--hessian-samples must be >= 1 and --hessian-points >= 2")
@@ -105,7 +106,7 @@ def path_sharpness(path, ds, device, args) -> dict:
     ts = np.linspace(0, 1, args.hessian_points)
     models = (recompute_bn(path.point(float(t)), bn_data) for t in ts)
     bar = _cli.progress(len(ts), "Hessian", args.no_progress)
-    s = sharpness_along(models, "cross_entropy", data, ts=ts, progress=bar)
+    s = sharpness_along(models, "cross_entropy", data, ts=ts, hooks=Hooks(progress=bar.update))
     bar.close()
     return {"hessian_ts": ts, "lambda_max": s.lambda_max, "lambda_min": s.lambda_min, "curvature_ratio": s.ratio}
 

@@ -11,6 +11,7 @@ from modeconn.runtime.checkpoints import load_model
 from modeconn.cli import grids as _io
 from modeconn.geometry.directions import NORMS, flatten_parameters, model_direction, random_plane
 from modeconn.geometry.grid import axis, evaluate_grid
+from modeconn.runtime import Hooks, Runtime
 
 PARTIAL, FINAL = "landscape.partial.npz", "landscape.npz"
 
@@ -133,8 +134,8 @@ def main_(argv=None) -> int:
     try:
         grid = evaluate_grid(model, plane, xs, ys, train, test, bn, recompute_bn=not args.no_bn_recompute,
                              points_per_pass=args.points_per_pass,
-                             on_row=save_row, amp=args.amp, compile=args.compile,
-                             resume=resume, progress=bar, point_metrics=metrics_fn)
+                             on_row=save_row, runtime=Runtime(amp=args.amp, compile=args.compile),
+                             resume=resume, hooks=Hooks(progress=bar.update), point_metrics=metrics_fn)
     except KeyboardInterrupt:
         bar.close()
         return _io.interrupted(out, PARTIAL)

@@ -9,6 +9,7 @@ from modeconn.cli import common as _cli
 from modeconn.core.curve_model import load_curve
 from modeconn.cli import grids as _io
 from modeconn.geometry.grid import curve_plane_geometry, evaluate_grid
+from modeconn.runtime import Hooks, Runtime
 
 PARTIAL, FINAL = "plane.partial.npz", "plane.npz"
 
@@ -91,8 +92,9 @@ def main_(argv=None) -> int:
     try:
         cp.grid = evaluate_grid(curve, cp.plane, cp.xs, cp.ys, train, test, bn,
                                 recompute_bn=not args.no_bn_recompute, points_per_pass=args.points_per_pass,
-                                on_row=save_row, resume=resume, progress=bar, point_metrics=metrics_fn,
-                                amp=args.amp, compile=args.compile)
+                                on_row=save_row, resume=resume, point_metrics=metrics_fn,
+                                runtime=Runtime(amp=args.amp, compile=args.compile),
+                                hooks=Hooks(progress=bar.update))
     except KeyboardInterrupt:
         bar.close()
         return _io.interrupted(out, PARTIAL)

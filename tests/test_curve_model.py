@@ -152,3 +152,57 @@ def test_curve_checkpoint_roundtrip(tmp_path, cnn_pair, digits):
     with torch.no_grad():
         assert torch.equal(back(x, 0.7), curve(x, 0.7))
         assert torch.equal(back.point(0.0)(x), curve.point(0.0)(x))
+
+
+def test_flat_layout_round_trip_on_a_bn_cnn():
+    from modeconn.core.layout import FlatLayout
+
+    net, x = make("cnn_bn", 1)
+    other, _ = make("cnn_bn", 2)  # same architecture, other weights and BN statistics
+    net.eval(), other.eval()
+    layout = FlatLayout.of(net)
+    theta = layout.flatten(net)
+    # flatten: the parameters in named_parameters order, each flattened
+    torch.testing.assert_close(theta, torch.cat([p.detach().reshape(-1) for p in net.parameters()]),
+                               rtol=0, atol=0)
+    parts = layout.unflatten(theta)
+    assert list(parts) == [n for n, _ in net.named_parameters()]
+    assert all(torch.equal(parts[n], p) for n, p in net.named_parameters())
+    stacked = layout.unflatten(torch.stack([theta, 2 * theta]))  # leading dimensions are kept
+    assert all(torch.equal(stacked[n][1], 2 * p) for n, p in net.named_parameters())
+
+    # module_at: other's architecture at net's point, with net's buffers, computes net's function
+    buffers = dict(net.named_buffers())
+    with torch.no_grad():
+        rebuilt = layout.module_at(other, theta, buffers)
+        assert torch.equal(rebuilt(x), net(x))
+        assert all(torch.equal(rebuilt.get_buffer(n), b) for n, b in buffers.items())
+        # without buffers the template's statistics stay, and BN eval outputs then differ
+        assert not torch.allclose(layout.module_at(other, theta)(x), net(x))
+        # the template itself is not touched
+        assert torch.equal(FlatLayout.of(other).flatten(other), layout.flatten(make("cnn_bn", 2)[0]))
+        # a template without parameters (a CurveModel's net) works the same way
+        stripped = mc.CurveModel(other, other, other).net
+        assert torch.equal(layout.module_at(stripped, theta, buffers)(x), net(x))
+    with pytest.raises(ValueError, match="P="):
+        layout.module_at(other, theta[:-1])
+    with pytest.raises(ValueError, match="one point"):
+        layout.module_at(other, torch.stack([theta, theta]))
+
+
+def test_curve_layout_is_the_templates():
+    from modeconn.core.layout import FlatLayout
+
+    a, x = make("cnn_bn", 1)
+    b, _ = make("cnn_bn", 2)
+    curve = mc.CurveModel(a, a, b, mc.Bezier(3))
+    assert curve.layout == FlatLayout.of(a)
+    assert torch.equal(curve.bends[0], curve.layout.flatten(a))
+    assert torch.equal(curve.bends[-1], curve.layout.flatten(b))
+    # the constant path at a module: every point is that module
+    const = mc.CurveModel.constant(a).eval()
+    a.eval()
+    with torch.no_grad():
+        assert torch.equal(const(x, 0.0), a(x))
+        torch.testing.assert_close(const(x, 0.6), a(x), rtol=1e-5, atol=1e-5)
+    assert list(const.parameters())[0].numel() == 0  # nothing to train

@@ -13,6 +13,7 @@ from torch import nn
 from torch.func import functional_call
 
 from modeconn.data import TensorLoader
+from modeconn.runtime import Hooks
 from modeconn.geometry.hessian import (ExtremeEigenvalues, HessianOperator, curvature_ratio, hessian_eigenvalues,
                               hessian_extreme_eigenvalues, hessian_trace, hessian_vector_product,
                               sharpness_along)
@@ -208,8 +209,8 @@ def test_sharpness_along_points_and_progress(mlp_problem):
     data = split(x, y, [5, 11])
     calls = []
     res = sharpness_along((m for m in (model, other)), F.cross_entropy, data, tol=1e-6, ts=[0.0, 1.0],
-                          progress=lambda done, total: calls.append((done, total)))
-    assert calls == [(1, None), (2, None)]
+                          hooks=Hooks(progress=calls.append))
+    assert calls == [1, 1]  # one point finished, then the other
     for i, m in enumerate((model, other)):
         evals = torch.linalg.eigvalsh(exact_hessian(m, F.cross_entropy, x, y)).numpy()
         assert evals[0] < -1e-2, "the test needs an indefinite Hessian"
@@ -222,19 +223,13 @@ def test_sharpness_along_points_and_progress(mlp_problem):
 
 def test_progress_counts_products(regression):
     model, x, y, _ = regression
-
-    class Bar:  # tqdm-like
-        n = 0
-
-        def update(self, k):
-            self.n += k
-
-    bar = Bar()
-    res = hessian_eigenvalues(model, half_mse, [(x, y)], k=2, dtype=F64, progress=bar)
-    assert bar.n == res.num_matvecs > 0
-    bar = Bar()
-    hessian_trace(model, half_mse, [(x, y)], num_samples=7, dtype=F64, vectors_per_pass=3, progress=bar)
-    assert bar.n == 7
+    told = []
+    res = hessian_eigenvalues(model, half_mse, [(x, y)], k=2, dtype=F64, hooks=Hooks(progress=told.append))
+    assert set(told) == {1} and len(told) == res.num_matvecs > 0  # one unit per product
+    passes = []
+    hessian_trace(model, half_mse, [(x, y)], num_samples=7, dtype=F64, vectors_per_pass=3,
+                  hooks=Hooks(progress=passes.append))
+    assert passes == [3, 3, 1]  # vectors per pass over the data
 
 
 def test_curvature_ratio_edge_cases():

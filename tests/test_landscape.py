@@ -17,10 +17,12 @@ from modeconn.runtime.checkpoints import save_model
 from modeconn.core.curve_model import CurveModel, linear_path, save_curve
 from modeconn.core.curves import Bezier
 from modeconn.evaluation.model import evaluate
-from modeconn.geometry import (GridResult, curve_plane, curve_plane_geometry, evaluate_grid,
-                                flatten_parameters, model_direction, normalize_direction, orthogonalize,
-                                plane_through, random_direction, random_plane)
+from modeconn.geometry import (GridResult, Plane, curvature_metrics, curve_plane, curve_plane_geometry,
+                               evaluate_grid, flatten_parameters, model_direction, normalize_direction,
+                               orthogonalize, plane_through, random_direction, random_plane)
+from modeconn.geometry.hessian import sharpness_along
 from modeconn.evaluation.path import evaluate_path
+from modeconn.runtime import Hooks, Runtime
 
 
 @pytest.fixture(scope="module")
@@ -74,20 +76,60 @@ def test_filter_normalisation_matches_weight_filters():
             checked_1d += 1
     assert checked_2d >= 3 and checked_1d >= 3  # convs, classifier; BN weights/biases, classifier bias
 
-    # 1-D parameters included on request, normalised per tensor
+    # 1-D parameters included on request: their direction is the parameter itself (Li et al.'s net_plotter)
     d_all = random_direction(theta, net, norm="filter", ignore_1d=False, seed=3)
-    parts = dict(zip([n for n, _ in net.named_parameters()],
-                     torch.split(d_all, [p.numel() for p in net.parameters()])))
-    nonzero = 0
+    parts_all = dict(zip([n for n, _ in net.named_parameters()],
+                         torch.split(d_all, [p.numel() for p in net.parameters()])))
     for name, p in net.named_parameters():
-        if p.dim() == 1:  # (a zero tensor, e.g. a fresh BN bias, gives a zero direction)
-            torch.testing.assert_close(parts[name].norm(), p.detach().norm(), rtol=1e-5, atol=1e-7)
-            nonzero += int(torch.count_nonzero(parts[name]) > 0)
-    assert nonzero >= 2  # BN weights (ones at initialisation), classifier bias
+        if p.dim() == 1:
+            assert torch.equal(parts_all[name], p.detach()), name
+        else:  # the filters are those drawn with the 1-D parameters ignored
+            assert torch.equal(parts_all[name], parts[name].view(-1)), name
 
     # seeded: same seed same direction, other seed another one
     assert torch.equal(random_direction(theta, net, seed=3), d)
     assert not torch.equal(random_direction(theta, net, seed=4), d)
+
+
+def _hand_net():
+    """Linear(2, 2) -> BatchNorm1d(2) -> Linear(2, 1) with round weights; θ has 13 entries."""
+    net = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.BatchNorm1d(2), torch.nn.Linear(2, 1))
+    values = {"0.weight": [[3.0, 4.0], [0.0, 1.0]], "0.bias": [1.0, -2.0], "1.weight": [2.0, 0.5],
+              "1.bias": [0.1, 0.2], "2.weight": [[1.0, 2.0]], "2.bias": [-3.0]}
+    with torch.no_grad():
+        for name, p in net.named_parameters():
+            p.copy_(torch.tensor(values[name]))
+    return net
+
+
+def test_1d_directions_by_hand_follow_li_et_al():
+    """ignore_1d=False: a 1-D parameter's direction is the parameter itself (net_plotter without
+    ignore='biasbn'); the >= 2-D ones are normalised as usual. Expected vectors written out by hand."""
+    net = _hand_net()
+    theta = flatten_parameters(net)
+    #                 0.weight rows        0.bias      1.weight    1.bias      2.weight    2.bias
+    raw = torch.tensor([1.0, 0.0, 0.0, 2.0, 7.0, 7.0, 7.0, 7.0, 7.0, 7.0, 3.0, 4.0, 9.0])
+    own_1d = [1.0, -2.0, 2.0, 0.5, 0.1, 0.2]
+    r5, r26_5, r31_30 = math.sqrt(5.0), math.sqrt(26 / 5), math.sqrt(31 / 30)
+    # filter: row [1, 0] -> norm 5 = |[3, 4]|; row [0, 2] -> norm 1; row [3, 4] -> norm sqrt(5) = |[1, 2]|
+    filt = [5.0, 0.0, 0.0, 1.0] + own_1d + [3 / 5 * r5, 4 / 5 * r5, -3.0]
+    # layer: the first weight has norm sqrt(26), its direction sqrt(5); the last as under filter
+    layer = [r26_5, 0.0, 0.0, 2 * r26_5] + own_1d + [3 / 5 * r5, 4 / 5 * r5, -3.0]
+    # model: all >= 2-D entries by one factor |[3,4,0,1,1,2]| / |[1,0,0,2,3,4]| = sqrt(31/30)
+    model = [r31_30, 0.0, 0.0, 2 * r31_30] + own_1d + [3 * r31_30, 4 * r31_30, -3.0]
+    for norm, expected in (("filter", filt), ("layer", layer), ("model", model)):
+        got = normalize_direction(raw, theta, net, norm, ignore_1d=False)
+        torch.testing.assert_close(got, torch.tensor(expected), rtol=1e-6, atol=1e-7, msg=norm)
+        ignored = normalize_direction(raw, theta, net, norm)  # default: the 1-D entries are zero
+        expected_ignored = torch.tensor(expected)
+        expected_ignored[4:10] = 0.0
+        expected_ignored[12] = 0.0
+        torch.testing.assert_close(ignored, expected_ignored, rtol=1e-6, atol=1e-7, msg=norm)
+    # model with the 1-D weights included has the norm of the whole θ
+    torch.testing.assert_close(normalize_direction(raw, theta, net, "model", ignore_1d=False).norm(),
+                               theta.norm(), rtol=1e-6, atol=0)
+    # "none" normalises nothing: the raw vector, 1-D entries included
+    assert torch.equal(normalize_direction(raw, theta, net, "none", ignore_1d=False), raw)
 
 
 def test_layer_model_none_normalisation_and_helpers():
@@ -236,10 +278,11 @@ def test_grid_resume_after_interruption_equals_uninterrupted(loaders, tmp_path):
     assert not partial.complete and np.isnan(partial.arrays["train_loss"][2:]).all()
     assert np.isfinite(partial.arrays["train_loss"][:2]).all()
 
-    done = []
+    done, told = [], []
     resumed = evaluate_grid(net, plane, xs, ys, train, test, points_per_pass=4, resume=partial,
-                            on_row=lambda r, res: done.append(r), progress=lambda n: None)
+                            on_row=lambda r, res: done.append(r), hooks=Hooks(progress=told.append))
     assert done == [2, 3]  # only the missing rows were evaluated
+    assert told == [6, 3, 3]  # the 2 rows of 3 points already done, then each new row
     for k in full.arrays:
         np.testing.assert_array_equal(resumed.arrays[k], full.arrays[k])
 
@@ -264,6 +307,52 @@ def test_grid_resume_after_interruption_equals_uninterrupted(loaders, tmp_path):
                       points_per_pass=4, resume=partial)
     with pytest.raises(ValueError, match="xs differ"):
         evaluate_grid(net, plane, xs + 1, ys, train, test, points_per_pass=4, resume=partial)
+    # the grid runs where the network is: another runtime device is refused, not silently ignored
+    with pytest.raises(ValueError, match="runtime.device is meta"):
+        evaluate_grid(net, plane, xs, ys, train, test, runtime=Runtime(device="meta"))
+
+
+def test_point_curvature_network_and_grid_agree_at_one_flat_point(loaders, monkeypatch):
+    """CurveModel.point, the network curvature_metrics hands to the Hessian and the grid evaluator (of a
+    curve or of a plain module) are one network at one flat point."""
+    train, _ = loaders
+    a, b = _bn_net(0), _bn_net(1)
+    for m in (a, b):
+        update_bn(train, m)  # distinct statistics at the two ends
+    curve = CurveModel(_bn_net(2), a, b, Bezier(3), init="random", seed=3).eval()
+    flat = curve.flat_weights_at(0.3).detach()
+    point = curve.point(0.3).eval()
+    assert torch.equal(flatten_parameters(point), flat)
+    ref = evaluate(point, train)["loss"]
+    d1 = torch.randn(flat.shape, generator=torch.Generator().manual_seed(0))
+    on_curve = evaluate_grid(curve, Plane(flat, d1), [0.0], None, train, recompute_bn=False)
+    on_point = evaluate_grid(point, Plane(flat, d1), [0.0], None, train, recompute_bn=False)
+    assert on_curve.arrays["train_loss"][0] == pytest.approx(ref, rel=1e-5)
+    assert on_point.arrays["train_loss"][0] == pytest.approx(ref, rel=1e-5)
+
+    # the networks curvature_metrics builds (captured where the Hessian would get them): the point, its BN
+    # statistics recomputed (update_bn as the reference) or kept as they are
+    import modeconn.geometry.hessian as hessian
+
+    captured = []
+
+    def capture(models, *args, **kwargs):
+        captured.extend(models)
+        n = len(captured)
+        return hessian.Sharpness(np.zeros(n), np.zeros(n), np.zeros(n))
+
+    monkeypatch.setattr(hessian, "sharpness_along", capture)
+    recomputed = copy.deepcopy(point)
+    update_bn(train, recomputed)
+    x = train.x[:32]
+    with torch.no_grad():
+        for net in (curve, point):
+            for recompute, expected in ((True, recomputed.eval()), (False, point)):
+                captured.clear()
+                curvature_metrics(net, [(x, train.y[:32])], bn_loader=train, recompute_bn=recompute)(flat[None])
+                (built,) = captured
+                assert not built.training and torch.equal(flatten_parameters(built), flat)
+                torch.testing.assert_close(built(x), expected(x), rtol=1e-4, atol=1e-5)
 
 
 def test_curve_plane_grid_contains_the_curve_values(loaders):

@@ -6,13 +6,15 @@ from its modules and held here instead, flattened and stacked by parameter
 ones in a parameter). A point on the path is one small matrix product; the
 template then runs with those weights through ``torch.func.functional_call``.
 No per-layer curve classes, no model written twice, parameters matched by
-name, never by order.
+name, never by order. Which slice of a flat vector is which parameter is the
+curve's :class:`~modeconn.core.layout.FlatLayout` (``curve.layout``), the one
+layout shared with directions, planes and Hessians.
 
 Buffers (BatchNorm running statistics) are not interpolated: statistics along
 a curve are meaningless and are recomputed over training data before a point
-is evaluated (see :mod:`modeconn.bn`). The template's own buffers are the
-"live" ones a forward pass uses; the endpoints' buffers are kept so that
-``point(0)`` / ``point(1)`` reproduce the endpoint models exactly.
+is evaluated (see :mod:`modeconn.evaluation.bn`). The template's own buffers
+are the "live" ones a forward pass uses; the endpoints' buffers are kept so
+that ``point(0)`` / ``point(1)`` reproduce the endpoint models exactly.
 """
 from __future__ import annotations
 
@@ -23,8 +25,9 @@ import torch
 from torch import nn
 from torch.func import functional_call
 
-from modeconn.runtime.checkpoints import load_state_dict
 from modeconn.core.curves import Bezier, Curve, PolyChain, TLike, _as_t, make_curve
+from modeconn.core.layout import FlatLayout
+from modeconn.runtime.checkpoints import load_state_dict
 
 Source = Union[nn.Module, Mapping[str, torch.Tensor], str]
 
@@ -39,18 +42,21 @@ class _BufferStore(nn.Module):
             self.register_buffer(name.replace(".", "__"), value.detach().clone())
 
     def as_dict(self) -> Dict[str, torch.Tensor]:
+        """The stored buffers under their original (dotted) names."""
         return {n: getattr(self, n.replace(".", "__")) for n in self._names}
 
 
 def _strip_parameters(module: nn.Module) -> None:
+    """Remove every parameter of ``module``'s tree, so weights can only come from outside."""
     for sub in module.modules():
         for name, value in list(sub._parameters.items()):
             if value is not None:  # a None entry (conv without bias) must stay: forward reads it
                 del sub._parameters[name]
 
 
-def _check_compatible(names, shapes, state: Mapping[str, torch.Tensor], which: str) -> None:
-    for name, shape in zip(names, shapes):
+def _check_compatible(layout: FlatLayout, state: Mapping[str, torch.Tensor], which: str) -> None:
+    """Raise, naming the parameter and both shapes, when ``state`` does not fit ``layout``."""
+    for name, shape in zip(layout.names, layout.shapes):
         if name not in state:
             raise ValueError(f"{which} endpoint has no parameter {name!r} (expected shape {tuple(shape)}); "
                              "the endpoints and the template must share one architecture")
@@ -60,11 +66,23 @@ def _check_compatible(names, shapes, state: Mapping[str, torch.Tensor], which: s
                              f"{tuple(shape)}, {which} endpoint has shape {got}")
 
 
+def _fresh_init(template: nn.Module, layout: FlatLayout, seed: int) -> torch.Tensor:
+    """θ of a copy of ``template`` whose layers ran ``reset_parameters()`` under ``seed``."""
+    fresh = copy.deepcopy(template)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        for m in fresh.modules():
+            if hasattr(m, "reset_parameters"):
+                m.reset_parameters()
+    return layout.flatten(fresh)
+
+
 class _DecayedPoint(torch.autograd.Function):
     """θ = c_free @ free + fixed_part; backward: dθ + wd·θ, projected on the free bends."""
 
     @staticmethod
     def forward(ctx, free, c_free, fixed_part, weight_decay):
+        """θ(t) as one ``addmm``; keeps what the backward needs."""
         theta = torch.addmm(fixed_part.unsqueeze(0), c_free.unsqueeze(0), free).squeeze(0)
         ctx.save_for_backward(c_free, theta)
         ctx.weight_decay = weight_decay
@@ -72,6 +90,7 @@ class _DecayedPoint(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad):
+        """The free bends' gradient ``outer(c_free, dθ + wd·θ)``; nothing for the other inputs."""
         c_free, theta = ctx.saved_tensors
         if ctx.weight_decay:
             grad = grad.add(theta, alpha=ctx.weight_decay)
@@ -93,6 +112,26 @@ class CurveModel(nn.Module):
         middle: explicit middle bends (modules, state dicts or paths) instead
             of ``init``; ``fix_middle=True`` keeps them fixed (a chain through
             several checkpoints).
+
+    Attributes: ``layout`` (the :class:`~modeconn.core.layout.FlatLayout` of
+    one point), ``net`` (the template without parameters, holding the live
+    buffers), ``free_bends`` (parameter ``[len(free_idx), P]``),
+    ``fixed_bends`` (buffer ``[len(fixed_idx), P]``).
+
+    Example:
+        >>> import torch
+        >>> from torch import nn
+        >>> from modeconn.core.curves import Bezier
+        >>> _ = torch.manual_seed(0)
+        >>> a, b = nn.Linear(3, 2), nn.Linear(3, 2)
+        >>> curve = CurveModel(a, a, b, Bezier(3))   # the middle bend starts at (a + b) / 2
+        >>> curve.num_parameters, curve.free_idx
+        (8, [1])
+        >>> x = torch.randn(4, 3)
+        >>> torch.equal(curve(x, 0.0), a(x)), torch.allclose(curve(x, 0.5), (a(x) + b(x)) / 2)
+        (True, True)
+        >>> curve.point(0.5)                          # a standalone network at θ(0.5)
+        Linear(in_features=3, out_features=2, bias=True)
     """
 
     def __init__(self, template: nn.Module, start: Source, end: Source, curve: Optional[Curve] = None,
@@ -106,42 +145,14 @@ class CurveModel(nn.Module):
             raise ValueError(f"init must be 'linear' or 'random', got {init!r}")
         self.curve = curve
         self.fix_start, self.fix_end, self.fix_middle = bool(fix_start), bool(fix_end), bool(fix_middle)
-
-        named = list(template.named_parameters())
-        if not named:
-            raise ValueError("the template has no parameters: nothing to connect")
-        dtypes = {p.dtype for _, p in named}
-        if len(dtypes) != 1 or not next(iter(dtypes)).is_floating_point:
+        dtypes = {p.dtype for p in template.parameters()}
+        if len(dtypes) > 1 or not all(d.is_floating_point for d in dtypes):
             raise ValueError(f"all parameters must share one floating dtype, got {sorted(map(str, dtypes))}")
-        self.names: List[str] = [n for n, _ in named]
-        self.shapes: List[torch.Size] = [p.shape for _, p in named]
-        self.numels: List[int] = [p.numel() for _, p in named]
+        self.layout = FlatLayout.of(template)  # raises for a template without parameters
 
         s_state, e_state = load_state_dict(start), load_state_dict(end)
-        _check_compatible(self.names, self.shapes, s_state, "start")
-        _check_compatible(self.names, self.shapes, e_state, "end")
-
-        dtype, device = named[0][1].dtype, named[0][1].device
-
-        def flat(state):
-            return torch.cat([state[n].detach().reshape(-1).to(dtype) for n in self.names]).to(device)
-
-        first, last = flat(s_state), flat(e_state)
+        bends = self._initial_bends(template, s_state, e_state, init, seed, middle)
         K = curve.num_bends
-        if middle is not None:
-            if len(middle) != K - 2:
-                raise ValueError(f"middle has {len(middle)} bends, curve {curve!r} needs {K - 2}")
-            inner = []
-            for k, m in enumerate(middle, 1):
-                state = load_state_dict(m)
-                _check_compatible(self.names, self.shapes, state, f"bend {k}")
-                inner.append(flat(state))
-        elif init == "linear":
-            inner = [(1 - k / (K - 1)) * first + (k / (K - 1)) * last for k in range(1, K - 1)]
-        else:
-            inner = [self._random_init(template, seed + k).to(device, dtype) for k in range(1, K - 1)]
-        bends = torch.stack([first, *inner, last])
-
         fixed = [k for k in range(K) if (k == 0 and fix_start) or (k == K - 1 and fix_end)
                  or (0 < k < K - 1 and fix_middle)]
         free = [k for k in range(K) if k not in fixed]
@@ -161,24 +172,61 @@ class CurveModel(nn.Module):
         self.start_buffers = _BufferStore({n: s_state.get(n, net.get_buffer(n)) for n in buffer_names})
         self.end_buffers = _BufferStore({n: e_state.get(n, net.get_buffer(n)) for n in buffer_names})
 
-    # ------------------------------------------------------------------ basics
-    def _random_init(self, template: nn.Module, seed: int) -> torch.Tensor:
-        fresh = copy.deepcopy(template)
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed)
-            for m in fresh.modules():
-                if hasattr(m, "reset_parameters"):
-                    m.reset_parameters()
-        return torch.cat([p.detach().reshape(-1) for _, p in fresh.named_parameters()])
+    def _initial_bends(self, template: nn.Module, s_state: Mapping[str, torch.Tensor],
+                       e_state: Mapping[str, torch.Tensor], init: str, seed: int,
+                       middle: Optional[List[Source]]) -> torch.Tensor:
+        """All bends ``[num_bends, P]`` in the template's dtype and device: ends, then middle as asked."""
+        first_param = next(template.parameters())
+        dtype, device = first_param.dtype, first_param.device
 
+        def flat(state: Mapping[str, torch.Tensor], which: str) -> torch.Tensor:
+            _check_compatible(self.layout, state, which)
+            return self.layout.flatten(state, dtype=dtype, device=device)
+
+        first, last = flat(s_state, "start"), flat(e_state, "end")
+        K = self.curve.num_bends
+        if middle is not None:
+            if len(middle) != K - 2:
+                raise ValueError(f"middle has {len(middle)} bends, curve {self.curve!r} needs {K - 2}")
+            inner = [flat(load_state_dict(m), f"bend {k}") for k, m in enumerate(middle, 1)]
+        elif init == "linear":
+            inner = [(1 - k / (K - 1)) * first + (k / (K - 1)) * last for k in range(1, K - 1)]
+        else:
+            inner = [_fresh_init(template, self.layout, seed + k).to(device, dtype) for k in range(1, K - 1)]
+        return torch.stack([first, *inner, last])
+
+    @classmethod
+    def constant(cls, net: nn.Module) -> "CurveModel":
+        """The constant path at ``net``: θ(t) = θ_net for every t, buffers ``net``'s.
+
+        This is how a single network enters code written for arbitrary flat
+        points of an architecture (the grids of :mod:`modeconn.geometry`, the
+        engine :func:`modeconn.evaluation.path.evaluate_points`): that code
+        reads only the curve's parameter-free template ``net`` (with ``net``'s
+        buffers) and its ``layout``, never its bends. A curve needs two bends,
+        so this is ``PolyChain(2)`` with both (equal) ends fixed: ``2·P``
+        numbers, nothing trainable. It lives on ``net``'s device.
+
+        Example:
+            >>> from torch import nn
+            >>> net = nn.Linear(3, 2)
+            >>> path = CurveModel.constant(net)
+            >>> torch.allclose(path.flat_weights_at(0.7), path.layout.flatten(net))
+            True
+        """
+        path = cls(net, net, net, PolyChain(2), fix_start=True, fix_end=True)
+        return path.to(path.fixed_bends.device)  # the index buffers are made on the CPU
+
+    # ------------------------------------------------------------------ basics
     @property
     def num_bends(self) -> int:
+        """K, the number of bends (endpoints included)."""
         return self.curve.num_bends
 
     @property
     def num_parameters(self) -> int:
         """Number of parameters of one point of the curve (P)."""
-        return sum(self.numels)
+        return self.layout.num_parameters
 
     @property
     def bends(self) -> torch.Tensor:
@@ -190,14 +238,12 @@ class CurveModel(nn.Module):
 
     def bends_by_name(self) -> Dict[str, torch.Tensor]:
         """Each parameter's bends stacked: name -> ``[num_bends, *shape]``."""
-        b = self.bends
-        return {n: c.reshape(self.num_bends, *s)
-                for n, s, c in zip(self.names, self.shapes, torch.split(b, self.numels, dim=1))}
+        return self.layout.unflatten(self.bends)
 
     def load_bends(self, bends: Mapping[str, torch.Tensor]) -> None:
         """Set every bend from a name -> ``[num_bends, *shape]`` mapping."""
         rows = []
-        for n, s in zip(self.names, self.shapes):
+        for n, s in zip(self.layout.names, self.layout.shapes):
             if n not in bends:
                 raise ValueError(f"bends have no entry for parameter {n!r}")
             if tuple(bends[n].shape) != (self.num_bends, *s):
@@ -211,6 +257,7 @@ class CurveModel(nn.Module):
 
     # ----------------------------------------------------------- the point θ(t)
     def coefficients(self, t: TLike, check: bool = True) -> torch.Tensor:
+        """c(t), ``[..., num_bends]``, in the bends' dtype and device (``check``: t in [0, 1])."""
         return self.curve.coefficients(t, check=check).to(self.fixed_bends)
 
     def flat_weights_at(self, t: TLike, check: bool = True) -> torch.Tensor:
@@ -232,10 +279,8 @@ class CurveModel(nn.Module):
                                    float(weight_decay))
 
     def unflatten(self, flat: torch.Tensor) -> Dict[str, torch.Tensor]:
-        """Split a flat ``[..., P]`` vector into name -> ``[..., *shape]`` tensors."""
-        lead = flat.shape[:-1]
-        return {n: c.reshape(*lead, *s)
-                for n, s, c in zip(self.names, self.shapes, torch.split(flat, self.numels, dim=-1))}
+        """Split a flat ``[..., P]`` vector into name -> ``[..., *shape]`` tensors (``layout.unflatten``)."""
+        return self.layout.unflatten(flat)
 
     def weights_at(self, t: TLike) -> Dict[str, torch.Tensor]:
         """Parameters at t: name -> tensor (differentiable w.r.t. the free bends)."""
@@ -267,34 +312,26 @@ class CurveModel(nn.Module):
         return (self.start_buffers if which == 0 else self.end_buffers).as_dict()
 
     def point(self, t: TLike) -> nn.Module:
-        """A standalone copy of the template holding θ(t).
+        """A standalone copy of the template holding θ(t) (``layout.module_at``), in the curve's mode.
 
         Buffers: at t = 0 (t = 1) with a fixed start (end) the endpoint's own
         buffers, so the endpoint model is reproduced exactly; elsewhere the
         template's current buffers. BatchNorm statistics of an inner point must
-        be recomputed (``modeconn.bn.recompute_bn``) before it is evaluated.
+        be recomputed (:func:`modeconn.evaluation.bn.recompute_bn`) before it is
+        evaluated.
         """
         tt = _as_t(t)
         if tt.dim() != 0:
             raise ValueError("point(t) takes a single t")
-        with torch.no_grad():
-            weights = self.weights_at(tt)
-        model = copy.deepcopy(self.net)
-        for name, w in weights.items():
-            mod_name, _, attr = name.rpartition(".")
-            model.get_submodule(mod_name).register_parameter(attr, nn.Parameter(w.detach().clone()))
         tv = float(tt)
-        src = None
+        buffers = None
         if tv == 0.0 and self.fix_start:
-            src = self.endpoint_buffers(0)
+            buffers = self.endpoint_buffers(0)
         elif tv == 1.0 and self.fix_end:
-            src = self.endpoint_buffers(1)
-        if src:
-            with torch.no_grad():
-                for n, v in src.items():
-                    model.get_buffer(n).copy_(v)
-        model.train(self.training)
-        return model
+            buffers = self.endpoint_buffers(1)
+        with torch.no_grad():
+            model = self.layout.module_at(self.net, self.flat_weights_at(tt), buffers)
+        return model.train(self.training)
 
     # ----------------------------------------------------------- checkpoints
     def describe(self) -> dict:
@@ -335,7 +372,20 @@ class CurveModel(nn.Module):
 
 
 def linear_path(a: Source, b: Source, template: Optional[nn.Module] = None) -> CurveModel:
-    """The straight line between two networks: ``PolyChain(2)`` with both ends fixed."""
+    """The straight line θ(t) = (1 − t)·θ_a + t·θ_b between two networks: ``PolyChain(2)``, both ends fixed.
+
+    ``a`` and ``b`` are modules, state dicts or checkpoint paths; ``template``
+    (default ``a``, which must then be a module) gives the architecture.
+
+    Example:
+        >>> import torch
+        >>> from torch import nn
+        >>> a, b = nn.Linear(2, 1), nn.Linear(2, 1)
+        >>> line = linear_path(a, b)
+        >>> mid = line.weights_at(0.25)["weight"]
+        >>> torch.allclose(mid, 0.75 * a.weight + 0.25 * b.weight)
+        True
+    """
     if template is None:
         if not isinstance(a, nn.Module):
             raise ValueError("linear_path needs a template module when the endpoints are not modules")

@@ -50,6 +50,7 @@ class Curve:
         return self._coefficients(_as_t(t, check))
 
     def _coefficients(self, t: torch.Tensor) -> torch.Tensor:  # pragma: no cover
+        """c(t) for a checked float tensor t (0-d or 1-d); each family defines it."""
         raise NotImplementedError
 
     def __repr__(self) -> str:
@@ -71,6 +72,7 @@ class Bezier(Curve):
     name = "bezier"
 
     def _coefficients(self, t: torch.Tensor) -> torch.Tensor:
+        """Bernstein basis of degree K-1 at t."""
         n = self.num_bends - 1
         k = torch.arange(n + 1, dtype=t.dtype, device=t.device)
         binom = torch.tensor([math.comb(n, i) for i in range(n + 1)], dtype=t.dtype, device=t.device)
@@ -88,6 +90,7 @@ class PolyChain(Curve):
     name = "polychain"
 
     def _coefficients(self, t: torch.Tensor) -> torch.Tensor:
+        """Hat functions ``max(0, 1 - |t·(K-1) - k|)`` at t."""
         n = self.num_bends - 1
         knots = torch.arange(n + 1, dtype=t.dtype, device=t.device)
         return torch.clamp(1 - (t.unsqueeze(-1) * n - knots).abs(), min=0)

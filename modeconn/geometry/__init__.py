@@ -8,17 +8,16 @@ Example::
                          train_loader=ds.eval_loader("train"), test_loader=ds.eval_loader("test"))
     grid.arrays["train_loss"][j, i]      # at (xs[i], ys[j])
 
-Commands: ``python -m modeconn.landscape`` (slices around a model) and
-``python -m modeconn.plane`` (the plane of a fitted curve).
+Flat vectors are in the :class:`~modeconn.core.layout.FlatLayout` of the
+architecture. Commands: ``python -m modeconn.landscape`` (slices around a
+model) and ``python -m modeconn.plane`` (the plane of a fitted curve).
 """
-from modeconn.geometry.directions import (NORMS, Layout, Plane, flatten_parameters, layout_of, model_direction,
-                                          normalize_direction, orthogonalize, plane_through, random_direction,
-                                          random_plane)
+from modeconn.geometry.curvature import curvature_metrics
+from modeconn.geometry.directions import (NORMS, Plane, flatten_parameters, model_direction, normalize_direction,
+                                          orthogonalize, plane_through, random_direction, random_plane)
 from modeconn.geometry.grid import (CurvePlane, GridResult, axis, curve_plane, curve_plane_geometry, evaluate_grid,
                                     evaluator_for, plane_checksum)
-from modeconn.geometry.curvature import curvature_metrics, module_at
 
-__all__ = ["NORMS", "Layout", "Plane", "flatten_parameters", "layout_of", "model_direction",
-           "normalize_direction", "orthogonalize", "plane_through", "random_direction", "random_plane",
-           "CurvePlane", "GridResult", "axis", "curve_plane", "curve_plane_geometry", "evaluate_grid",
-           "evaluator_for", "plane_checksum", "curvature_metrics", "module_at"]
+__all__ = ["NORMS", "Plane", "flatten_parameters", "model_direction", "normalize_direction", "orthogonalize",
+           "plane_through", "random_direction", "random_plane", "CurvePlane", "GridResult", "axis", "curve_plane",
+           "curve_plane_geometry", "evaluate_grid", "evaluator_for", "plane_checksum", "curvature_metrics"]

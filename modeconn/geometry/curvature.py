@@ -1,17 +1,16 @@
 """Hessian eigenvalues at grid points (Li et al. 2018's ``|λmin/λmax|`` maps).
 
 :func:`curvature_metrics` returns a ``point_metrics`` function for
-:func:`~modeconn.landscape.grid.evaluate_grid`: at every point it builds the
-network (BN statistics recomputed for that point, as the loss is), and
-:func:`modeconn.hessian.sharpness_along` gives λmax, λmin and
-``|λmin/λmax|`` of the mean loss over ``data``. Each point costs a few tens
-of Hessian-vector products, each a pass over ``data``: use a coarse grid or
-a subset of the data.
+:func:`~modeconn.geometry.grid.evaluate_grid`: at every point it builds the
+network (``layout.module_at``, BN statistics recomputed for that point, as
+the loss is), and :func:`modeconn.geometry.hessian.sharpness_along` gives
+λmax, λmin and ``|λmin/λmax|`` of the mean loss over ``data``. Each point
+costs a few tens of Hessian-vector products, each a pass over ``data``: use
+a coarse grid or a subset of the data.
 """
 from __future__ import annotations
 
-import copy
-from typing import Callable, Dict, Iterable, Mapping, Optional, Union
+from typing import Callable, Dict, Iterable, Optional, Union
 
 import numpy as np
 import torch
@@ -21,25 +20,7 @@ from modeconn.core.curve_model import CurveModel
 from modeconn.evaluation.bn import bn_statistics, has_batchnorm
 from modeconn.geometry.grid import evaluator_for
 
-__all__ = ["module_at", "curvature_metrics"]
-
-
-@torch.no_grad()
-def module_at(net: Union[nn.Module, CurveModel], flat: torch.Tensor,
-              buffers: Optional[Mapping[str, torch.Tensor]] = None) -> nn.Module:
-    """A standalone module of ``net``'s architecture holding the flat point ``flat`` [P].
-
-    ``buffers`` (name -> tensor) replace the architecture's current buffers
-    (e.g. BN statistics recomputed for this point). The module is in eval mode.
-    """
-    ev = evaluator_for(net)
-    model = copy.deepcopy(ev.net)
-    for name, w in ev.unflatten(flat.detach()).items():
-        mod_name, _, attr = name.rpartition(".")
-        model.get_submodule(mod_name).register_parameter(attr, nn.Parameter(w.clone()))
-    for name, b in (buffers or {}).items():
-        model.get_buffer(name).copy_(b)
-    return model.eval()
+__all__ = ["curvature_metrics"]
 
 
 def curvature_metrics(net: Union[nn.Module, CurveModel], data: Iterable, bn_loader: Optional[Iterable] = None,
@@ -49,8 +30,11 @@ def curvature_metrics(net: Union[nn.Module, CurveModel], data: Iterable, bn_load
 
     ``data``: batches the loss (and its Hessian) is averaged over; must
     yield the same samples every time. ``bn_loader`` (default ``data``):
-    batches for the BN statistics of each point when ``recompute_bn``.
-    The rest goes to :func:`modeconn.hessian.sharpness_along`.
+    batches for the BN statistics of each point when ``recompute_bn``;
+    otherwise every point keeps ``net``'s current buffers. The network at
+    a point is ``layout.module_at`` of the evaluator (:func:`evaluator_for`),
+    in eval mode. The rest goes to
+    :func:`modeconn.geometry.hessian.sharpness_along`.
     """
     from modeconn.geometry.hessian import sharpness_along
 
@@ -59,8 +43,10 @@ def curvature_metrics(net: Union[nn.Module, CurveModel], data: Iterable, bn_load
     bn_loader = data if bn_loader is None else bn_loader
 
     def f(flats: torch.Tensor) -> Dict[str, np.ndarray]:
+        """λmax, λmin and their ratio at each of the K points ``flats``."""
         stats = bn_statistics(ev, flats, bn_loader) if use_bn else {}
-        models = (module_at(ev, flats[k], {n: v[k] for n, v in stats.items()}) for k in range(len(flats)))
+        models = (ev.layout.module_at(ev.net, flats[k], {n: v[k] for n, v in stats.items()}).eval()
+                  for k in range(len(flats)))
         s = sharpness_along(models, loss_fn, data, tol=tol, maxiter=maxiter, seed=seed)
         return {"lambda_max": s.lambda_max, "lambda_min": s.lambda_min, "curvature_ratio": s.ratio}
 

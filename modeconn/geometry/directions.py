@@ -1,9 +1,11 @@
 """Directions in the flat parameter space and the planes (or lines) they span.
 
-A network's parameters are one flat vector θ of length P, laid out as a
-:class:`~modeconn.curve_model.CurveModel` lays out its bends: the
-``named_parameters`` of the architecture, in that order, each flattened.
-Buffers (BatchNorm statistics) are not part of θ.
+A network's parameters are one flat vector θ of length P in the
+:class:`~modeconn.core.layout.FlatLayout` of its architecture (the
+``named_parameters``, in that order, each flattened; a CurveModel's points
+use the same layout). Buffers (BatchNorm statistics) are not part of θ.
+Wherever a ``layout`` is asked for, a module, a CurveModel or a FlatLayout
+may be given.
 
 Directions (Li et al. 2018, "Visualizing the loss landscape of neural nets"):
 
@@ -12,12 +14,14 @@ Directions (Li et al. 2018, "Visualizing the loss landscape of neural nets"):
 * ``norm="filter"`` rescales, for every parameter tensor with ``dim >= 2``,
   each output filter/row ``i`` (the slice along axis 0) so that
   ``||d_i|| = ||θ_i||``; ``"layer"`` does the same per parameter tensor;
-  ``"model"`` rescales the whole vector to ``||θ||``; ``"none"`` keeps the
-  raw Gaussian;
-* 1-D parameters (biases, norm-layer affine weights) are set to zero by
-  default (``ignore_1d=True``, the reference's ``--xignore biasbn``); with
-  ``ignore_1d=False`` they are kept and normalised per tensor (as
-  ``"layer"``) under ``"filter"``;
+  ``"model"`` rescales all those entries together to the norm of θ's;
+  ``"none"`` keeps the raw Gaussian;
+* 1-D parameters (biases, norm-layer affine weights; scalars too) are set
+  to zero by default (``ignore_1d=True``, the reference's ``--xignore
+  biasbn``). With ``ignore_1d=False`` their direction is the parameter
+  itself, ``d = θ``, under every norm but ``"none"``: what the reference
+  implementation (``net_plotter.normalize_directions_for_weights``) does
+  when biases and BN parameters are not ignored;
 * :func:`model_direction` is ``θ₂ − θ₁`` between two networks.
 
 A :class:`Plane` is ``origin + a·d1 (+ b·d2)``; :func:`plane_through`
@@ -27,64 +31,46 @@ builds the orthonormal plane through three points (Gram–Schmidt) and their
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Optional, Tuple, Union
+from typing import Any, Dict, Optional, Tuple, Union
 
 import numpy as np
 import torch
 from torch import nn
 
-NORMS = ("filter", "layer", "model", "none")
+from modeconn.core.curve_model import CurveModel
+from modeconn.core.layout import FlatLayout
 
-__all__ = ["NORMS", "Layout", "layout_of", "flatten_parameters", "random_direction", "normalize_direction",
-           "orthogonalize", "model_direction", "Plane", "plane_through", "random_plane"]
+NORMS = ("filter", "layer", "model", "none")
+LayoutLike = Union[nn.Module, CurveModel, FlatLayout]
+
+__all__ = ["NORMS", "flatten_parameters", "random_direction", "normalize_direction", "orthogonalize",
+           "model_direction", "Plane", "plane_through", "random_plane"]
 
 
 # -------------------------------------------------------------------- layout
-@dataclass(frozen=True)
-class Layout:
-    """Names, shapes and sizes of the parameters, in flat-vector order."""
-
-    names: Tuple[str, ...]
-    shapes: Tuple[Tuple[int, ...], ...]
-
-    @property
-    def numels(self) -> List[int]:
-        return [int(np.prod(s)) if len(s) else 1 for s in self.shapes]
-
-    @property
-    def num_parameters(self) -> int:
-        return sum(self.numels)
-
-    def split(self, flat: torch.Tensor) -> List[torch.Tensor]:
-        """Views of a flat ``[P]`` vector, one per parameter, in their shapes."""
-        if flat.dim() != 1 or flat.numel() != self.num_parameters:
-            raise ValueError(f"expected a flat vector of length {self.num_parameters}, got shape {tuple(flat.shape)}")
-        return [c.view(s) for c, s in zip(torch.split(flat, self.numels), self.shapes)]
-
-
-def layout_of(obj: Union[nn.Module, Layout]) -> Layout:
-    """The flat layout of a module's parameters, a CurveModel's points, or a Layout."""
-    if isinstance(obj, Layout):
+def _layout_of(obj: LayoutLike) -> FlatLayout:
+    """The flat layout of a FlatLayout, a CurveModel's points or a module's parameters."""
+    if isinstance(obj, FlatLayout):
         return obj
-    if hasattr(obj, "names") and hasattr(obj, "shapes") and hasattr(obj, "unflatten"):  # CurveModel
-        return Layout(tuple(obj.names), tuple(tuple(s) for s in obj.shapes))
+    if isinstance(obj, CurveModel):  # its own parameters are the bends; a point has the template's layout
+        return obj.layout
     if isinstance(obj, nn.Module):
-        named = list(obj.named_parameters())
-        if not named:
-            raise ValueError("the module has no parameters: there is no parameter space to take directions in")
-        return Layout(tuple(n for n, _ in named), tuple(tuple(p.shape) for _, p in named))
-    raise TypeError(f"expected an nn.Module, a CurveModel or a Layout, got {type(obj).__name__}")
+        return FlatLayout.of(obj)
+    raise TypeError(f"expected an nn.Module, a CurveModel or a FlatLayout, got {type(obj).__name__}")
 
 
 def flatten_parameters(model: nn.Module) -> torch.Tensor:
-    """θ of a module as one flat vector (``named_parameters`` order, detached copy)."""
-    params = [p.detach().reshape(-1) for _, p in model.named_parameters()]
-    if not params:
-        raise ValueError("the module has no parameters")
-    return torch.cat(params)
+    """θ of a module as one flat vector (``named_parameters`` order, detached copy).
+
+    Example:
+        >>> flatten_parameters(nn.Linear(3, 2)).shape
+        torch.Size([8])
+    """
+    return FlatLayout.of(model).flatten(model)
 
 
-def _check_flat(name: str, v: torch.Tensor, layout: Layout) -> None:
+def _check_flat(name: str, v: torch.Tensor, layout: FlatLayout) -> None:
+    """Raise unless ``v`` is one flat vector ``[P]`` of ``layout``."""
     if not isinstance(v, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(v).__name__}")
     if v.dim() != 1 or v.numel() != layout.num_parameters:
@@ -93,59 +79,76 @@ def _check_flat(name: str, v: torch.Tensor, layout: Layout) -> None:
 
 
 def _check_norm(norm: str) -> None:
+    """Raise unless ``norm`` is one of :data:`NORMS`."""
     if norm not in NORMS:
         raise ValueError(f"unknown normalisation {norm!r}; choose one of {NORMS}")
 
 
 # ---------------------------------------------------------------- directions
+def _rescaled(d: torch.Tensor, w: torch.Tensor, per_row: bool) -> torch.Tensor:
+    """``d`` scaled to ``w``'s norm, per slice along axis 0 when ``per_row``; a zero ``d`` or ``w`` gives 0."""
+    if per_row:
+        dn, wn = d.reshape(d.shape[0], -1).norm(dim=1), w.reshape(w.shape[0], -1).norm(dim=1)
+    else:
+        dn, wn = d.norm(), w.norm()
+    scale = torch.where(dn > 0, wn / dn.clamp_min(torch.finfo(d.dtype).tiny), torch.zeros_like(dn))
+    return d * (scale.reshape(-1, *([1] * (d.dim() - 1))) if per_row else scale)
+
+
 @torch.no_grad()
-def normalize_direction(direction: torch.Tensor, origin: torch.Tensor, layout: Union[nn.Module, Layout],
+def normalize_direction(direction: torch.Tensor, origin: torch.Tensor, layout: LayoutLike,
                         norm: str = "filter", ignore_1d: bool = True) -> torch.Tensor:
     """Rescale ``direction`` to the scale of the weights ``origin`` (returns a new vector).
 
-    ``filter``: each slice ``d[i]`` along axis 0 of every parameter with
-    ``dim >= 2`` becomes ``d[i] / ||d[i]|| * ||θ[i]||``; ``layer``: each
-    parameter tensor ``d / ||d|| * ||θ||``; ``model``: the whole vector
-    (over the included entries); ``none``: unchanged. 1-D parameters are
-    zeroed with ``ignore_1d`` (default), else normalised per tensor under
-    ``filter``/``layer`` (and included in ``model``). A zero slice of θ gives
-    a zero slice of the direction.
+    Parameters with ``dim >= 2``: ``filter`` turns each slice ``d[i]`` along
+    axis 0 into ``d[i] / ||d[i]|| · ||θ[i]||``; ``layer`` each tensor into
+    ``d / ||d|| · ||θ||``; ``model`` scales all of them by one factor, to
+    the norm of θ's entries with ``dim >= 2``; ``none`` leaves them. A zero
+    slice of θ gives a zero slice of the direction.
+
+    Parameters with ``dim <= 1`` (biases, BatchNorm/LayerNorm weights): zero
+    with ``ignore_1d`` (default); otherwise the weights themselves, ``d = θ``
+    (Li et al.'s ``net_plotter.normalize_directions_for_weights`` without
+    ``ignore='biasbn'``), except under ``none``, which keeps them raw. So
+    under ``model`` with ``ignore_1d=False`` the whole direction has norm
+    ``||θ||``.
+
+    Example:
+        >>> net = nn.Linear(2, 2)
+        >>> with torch.no_grad():
+        ...     _ = net.weight.copy_(torch.tensor([[3.0, 4.0], [0.0, 2.0]]))
+        >>> theta = flatten_parameters(net)
+        >>> raw = torch.tensor([1.0, 0.0, 0.0, -1.0, 5.0, 5.0])   # weight rows, then bias
+        >>> normalize_direction(raw, theta, net, "filter")
+        tensor([ 5.,  0.,  0., -2.,  0.,  0.])
+        >>> torch.equal(normalize_direction(raw, theta, net, "filter", ignore_1d=False)[4:], net.bias.detach())
+        True
     """
     _check_norm(norm)
-    layout = layout_of(layout)
+    layout = _layout_of(layout)
     _check_flat("direction", direction, layout)
     _check_flat("origin", origin, layout)
-    out = direction.detach().clone()
-    theta = origin.detach().to(out)
-    d_parts, w_parts = layout.split(out), layout.split(theta)
-
-    def rescale(d: torch.Tensor, w: torch.Tensor, dim: Optional[int]) -> None:
-        if dim is None:
-            dn, wn = d.norm(), w.norm()
-        else:
-            dn = d.reshape(d.shape[0], -1).norm(dim=1)
-            wn = w.reshape(w.shape[0], -1).norm(dim=1)
-        scale = torch.where(dn > 0, wn / dn.clamp_min(torch.finfo(d.dtype).tiny), torch.zeros_like(dn))
-        d.mul_(scale.view(-1, *([1] * (d.dim() - 1))) if dim is not None else scale)
-
-    included_sq = theta.new_zeros(())
+    d_parts = list(layout.unflatten(direction.detach()).values())
+    w_parts = list(layout.unflatten(origin.detach().to(direction)).values())
+    out = []
     for d, w in zip(d_parts, w_parts):
-        if d.dim() <= 1 and ignore_1d:
-            d.zero_()
-            continue
-        included_sq += w.pow(2).sum()
-        if norm == "filter":
-            rescale(d, w, 0 if d.dim() >= 2 else None)
-        elif norm == "layer":
-            rescale(d, w, None)
-    if norm == "model":
-        dn = out.norm()
-        if dn > 0:
-            out.mul_(included_sq.sqrt() / dn)
-    return out
+        if d.dim() <= 1:
+            out.append(torch.zeros_like(d) if ignore_1d else (d if norm == "none" else w))
+        elif norm in ("filter", "layer"):
+            out.append(_rescaled(d, w, per_row=norm == "filter"))
+        else:
+            out.append(d)
+    multi = [k for k, d in enumerate(d_parts) if d.dim() >= 2]
+    if norm == "model" and multi:  # one factor for all dim >= 2 entries: their norm becomes θ's over them
+        dn = sum(d_parts[k].pow(2).sum() for k in multi).sqrt()
+        wn = sum(w_parts[k].pow(2).sum() for k in multi).sqrt()
+        scale = wn / dn if dn > 0 else torch.zeros_like(dn)
+        for k in multi:
+            out[k] = d_parts[k] * scale
+    return torch.cat([p.reshape(-1) for p in out])
 
 
-def random_direction(origin: torch.Tensor, layout: Union[nn.Module, Layout], norm: str = "filter",
+def random_direction(origin: torch.Tensor, layout: LayoutLike, norm: str = "filter",
                      ignore_1d: bool = True, seed: Optional[int] = 0,
                      generator: Optional[torch.Generator] = None) -> torch.Tensor:
     """A Gaussian direction around ``origin``, normalised by :func:`normalize_direction`.
@@ -155,7 +158,7 @@ def random_direction(origin: torch.Tensor, layout: Union[nn.Module, Layout], nor
     ``origin``'s dtype and device.
     """
     _check_norm(norm)
-    layout = layout_of(layout)
+    layout = _layout_of(layout)
     _check_flat("origin", origin, layout)
     if generator is None:
         if seed is None:
@@ -212,6 +215,7 @@ class Plane:
     info: Dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self):
+        """Check that origin is flat and the directions have its shape."""
         for name in ("d1", "d2"):
             v = getattr(self, name)
             if v is not None and v.shape != self.origin.shape:
@@ -221,6 +225,7 @@ class Plane:
 
     @property
     def dims(self) -> int:
+        """1 for a line, 2 for a plane."""
         return 1 if self.d2 is None else 2
 
     @property
@@ -272,8 +277,11 @@ class Plane:
         return (x - c.to(D.device) @ D).norm(dim=-1).cpu().numpy()
 
     def to(self, device=None, dtype=None) -> "Plane":
-        f = lambda v: None if v is None else v.to(device=device, dtype=dtype)
-        return Plane(f(self.origin), f(self.d1), f(self.d2), dict(self.info))
+        """The same plane with its vectors moved / cast (``Tensor.to`` semantics)."""
+        def move(v):
+            return None if v is None else v.to(device=device, dtype=dtype)
+
+        return Plane(move(self.origin), move(self.d1), move(self.d2), dict(self.info))
 
     def arrays(self) -> Dict[str, np.ndarray]:
         """The plane as numpy arrays (for an ``.npz``): origin, d1 (, d2)."""
@@ -314,19 +322,34 @@ def plane_through(p1: torch.Tensor, p2: torch.Tensor, p3: torch.Tensor,
     return Plane(a, u, v, {"kind": "three_points"}), coords
 
 
-def random_plane(origin: torch.Tensor, layout: Union[nn.Module, Layout], dims: int = 2, norm: str = "filter",
+def random_plane(origin: torch.Tensor, layout: LayoutLike, dims: int = 2, norm: str = "filter",
                  ignore_1d: bool = True, seed: int = 0, orthogonal: bool = False,
                  first: Optional[torch.Tensor] = None) -> Plane:
     """A line (``dims=1``) or plane (``dims=2``) of random directions around ``origin``.
 
     Both directions come from one ``torch.Generator`` seeded with ``seed``
-    (d1 first, then d2; when ``first`` is given d2 is the first draw). ``first`` replaces d1 (e.g. ``model_direction(θ₁,
-    θ₂)``; it is used as given, not normalised). ``orthogonal`` makes d2
-    orthogonal to d1 (:func:`orthogonalize`, norm kept).
+    (d1 first, then d2; when ``first`` is given d2 is the first draw).
+    ``first`` replaces d1 (e.g. ``model_direction(θ₁, θ₂)``; it is used as
+    given, not normalised). ``orthogonal`` makes d2
+    orthogonal to d1 (:func:`orthogonalize`, norm kept). ``norm`` and
+    ``ignore_1d`` as in :func:`normalize_direction`.
+
+    Example:
+        >>> _ = torch.manual_seed(0)
+        >>> net = nn.Sequential(nn.Linear(4, 3), nn.ReLU(), nn.Linear(3, 2))
+        >>> theta = flatten_parameters(net)
+        >>> plane = random_plane(theta, net, dims=2, norm="filter", seed=0)
+        >>> plane.dims, tuple(plane.d1.shape)
+        (2, (23,))
+        >>> rows, w = plane.d1[:12].view(3, 4), net[0].weight.detach()   # first layer: filter norms match
+        >>> torch.allclose(rows.norm(dim=1), w.norm(dim=1))
+        True
+        >>> plane.project(plane.point(0.5, -1.0)).round(6)
+        array([ 0.5, -1. ])
     """
     if dims not in (1, 2):
         raise ValueError(f"dims must be 1 or 2, got {dims}")
-    layout = layout_of(layout)
+    layout = _layout_of(layout)
     _check_flat("origin", origin, layout)
     gen = torch.Generator().manual_seed(int(seed))
     if first is None:

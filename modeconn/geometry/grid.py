@@ -1,9 +1,9 @@
 """Loss and accuracy over 1-D lines and 2-D grids of a :class:`~.directions.Plane`.
 
 Every point ``θ = origin + a·d1 (+ b·d2)`` is evaluated by the shared engine
-:func:`modeconn.path.evaluate_points`: several points per pass over the data
-(``torch.func.vmap`` over stacked weights) and, for BatchNorm networks, the
-statistics of every point recomputed in the same single pass (exactly what
+:func:`modeconn.evaluation.path.evaluate_points`: several points per pass over
+the data (``torch.func.vmap`` over stacked weights) and, for BatchNorm networks,
+the statistics of every point recomputed in the same single pass (exactly what
 ``torch.optim.swa_utils.update_bn`` gives per point). ``recompute_bn=False``
 keeps the evaluator's current buffers at every point instead (what Li et
 al.'s reference does; it distorts BN networks away from the origin).
@@ -32,12 +32,12 @@ import numpy as np
 import torch
 from torch import nn
 
-from modeconn.core.curve_model import CurveModel, linear_path
+from modeconn.core.curve_model import CurveModel
 from modeconn.evaluation.bn import has_batchnorm
-from modeconn.runtime import distributed as _dist
 from modeconn.evaluation.points import evaluate_points
-from modeconn.runtime import Runtime
 from modeconn.geometry.directions import Plane, plane_through
+from modeconn.runtime import Hooks, Runtime
+from modeconn.runtime import distributed as _dist
 
 RowCallback = Callable[[int, "GridResult"], None]
 PointMetrics = Callable[[torch.Tensor], Mapping[str, np.ndarray]]
@@ -68,14 +68,17 @@ class GridResult:
 
     @property
     def dims(self) -> int:
+        """1 for a line, 2 for a grid."""
         return 1 if self.ys is None else 2
 
     @property
     def shape(self) -> Tuple[int, ...]:
+        """``(len(xs),)`` or ``(len(ys), len(xs))``: the shape of every array."""
         return (len(self.xs),) if self.ys is None else (len(self.ys), len(self.xs))
 
     @property
     def complete(self) -> bool:
+        """True when every row is done."""
         return self.rows_done >= self.num_rows
 
     def coords(self) -> np.ndarray:
@@ -144,17 +147,17 @@ def axis(lo: float, hi: float, steps: int) -> np.ndarray:
 
 
 def evaluator_for(net: Union[nn.Module, CurveModel]) -> CurveModel:
-    """A CurveModel of ``net``'s architecture, to evaluate arbitrary flat points.
+    """The CurveModel through which flat points of ``net``'s architecture are evaluated.
 
-    A CurveModel is used as it is; a plain module becomes
-    ``linear_path(net, net)`` (its buffers are the module's).
+    A CurveModel is used as it is (its layout and live buffers); a plain
+    module becomes :meth:`CurveModel.constant` of it, carrying the module's
+    layout and buffers (see there why a single network is a path).
     """
     if isinstance(net, CurveModel):
         return net
     if not isinstance(net, nn.Module):
         raise TypeError(f"expected an nn.Module or a CurveModel, got {type(net).__name__}")
-    dev = next(net.parameters()).device
-    return linear_path(net, net).to(dev)
+    return CurveModel.constant(net)
 
 
 def plane_checksum(plane: Plane) -> np.ndarray:
@@ -182,10 +185,70 @@ def _chunks(idx: np.ndarray, k: int) -> List[np.ndarray]:
     return [c for c in np.array_split(idx, n) if len(c)]
 
 
-def _report(progress, n: int) -> None:
-    if progress is None:
-        return
-    (progress.update if hasattr(progress, "update") else progress)(n)
+def _coordinates(values, name: str) -> np.ndarray:
+    """``values`` as a non-empty 1-D float array of finite numbers (the error names ``name``)."""
+    a = np.asarray(values, dtype=float)
+    if a.ndim != 1 or len(a) < 1 or not np.all(np.isfinite(a)):
+        raise ValueError(f"{name} must be a non-empty 1-D array of finite values, got shape {a.shape}")
+    return a
+
+
+def _grid_arguments(plane: Plane, xs, ys, train_loader, test_loader, points_per_pass
+                    ) -> Tuple[np.ndarray, Optional[np.ndarray], int]:
+    """Checked ``(xs, ys, points_per_pass)`` of :func:`evaluate_grid`."""
+    if train_loader is None and test_loader is None:
+        raise ValueError("evaluate_grid needs a train_loader, a test_loader or both")
+    if int(points_per_pass) != points_per_pass or points_per_pass < 1:
+        raise ValueError(f"points_per_pass must be an integer >= 1, got {points_per_pass!r}")
+    if (ys is None) != (plane.dims == 1):
+        raise ValueError(f"a {plane.dims}-D plane needs " + ("ys (coordinates along d2)" if plane.dims == 2
+                                                            else "no ys (it has no second direction)"))
+    return _coordinates(xs, "xs"), (None if ys is None else _coordinates(ys, "ys")), int(points_per_pass)
+
+
+def _evaluator_on(net: Union[nn.Module, CurveModel], plane: Plane, runtime: Runtime) -> CurveModel:
+    """:func:`evaluator_for` ``net``, checked against the plane's dimension and the runtime's device."""
+    evaluator = evaluator_for(net)
+    if plane.origin.numel() != evaluator.num_parameters:
+        raise ValueError(f"the plane lives in a space of {plane.origin.numel()} parameters, the network has "
+                         f"{evaluator.num_parameters}")
+    device = evaluator.fixed_bends.device
+    want = None if runtime.device is None else torch.device(runtime.device)
+    if want is not None and (want.type != device.type or want.index not in (None, device.index)):
+        raise ValueError(f"runtime.device is {runtime.device} but the network is on {device}: "
+                         "the grid is evaluated where the network is; move it first")
+    return evaluator
+
+
+def _start(resume: Optional[GridResult], xs, ys, use_bn: bool, k: int, checksum: np.ndarray,
+           rows: List[np.ndarray], hooks: Hooks) -> GridResult:
+    """The result to fill: empty, or a copy of ``resume`` once it is checked to be this grid."""
+    if resume is None:
+        return GridResult(xs, ys, {}, 0, len(rows), use_bn, k, checksum)
+    _check_resume(resume, xs, ys, use_bn, k, checksum, len(rows))
+    hooks.advance(int(sum(len(r) for r in rows[:resume.rows_done])))
+    return GridResult(xs, ys, {k_: v.copy() for k_, v in resume.arrays.items()}, resume.rows_done,
+                      len(rows), use_bn, k, checksum)
+
+
+def _row_values(row: np.ndarray, k: int, values_at: Callable[[np.ndarray], Dict[str, np.ndarray]],
+                sharded: bool) -> List[Tuple[np.ndarray, Dict[str, np.ndarray]]]:
+    """``(point indices, values)`` of every chunk of a row; sharded: each rank its chunks, then gathered."""
+    chunks = _chunks(row, k)
+    mine = range(*_dist.shard(len(chunks))) if sharded else range(len(chunks))
+    done = [(chunks[i], values_at(chunks[i])) for i in mine]
+    if sharded:  # every rank gets the whole row: resume state and results are the same everywhere
+        done = [item for part in _dist.all_gather_object(done) for item in part]
+    return done
+
+
+def _store(result: GridResult, done: List[Tuple[np.ndarray, Dict[str, np.ndarray]]]) -> None:
+    """Write chunk values into the result's arrays (created NaN-filled on first sight of a metric)."""
+    for chunk, vals in done:
+        for name, v in vals.items():
+            if name not in result.arrays:
+                result.arrays[name] = np.full(result.shape, np.nan)
+            result.arrays[name].reshape(-1)[chunk] = np.asarray(v, float)
 
 
 # ---------------------------------------------------------------------- grid
@@ -195,8 +258,8 @@ def evaluate_grid(net: Union[nn.Module, CurveModel], plane: Plane, xs: Sequence[
                   test_loader: Optional[Iterable] = None, bn_loader: Optional[Iterable] = None,
                   recompute_bn: bool = True, points_per_pass: int = 8,
                   on_row: Optional[RowCallback] = None, resume: Optional[GridResult] = None,
-                  progress=None, point_metrics: Optional[PointMetrics] = None, amp: bool = False,
-                  compile: bool = False, distributed: Optional[bool] = None) -> GridResult:
+                  point_metrics: Optional[PointMetrics] = None, *, runtime: Optional[Runtime] = None,
+                  hooks: Optional[Hooks] = None) -> GridResult:
     """Metrics at ``θ = origin + x·d1 (+ y·d2)`` for every ``x`` in ``xs`` (and ``y`` in ``ys``).
 
     Args:
@@ -216,78 +279,59 @@ def evaluate_grid(net: Union[nn.Module, CurveModel], plane: Plane, xs: Sequence[
             finished row (save it to resume after a crash).
         resume: a partial result of the same grid (from ``on_row`` or
             :meth:`GridResult.from_arrays`): finished rows are kept.
-        progress: tqdm-like (``update(n)``) or callable ``f(n)``, told the
-            number of points finished after each chunk (and, when resuming,
-            the number already done).
         point_metrics: optional ``f(flats [K, P]) -> {name: array [K]}`` for
             more per-point values (e.g. Hessian eigenvalues); stored alongside.
-        amp, compile: passed on to :func:`modeconn.path.evaluate_points`
-            (bf16 autocast on CUDA; ``torch.compile`` of the metric passes).
-        distributed: share each row's chunks among the ranks of the process
-            group (default: when one of several ranks is initialised, e.g.
-            under torchrun) and gather the row on every rank; each point's BN
-            statistics see the whole training set on the rank that owns it.
+        runtime: ``amp`` and ``compile`` go to
+            :func:`modeconn.evaluation.path.evaluate_points`; ``distributed``
+            (default: when one of several ranks is initialised, e.g. under
+            torchrun) shares each row's chunks among the ranks and gathers
+            the row on every rank, each point's BN statistics seeing the whole
+            training set on the rank that owns it. The grid runs on ``net``'s
+            device (a different ``runtime.device`` is an error).
+        hooks: ``hooks.advance(n)`` after each chunk of ``n`` points (and,
+            when resuming, once with the number already done).
 
     Returns a :class:`GridResult`; 2-D arrays are indexed ``[i_y, i_x]``.
+
+    Example:
+        >>> from modeconn.geometry.directions import flatten_parameters, random_plane
+        >>> _ = torch.manual_seed(0)
+        >>> net = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 3))
+        >>> data = [(torch.randn(16, 4), torch.randint(0, 3, (16,)))]
+        >>> plane = random_plane(flatten_parameters(net), net, dims=2, seed=0)
+        >>> grid = evaluate_grid(net, plane, xs=[-1.0, 0.0, 1.0], ys=[0.0, 0.5], train_loader=data)
+        >>> grid.arrays["train_loss"].shape                  # [len(ys), len(xs)]
+        (2, 3)
+        >>> x, y = data[0]
+        >>> at_origin = nn.functional.cross_entropy(net(x), y).item()
+        >>> bool(abs(grid.arrays["train_loss"][0, 1] - at_origin) < 1e-5)
+        True
     """
-    if train_loader is None and test_loader is None:
-        raise ValueError("evaluate_grid needs a train_loader, a test_loader or both")
-    if int(points_per_pass) != points_per_pass or points_per_pass < 1:
-        raise ValueError(f"points_per_pass must be an integer >= 1, got {points_per_pass!r}")
-    points_per_pass = int(points_per_pass)
-    xs = np.asarray(xs, dtype=float)
-    if xs.ndim != 1 or len(xs) < 1 or not np.all(np.isfinite(xs)):
-        raise ValueError(f"xs must be a non-empty 1-D array of finite values, got shape {xs.shape}")
-    if (ys is None) != (plane.dims == 1):
-        raise ValueError(f"a {plane.dims}-D plane needs " + ("ys (coordinates along d2)" if plane.dims == 2
-                                                            else "no ys (it has no second direction)"))
-    if ys is not None:
-        ys = np.asarray(ys, dtype=float)
-        if ys.ndim != 1 or len(ys) < 1 or not np.all(np.isfinite(ys)):
-            raise ValueError(f"ys must be a non-empty 1-D array of finite values, got shape {ys.shape}")
-    evaluator = evaluator_for(net)
-    if plane.origin.numel() != evaluator.num_parameters:
-        raise ValueError(f"the plane lives in a space of {plane.origin.numel()} parameters, the network has "
-                         f"{evaluator.num_parameters}")
-    if recompute_bn and bn_loader is None and train_loader is None and has_batchnorm(evaluator.net):
+    xs, ys, points_per_pass = _grid_arguments(plane, xs, ys, train_loader, test_loader, points_per_pass)
+    runtime, hooks = runtime or Runtime(), hooks or Hooks()
+    evaluator = _evaluator_on(net, plane, runtime)
+    has_bn = has_batchnorm(evaluator.net)
+    if recompute_bn and bn_loader is None and train_loader is None and has_bn:
         raise ValueError("recomputing BN statistics needs a bn_loader or a train_loader")
+    use_bn = bool(recompute_bn and has_bn)
     device, dtype = evaluator.fixed_bends.device, evaluator.fixed_bends.dtype
-    use_bn = bool(recompute_bn and has_batchnorm(evaluator.net))
-    runtime = Runtime(amp=amp, compile=compile)
+    coords = xs[:, None] if ys is None else np.stack(np.meshgrid(xs, ys), -1).reshape(-1, 2)
+    rows = _rows(len(xs), None if ys is None else len(ys), points_per_pass)
+    result = _start(resume, xs, ys, use_bn, points_per_pass, plane_checksum(plane), rows, hooks)
 
-    nx, ny = len(xs), (None if ys is None else len(ys))
-    rows = _rows(nx, ny, points_per_pass)
-    shape = (nx,) if ny is None else (ny, nx)
-    coords = xs[:, None] if ny is None else np.stack(np.meshgrid(xs, ys), -1).reshape(-1, 2)
-    checksum = plane_checksum(plane)
+    def values_at(idx: np.ndarray) -> Dict[str, np.ndarray]:
+        """Metrics (and point metrics) of the grid points ``idx``, in one pass per loader."""
+        flats = plane.points(coords[idx]).to(device=device, dtype=dtype)
+        vals = dict(evaluate_points(evaluator, flats, train_loader, test_loader, bn_loader, use_bn,
+                                    runtime=runtime))
+        if point_metrics is not None:
+            vals.update({k: np.asarray(v, float) for k, v in point_metrics(flats).items()})
+        hooks.advance(len(idx))
+        return vals
 
-    if resume is not None:
-        _check_resume(resume, xs, ys, use_bn, points_per_pass, checksum, len(rows))
-        result = GridResult(xs, ys, {k: v.copy() for k, v in resume.arrays.items()}, resume.rows_done,
-                            len(rows), use_bn, points_per_pass, checksum)
-        _report(progress, int(sum(len(r) for r in rows[:resume.rows_done])))
-    else:
-        result = GridResult(xs, ys, {}, 0, len(rows), use_bn, points_per_pass, checksum)
-
-    sharded = (_dist.active() if distributed is None else bool(distributed)) and _dist.get_world_size() > 1
+    sharded = runtime.sharded()
     for r in range(result.rows_done, len(rows)):
-        chunks = _chunks(rows[r], points_per_pass)
-        done = []
-        for i in range(*_dist.shard(len(chunks))) if sharded else range(len(chunks)):
-            flats = plane.points(coords[chunks[i]]).to(device=device, dtype=dtype)
-            vals = dict(evaluate_points(evaluator, flats, train_loader, test_loader, bn_loader, use_bn,
-                                        runtime=runtime))
-            if point_metrics is not None:
-                vals.update({k: np.asarray(v, float) for k, v in point_metrics(flats).items()})
-            done.append((chunks[i], vals))
-            _report(progress, len(chunks[i]))
-        if sharded:  # every rank gets the whole row: resume state and results are the same everywhere
-            done = [item for part in _dist.all_gather_object(done) for item in part]
-        for chunk, vals in done:
-            for k, v in vals.items():
-                if k not in result.arrays:
-                    result.arrays[k] = np.full(shape, np.nan)
-                result.arrays[k].reshape(-1)[chunk] = np.asarray(v, float)
+        _store(result, _row_values(rows[r], points_per_pass, values_at, sharded))
         result.rows_done = r + 1
         if on_row is not None:
             on_row(r, result)
@@ -295,6 +339,7 @@ def evaluate_grid(net: Union[nn.Module, CurveModel], plane: Plane, xs: Sequence[
 
 
 def _check_resume(res: GridResult, xs, ys, use_bn, k, checksum, num_rows) -> None:
+    """Raise, listing every difference, unless ``res`` is a partial result of this very grid."""
     problems = []
     if not np.array_equal(res.xs, xs):
         problems.append("xs differ")
@@ -352,6 +397,7 @@ class CurvePlane:
 
 
 def _grid_size(grid) -> Tuple[int, int]:
+    """``(nx, ny)`` from ``n`` or ``(nx, ny)``, each at least 2."""
     if isinstance(grid, (int, np.integer)):
         nx = ny = int(grid)
     else:
@@ -405,18 +451,17 @@ def curve_plane(curve: CurveModel, train_loader: Optional[Iterable], test_loader
                 grid: Union[int, Tuple[int, int]] = 21, margin: float = 0.2, num_points: int = 61,
                 bend: Optional[int] = None, bn_loader: Optional[Iterable] = None, recompute_bn: bool = True,
                 points_per_pass: int = 8, on_row: Optional[RowCallback] = None,
-                resume: Optional[GridResult] = None, progress=None,
-                point_metrics: Optional[PointMetrics] = None, amp: bool = False,
-                compile: bool = False) -> CurvePlane:
+                resume: Optional[GridResult] = None, point_metrics: Optional[PointMetrics] = None, *,
+                runtime: Optional[Runtime] = None, hooks: Optional[Hooks] = None) -> CurvePlane:
     """Loss and accuracy over the plane of a curve (Garipov et al. 2018, Fig. 1).
 
     Geometry as :func:`curve_plane_geometry`; the grid is evaluated by
     :func:`evaluate_grid` with the curve as the architecture (same
     arguments: BN statistics per point by default, ``on_row`` / ``resume``
-    to continue an interrupted run). ``result.grid.arrays[m][j, i]`` is at
-    ``(result.xs[i], result.ys[j])``.
+    to continue an interrupted run, ``runtime`` / ``hooks``).
+    ``result.grid.arrays[m][j, i]`` is at ``(result.xs[i], result.ys[j])``.
     """
     cp = curve_plane_geometry(curve, grid, margin, num_points, bend)
     cp.grid = evaluate_grid(curve, cp.plane, cp.xs, cp.ys, train_loader, test_loader, bn_loader, recompute_bn,
-                            points_per_pass, on_row, resume, progress, point_metrics, amp, compile)
+                            points_per_pass, on_row, resume, point_metrics, runtime=runtime, hooks=hooks)
     return cp
