@@ -22,9 +22,9 @@ import torch
 from scipy.optimize import linear_sum_assignment
 from torch import fx, nn
 
-from modeconn.alignment.infer import _EvalMode
 from modeconn.alignment.permute import permute_tensor, segment_rows
 from modeconn.alignment.spec import AxisRef, ObservePoint, PermutationSpec, check_same_architecture, state_dict_of
+from modeconn.evaluation.model import eval_mode
 
 __all__ = [
     "WeightMatchingInfo",
@@ -405,7 +405,7 @@ def activation_matching(a: nn.Module, b: nn.Module, loader, spec: PermutationSpe
 
     stats: Dict[Tuple[str, int], List[Any]] = {}
     nb = 0
-    with _EvalMode(ma, mb), torch.no_grad():
+    with eval_mode(ma, mb), torch.no_grad():
         rec_a, rec_b = _Recorder(ma, names, where), _Recorder(mb, names, where)
         for x in _batches(loader, max_batches):
             x = x.to(device)
