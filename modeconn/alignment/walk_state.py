@@ -20,7 +20,7 @@ import enum
 from dataclasses import dataclass, field
 from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple
 
-from torch import fx, nn
+from torch import fx
 from torch.fx.passes.shape_prop import TensorMetadata
 
 from modeconn.alignment.channel_layout import ChannelLayout, Segment, Unsupported
