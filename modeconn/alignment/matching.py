@@ -265,6 +265,18 @@ def weight_matching(a, b, spec: PermutationSpec, seed: int = 0, max_iter: int = 
     it was last solved is not solved again.
 
     Returns ``(perm, WeightMatchingInfo)``.
+
+    Example:
+        >>> import torch
+        >>> from torch import nn
+        >>> from modeconn.alignment import apply_permutation, infer_permutation_spec
+        >>> _ = torch.manual_seed(0)
+        >>> a = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 3))
+        >>> spec = infer_permutation_spec(a, torch.randn(1, 4))
+        >>> shuffle = {"0": torch.randperm(8)}
+        >>> perm, info = weight_matching(a, apply_permutation(a, spec, shuffle), spec)
+        >>> torch.equal(perm["0"], torch.argsort(shuffle["0"])), info.converged
+        (True, True)
     """
     if not isinstance(max_iter, int) or isinstance(max_iter, bool) or max_iter < 1:
         raise ValueError(f"max_iter must be a positive int, got {max_iter!r}")
