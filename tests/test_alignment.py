@@ -495,6 +495,138 @@ def test_inferred_preresnet20_spec_equals_hand_written():
     assert [k for k in inferred.fixed if not k.endswith("num_batches_tracked")] == ["fc.bias"]
 
 
+class PostActResidualNet(nn.Module):
+    """A ResNet basic block after a stem: relu(bn2(conv2(relu(bn1(conv1(h))))) + h)."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv2d(3, 8, 3, padding=1, bias=False)
+        self.bn0 = nn.BatchNorm2d(8)
+        self.conv1 = nn.Conv2d(8, 6, 3, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(6)
+        self.conv2 = nn.Conv2d(6, 8, 3, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(8)
+        self.fc = nn.Linear(8, 10)
+
+    def forward(self, x):
+        h = F.relu(self.bn0(self.stem(x)))
+        r = self.bn2(self.conv2(F.relu(self.bn1(self.conv1(h)))))
+        h = F.relu(r + h)
+        return self.fc(torch.flatten(F.adaptive_avg_pool2d(h, 1), 1))
+
+
+def test_inferred_residual_block_spec_equals_hand_written():
+    model = _randomize_bn(PostActResidualNet()).eval()
+    # the add lines unit i of the block's output up with unit i of its input, so the stem's
+    # channels and conv2's output channels must move together: one group, named after the stem
+    stream = [("stem.weight", 0)] + _bn("bn0") + [("conv1.weight", 1), ("conv2.weight", 0)] + _bn("bn2") \
+        + [("fc.weight", 1)]
+    inner = [("conv1.weight", 0)] + _bn("bn1") + [("conv2.weight", 1)]
+    hand = PermutationSpec({"stem": PermutationGroup(8, stream), "conv1": PermutationGroup(6, inner)})
+    hand.validate(model)
+    x = torch.randn(2, 3, 6, 6)
+    inferred = infer_permutation_spec(model, x[:1])
+    assert _as_sets(inferred) == _as_sets(hand)
+    assert sorted(inferred.fixed) == sorted(hand.uncovered(model)) == sorted(
+        ["fc.bias"] + [f"bn{i}.num_batches_tracked" for i in range(3)])
+    _assert_same_function(model, apply_permutation(model, inferred, inferred.random_permutation(2)), x)
+
+
+def test_inferred_cat_spec_equals_hand_written():
+    model, x = _build("cat")
+    bn_cat = ["weight", "bias", "running_mean", "running_var"]
+    # cat([a (6 ch), b (10 ch)], dim=1): branch_a owns channels [0, 6) and branch_b [6, 16)
+    # of everything after the concatenation
+    hand = PermutationSpec({
+        "stem": PermutationGroup(8, [("stem.weight", 0), ("stem.bias", 0)] + _bn("bn_stem")
+                                 + [("branch_a.weight", 1), ("branch_b.weight", 1)]),
+        "branch_a": PermutationGroup(6, [("branch_a.weight", 0), ("branch_a.bias", 0)]
+                                     + [(f"bn_cat.{p}", 0, 0, 1) for p in bn_cat] + [("conv_out.weight", 1, 0, 1)]),
+        "branch_b": PermutationGroup(10, [("branch_b.weight", 0), ("branch_b.bias", 0)]
+                                     + [(f"bn_cat.{p}", 0, 6, 1) for p in bn_cat] + [("conv_out.weight", 1, 6, 1)]),
+        # global pooling then flatten(1): one entry of fc's input per channel
+        "conv_out": PermutationGroup(12, [("conv_out.weight", 0), ("conv_out.bias", 0), ("fc.weight", 1)]),
+    })
+    hand.validate(model)
+    inferred = infer_permutation_spec(model, x[:1])
+    assert _as_sets(inferred) == _as_sets(hand)
+    # units are observed after their activations (torch.relu -> node relu_1, .relu() -> relu_2)
+    # and, for the branches, at their slice of the activation after bn_cat (relu_3)
+    assert inferred.groups["branch_a"].observe == [("relu_1", 1, 0, 1), ("relu_3", 1, 0, 1)]
+    assert inferred.groups["branch_b"].observe == [("relu_2", 1, 0, 1), ("relu_3", 1, 6, 1)]
+
+
+# ----------------------------------------------------------------------- layout algebra
+def _brute_force_channel_map(a, b, c):
+    """Where channel dim ``c`` of shape ``a`` lands in shape ``b``, found by reshaping an index tensor.
+
+    Returns ``(dim, block)`` when some dim of ``b`` holds every channel as a contiguous block
+    of ``block`` entries, in order, and nothing else varies with the channel; else None.
+    """
+    view = [1] * len(a)
+    view[c] = a[c]
+    idx = torch.arange(a[c]).view(view).expand(*a).reshape(*b)
+    for j in range(len(b)):
+        if b[j] % a[c]:
+            continue
+        block = b[j] // a[c]
+        want = torch.arange(a[c]).repeat_interleave(block)
+        shape = [1] * len(b)
+        shape[j] = b[j]
+        if torch.equal(idx, want.view(shape).expand(*b)):
+            return j, block
+    return None
+
+
+RESHAPES = [
+    ((2, 6, 4, 4), (2, 96), 1),       # flatten after a conv: blocks of 16
+    ((2, 6, 4, 4), (2, 6, 16), 1),    # flatten(2): channel dim unchanged
+    ((2, 16), (2, 4, 4), 1),          # unflatten the channels: split, unsupported
+    ((2, 4, 4, 6), (2, 96), 3),       # channels-last flatten: interleaved, unsupported
+    ((2, 3, 4), (6, 4), 1),           # merged under the batch dim: interleaved, unsupported
+    ((2, 5, 1, 1), (2, 5), 1),        # squeeze
+    ((2, 5), (2, 1, 5, 1), 1),        # unsqueeze twice
+    ((3, 8, 2, 3), (3, 8, 6), 1),
+    ((3, 8, 2, 3), (3, 48, 1), 1),
+    ((4, 7), (28,), 1),               # merged with the batch dim as the minor part
+    ((2, 3, 8), (2, 6, 4), 1),        # regrouped: each channel keeps 2 whole rows of dim 1
+]
+
+
+@pytest.mark.parametrize("a,b,c", RESHAPES)
+def test_reshape_map_agrees_with_reshaping_an_index_tensor(a, b, c):
+    from modeconn.alignment.channel_layout import reshape_map
+    expected = _brute_force_channel_map(a, b, c)
+    got = reshape_map(a, b, c)
+    if expected is None:
+        assert got is None
+    else:
+        new_dim, mult, div = got
+        assert (new_dim, mult / div) == expected
+
+
+def test_dispatch_tables_give_each_operation_one_rule():
+    """Every listed operation has exactly one rule: no target sits in two tables (a later
+    table would silently override an earlier one)."""
+    from modeconn.alignment import function_rules, module_rules, op_tables
+    tables = {k: v for k, v in vars(op_tables).items() if k.isupper()}
+    functions = {k: set(v) for k, v in tables.items() if k.endswith("_FUNCTIONS")}
+    methods = {k: set(v) for k, v in tables.items() if k.endswith("_METHODS")}
+    modules = {k: set(v) for k, v in tables.items() if k.endswith("_MODULES")}
+    for group in (functions, methods, modules):
+        names = sorted(group)
+        for i, x in enumerate(names):
+            for y in names[i + 1:]:
+                assert not group[x] & group[y], (x, y, group[x] & group[y])
+    assert set().union(*functions.values()) <= set(function_rules.FUNCTION_RULES)
+    assert set().union(*methods.values()) <= set(function_rules.METHOD_RULES)
+    assert all(module_rules.module_rule(cls.__new__(cls)) is not None
+               for cls in set().union(*modules.values()))
+    # subclasses follow their base class's rule
+    assert module_rules.module_rule(nn.SyncBatchNorm(4)) is module_rules.MODULE_RULES[nn.modules.batchnorm._BatchNorm]
+    assert module_rules.module_rule(nn.MultiheadAttention(4, 1)) is None
+
+
 # ----------------------------------------------------------------------------- errors
 def test_different_architectures_raise():
     a = create_model("mlp", (1, 8, 8), 10, depth=2, width=16)

@@ -14,9 +14,15 @@ the curves fitted by modeconn shorter and easier to find.
 * :func:`weight_matching` (Git Re-Basin) and :func:`activation_matching`
   (correlation of activations) find the permutation; :func:`align_models` does it all.
 
+Spec inference is split by concern: ``op_tables`` (what each torch op does to
+channels), ``channel_layout`` (where units sit in a tensor, through reshapes and
+concatenations), ``walk_state``/``layout_rules``/``module_rules``/``function_rules``/``graph_walk``
+(the walk over the fx graph, one rule per node from dispatch tables), and
+``spec_builder`` (groups and reasons into a :class:`PermutationSpec`).
+
 BN reset after interpolation (REPAIR's simple form: recompute BN statistics at the interpolated point) is what modeconn's path evaluation already does
 (``evaluate_path`` recomputes BN statistics at every point, see
-:func:`modeconn.bn.recompute_bn`), so it is not repeated here.
+:func:`modeconn.evaluation.bn.recompute_bn`), so it is not repeated here.
 """
 from modeconn.alignment.align import AlignmentReport, GroupAlignment, align_models
 from modeconn.alignment.infer import infer_permutation_spec

@@ -3,8 +3,6 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
-import math
-import numbers
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional, Union
@@ -14,11 +12,13 @@ from torch import nn
 
 from modeconn.alignment.infer import infer_permutation_spec
 from modeconn.alignment.matching import (ActivationMatchingInfo, WeightMatchingInfo, activation_matching,
-                       weight_matching, weight_similarity)
+                                         weight_matching, weight_similarity)
+from modeconn.alignment.observe import batch_input
 from modeconn.alignment.permute import apply_permutation
 from modeconn.alignment.spec import PermutationSpec, check_same_architecture, state_dict_of
+from modeconn.runtime.plain import to_plain
 
-__all__ = ["GroupAlignment", "AlignmentReport", "align"]
+__all__ = ["GroupAlignment", "AlignmentReport", "align_models"]
 
 METHODS = ("weight", "activation")
 
@@ -34,7 +34,7 @@ class GroupAlignment:
 
 @dataclass
 class AlignmentReport:
-    """Result summary of :func:`align`.
+    """Result summary of :func:`align_models`.
 
     ``metric`` is ``"cosine"`` (mean cosine similarity of matched units'
     weights, for ``method="weight"``) or ``"correlation"`` (mean correlation of
@@ -51,11 +51,13 @@ class AlignmentReport:
 
     @property
     def mean_before(self) -> float:
+        """Mean over groups of the identity's similarity (NaN without groups)."""
         vals = [g.before for g in self.groups.values()]
         return sum(vals) / len(vals) if vals else float("nan")
 
     @property
     def mean_after(self) -> float:
+        """Mean over groups of the found permutation's similarity (NaN without groups)."""
         vals = [g.after for g in self.groups.values()]
         return sum(vals) / len(vals) if vals else float("nan")
 
@@ -70,13 +72,13 @@ class AlignmentReport:
         return {
             "method": self.method,
             "metric": self.metric,
-            "mean_before": _plain(self.mean_before),
-            "mean_after": _plain(self.mean_after),
-            "groups": {k: {"size": int(g.size), "before": _plain(g.before), "after": _plain(g.after)}
+            "mean_before": to_plain(self.mean_before),
+            "mean_after": to_plain(self.mean_after),
+            "groups": {k: {"size": int(g.size), "before": to_plain(g.before), "after": to_plain(g.after)}
                        for k, g in self.groups.items()},
             "reasons": [str(r) for r in self.reasons],
             "fixed": [str(f) for f in self.fixed],
-            "info": _plain(dataclasses.asdict(self.info)) if self.info is not None else None,
+            "info": to_plain(dataclasses.asdict(self.info)) if self.info is not None else None,
         }
 
     def summary(self) -> str:
@@ -90,49 +92,80 @@ class AlignmentReport:
         return "\n".join(lines)
 
 
-def _plain(obj: Any) -> Any:
-    """Nested dicts/lists of Python scalars and strings; non-finite floats -> None."""
-    if isinstance(obj, dict):
-        return {str(k): _plain(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_plain(v) for v in obj]
-    if isinstance(obj, torch.Tensor):
-        return _plain(obj.detach().cpu().tolist())
-    if isinstance(obj, bool) or obj is None or isinstance(obj, str):
-        return obj
-    if isinstance(obj, numbers.Integral):
-        return int(obj)
-    if isinstance(obj, numbers.Real):
-        v = float(obj)
-        return v if math.isfinite(v) else None
-    return str(obj)
+def _resolve_spec(model_a, spec: Optional[PermutationSpec], example_input, loader):
+    """The spec to use (given, or inferred from ``model_a``) and the loader to read data from.
 
-
-def _first_input(batch):
-    if isinstance(batch, torch.Tensor):
-        return batch
-    if isinstance(batch, (tuple, list)) and batch and isinstance(batch[0], torch.Tensor):
-        return batch[0]
-    raise ValueError(
-        f"loader batches must be tensors or (x, y) tuples with a tensor x, got {type(batch).__name__}")
+    Without ``example_input`` the first batch of ``loader`` is used; a one-shot
+    iterator gets that batch put back in front, so no data is lost.
+    """
+    if spec is not None:
+        if not isinstance(spec, PermutationSpec):
+            raise ValueError(f"spec must be a PermutationSpec, got {type(spec).__name__}")
+        return spec, loader
+    if not isinstance(model_a, nn.Module):
+        raise ValueError("spec is required when model_a is a state dict (inference needs the module)")
+    if example_input is None:
+        if loader is None:
+            raise ValueError(
+                "example_input is required to infer the spec for method='weight' without a loader "
+                "(pass a 1-sample batch, e.g. x[:1], or a spec)")
+        it = iter(loader)
+        try:
+            first = next(it)
+        except StopIteration:
+            raise ValueError("loader yielded no batches") from None
+        example_input = batch_input(first)
+        if it is loader:  # a one-shot iterator: put the batch back
+            loader = itertools.chain([first], it)
+    return infer_permutation_spec(model_a, example_input), loader
 
 
 def align_models(model_a, model_b, method: str = "weight", loader=None, spec: Optional[PermutationSpec] = None,
-          example_input=None, seed: int = 0, *, max_iter: int = 100, max_batches: Optional[int] = None,
-          device=None):
+                 example_input=None, seed: int = 0, *, max_iter: int = 100, max_batches: Optional[int] = None,
+                 device=None):
     """Permute the hidden units of ``model_b`` to line up with ``model_a``.
 
-    ``method="weight"``: Git Re-Basin weight matching (no data needed);
-    ``method="activation"``: correlation matching over ``loader``.  When
-    ``spec`` is None it is inferred from ``model_a`` (an ``nn.Module``) with
-    ``example_input``, which defaults to the first batch of ``loader``; the
-    weight method without a loader needs ``example_input`` (a 1-sample batch).
+    Args:
+        model_a, model_b: modules (or state dicts, for ``method="weight"`` with
+            a ``spec``) of the same architecture.
+        method: ``"weight"``: Git Re-Basin weight matching (Ainsworth et al.
+            2023; no data needed, see :func:`weight_matching`);
+            ``"activation"``: correlation matching over ``loader`` (Tatro et
+            al. 2020, see :func:`activation_matching`).
+        loader: batches (tensors or ``(x, y)`` tuples); needed by the
+            activation method.
+        spec: which units may be permuted; None infers it from ``model_a`` (an
+            ``nn.Module``) with ``example_input``, which defaults to the first
+            batch of ``loader``.  The weight method without a loader needs
+            ``example_input`` (a 1-sample batch).
+        seed: order of the weight-matching sweeps.
+        max_iter, max_batches, device: passed to the matching function.
 
-    Returns ``(aligned_b, perm, report)``: ``aligned_b`` has the type of
-    ``model_b`` (a deep copy for a module, a new dict for a state dict) and
-    computes the same function as ``model_b``.  Raises ValueError for an
-    unknown method, missing inputs, or models of different architectures
-    (naming the first differing parameter and both shapes).
+    Returns:
+        ``(aligned_b, perm, report)``: ``aligned_b`` has the type of
+        ``model_b`` (a deep copy for a module, a new dict for a state dict) and
+        computes the same function as ``model_b``; ``perm`` maps each group to
+        its permutation; ``report`` is an :class:`AlignmentReport`.
+
+    Raises:
+        ValueError: an unknown method, missing inputs, or models of different
+            architectures (naming the first differing parameter and both shapes).
+
+    Example:
+        A copy of a network with its hidden units shuffled is aligned back exactly:
+
+        >>> import torch
+        >>> from torch import nn
+        >>> from modeconn.alignment import apply_permutation, infer_permutation_spec
+        >>> _ = torch.manual_seed(0)
+        >>> a = nn.Sequential(nn.Linear(4, 16), nn.ReLU(), nn.Linear(16, 3))
+        >>> spec = infer_permutation_spec(a, torch.randn(1, 4))
+        >>> b = apply_permutation(a, spec, spec.random_permutation(seed=1))
+        >>> aligned, perm, report = align_models(a, b, example_input=torch.randn(1, 4))
+        >>> all(torch.equal(p, q) for p, q in zip(aligned.parameters(), a.parameters()))
+        True
+        >>> round(report.mean_before, 2) < 1.0, round(report.mean_after, 6)
+        (True, 1.0)
     """
     if method not in METHODS:
         raise ValueError(f"method must be one of {METHODS}, got {method!r}")
@@ -142,25 +175,7 @@ def align_models(model_a, model_b, method: str = "weight", loader=None, spec: Op
             raise ValueError("method='activation' needs a loader")
         if not isinstance(model_a, nn.Module) or not isinstance(model_b, nn.Module):
             raise ValueError("method='activation' needs nn.Module models, not state dicts")
-    if spec is None:
-        if not isinstance(model_a, nn.Module):
-            raise ValueError("spec is required when model_a is a state dict (inference needs the module)")
-        if example_input is None:
-            if loader is None:
-                raise ValueError(
-                    "example_input is required to infer the spec for method='weight' without a loader "
-                    "(pass a 1-sample batch, e.g. x[:1], or a spec)")
-            it = iter(loader)
-            try:
-                first = next(it)
-            except StopIteration:
-                raise ValueError("loader yielded no batches") from None
-            example_input = _first_input(first)
-            if it is loader:  # a one-shot iterator: put the batch back
-                loader = itertools.chain([first], it)
-        spec = infer_permutation_spec(model_a, example_input)
-    elif not isinstance(spec, PermutationSpec):
-        raise ValueError(f"spec must be a PermutationSpec, got {type(spec).__name__}")
+    spec, loader = _resolve_spec(model_a, spec, example_input, loader)
     spec.validate(state_dict_of(model_a))
 
     if method == "weight":

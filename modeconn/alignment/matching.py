@@ -7,6 +7,8 @@
 
 Both return ``(perm, info)`` where ``perm`` maps every group of the spec to a
 LongTensor such that ``apply_permutation(b, spec, perm)`` is aligned with A.
+The forward passes that read activations live in
+:mod:`~modeconn.alignment.observe`.
 """
 from __future__ import annotations
 
@@ -15,16 +17,17 @@ import itertools
 import math
 from collections import Counter, OrderedDict
 from dataclasses import dataclass, field
-from typing import Any, Callable, Dict, List, Mapping, Optional, Tuple
+from typing import Any, Dict, List, Mapping, Optional, Tuple
 
 import numpy as np
 import torch
 from scipy.optimize import linear_sum_assignment
-from torch import fx, nn
+from torch import nn
 
-from modeconn.alignment.infer import _EvalMode
+from modeconn.alignment.observe import ActivationRecorder, batch_inputs, unit_matrix
 from modeconn.alignment.permute import permute_tensor, segment_rows
-from modeconn.alignment.spec import AxisRef, ObservePoint, PermutationSpec, check_same_architecture, state_dict_of
+from modeconn.alignment.spec import AxisRef, PermutationSpec, check_same_architecture, state_dict_of
+from modeconn.evaluation.model import eval_mode
 
 __all__ = [
     "WeightMatchingInfo",
@@ -81,16 +84,25 @@ def _param_names(model_or_state_dict) -> List[str]:
     return [k for k, v in sd.items() if v.is_floating_point() and not k.endswith(_BUFFER_SUFFIXES)]
 
 
-def _prepare(a, b, spec: PermutationSpec):
+def _prepare(a, b, spec: PermutationSpec, dtype: Optional[torch.dtype] = torch.float64):
+    """Check ``a``, ``b`` and ``spec`` against each other; return the matched parameters on the CPU.
+
+    Returns ``(names, A, B, entries)``: the parameters the spec covers, their
+    copies in ``dtype`` (None: the weights' own precision, float64 if any of
+    them is float64, else float32), and each one's ``(group, AxisRef)`` list.
+    """
     sd_a, sd_b = state_dict_of(a), state_dict_of(b)
     check_same_architecture(sd_a, sd_b)
     spec.validate(sd_a)
     covered = set(spec.covered())
     names = [n for n in _param_names(a) if n in covered]
-    A = {n: sd_a[n].detach().to(device="cpu", dtype=torch.float64) for n in names}
-    B = {n: sd_b[n].detach().to(device="cpu", dtype=torch.float64) for n in names}
+    if dtype is None:
+        wide = any(sd[n].dtype == torch.float64 for sd in (sd_a, sd_b) for n in names)
+        dtype = torch.float64 if wide else torch.float32
+    A = {n: sd_a[n].detach().to(device="cpu", dtype=dtype) for n in names}
+    B = {n: sd_b[n].detach().to(device="cpu", dtype=dtype) for n in names}
     entries = {n: e for n, e in spec.entries_by_name().items() if n in A}
-    return A, B, entries
+    return names, A, B, entries
 
 
 def weight_similarity(a, b, spec: PermutationSpec,
@@ -102,7 +114,7 @@ def weight_similarity(a, b, spec: PermutationSpec,
     layer, its BN scale/shift...).  B is permuted by ``perm`` (identity if
     None) before comparing.
     """
-    A, B, entries = _prepare(a, b, spec)
+    _, A, B, entries = _prepare(a, b, spec)
     perms = spec.check_permutation(perm or {})
     sizes = {k: g.size for k, g in spec.groups.items()}
     Bp = {n: permute_tensor(B[n], entries[n], perms, sizes) for n in entries}
@@ -120,6 +132,114 @@ def weight_similarity(a, b, spec: PermutationSpec,
 
 
 # -------------------------------------------------------------- weight matching
+class _WeightMatcher:
+    """Coordinate-descent state of :func:`weight_matching`: current permutations and cached costs.
+
+    ``current`` is the objective ``sum_w <A_w, P(B_w)>`` of ``perms``, kept up
+    to date in float64 by adding each accepted step's gain.
+    """
+
+    def __init__(self, a, b, spec: PermutationSpec):
+        """Check the inputs and set up the identity permutation, its objective and the caches."""
+        names, A, B, self.entries = _prepare(a, b, spec, dtype=None)
+        self.names, self.A, self.B = names, A, B
+        self.sizes = {k: g.size for k, g in spec.groups.items()}
+        self.perms: Dict[str, torch.Tensor] = spec.identity()
+        self.refs_of = {k: [r for r in g.axes if r.name in A] for k, g in spec.groups.items()}
+        self.initial = math.fsum(float((A[n].double() * B[n].double()).sum()) for n in names)
+        scale = math.sqrt(sum(float(A[n].double().pow(2).sum()) for n in names)) * \
+            math.sqrt(sum(float(B[n].double().pow(2).sum()) for n in names))
+        self.tol = 1e-10 * max(scale, 1e-300)  # gains below this are rounding noise
+        self.current = self.initial
+        # per (group, axis): A's rows (fixed), and the groups whose permutations B's rows depend on
+        self.a_rows = {(g, r): segment_rows(A[r.name], r, self.sizes[g]).contiguous()
+                       for g, refs in self.refs_of.items() for r in refs}
+        self.deps = {(g, r): list(OrderedDict.fromkeys(h for h, r2 in self.entries[r.name] if r2 != r))
+                     for g, refs in self.refs_of.items() for r in refs}
+        # linear in g: no parameter carries g on two axes, so a gain is a sum over moved rows
+        self.linear = {g: all(c == 1 for c in Counter(r.name for r in refs).values())
+                       for g, refs in self.refs_of.items()}
+        self.version = {k: 0 for k in spec.groups}
+        self.cache: Dict[Tuple[str, AxisRef], Tuple[tuple, torch.Tensor, torch.Tensor]] = {}
+        self.solved: Dict[str, tuple] = {}
+
+    def contribution(self, g: str, r: AxisRef):
+        """(key, B's rows for axis r with every other permutation applied, A_rows @ B_rows.T as float64).
+
+        Cached per (group, axis) under the versions of the groups it depends on.  When one of
+        them changed, usually only a few columns of B's rows moved: the product is then
+        updated by those columns' difference instead of being recomputed.
+        """
+        key = tuple(self.version[h] for h in self.deps[(g, r)])
+        hit = self.cache.get((g, r))
+        if hit is not None and hit[0] == key:
+            return key, hit[1], hit[2]
+        b_rows = segment_rows(permute_tensor(self.B[r.name], self.entries[r.name], self.perms, self.sizes, skip=r),
+                              r, self.sizes[g]).contiguous()
+        ar = self.a_rows[(g, r)]
+        if hit is not None:
+            # only the columns a changed permutation moved: update the product by their difference
+            changed = (b_rows != hit[1]).any(0).nonzero().squeeze(1)
+            if len(changed) <= b_rows.shape[1] // 2:
+                c = hit[2] + (ar.index_select(1, changed) @
+                              (b_rows.index_select(1, changed) - hit[1].index_select(1, changed)).T).double()
+                self.cache[(g, r)] = (key, b_rows, c)
+                return key, b_rows, c
+        c = (ar @ b_rows.T).double()
+        self.cache[(g, r)] = (key, b_rows, c)
+        return key, b_rows, c
+
+    def objective(self, names: List[str], perms: Mapping[str, torch.Tensor]) -> float:
+        """``sum_w <A_w, P(B_w)>`` over ``names`` in float64, for permutations ``perms``."""
+        return math.fsum(float((self.A[n].double() *
+                                permute_tensor(self.B[n], self.entries[n], perms, self.sizes).double()).sum())
+                         for n in names)
+
+    def gain(self, g: str, parts, old: torch.Tensor, new: torch.Tensor) -> float:
+        """Change of the objective when group ``g`` goes from ``old`` to ``new`` (others fixed)."""
+        refs = self.refs_of[g]
+        if not self.linear[g]:  # a parameter with this group on two axes: evaluate the objective itself
+            names = list(OrderedDict.fromkeys(r.name for r in refs))
+            trial = dict(self.perms)
+            trial[g] = new
+            return self.objective(names, trial) - self.objective(names, self.perms)
+        # the objective is linear in this group's permutation: sum the changed rows' products
+        moved = (new != old).nonzero().squeeze(1)
+        gain = 0.0
+        for r, (_, b_rows, _) in zip(refs, parts):
+            ar = self.a_rows[(g, r)].index_select(0, moved).double()
+            diff = b_rows.index_select(0, new[moved]).double() - b_rows.index_select(0, old[moved]).double()
+            gain += float((ar * diff).sum())
+        return gain
+
+    def step(self, g: str) -> bool:
+        """Re-solve group ``g`` with the Hungarian algorithm; True if its permutation improved."""
+        refs = self.refs_of[g]
+        if not refs:
+            return False
+        parts = [self.contribution(g, r) for r in refs]
+        state = (self.version[g],) + tuple(p[0] for p in parts)
+        if self.solved.get(g) == state:
+            return False  # the same cost matrix and permutation as when g was last solved: same outcome
+        self.solved[g] = state
+        old = self.perms[g]
+        cost = parts[0][2].clone()
+        for p in parts[1:]:
+            cost += p[2]
+        _, col = linear_sum_assignment(cost.numpy(), maximize=True)
+        new = torch.as_tensor(col, dtype=torch.long)
+        if torch.equal(new, old):
+            return False
+        gain = self.gain(g, parts, old, new)
+        if not gain > self.tol:
+            return False
+        self.perms[g] = new
+        self.version[g] += 1
+        self.solved[g] = (self.version[g],) + state[1:]
+        self.current += gain
+        return True
+
+
 def weight_matching(a, b, spec: PermutationSpec, seed: int = 0, max_iter: int = 100):
     """Git Re-Basin weight matching of ``b`` to ``a`` (modules or state dicts).
 
@@ -145,69 +265,22 @@ def weight_matching(a, b, spec: PermutationSpec, seed: int = 0, max_iter: int = 
     it was last solved is not solved again.
 
     Returns ``(perm, WeightMatchingInfo)``.
+
+    Example:
+        >>> import torch
+        >>> from torch import nn
+        >>> from modeconn.alignment import apply_permutation, infer_permutation_spec
+        >>> _ = torch.manual_seed(0)
+        >>> a = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 3))
+        >>> spec = infer_permutation_spec(a, torch.randn(1, 4))
+        >>> shuffle = {"0": torch.randperm(8)}
+        >>> perm, info = weight_matching(a, apply_permutation(a, spec, shuffle), spec)
+        >>> torch.equal(perm["0"], torch.argsort(shuffle["0"])), info.converged
+        (True, True)
     """
     if not isinstance(max_iter, int) or isinstance(max_iter, bool) or max_iter < 1:
         raise ValueError(f"max_iter must be a positive int, got {max_iter!r}")
-    sd_a, sd_b = state_dict_of(a), state_dict_of(b)
-    check_same_architecture(sd_a, sd_b)
-    spec.validate(sd_a)
-    covered = set(spec.covered())
-    all_names = [n for n in _param_names(a) if n in covered]
-    wide = any(sd[n].dtype == torch.float64 for sd in (sd_a, sd_b) for n in all_names)
-    work = torch.float64 if wide else torch.float32  # exact copies of the weights' values
-    A = {n: sd_a[n].detach().to(device="cpu", dtype=work) for n in all_names}
-    B = {n: sd_b[n].detach().to(device="cpu", dtype=work) for n in all_names}
-    entries = {n: e for n, e in spec.entries_by_name().items() if n in A}
-    sizes = {k: g.size for k, g in spec.groups.items()}
-    perms: Dict[str, torch.Tensor] = spec.identity()
-    refs_of = {k: [r for r in g.axes if r.name in A] for k, g in spec.groups.items()}
-
-    initial = math.fsum(float((A[n].double() * B[n].double()).sum()) for n in all_names)
-    scale = math.sqrt(sum(float(A[n].double().pow(2).sum()) for n in all_names)) * \
-        math.sqrt(sum(float(B[n].double().pow(2).sum()) for n in all_names))
-    tol = 1e-10 * max(scale, 1e-300)
-
-    # per (group, axis): A's rows (fixed), and the groups whose permutations B's rows depend on
-    a_rows = {(g, r): segment_rows(A[r.name], r, sizes[g]).contiguous() for g, refs in refs_of.items()
-              for r in refs}
-    deps = {(g, r): list(OrderedDict.fromkeys(h for h, r2 in entries[r.name] if r2 != r))
-            for g, refs in refs_of.items() for r in refs}
-    linear = {g: all(c == 1 for c in Counter(r.name for r in refs).values()) for g, refs in refs_of.items()}
-    version = {k: 0 for k in spec.groups}
-    cache: Dict[Tuple[str, AxisRef], Tuple[tuple, torch.Tensor, torch.Tensor]] = {}
-    solved: Dict[str, tuple] = {}
-
-    def contribution(g: str, r: AxisRef):
-        """(key, B's rows for axis r with every other permutation applied, A_rows @ B_rows.T as float64).
-
-        Cached per (group, axis) under the versions of the groups it depends on.  When one of
-        them changed, usually only a few columns of B's rows moved: the product is then
-        updated by those columns' difference instead of being recomputed.
-        """
-        key = tuple(version[h] for h in deps[(g, r)])
-        hit = cache.get((g, r))
-        if hit is not None and hit[0] == key:
-            return key, hit[1], hit[2]
-        b_rows = segment_rows(permute_tensor(B[r.name], entries[r.name], perms, sizes, skip=r),
-                              r, sizes[g]).contiguous()
-        ar = a_rows[(g, r)]
-        if hit is not None:
-            # only the columns a changed permutation moved: update the product by their difference
-            changed = (b_rows != hit[1]).any(0).nonzero().squeeze(1)
-            if len(changed) <= b_rows.shape[1] // 2:
-                c = hit[2] + (ar.index_select(1, changed) @
-                              (b_rows.index_select(1, changed) - hit[1].index_select(1, changed)).T).double()
-                cache[(g, r)] = (key, b_rows, c)
-                return key, b_rows, c
-        c = (ar @ b_rows.T).double()
-        cache[(g, r)] = (key, b_rows, c)
-        return key, b_rows, c
-
-    def objective(names, p) -> float:
-        return math.fsum(float((A[n].double() * permute_tensor(B[n], entries[n], p, sizes).double()).sum())
-                         for n in names)
-
-    current = initial
+    matcher = _WeightMatcher(a, b, spec)
     history: List[float] = []
     rng = np.random.default_rng(seed)
     gnames = list(spec.groups)
@@ -217,151 +290,90 @@ def weight_matching(a, b, spec: PermutationSpec, seed: int = 0, max_iter: int = 
         sweeps += 1
         improved = False
         for gi in rng.permutation(len(gnames)):
-            g = gnames[int(gi)]
-            refs = refs_of[g]
-            if not refs:
-                continue
-            parts = [contribution(g, r) for r in refs]
-            state = (version[g],) + tuple(p[0] for p in parts)
-            if solved.get(g) == state:
-                continue  # the same cost matrix and permutation as when g was last solved: same outcome
-            solved[g] = state
-            old = perms[g]
-            cost = parts[0][2].clone()
-            for p in parts[1:]:
-                cost += p[2]
-            _, col = linear_sum_assignment(cost.numpy(), maximize=True)
-            new = torch.as_tensor(col, dtype=torch.long)
-            if torch.equal(new, old):
-                continue
-            if linear[g]:
-                # the objective is linear in this group's permutation: sum the changed rows' products
-                moved = (new != old).nonzero().squeeze(1)
-                gain = 0.0
-                for r, (_, b_rows, _) in zip(refs, parts):
-                    ar = a_rows[(g, r)].index_select(0, moved).double()
-                    diff = b_rows.index_select(0, new[moved]).double() - b_rows.index_select(0, old[moved]).double()
-                    gain += float((ar * diff).sum())
-            else:  # a parameter with this group on two axes: evaluate the objective itself
-                names = list(OrderedDict.fromkeys(r.name for r in refs))
-                trial = dict(perms)
-                trial[g] = new
-                gain = objective(names, trial) - objective(names, perms)
-            if gain > tol:
-                perms[g] = new
-                version[g] += 1
-                solved[g] = (version[g],) + state[1:]
-                current += gain
-                improved = True
-        history.append(current)
+            improved = matcher.step(gnames[int(gi)]) or improved
+        history.append(matcher.current)
         if not improved:
             converged = True
             break
-    info = WeightMatchingInfo(initial, history, sweeps, converged, seed, all_names)
-    return perms, info
+    info = WeightMatchingInfo(matcher.initial, history, sweeps, converged, seed, matcher.names)
+    return matcher.perms, info
 
 
 # ---------------------------------------------------------- activation matching
-class _Recorder:
-    """Runs a model and returns the tensors at the requested observation points.
-
-    Names are looked up first as torch.fx node names of the traced model (the
-    traced graph is cut to return just those nodes), then as module names
-    (captured with forward hooks; a module called more than once per forward is
-    ambiguous and rejected).
-    """
-
-    def __init__(self, model: nn.Module, names: List[str], where: Dict[str, str]):
-        self.model = model
-        self.names = list(OrderedDict.fromkeys(names))
-        gm = None
-        try:
-            gm = fx.symbolic_trace(model)
-        except Exception:
-            gm = None
-        node_by_name = {n.name: n for n in gm.graph.nodes} if gm is not None else {}
-        modules = dict(model.named_modules())
-        self.fx_names = [n for n in self.names if n in node_by_name]
-        self.hook_names = []
-        for n in self.names:
-            if n in node_by_name:
-                continue
-            if n in modules and n != "":
-                self.hook_names.append(n)
-            else:
-                raise ValueError(
-                    f"observe point '{n}' of group '{where.get(n, '?')}' is neither a torch.fx node "
-                    f"of the traced model nor a submodule name")
-        self.runner: Callable = model
-        if self.fx_names:
-            out = [n for n in gm.graph.nodes if n.op == "output"][0]
-            out.args = (tuple(node_by_name[n] for n in self.fx_names),)
-            gm.graph.eliminate_dead_code()
-            gm.recompile()
-            self.runner = gm
-        self.hooked = [(n, modules[n]) for n in self.hook_names]
-
-    def __call__(self, x) -> Dict[str, torch.Tensor]:
-        captured: Dict[str, List[torch.Tensor]] = {n: [] for n in self.hook_names}
-        handles = []
-        for n, m in self.hooked:
-            handles.append(m.register_forward_hook(
-                lambda mod, inp, out, n=n: captured[n].append(out)))
-        try:
-            res = self.runner(*x) if isinstance(x, tuple) else self.runner(x)
-        finally:
-            for h in handles:
-                h.remove()
-        acts: Dict[str, torch.Tensor] = {}
-        if self.fx_names:
-            for n, t in zip(self.fx_names, res):
-                acts[n] = t
-        for n, lst in captured.items():
-            if len(lst) != 1:
-                raise ValueError(
-                    f"observe point '{n}': the module ran {len(lst)} times in one forward pass; "
-                    f"use a torch.fx node name instead")
-            acts[n] = lst[0]
-        return acts
-
-
-def _unit_matrix(t: torch.Tensor, p: ObservePoint, size: int, group: str) -> torch.Tensor:
-    """``[samples, size]`` float64 view of a group's units at one observation point."""
-    if not isinstance(t, torch.Tensor):
-        raise ValueError(f"observe point '{p.node}' of group '{group}' is not a tensor")
-    dim = p.dim % t.dim() if -t.dim() <= p.dim < t.dim() else None
-    if dim is None or p.offset + size * p.inner > t.shape[dim]:
-        raise ValueError(
-            f"observe point '{p.node}' of group '{group}' has shape {tuple(t.shape)}, which does not "
-            f"hold {size} units (x{p.inner}) at dim {p.dim} from offset {p.offset}")
-    x = t.detach().movedim(dim, -1).narrow(-1, p.offset, size * p.inner)
-    x = x.reshape(*x.shape[:-1], size, p.inner).transpose(-1, -2)
-    return x.reshape(-1, size).to(torch.float64)
-
-
-def _batches(loader, max_batches):
-    for i, batch in enumerate(loader):
-        if max_batches is not None and i >= max_batches:
-            break
-        if isinstance(batch, torch.Tensor):
-            yield batch
-        elif isinstance(batch, (tuple, list)) and batch and isinstance(batch[0], torch.Tensor):
-            yield batch[0]
-        else:
-            raise ValueError(
-                f"loader batches must be tensors or (x, y) tuples with a tensor x, got {type(batch).__name__}")
-
-
 def _module_device(model: nn.Module) -> torch.device:
+    """Device of the model's first parameter or buffer (CPU for a model without any)."""
     for t in itertools.chain(model.parameters(), model.buffers()):
         return t.device
     return torch.device("cpu")
 
 
 def _on_device(model: nn.Module, device: torch.device) -> nn.Module:
+    """``model`` itself if it is wholly on ``device``, else a copy moved there (never moves the input)."""
     if all(t.device == device for t in itertools.chain(model.parameters(), model.buffers())):
         return model
     return copy.deepcopy(model).to(device)
+
+
+@dataclass
+class _PointStats:
+    """Running float64 sums of one observation point: enough for the A-vs-B unit correlations."""
+
+    n: int
+    sum_a: torch.Tensor
+    sum_b: torch.Tensor
+    sq_a: torch.Tensor
+    sq_b: torch.Tensor
+    cross: torch.Tensor
+
+    @classmethod
+    def zeros(cls, size: int, device: torch.device) -> "_PointStats":
+        """Empty sums for ``size`` units."""
+        def z():
+            """A zero vector, one entry per unit."""
+            return torch.zeros(size, dtype=torch.float64, device=device)
+        return cls(0, z(), z(), z(), z(), torch.zeros(size, size, dtype=torch.float64, device=device))
+
+    def add(self, xa: torch.Tensor, xb: torch.Tensor) -> None:
+        """Accumulate ``[samples, units]`` activations of A and B."""
+        self.n += xa.shape[0]
+        self.sum_a += xa.sum(0)
+        self.sum_b += xb.sum(0)
+        self.sq_a += (xa * xa).sum(0)
+        self.sq_b += (xb * xb).sum(0)
+        self.cross += xa.T @ xb
+
+    def correlation(self) -> torch.Tensor:
+        """``C[i, j]``: Pearson correlation of A's unit i with B's unit j (0 where a unit is constant)."""
+        n = self.n
+        ma_, mb_ = self.sum_a / n, self.sum_b / n
+        cov = self.cross / n - torch.outer(ma_, mb_)
+        sd_a = (self.sq_a / n - ma_ * ma_).clamp_min(0).sqrt()
+        sd_b = (self.sq_b / n - mb_ * mb_).clamp_min(0).sqrt()
+        denom = torch.outer(sd_a, sd_b)
+        return torch.where(denom > 1e-12, cov / denom.clamp_min(1e-12), torch.zeros_like(cov))
+
+
+def _collect_statistics(ma: nn.Module, mb: nn.Module, loader, max_batches: Optional[int], device,
+                        observed: Dict[str, Any], where: Dict[str, str]):
+    """One pass over ``loader`` in eval mode; ``(stats per (group, point index), number of batches)``."""
+    names = list(where)
+    stats: Dict[Tuple[str, int], _PointStats] = {}
+    nb = 0
+    with eval_mode(ma, mb), torch.no_grad():
+        rec_a, rec_b = ActivationRecorder(ma, names, where), ActivationRecorder(mb, names, where)
+        for x in batch_inputs(loader, max_batches):
+            x = x.to(device)
+            acts_a, acts_b = rec_a(x), rec_b(x)
+            for k, g in observed.items():
+                for i, p in enumerate(g.observe):
+                    xa = unit_matrix(acts_a[p.node], p, g.size, k)
+                    xb = unit_matrix(acts_b[p.node], p, g.size, k)
+                    st = stats.get((k, i))
+                    if st is None:
+                        st = stats[(k, i)] = _PointStats.zeros(g.size, xa.device)
+                    st.add(xa, xb)
+            nb += 1
+    return stats, nb
 
 
 def activation_matching(a: nn.Module, b: nn.Module, loader, spec: PermutationSpec,
@@ -401,31 +413,7 @@ def activation_matching(a: nn.Module, b: nn.Module, loader, spec: PermutationSpe
     for k, g in observed.items():
         for p in g.observe:
             where.setdefault(p.node, k)
-    names = list(where)
-
-    stats: Dict[Tuple[str, int], List[Any]] = {}
-    nb = 0
-    with _EvalMode(ma, mb), torch.no_grad():
-        rec_a, rec_b = _Recorder(ma, names, where), _Recorder(mb, names, where)
-        for x in _batches(loader, max_batches):
-            x = x.to(device)
-            acts_a, acts_b = rec_a(x), rec_b(x)
-            for k, g in observed.items():
-                for i, p in enumerate(g.observe):
-                    xa = _unit_matrix(acts_a[p.node], p, g.size, k)
-                    xb = _unit_matrix(acts_b[p.node], p, g.size, k)
-                    st = stats.get((k, i))
-                    if st is None:
-                        z = lambda: torch.zeros(g.size, dtype=torch.float64, device=xa.device)  # noqa: E731
-                        st = stats[(k, i)] = [0, z(), z(), z(), z(),
-                                              torch.zeros(g.size, g.size, dtype=torch.float64, device=xa.device)]
-                    st[0] += xa.shape[0]
-                    st[1] += xa.sum(0)
-                    st[2] += xb.sum(0)
-                    st[3] += (xa * xa).sum(0)
-                    st[4] += (xb * xb).sum(0)
-                    st[5] += xa.T @ xb
-            nb += 1
+    stats, nb = _collect_statistics(ma, mb, loader, max_batches, device, observed, where)
     if nb == 0:
         raise ValueError("loader yielded no batches")
 
@@ -435,24 +423,15 @@ def activation_matching(a: nn.Module, b: nn.Module, loader, spec: PermutationSpe
     samples: Dict[str, int] = OrderedDict()
     for k, g in observed.items():
         corr = torch.zeros(g.size, g.size, dtype=torch.float64)
-        total = 0
         for i in range(len(g.observe)):
-            n, sa, sb, qa, qb, cross = stats[(k, i)]
-            total += n
-            ma_, mb_ = sa / n, sb / n
-            cov = cross / n - torch.outer(ma_, mb_)
-            sd_a = (qa / n - ma_ * ma_).clamp_min(0).sqrt()
-            sd_b = (qb / n - mb_ * mb_).clamp_min(0).sqrt()
-            denom = torch.outer(sd_a, sd_b)
-            c = torch.where(denom > 1e-12, cov / denom.clamp_min(1e-12), torch.zeros_like(cov))
-            corr += c.cpu()
-        corr /= len(g.observe)
+            corr += stats[(k, i)].correlation().cpu()
+        corr /= len(g.observe)  # a group observed at several points (residual stages): their mean
         _, col = linear_sum_assignment(corr.numpy(), maximize=True)
         p = torch.as_tensor(col, dtype=torch.long)
         rows = torch.arange(g.size)
         perm[k] = p
         before[k] = float(corr.diagonal().mean())
         after[k] = float(corr[rows, p].mean())
-        samples[k] = total
+        samples[k] = sum(stats[(k, i)].n for i in range(len(g.observe)))
     info = ActivationMatchingInfo(nb, samples, before, after, unobserved)
     return perm, info

@@ -67,6 +67,17 @@ def apply_permutation(model_or_state_dict, spec: PermutationSpec, perm: Mapping[
     permuted; a state dict gives a new ``OrderedDict`` of new tensors.  With a
     spec that is valid for the model, the copy computes the same function
     (in eval mode).
+
+    Example:
+        >>> import torch
+        >>> from torch import nn
+        >>> from modeconn.alignment import infer_permutation_spec
+        >>> net = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 3))
+        >>> x = torch.randn(5, 4)
+        >>> spec = infer_permutation_spec(net, x[:1])
+        >>> shuffled = apply_permutation(net, spec, {"0": torch.randperm(8)})
+        >>> torch.allclose(shuffled(x), net(x), atol=1e-6)
+        True
     """
     is_module = isinstance(model_or_state_dict, nn.Module)
     sd = state_dict_of(model_or_state_dict)

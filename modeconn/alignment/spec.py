@@ -79,6 +79,7 @@ ObserveLike = Union[ObservePoint, str, Tuple]
 
 
 def _to_axis(item: AxisLike) -> AxisRef:
+    """An :class:`AxisRef` from itself or a ``(name, axis[, offset, inner])`` tuple; ValueError otherwise."""
     if isinstance(item, AxisRef):
         return item
     if isinstance(item, (tuple, list)) and 2 <= len(item) <= 4 and isinstance(item[0], str):
@@ -89,6 +90,7 @@ def _to_axis(item: AxisLike) -> AxisRef:
 
 
 def _to_observe(item: ObserveLike) -> ObservePoint:
+    """An :class:`ObservePoint` from itself, a node name or a ``(node, dim[, offset, inner])`` tuple."""
     if isinstance(item, ObservePoint):
         return item
     if isinstance(item, str):
@@ -109,6 +111,7 @@ class PermutationGroup:
     observe: List[ObservePoint] = field(default_factory=list)
 
     def __post_init__(self) -> None:
+        """Check the size; normalise axes and observe points to their named tuples."""
         if isinstance(self.size, bool) or not isinstance(self.size, int) or self.size < 1:
             raise ValueError(f"group size must be a positive int, got {self.size!r}")
         self.axes = [_to_axis(a) for a in self.axes]
@@ -136,6 +139,36 @@ def state_dict_of(model_or_state_dict) -> "OrderedDict[str, torch.Tensor]":
     )
 
 
+def _check_axis(gname: str, size: int, a: AxisRef, sd: Mapping[str, torch.Tensor]) -> int:
+    """Raise ValueError unless group ``gname`` (``size`` units) fits axis ``a`` of ``sd``; return the slice end."""
+    if a.name not in sd:
+        raise ValueError(
+            f"group '{gname}': '{a.name}' is not a parameter or buffer of the model"
+        )
+    if a.name.endswith(NEVER_PERMUTED_SUFFIXES):
+        raise ValueError(f"group '{gname}': '{a.name}' can never be permuted")
+    t = sd[a.name]
+    if not 0 <= a.axis < t.dim():
+        raise ValueError(
+            f"group '{gname}': axis {a.axis} is out of range for '{a.name}' "
+            f"with shape {tuple(t.shape)}"
+        )
+    if a.offset < 0 or a.inner < 1:
+        raise ValueError(
+            f"group '{gname}': '{a.name}' axis {a.axis} has invalid offset {a.offset} / inner {a.inner}"
+        )
+    length = t.shape[a.axis]
+    end = a.offset + size * a.inner
+    if end > length:
+        raise ValueError(
+            f"group '{gname}' has size {size} but '{a.name}' (shape {tuple(t.shape)}) "
+            f"has length {length} on axis {a.axis}"
+            + (f" (needs {size}x{a.inner} entries from offset {a.offset})"
+               if (a.offset or a.inner != 1) else "")
+        )
+    return end
+
+
 @dataclass
 class PermutationSpec:
     """Named permutation groups of a network.
@@ -159,6 +192,7 @@ class PermutationSpec:
     reasons: List[str] = field(default_factory=list)
 
     def __post_init__(self) -> None:
+        """Check the group names; accept ``(size, axes[, observe])`` tuples as groups."""
         if not isinstance(self.groups, Mapping):
             raise ValueError("groups must be a mapping name -> PermutationGroup")
         groups: Dict[str, PermutationGroup] = OrderedDict()
@@ -216,10 +250,12 @@ class PermutationSpec:
 
     # ---------------------------------------------------------------- queries
     def __len__(self) -> int:
+        """Number of groups."""
         return len(self.groups)
 
     @property
     def group_names(self) -> List[str]:
+        """Group names, in order."""
         return list(self.groups)
 
     def covered(self) -> List[str]:
@@ -285,31 +321,7 @@ class PermutationSpec:
             if not g.axes:
                 raise ValueError(f"group '{gname}' permutes no axes")
             for a in g.axes:
-                if a.name not in sd:
-                    raise ValueError(
-                        f"group '{gname}': '{a.name}' is not a parameter or buffer of the model"
-                    )
-                if a.name.endswith(NEVER_PERMUTED_SUFFIXES):
-                    raise ValueError(f"group '{gname}': '{a.name}' can never be permuted")
-                t = sd[a.name]
-                if not 0 <= a.axis < t.dim():
-                    raise ValueError(
-                        f"group '{gname}': axis {a.axis} is out of range for '{a.name}' "
-                        f"with shape {tuple(t.shape)}"
-                    )
-                if a.offset < 0 or a.inner < 1:
-                    raise ValueError(
-                        f"group '{gname}': '{a.name}' axis {a.axis} has invalid offset {a.offset} / inner {a.inner}"
-                    )
-                length = t.shape[a.axis]
-                end = a.offset + g.size * a.inner
-                if end > length:
-                    raise ValueError(
-                        f"group '{gname}' has size {g.size} but '{a.name}' (shape {tuple(t.shape)}) "
-                        f"has length {length} on axis {a.axis}"
-                        + (f" (needs {g.size}x{a.inner} entries from offset {a.offset})"
-                           if (a.offset or a.inner != 1) else "")
-                    )
+                end = _check_axis(gname, g.size, a, sd)
                 spans.setdefault((a.name, a.axis), []).append((a.offset, end, gname))
             if not any(a.offset == 0 and g.size * a.inner == sd[a.name].shape[a.axis] for a in g.axes):
                 a = g.axes[0]

@@ -1,0 +1,296 @@
+"""Transfer rules: how each class of operation carries channel groups from its inputs to its output.
+
+Each rule sets the node's :class:`NodeKind` and output layout in a
+:class:`WalkState`, or raises :class:`Unsupported`.  The module and function
+forms of an operation (``nn.Linear`` / ``F.linear``, ``nn.MaxPool2d`` /
+``F.max_pool2d``...) share one rule.
+
+* A layer (Linear, Conv) consumes its input's groups on the weight's input
+  axis and opens a new group for its outputs.  It is proven safe only when it
+  contracts exactly the channel dimension; otherwise the incoming groups stay
+  fixed.  Grouped convolutions tie input and output channel blocks, so
+  neither side is permuted.
+* Per-channel ops (activations, norms, pooling) keep the layout; norms add
+  their per-channel parameters and buffers to the group.
+* Elementwise ops on several tensors line unit ``i`` of each input up with
+  unit ``i`` of the others, so their groups merge; combining a group with
+  unpermuted channels (or a tensor that varies along the channels) would
+  break that, so such groups are dropped.
+* Reshapes, transposes, indexing and concatenation move units; the layout
+  algebra in :mod:`~modeconn.alignment.channel_layout` follows them.
+"""
+from __future__ import annotations
+
+from typing import List, Optional, Sequence, Tuple
+
+from torch import fx
+
+from modeconn.alignment.channel_layout import (ChannelLayout, Segment, Unsupported, indexed_dim, make_layout,
+                                               reshaped)
+from modeconn.alignment.walk_state import NodeKind, WalkState, main_input, tensor_shape
+
+
+def merge_segments(walk: WalkState, layouts: Sequence[ChannelLayout], reason: str) -> List[Segment]:
+    """Line up equally laid-out ``layouts`` segment by segment.
+
+    Where every input has a group, the groups merge; where one is unpermuted,
+    the others are dropped with ``reason`` and the output segment is unpermuted.
+    """
+    segments = []
+    for i, s in enumerate(layouts[0].segments):
+        gs = [layout.segments[i].group for layout in layouts]
+        if all(g is not None for g in gs):
+            for g in gs[1:]:
+                walk.groups.union(gs[0], g)
+            segments.append(Segment(gs[0], s.count, s.inner))
+        else:
+            walk.groups.drop(gs, reason)
+            segments.append(Segment(None, s.count, s.inner))
+    return segments
+
+
+# -------------------------------------------------------------------- layers
+def linear(walk: WalkState, node: fx.Node, layout: Optional[ChannelLayout], base: str, weight: str,
+           bias: Optional[str], out_features: int) -> None:
+    """``y = x W^T + b`` over the last dimension: consumes the input's groups, opens ``base``."""
+    if layout is not None and layout.dim != layout.ndim - 1:
+        walk.groups.drop(layout.groups(), "Linear applied over a dimension other than the permuted one "
+                                          f"at {walk.describe(node)}")
+        layout = None
+    walk.add_axes(layout, weight, 1)
+    entries = [(weight, 0)] + ([(bias, 0)] if bias is not None else [])
+    walk.open_group(node, base, out_features, 1, entries)
+
+
+def conv(walk: WalkState, node: fx.Node, layout: Optional[ChannelLayout], base: str, spatial: int,
+         transposed: bool, groups: int, out_channels: int, weight: str, bias: Optional[str]) -> None:
+    """A convolution with ``spatial`` kernel dims: consumes the channel groups, opens ``base``.
+
+    The weight is ``[out, in, ...]`` (``[in, out, ...]`` when ``transposed``).
+    A grouped convolution (``groups != 1``) is left fixed on both sides: its
+    weight blocks pair input channel block ``k`` with output block ``k``.
+    """
+    desc = walk.describe(node)
+    if groups != 1:
+        walk.kind[node] = NodeKind.OTHER
+        if layout is not None:
+            walk.groups.drop(layout.groups(), f"grouped/depthwise convolution (groups={groups}) at {desc}")
+        walk.notes.append(f"{desc}: grouped/depthwise convolution (groups={groups}); its output channels "
+                          f"are left unpermuted")
+        walk.layout[node] = None
+        return
+    xs = tensor_shape(main_input(node))
+    if layout is not None and xs is not None and layout.dim != len(xs) - spatial - 1:
+        walk.groups.drop(layout.groups(), f"convolution over a permuted spatial dimension at {desc}")
+        layout = None
+    walk.add_axes(layout, weight, 0 if transposed else 1)
+    entries = [(weight, 1 if transposed else 0)] + ([(bias, 0)] if bias else [])
+    walk.open_group(node, base, out_channels, spatial + 1, entries)
+
+
+# --------------------------------------------------------------- per channel
+def passthrough(walk: WalkState, node: fx.Node, layout: Optional[ChannelLayout], act: Optional[bool]) -> None:
+    """A per-unit op of one tensor: same layout; ``act`` True/False sets/clears ``post_act``, None keeps it."""
+    walk.kind[node] = NodeKind.PER_CHANNEL
+    if layout is None:
+        walk.layout[node] = None
+        return
+    walk.layout[node] = layout if act is None else layout.replace(post_act=act)
+
+
+def spatial(walk: WalkState, node: fx.Node, layout: Optional[ChannelLayout], spatial_dims: int) -> None:
+    """Pooling/padding/resampling over the last ``spatial_dims`` dims: the channels must be before them."""
+    walk.kind[node] = NodeKind.PER_CHANNEL
+    if layout is None:
+        walk.layout[node] = None
+        return
+    xs = tensor_shape(main_input(node))
+    if xs is None or layout.dim >= len(xs) - spatial_dims:
+        raise Unsupported("pooling/padding over the permuted dimension")
+    walk.layout[node] = layout
+
+
+def norm(walk: WalkState, node: fx.Node, layout: Optional[ChannelLayout], channel_dim: int,
+         entries: Sequence[str]) -> None:
+    """A normalisation with per-channel ``entries`` (affine parameters, running stats) at ``channel_dim``."""
+    walk.kind[node] = NodeKind.PER_CHANNEL
+    if layout is None:
+        walk.layout[node] = None
+        return
+    if layout.dim != channel_dim:
+        raise Unsupported("normalisation over a dimension other than the permuted one")
+    for name in entries:
+        walk.add_axes(layout, name, 0)
+    walk.layout[node] = layout.replace(post_act=False)
+
+
+def layer_norm(walk: WalkState, node: fx.Node, layout: Optional[ChannelLayout], normalized_shape: Tuple[int, ...],
+               entries: Sequence[str]) -> None:
+    """LayerNorm over the last ``len(normalized_shape)`` dims.
+
+    The statistics are symmetric in the normalised entries, so permuting the
+    channels commutes with it wherever they sit; the affine ``entries`` are
+    permuted only when the channels are among the normalised dims.
+    """
+    walk.kind[node] = NodeKind.PER_CHANNEL
+    if layout is None:
+        walk.layout[node] = None
+        return
+    first = layout.ndim - len(normalized_shape)
+    if layout.dim >= first:
+        for name in entries:
+            walk.add_axes(layout, name, layout.dim - first)
+    walk.layout[node] = layout.replace(post_act=False)
+
+
+def _broadcast_check(walk: WalkState, node: fx.Node, ins: List[fx.Node], channel_dim: int, ndim: int) -> None:
+    """Raise Unsupported if an unpermuted input varies along the (broadcast) channel dimension."""
+    for n in ins:
+        if walk.layout.get(n) is None:
+            s = tensor_shape(n)
+            pos = channel_dim - (ndim - len(s))
+            if pos >= 0 and s[pos] != 1:
+                raise Unsupported(
+                    f"elementwise op with the unpermuted tensor '{n.name}' (shape {tuple(s)}) "
+                    f"varying along the permuted dimension")
+
+
+def elementwise(walk: WalkState, node: fx.Node, act: Optional[bool]) -> None:
+    """Elementwise op over broadcast tensors: the permuted inputs must share a layout and merge.
+
+    ``act``: True for an activation, False for arithmetic, None for a cast
+    (keeps the input's ``post_act``).
+    """
+    walk.kind[node] = NodeKind.PER_CHANNEL if len(node.all_input_nodes) == 1 else NodeKind.OTHER
+    out = tensor_shape(node)
+    ins = [n for n in node.all_input_nodes if tensor_shape(n) is not None]
+    permuted = [walk.layout[n] for n in ins if walk.layout.get(n) is not None]
+    if not permuted:
+        walk.layout[node] = None
+        return
+    desc = walk.describe(node)
+    if out is None:
+        raise Unsupported("elementwise op without a tensor output")
+    nd = len(out)
+    ref = permuted[0]
+    cdim = ref.dim + nd - ref.ndim  # broadcasting aligns trailing dims
+    if any(layout.dim + nd - layout.ndim != cdim or layout.blocks() != ref.blocks() for layout in permuted[1:]):
+        raise Unsupported("elementwise op combining tensors with different channel layouts")
+    _broadcast_check(walk, node, ins, cdim, nd)
+    segments = merge_segments(walk, permuted, f"added/multiplied with unpermuted channels at {desc}")
+    post = ref.post_act if act is None and len(ins) == 1 else bool(act)
+    walk.layout[node] = make_layout(cdim, nd, segments, post)
+
+
+# -------------------------------------------------------------- data movement
+def reshape(walk: WalkState, node: fx.Node, x: object) -> None:
+    """A row-major reshape of ``x`` to the node's traced shape."""
+    walk.kind[node] = NodeKind.MOVE
+    layout = walk.layout_of(x)
+    if layout is None:
+        walk.layout[node] = None
+        return
+    walk.layout[node] = reshaped(layout, tensor_shape(x), tensor_shape(node))
+
+
+def reorder_dims(walk: WalkState, node: fx.Node, layout: Optional[ChannelLayout], order_of) -> None:
+    """A transpose/permute; ``order_of(ndim)`` gives the output's dimension order (may raise)."""
+    walk.kind[node] = NodeKind.MOVE
+    if layout is None:
+        walk.layout[node] = None
+        return
+    order = order_of(layout.ndim)
+    walk.layout[node] = layout.replace(dim=order.index(layout.dim))
+
+
+def getitem(walk: WalkState, node: fx.Node, layout: Optional[ChannelLayout]) -> None:
+    """``x[idx]`` with constant indices that keep every unit (``:`` on the channel dimension)."""
+    walk.kind[node] = NodeKind.MOVE
+    if layout is None:
+        walk.layout[node] = None
+        return
+    new_dim = indexed_dim(node.args[1], layout.dim, layout.ndim)
+    out = tensor_shape(node)
+    if out is None:
+        raise Unsupported("indexing without a tensor output")
+    walk.layout[node] = layout.replace(dim=new_dim, ndim=len(out))
+
+
+def cat(walk: WalkState, node: fx.Node) -> None:
+    """``torch.cat(tensors, dim)``: along the channels the segments concatenate, elsewhere they merge."""
+    walk.kind[node] = NodeKind.MOVE
+    tensors = walk.arg(node, 0, "tensors")
+    dim = walk.arg(node, 1, "dim", 0)
+    if not isinstance(tensors, (list, tuple)) or not isinstance(dim, int):
+        raise Unsupported("cat with non-constant arguments")
+    layouts = [walk.layout_of(t) for t in tensors]
+    if all(layout is None for layout in layouts):
+        walk.layout[node] = None
+        return
+    out = tensor_shape(node)
+    if out is None:
+        raise Unsupported("cat without a tensor output")
+    nd = len(out)
+    d = dim % nd
+    if any(layout is not None and layout.ndim != nd for layout in layouts):
+        raise Unsupported("cat of tensors of different rank")
+    if all(layout is None or layout.dim == d for layout in layouts):
+        walk.layout[node] = _cat_channels(tensors, layouts, d, nd)
+    else:
+        walk.layout[node] = _cat_other_dim(walk, node, layouts, nd)
+
+
+def _cat_channels(tensors: Sequence[object], layouts: List[Optional[ChannelLayout]], d: int,
+                  nd: int) -> Optional[ChannelLayout]:
+    """Concatenation along the channel dimension ``d``: unpermuted parts become unpermuted segments."""
+    segments: List[Segment] = []
+    for t, layout in zip(tensors, layouts):
+        if layout is None:
+            s = tensor_shape(t)
+            if s is None:
+                raise Unsupported("cat of a non-tensor")
+            segments.append(Segment(None, s[d], 1))
+        else:
+            segments.extend(layout.segments)
+    post = all(layout is not None and layout.post_act for layout in layouts)
+    return make_layout(d, nd, segments, post)
+
+
+def _cat_other_dim(walk: WalkState, node: fx.Node, layouts: List[Optional[ChannelLayout]],
+                   nd: int) -> Optional[ChannelLayout]:
+    """Concatenation along another dimension: every part must carry the same channel layout."""
+    if any(layout is None for layout in layouts):
+        raise Unsupported("cat along a non-permuted dimension with unpermuted tensors")
+    ref = layouts[0]
+    for layout in layouts[1:]:
+        if layout.dim != ref.dim or layout.blocks() != ref.blocks():
+            raise Unsupported("cat along a non-permuted dimension of tensors with different channel layouts")
+    segments = merge_segments(walk, layouts, f"concatenated with unpermuted channels at {walk.describe(node)}")
+    return make_layout(ref.dim, nd, segments, all(layout.post_act for layout in layouts))
+
+
+def reduce(walk: WalkState, node: fx.Node, x: object) -> None:
+    """Sum/mean/max/min of ``x`` over constant dims; reducing over the units themselves is invariant."""
+    walk.kind[node] = NodeKind.OTHER
+    walk.drop_secondary(node, x)
+    layout = walk.layout_of(x)
+    if layout is None:
+        walk.layout[node] = None
+        return
+    dim = walk.arg(node, 1, "dim", None)
+    keep = walk.arg(node, 2, "keepdim", False)
+    if dim is None:
+        walk.layout[node] = None  # full reduction: invariant
+        return
+    dims = dim if isinstance(dim, (list, tuple)) else [dim]
+    if not all(isinstance(d, int) for d in dims) or not isinstance(keep, bool):
+        raise Unsupported("reduction with non-constant arguments")
+    dims = {d % layout.ndim for d in dims}
+    if layout.dim in dims:
+        walk.layout[node] = None  # reduced over the units: invariant
+        return
+    if keep:
+        walk.layout[node] = layout.replace(post_act=False)
+    else:
+        new = layout.dim - sum(1 for d in dims if d < layout.dim)
+        walk.layout[node] = layout.replace(dim=new, ndim=layout.ndim - len(dims), post_act=False)

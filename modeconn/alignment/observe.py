@@ -1,0 +1,115 @@
+"""Reading a group's units in forward passes: loader batches in, activations at observation points out.
+
+Activation matching compares, unit by unit, what two models compute at the
+same places.  :class:`ActivationRecorder` returns the tensors at a spec's
+observation points (torch.fx node names, or module names read with forward
+hooks); :func:`unit_matrix` cuts a group's units out of such a tensor as a
+``[samples, units]`` matrix, counting spatial positions and flattened blocks
+as extra samples.
+"""
+from __future__ import annotations
+
+from collections import OrderedDict
+from typing import Callable, Dict, Iterator, List, Optional
+
+import torch
+from torch import fx, nn
+
+from modeconn.alignment.spec import ObservePoint
+
+__all__ = ["ActivationRecorder", "unit_matrix", "batch_input", "batch_inputs"]
+
+
+class ActivationRecorder:
+    """Runs a model and returns the tensors at the requested observation points.
+
+    Names are looked up first as torch.fx node names of the traced model (the
+    traced graph is cut to return just those nodes), then as module names
+    (captured with forward hooks; a module called more than once per forward is
+    ambiguous and rejected).
+    """
+
+    def __init__(self, model: nn.Module, names: List[str], where: Dict[str, str]):
+        """Prepare to record ``names``; ``where`` maps a name to its group, for error messages."""
+        self.names = list(OrderedDict.fromkeys(names))
+        try:
+            gm = fx.symbolic_trace(model)
+        except Exception:  # an untraceable model can still be observed through module hooks
+            gm = None
+        node_by_name = {n.name: n for n in gm.graph.nodes} if gm is not None else {}
+        modules = dict(model.named_modules())
+        self.fx_names = [n for n in self.names if n in node_by_name]
+        self.hook_names = []
+        for n in self.names:
+            if n in node_by_name:
+                continue
+            if n in modules and n != "":
+                self.hook_names.append(n)
+            else:
+                raise ValueError(
+                    f"observe point '{n}' of group '{where.get(n, '?')}' is neither a torch.fx node "
+                    f"of the traced model nor a submodule name")
+        self.runner: Callable = model
+        if self.fx_names:
+            out = [n for n in gm.graph.nodes if n.op == "output"][0]
+            out.args = (tuple(node_by_name[n] for n in self.fx_names),)
+            gm.graph.eliminate_dead_code()
+            gm.recompile()
+            self.runner = gm
+        self.hooked = [(n, modules[n]) for n in self.hook_names]
+
+    def __call__(self, x: torch.Tensor) -> Dict[str, torch.Tensor]:
+        """Run the model on ``x``; the output of every observation point by name."""
+        captured: Dict[str, List[torch.Tensor]] = {n: [] for n in self.hook_names}
+        handles = []
+        for n, m in self.hooked:
+            handles.append(m.register_forward_hook(
+                lambda mod, inp, out, n=n: captured[n].append(out)))
+        try:
+            res = self.runner(x)
+        finally:
+            for h in handles:
+                h.remove()
+        acts: Dict[str, torch.Tensor] = {}
+        if self.fx_names:
+            for n, t in zip(self.fx_names, res):
+                acts[n] = t
+        for n, lst in captured.items():
+            if len(lst) != 1:
+                raise ValueError(
+                    f"observe point '{n}': the module ran {len(lst)} times in one forward pass; "
+                    f"use a torch.fx node name instead")
+            acts[n] = lst[0]
+        return acts
+
+
+def unit_matrix(t: torch.Tensor, p: ObservePoint, size: int, group: str) -> torch.Tensor:
+    """``[samples, size]`` float64 view of a group's units at one observation point."""
+    if not isinstance(t, torch.Tensor):
+        raise ValueError(f"observe point '{p.node}' of group '{group}' is not a tensor")
+    dim = p.dim % t.dim() if -t.dim() <= p.dim < t.dim() else None
+    if dim is None or p.offset + size * p.inner > t.shape[dim]:
+        raise ValueError(
+            f"observe point '{p.node}' of group '{group}' has shape {tuple(t.shape)}, which does not "
+            f"hold {size} units (x{p.inner}) at dim {p.dim} from offset {p.offset}")
+    x = t.detach().movedim(dim, -1).narrow(-1, p.offset, size * p.inner)
+    x = x.reshape(*x.shape[:-1], size, p.inner).transpose(-1, -2)
+    return x.reshape(-1, size).to(torch.float64)
+
+
+def batch_input(batch) -> torch.Tensor:
+    """The input tensor of a loader batch: the batch itself, or ``x`` of an ``(x, y, ...)`` tuple."""
+    if isinstance(batch, torch.Tensor):
+        return batch
+    if isinstance(batch, (tuple, list)) and batch and isinstance(batch[0], torch.Tensor):
+        return batch[0]
+    raise ValueError(
+        f"loader batches must be tensors or (x, y) tuples with a tensor x, got {type(batch).__name__}")
+
+
+def batch_inputs(loader, max_batches: Optional[int]) -> Iterator[torch.Tensor]:
+    """The input tensors of the first ``max_batches`` batches of ``loader`` (all when None)."""
+    for i, batch in enumerate(loader):
+        if max_batches is not None and i >= max_batches:
+            break
+        yield batch_input(batch)

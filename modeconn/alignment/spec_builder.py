@@ -1,0 +1,161 @@
+"""Turning the walk's groups into a :class:`PermutationSpec` with reasons.
+
+After the walk, a few more constraints can only be seen globally:
+
+* the same slice of a state-dict axis claimed by two groups (a layer called
+  twice, tied weights) forces one permutation: the groups merge (or, with
+  different sizes, are dropped);
+* overlapping but different slices of one axis claimed by two classes cannot
+  both be permuted: both are dropped (repeated until nothing changes, since
+  dropping a class frees its slices).
+
+Each surviving class becomes one group, named after its first-opened layer.
+It is observed (for activation matching) at the nodes where its units are
+visible: not at data movement, and not right before a per-channel op that
+would show them again later; post-activation points are preferred.  Every
+dropped class gets one reason listing its layers and why, and state-dict
+entries the traced forward pass never touches are explained too.
+"""
+from __future__ import annotations
+
+from collections import OrderedDict
+from typing import Dict, List, Set, Tuple
+
+from torch import nn
+
+from modeconn.alignment.spec import NEVER_PERMUTED_SUFFIXES, AxisRef, ObservePoint, PermutationGroup, PermutationSpec
+from modeconn.alignment.walk_state import NodeKind, UnitGroups, WalkState
+
+Classes = Dict[int, List[int]]  # representative -> member group ids, in opening order
+
+
+def _merge_shared_axes(groups: UnitGroups) -> None:
+    """Groups permuting the same axis slice merge (sizes must agree, else both are dropped)."""
+    by_key: Dict[AxisRef, int] = {}
+    for gid in range(len(groups)):
+        g = groups[gid]
+        for a in g.axes:
+            if a in by_key:
+                other = by_key[a]
+                if groups[other].size != g.size:
+                    groups.drop([gid, other], f"'{a.name}' axis {a.axis} is shared by groups of different sizes")
+                else:
+                    groups.union(other, gid)
+            else:
+                by_key[a] = gid
+
+
+def _classes(groups: UnitGroups) -> Classes:
+    """Members of every class, keyed by representative (the earliest member), in opening order."""
+    members: Classes = OrderedDict()
+    for gid in range(len(groups)):
+        members.setdefault(groups.find(gid), []).append(gid)
+    return members
+
+
+def _class_axes(groups: UnitGroups, members: List[int]) -> List[AxisRef]:
+    """The axes a class permutes, without repeats, never-permuted entries excluded."""
+    seen: Dict[AxisRef, None] = OrderedDict()
+    for m in members:
+        for a in groups[m].axes:
+            if not a.name.endswith(NEVER_PERMUTED_SUFFIXES):
+                seen[a] = None
+    return list(seen)
+
+
+def _drop_conflicts(groups: UnitGroups, classes: Classes, dropped: Set[int]) -> Dict[int, List[str]]:
+    """Add to ``dropped`` the classes whose slices of an axis overlap another's; return their reasons."""
+    reasons: Dict[int, List[str]] = {}
+    changed = True
+    while changed:
+        changed = False
+        spans: Dict[Tuple[str, int], List[Tuple[int, int, int]]] = {}
+        for r in classes:
+            if r in dropped:
+                continue
+            for a in _class_axes(groups, classes[r]):
+                spans.setdefault((a.name, a.axis), []).append((a.offset, a.offset + groups[r].size * a.inner, r))
+        for (name, axis), lst in spans.items():
+            lst.sort()
+            for i, (s0, e0, r0) in enumerate(lst):
+                for s1, e1, r1 in lst[i + 1:]:
+                    if s1 < e0 and (r1 != r0 or (s1, e1) != (s0, e0)):
+                        for r in {r0, r1}:
+                            if r not in dropped:
+                                dropped.add(r)
+                                reasons.setdefault(r, []).append(f"conflicting permutations of '{name}' axis {axis}")
+                                changed = True
+            if changed:
+                break  # recompute the spans without the dropped classes
+    return reasons
+
+
+def _observe_points(walk: WalkState, dropped: Set[int]) -> Dict[int, List[Tuple[bool, ObservePoint]]]:
+    """Per kept class, ``(post_act, point)`` for every node where its units can be read."""
+    points: Dict[int, List[Tuple[bool, ObservePoint]]] = {}
+    for node, layout in walk.layout.items():
+        if layout is None or walk.kind.get(node) is NodeKind.MOVE or node.op == "output":
+            continue
+        users = list(node.users)
+        if users and all(walk.kind.get(u) is NodeKind.PER_CHANNEL for u in users):
+            continue  # the units are seen again, transformed per channel, at the users
+        for off, s in layout.offsets():
+            if s.group is None:
+                continue
+            r = walk.groups.find(s.group)
+            if r in dropped:
+                continue
+            points.setdefault(r, []).append((layout.post_act, ObservePoint(node.name, layout.dim, off, s.inner)))
+    return points
+
+
+def _dropped_reason(groups: UnitGroups, r: int, members: List[int], extra: List[str]) -> str:
+    """One sentence saying which layers' class ``r`` is left unpermuted and why."""
+    why: List[str] = []
+    for m in members:
+        why.extend(groups[m].reasons)
+    why.extend(extra)
+    why = list(OrderedDict.fromkeys(why))
+    openers = ", ".join(groups[m].name for m in members)
+    return (f"group '{groups[r].name}' ({groups[r].size} units, opened by {openers}) left unpermuted: "
+            + "; ".join(why))
+
+
+def _explain_unused(spec: PermutationSpec, gm, state_dict) -> None:
+    """Set ``spec.fixed`` and add a reason for every fixed entry the traced forward pass never uses."""
+    used_modules = {n.target for n in gm.graph.nodes if n.op == "call_module"}
+    used_attrs = {n.target for n in gm.graph.nodes if n.op == "get_attr"}
+    spec.fixed = spec.uncovered(state_dict)
+    for k in spec.fixed:
+        if k.endswith(NEVER_PERMUTED_SUFFIXES):
+            continue
+        parts = k.split(".")[:-1]
+        ancestors = {".".join(parts[:i]) for i in range(1, len(parts) + 1)}
+        if k not in used_attrs and not ancestors & used_modules:
+            spec.reasons.append(f"'{k}' is not used by the traced forward pass; left unpermuted")
+
+
+def build_spec(walk: WalkState, model: nn.Module) -> PermutationSpec:
+    """The validated spec of ``model`` from a finished walk over its traced graph."""
+    sd = model.state_dict()
+    groups = walk.groups
+    _merge_shared_axes(groups)
+    classes = _classes(groups)
+    dropped = {r for r, ms in classes.items() if any(groups[m].reasons for m in ms)}
+    conflicts = _drop_conflicts(groups, classes, dropped)
+    points = _observe_points(walk, dropped)
+    kept: Dict[str, PermutationGroup] = OrderedDict()
+    reasons: List[str] = []
+    for r, ms in classes.items():  # representatives in opening order
+        if r in dropped:
+            reasons.append(_dropped_reason(groups, r, ms, conflicts.get(r, [])))
+            continue
+        pts = points.get(r, [])
+        best = [p for act, p in pts if act] or [p for _, p in pts]
+        kept[groups[r].name] = PermutationGroup(groups[r].size, _class_axes(groups, ms),
+                                                list(OrderedDict.fromkeys(best)))
+    reasons.extend(walk.notes)
+    spec = PermutationSpec(kept, reasons=reasons)
+    _explain_unused(spec, walk.gm, sd)
+    spec.validate(sd)
+    return spec
