@@ -119,7 +119,8 @@ def atomic_write(path: PathLike, write: Callable[[IO[bytes]], None]) -> Path:
 
     Raises:
         WriteError: the directory or the file cannot be written (e.g. no space
-            left on the device, permission denied); names ``path``, not the
+            left on the device, permission denied), also when ``write``
+            turned the OSError into another exception; names ``path``, not the
             temporary file. Any other exception of ``write`` passes unchanged.
 
     Example:
@@ -141,13 +142,29 @@ def atomic_write(path: PathLike, write: Callable[[IO[bytes]], None]) -> Path:
         os.umask(umask)
         os.chmod(tmp, 0o666 & ~umask)
         os.replace(tmp, path)
-    except OSError as e:
+    except BaseException as e:
         _remove_quietly(tmp)
-        raise WriteError(e.errno, e.strerror or str(e), path) from e
-    except BaseException:
-        _remove_quietly(tmp)
-        raise
+        cause = _os_error_behind(e)
+        if cause is None:
+            raise
+        raise WriteError(cause.errno, cause.strerror or str(cause), path) from e
     return path
+
+
+def _os_error_behind(e: BaseException) -> Optional[OSError]:
+    """The OSError that ``e`` is or arose from, if any.
+
+    ``torch.save`` meeting a full disk raises a RuntimeError ("unexpected
+    pos") while handling the OSError of the failed write; the OSError is the
+    cause worth reporting. Interruptions (non-``Exception``) are never a write error.
+    """
+    seen = set()
+    while isinstance(e, Exception) and id(e) not in seen:
+        if isinstance(e, OSError):
+            return e
+        seen.add(id(e))
+        e = e.__cause__ or e.__context__
+    return None
 
 
 def atomic_save(obj: Any, path: PathLike) -> Path:
