@@ -63,7 +63,8 @@ def build_parser():
                         "with --ckpt2)")
     g.add_argument("--range-y", default=None, metavar="LO:HI",
                    help="β range of the second direction (2-D; default: -1:1)")
-    g.add_argument("--steps", type=at_least(2), default=51, help="points along α, ends included (default: %(default)s)")
+    g.add_argument("--steps", type=at_least(2), default=51,
+                   help="points along α, ends included (default: %(default)s)")
     g.add_argument("--steps-y", type=at_least(2), default=None, help="points along β (2-D; default: --steps)")
     g.add_argument("--norm", default="filter", choices=NORMS,
                    help="rescaling of random directions: 'filter' (each output filter/row to the norm of "

@@ -24,12 +24,14 @@ class _Parser(argparse.ArgumentParser):
     """
 
     def parse_known_args(self, args=None, namespace=None):
+        """argparse's parsing, after dropping one leading ``--``."""
         args = list(sys.argv[1:] if args is None else args)
         if args[:1] == ["--"]:
             args = args[1:]
         return super().parse_known_args(args, namespace)
 
     def error(self, message: str):
+        """A usage error: raise it as one line instead of printing the usage and exiting."""
         raise CommandError(f"{message} (see {self.prog} --help)")
 
 
@@ -41,9 +43,21 @@ def parser(prog: str, description: str, example: str) -> argparse.ArgumentParser
 
 
 def at_least(minimum: int) -> Callable[[str], int]:
-    """An argparse ``type``: an integer ``>= minimum``."""
+    """An argparse ``type``: an integer ``>= minimum`` (a smaller one is a one-line usage error).
+
+    Example:
+        >>> p = parser("demo", "d", "e")
+        >>> _ = p.add_argument("--num-points", type=at_least(2), default=21)
+        >>> p.parse_args(["--num-points", "5"]).num_points
+        5
+        >>> p.parse_args(["--num-points", "1"])  # doctest: +ELLIPSIS
+        Traceback (most recent call last):
+        ...
+        modeconn.cli.errors.CommandError: argument --num-points: need at least 2, got 1 (see ... --help)
+    """
 
     def parse(text: str) -> int:
+        """``text`` as an integer of at least ``minimum``."""
         try:
             value = int(text)
         except ValueError:
@@ -150,7 +164,12 @@ def add_grid_args(p: argparse.ArgumentParser) -> None:
 
 
 def parse_range(text: str, flag: str) -> Tuple[float, float]:
-    """``'-1:1'`` -> ``(-1.0, 1.0)``; anything but finite ``LO < HI`` is a :class:`CommandError`."""
+    """``'-1:1'`` -> ``(-1.0, 1.0)``; anything but finite ``LO < HI`` is a :class:`CommandError`.
+
+    Example:
+        >>> parse_range("-0.5:1.5", "--range")
+        (-0.5, 1.5)
+    """
     lo, sep, hi = str(text).partition(":")
     try:
         if not sep:
@@ -164,7 +183,12 @@ def parse_range(text: str, flag: str) -> Tuple[float, float]:
 
 
 def join_negative_values(argv: Optional[Sequence[str]], flags: Sequence[str]) -> List[str]:
-    """Let ``--range -1:1`` through argparse (which takes ``-1:1`` for an option): ``--range=-1:1``."""
+    """Let ``--range -1:1`` through argparse (which takes ``-1:1`` for an option): ``--range=-1:1``.
+
+    Example:
+        >>> join_negative_values(["--range", "-1:1", "--steps", "5"], ["--range"])
+        ['--range=-1:1', '--steps', '5']
+    """
     argv = list(sys.argv[1:] if argv is None else argv)
     out, i = [], 0
     while i < len(argv):

@@ -17,6 +17,7 @@ Exit status of every command (also printed by ``--help``):
 from __future__ import annotations
 
 import contextlib
+import os
 import signal
 import sys
 import threading
@@ -48,6 +49,7 @@ class Interrupted(KeyboardInterrupt):
     """
 
     def __init__(self, signum: int = signal.SIGINT, kept: str = ""):
+        """``signum``: the signal that stopped the command; ``kept``: what was saved, how to continue."""
         super().__init__(signum, kept)
         self.signum, self.kept = int(signum), kept
 
@@ -71,6 +73,7 @@ def sigterm_interrupts() -> Iterator[None]:
         return
 
     def handler(signum, frame):
+        """Raise in the main thread, once."""
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
         raise Interrupted(signum)
 
@@ -82,23 +85,40 @@ def sigterm_interrupts() -> Iterator[None]:
 
 
 def one_line(text: str) -> str:
-    """A message on one line: its lines joined with single spaces."""
+    r"""A message on one line: its lines joined with single spaces.
+
+    Example:
+        >>> one_line("dataset 'mnist' not found.\n  Copy the files, or pass --download.")
+        "dataset 'mnist' not found. Copy the files, or pass --download."
+    """
     return " ".join(line.strip() for line in str(text).splitlines() if line.strip())
 
 
 def os_error_line(e: OSError) -> str:
-    """``cannot write PATH: CAUSE`` for a failed write, ``PATH: CAUSE`` for any other file-system error."""
+    """``cannot write PATH: CAUSE`` for a failed write, ``PATH: CAUSE`` for any other file-system error.
+
+    Example:
+        >>> import errno
+        >>> os_error_line(WriteError(errno.ENOSPC, "No space left on device", "runs/x/model.pt"))
+        'cannot write runs/x/model.pt: No space left on device'
+        >>> os_error_line(PermissionError(errno.EACCES, "Permission denied", "data/mnist"))
+        'data/mnist: Permission denied'
+    """
     if isinstance(e, WriteError) or not e.filename:
         return str(e)
     return f"{e.filename}: {e.strerror or e}"
 
 
 def _say(text: str) -> None:
-    rank = f"[rank {distributed.get_rank()}] " if distributed.active() else ""
+    """Print ``text`` as one line on stderr, prefixed with the rank in a torchrun job of several processes."""
+    # torchrun's environment, not the process group: the command has left the group by now
+    several = distributed.launched_by_torchrun() and int(os.environ["WORLD_SIZE"]) > 1
+    rank = f"[rank {os.environ['RANK']}] " if several else ""
     print(rank + one_line(text), file=sys.stderr, flush=True)
 
 
 def _stopped(e: KeyboardInterrupt) -> int:
+    """Report an interruption (what was kept, if known); returns 128 + the signal's number."""
     stop = e if isinstance(e, Interrupted) else Interrupted(signal.SIGINT)
     name = signal.Signals(stop.signum).name
     _say(f"interrupted ({name})" + (f"; {stop.kept}" if stop.kept else ""))

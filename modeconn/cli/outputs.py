@@ -26,7 +26,14 @@ from modeconn.runtime.plain import to_plain
 
 
 def write_json(path: Path, obj: Any) -> Path:
-    """``obj`` as indented JSON (non-finite floats become null)."""
+    """``obj`` as indented JSON (non-finite floats become null).
+
+    Example:
+        >>> import tempfile
+        >>> path = write_json(Path(tempfile.mkdtemp()) / "r.json", {"loss": float("nan"), "ts": (0.0, 1.0)})
+        >>> json.loads(path.read_text())
+        {'loss': None, 'ts': [0.0, 1.0]}
+    """
     text = json.dumps(to_plain(obj), indent=2) + "\n"
     return atomic_write(path, lambda f: f.write(text.encode()))
 

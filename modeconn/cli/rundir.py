@@ -47,6 +47,7 @@ class RunDir:
     unit = "unit"
 
     def __init__(self, out: Path, config: Mapping[str, Any], final: str, state_name: str, is_main: bool = True):
+        """See the class docstring; nothing is touched on disk before :meth:`start`."""
         self.out, self.config, self.final = Path(out), dict(config), final
         self.state_path = self.out / state_name
         self.is_main = is_main
@@ -59,6 +60,10 @@ class RunDir:
 
     def save_state(self, state: Any) -> None:
         """Write the state of the finished units (atomic; rank 0 only) and count them."""
+        raise NotImplementedError
+
+    def units_in(self, state: Any) -> int:
+        """How many units a state holds."""
         raise NotImplementedError
 
     def kept(self) -> str:
@@ -85,6 +90,7 @@ class RunDir:
         return None
 
     def _resume(self) -> Any:
+        """The state to continue from, once the file exists and the arguments match."""
         if not self.state_path.exists():
             hint = f" ({self.out / self.final} is there: that run finished)" if (self.out / self.final).exists() else ""
             raise CommandError(f"--resume: {self.state_path} does not exist; nothing to resume{hint}")
@@ -96,10 +102,6 @@ class RunDir:
                 f"{k}={new[k]!r} (was {old[k]!r})" for k in diff))
         self.done = self.units_in(state)
         return state
-
-    def units_in(self, state: Any) -> int:
-        """How many units a state holds."""
-        raise NotImplementedError
 
     @contextlib.contextmanager
     def resumable(self) -> Iterator[None]:
@@ -125,26 +127,32 @@ class TrainingRun(RunDir):
     unit = "epoch"
 
     def __init__(self, out: Path, config: Mapping[str, Any], final: str, is_main: bool = True):
+        """``final``: the file a finished run leaves (model.pt, curve.pt, fge.json)."""
         super().__init__(out, config, final, "resume.pt", is_main)
 
     def read_state(self) -> Tuple[Mapping[str, Any], dict]:
+        """The training state of ``resume.pt`` (refused when unreadable or holding NaN/Inf)."""
         state = load_checkpoint(self.state_path, kind="training_state")
         return state.get("config", {}), state
 
     def units_in(self, state: Mapping) -> int:
+        """Finished epochs (``state["epoch"]`` counts from 0)."""
         return int(state["epoch"]) + 1
 
     def save_state(self, state: Mapping) -> None:
+        """Write ``resume.pt`` (the state of the finished epoch), then ``history.json``."""
         if self.is_main:
             atomic_save({"format": FORMAT, "format_version": FORMAT_VERSION, "kind": "training_state",
                          "config": self.config, **state}, self.state_path)
+        self.done = self.units_in(state)  # before the history: resume.pt alone decides what --resume continues
+        if self.is_main:
             write_json(self.out / "history.json", state["history"])
-        self.done = self.units_in(state)
 
     def epoch_saver(self, bar=None) -> Callable[[dict, dict], None]:
         """``on_epoch_end(record, state)``: save the state and the history; show the epoch on ``bar``."""
 
         def save(record: dict, state: dict) -> None:
+            """Save the finished epoch's state and history; show its numbers on the bar."""
             self.save_state(state)
             if bar is not None and self.is_main:
                 bar.set_postfix(epoch=record["epoch"], loss=f"{record['loss']:.4f}",
@@ -153,6 +161,7 @@ class TrainingRun(RunDir):
         return save
 
     def kept(self) -> str:
+        """Which epoch ``resume.pt`` holds and that ``--resume`` continues from it."""
         if not self.done:
             return "no epoch had finished, nothing to resume"
         return f"the state after epoch {self.done} is in {self.state_path}; rerun with --resume to continue"
@@ -164,10 +173,12 @@ class GridRun(RunDir):
     unit = "row"
 
     def __init__(self, out: Path, config: Mapping[str, Any], final: str, state_name: str, is_main: bool = True):
+        """``final``: the finished grid's file; ``state_name``: the partial grid's file."""
         super().__init__(out, config, final, state_name, is_main)
         self.rows: Optional[int] = None
 
     def read_state(self) -> Tuple[Mapping[str, Any], GridResult]:
+        """The partial grid and the arguments it was computed with."""
         try:
             with np.load(self.state_path, allow_pickle=False) as z:
                 return json.loads(str(z["config_json"])), GridResult.from_arrays(dict(z))
@@ -175,10 +186,12 @@ class GridRun(RunDir):
             raise CommandError(f"--resume: {self.state_path} is not a readable partial grid: {e}") from None
 
     def units_in(self, grid: GridResult) -> int:
+        """Finished rows (and, for the messages, how many the grid has)."""
         self.rows = grid.num_rows
         return int(grid.rows_done)
 
     def save_state(self, grid: GridResult) -> None:
+        """Write the partial grid with the arguments it belongs to."""
         if self.is_main:
             arrays = grid.to_arrays()
             arrays["config_json"] = np.array(json.dumps(to_plain(self.config), sort_keys=True))
@@ -195,6 +208,7 @@ class GridRun(RunDir):
             self.state_path.unlink()
 
     def kept(self) -> str:
+        """How many rows the partial grid holds and that ``--resume`` continues from them."""
         if not self.done:
             return "no grid row had finished, nothing to resume"
         return (f"{self.done} of {self.rows} grid rows are in {self.state_path}; rerun with --resume to "

@@ -32,6 +32,7 @@ class Job:
     """
 
     def __init__(self, info: distributed.DistInfo, no_progress: bool, bars: contextlib.ExitStack):
+        """Made by :func:`session`: ``bars`` closes the progress bars when it ends."""
         self.info, self._no_progress, self._bars = info, no_progress, bars
 
     @property

@@ -65,10 +65,12 @@ class WriteError(OSError):
     """
 
     def __init__(self, code: Optional[int], cause: str, path: PathLike, *, action: str = "write"):
+        """``code``: the errno; ``cause``: its text; ``path``: what was being written; ``action``: the verb."""
         super().__init__(code, cause, os.fspath(path))
         self.action = action
 
     def __str__(self) -> str:
+        """One line: ``cannot <action> <path>: <cause>``."""
         return f"cannot {self.action} {self.filename}: {self.strerror}"
 
 
@@ -106,6 +108,7 @@ def make_directory(path: PathLike) -> Path:
 
 
 def _remove_quietly(path: Optional[str]) -> None:
+    """Delete a temporary file if it is there."""
     if path is not None and os.path.exists(path):
         os.unlink(path)
 
@@ -203,6 +206,7 @@ def save_checkpoint(path: PathLike, kind: str, **fields: Any) -> Path:
 
 
 def _read_checkpoint_file(path: Path, map_location) -> Any:
+    """``torch.load(weights_only=True)`` with every failure turned into a CheckpointError naming the file."""
     if not path.exists():
         raise CheckpointError(f"{path}: no such checkpoint file")
     if path.is_dir():
@@ -254,10 +258,11 @@ def check_finite_tensors(path: PathLike, obj: Any) -> None:
 
     Example:
         >>> check_finite_tensors("ok.pt", {"state_dict": {"w": torch.ones(2)}})
-        >>> check_finite_tensors("bad.pt", {"state_dict": {"layers.0.weight": torch.tensor([1.0, float("nan")])}})
+        >>> bad = {"state_dict": {"layers.0.weight": torch.tensor([1.0, float("nan")])}}
+        >>> check_finite_tensors("bad.pt", bad)  # doctest: +ELLIPSIS
         Traceback (most recent call last):
         ...
-        modeconn.runtime.checkpoints.CheckpointError: bad.pt: tensor 'layers.0.weight' has 1 NaN/Inf value (of 2); refusing a diverged or damaged checkpoint
+        modeconn.runtime.checkpoints.CheckpointError: bad.pt: tensor 'layers.0.weight' has 1 NaN/Inf value (of 2); ...
     """
     found = _first_non_finite(obj)
     if found is None:
