@@ -59,6 +59,7 @@ def main() -> None:
     real_bar = session.progress_bar
 
     def dying_bar(total, desc, disable=False):
+        """The command's bar, wrapped on the rank that is to die."""
         bar = real_bar(total, desc, disable)
         return bar if only_rank and int(only_rank) != rank else _DyingBar(bar, int(steps), rank)
 

@@ -302,4 +302,6 @@ def test_usage_errors_are_one_line_exit_2(capsys):
 def test_help_documents_the_exit_statuses():
     r = subprocess.run([sys.executable, "-m", "modeconn.train", "--help"], capture_output=True, text=True, cwd=ROOT)
     assert r.returncode == 0
-    assert "exit status: 0 done; 1 the run failed" in " ".join(r.stdout.split())
+    text = " ".join(r.stdout.split())
+    assert "exit status: 0 done 1 the run failed" in text and "2 bad arguments or input" in text
+    assert "130 interrupted by Ctrl-C, 143 by SIGTERM" in text

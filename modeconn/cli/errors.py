@@ -26,9 +26,13 @@ from typing import Callable, Iterator, Optional, Sequence
 from modeconn.runtime import distributed
 from modeconn.runtime.checkpoints import WriteError
 
-EXIT_STATUS = ("exit status: 0 done; 1 the run failed (a file could not be written, training diverged; "
-               "finished work is kept); 2 bad arguments or input; 130 Ctrl-C, 143 SIGTERM (the state of "
-               "the last finished epoch or row is kept; --resume continues)")
+EXIT_STATUS = """exit status:
+  0    done
+  1    the run failed: a file could not be written or training diverged (what was
+       finished is kept)
+  2    bad arguments or input
+  130  interrupted by Ctrl-C, 143 by SIGTERM (the state of the last finished epoch
+       or grid row is kept; --resume continues)"""
 
 Main = Callable[[Optional[Sequence[str]]], Optional[int]]
 
