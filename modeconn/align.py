@@ -5,14 +5,16 @@ import dataclasses
 import sys
 import time
 from pathlib import Path
+from typing import Dict, Tuple
 
-import torch
-
-from modeconn.cli import common as _cli
 from modeconn.alignment import align_models
-from modeconn.runtime.checkpoints import load_model, save_model
+from modeconn.cli.args import add_data_args, add_run_args, at_least, parser
+from modeconn.cli.data import checkpoint_dataset
+from modeconn.cli.errors import CommandError, run_command
+from modeconn.cli.outputs import run_info, write_json
+from modeconn.cli.session import Job, session
 from modeconn.core.curve_model import linear_path
-from modeconn.data import get_dataset
+from modeconn.runtime.checkpoints import load_model, make_directory, save_model
 from modeconn.evaluation.path import evaluate_path
 from modeconn.runtime import Hooks
 from modeconn.plots.path import plot_path
@@ -31,10 +33,11 @@ BARRIER_METRICS = ("test_loss", "test_error", "train_loss", "train_error")
 
 
 def build_parser():
-    p = _cli.parser("align", "Align model B to model A: find the permutation of B's hidden units that best "
-                    "matches A (Git Re-Basin weight matching, or correlation of activations on A's training "
-                    "data), write the permuted B, and report the straight-line loss barrier between A and B "
-                    "before and after (BatchNorm statistics recomputed at every point).", EXAMPLE)
+    """The parser of ``python -m modeconn.align``."""
+    p = parser("align", "Align model B to model A: find the permutation of B's hidden units that best "
+               "matches A (Git Re-Basin weight matching, or correlation of activations on A's training "
+               "data), write the permuted B, and report the straight-line loss barrier between A and B "
+               "before and after (BatchNorm statistics recomputed at every point).", EXAMPLE)
     g = p.add_argument_group("alignment")
     g.add_argument("--a", required=True, metavar="A.pt", help="reference model checkpoint (kept as it is)")
     g.add_argument("--b", required=True, metavar="B.pt", help="model checkpoint to permute (same architecture)")
@@ -44,106 +47,105 @@ def build_parser():
                         "augmentation (Tatro et al. 2020) (default: %(default)s)")
     g.add_argument("--seed", type=int, default=0,
                    help="seed of the weight-matching visiting order (default: %(default)s)")
-    g.add_argument("--max-iter", type=int, default=100,
+    g.add_argument("--max-iter", type=at_least(1), default=100,
                    help="weight matching: at most this many sweeps over the groups (default: %(default)s)")
     g.add_argument("--report", action="store_true",
                    help="print the per-group table (units, similarity before -> after, what stays fixed)")
     g = p.add_argument_group("barrier")
-    g.add_argument("--num-points", type=int, default=21,
+    g.add_argument("--num-points", type=at_least(2), default=21,
                    help="evenly spaced t in [0, 1] on each straight line (default: %(default)s)")
-    g.add_argument("--dataset", default=None, help="dataset (default: the one recorded in A's checkpoint)")
-    g.add_argument("--data-dir", default="data", help="where torchvision datasets are read from "
-                                                      "(default: %(default)s)")
-    g.add_argument("--batch-size", type=int, default=1024, help="evaluation batch size (default: %(default)s)")
-    g = p.add_argument_group("run")
-    g.add_argument("--out", required=True, metavar="B_aligned.pt",
-                   help="aligned checkpoint to write; the JSON and PNG go next to it (suffixes .json, .png)")
-    g.add_argument("--device", default="auto", help="'cpu', 'cuda', 'cuda:1' or 'auto' (default: %(default)s)")
-    g.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    add_data_args(p, dataset_default=None, evaluation=True)
+    add_run_args(p, out_metavar="B_aligned.pt",
+                 out_help="aligned checkpoint to write; the JSON and PNG go next to it (suffixes .json, .png)")
     return p
 
 
-def _check_args(args) -> tuple:
-    if args.num_points < 2:
-        raise _cli.CommandError(f"--num-points {args.num_points}: need at least 2 (the two endpoints)")
-    if args.max_iter < 1:
-        raise _cli.CommandError(f"--max-iter {args.max_iter}: need at least 1")
-    if args.batch_size < 1:
-        raise _cli.CommandError(f"--batch-size {args.batch_size}: need at least 1")
+def _check_out(args) -> Tuple[Path, Path]:
+    """(checkpoint, JSON) paths of --out; neither a directory nor one of the inputs."""
     out = Path(args.out)
     if out.suffix in (".json", ".png"):
-        raise _cli.CommandError(f"--out {out}: give the checkpoint's name (e.g. B_aligned.pt); "
-                                "the JSON and PNG are written next to it")
+        raise CommandError(f"--out {out}: give the checkpoint's name (e.g. B_aligned.pt); "
+                           "the JSON and PNG are written next to it")
     if out.exists() and out.is_dir():
-        raise _cli.CommandError(f"--out {out} is a directory; give a file name such as {out / 'B_aligned.pt'}")
+        raise CommandError(f"--out {out} is a directory; give a file name such as {out / 'B_aligned.pt'}")
     for flag, src in (("--a", args.a), ("--b", args.b)):
         if Path(src).exists() and out.exists() and out.resolve() == Path(src).resolve():
-            raise _cli.CommandError(f"--out {out} is the same file as {flag}; write the aligned model elsewhere")
+            raise CommandError(f"--out {out} is the same file as {flag}; write the aligned model elsewhere")
     return out, out.with_suffix(".json")
 
 
 def _barriers(result) -> dict:
+    """The straight line's barrier of every metric of BARRIER_METRICS."""
     return {m: result.barrier(m) for m in BARRIER_METRICS}
 
 
-def main_(argv=None) -> int:
-    args = build_parser().parse_args(argv)
-    out, out_json = _check_args(args)
-    device = _cli.device_of(args.device)
+def _load_pair(args):
+    """(model A, its metadata, model B, its metadata), checked to share one architecture."""
     model_a, meta_a = load_model(args.a)
     model_b, meta_b = load_model(args.b)
     for key in ARCH_KEYS:
         if meta_a.get(key) != meta_b.get(key):
-            raise _cli.CommandError(
+            raise CommandError(
                 f"--a and --b have different architectures: {key} is {meta_a.get(key)!r} in {args.a} but "
                 f"{meta_b.get(key)!r} in {args.b}")
-    dataset = args.dataset or meta_a.get("dataset")
-    if dataset is None:
-        raise _cli.CommandError(f"{args.a} names no dataset; pass --dataset")
-    if meta_b.get("dataset") not in (None, dataset):
-        print(f"note: {args.b} was trained on {meta_b['dataset']!r}; using {dataset!r}", file=sys.stderr)
-    ds = get_dataset(dataset, args.data_dir, seed=meta_a.get("seed") or 0)
+    return model_a, meta_a, model_b, meta_b
 
+
+def _align(args, ds, model_a, model_b, device):
+    """(B permuted to match A, the alignment report, seconds taken)."""
     # alignment: on the CPU copies of the checkpoints; activations are computed on --device
     t0 = time.perf_counter()
     aligned_b, _, report = align_models(model_a, model_b, method=args.method,
                                   loader=ds.eval_loader("train", args.batch_size), seed=args.seed,
                                   max_iter=args.max_iter, device=device)
     align_seconds = time.perf_counter() - t0
+    return aligned_b, report, align_seconds
 
-    # straight lines A -> B and A -> aligned B, BN statistics recomputed at every point
+
+def _straight_lines(args, job: Job, ds, model_a, model_b, aligned_b) -> Dict[str, object]:
+    """The straight lines A -> B and A -> aligned B, BN statistics recomputed at every point."""
+    device = job.device
     train = ds.eval_loader("train", args.batch_size).to(device)
     test = ds.eval_loader("test", args.batch_size).to(device)
-    bar = _cli.progress(2 * args.num_points, "straight lines", args.no_progress)
+    bar = job.progress(2 * args.num_points, "straight lines")
     results = {}
     for which, end in (("before", model_b), ("after", aligned_b)):
         path = linear_path(model_a, end).to(device)
         results[which] = evaluate_path(path, train, test, args.num_points, hooks=Hooks(progress=bar.update),
                                        name=f"linear_{which}")
     bar.close()
+    return results
+
+
+def _write_outputs(args, argv, out: Path, out_json: Path, aligned_b, meta_b: dict, report, results: dict,
+                   align_seconds: float, dataset: str) -> Tuple[Path, dict]:
+    """The aligned checkpoint, its JSON report and the picture; returns (checkpoint path, barriers)."""
     barriers = {"reference": "interp", "before": _barriers(results["before"]),
                 "after": _barriers(results["after"])}
-
     report_data = report.as_dict()
     alignment = {"method": args.method, "reference": str(args.a), "source": str(args.b), "seed": args.seed,
                  "dataset": dataset, "seconds": align_seconds, "report": report_data, "barriers": barriers,
-                 "run": _cli.run_info(argv)}
+                 "run": run_info(argv)}
     extra = {k: v for k, v in meta_b.items()
              if k not in ARCH_KEYS + ("format", "format_version", "kind", "modeconn_version", "torch_version",
                                       "state_dict", "dataset", "seed", "metrics", "alignment")}
     ckpt = save_model(out, aligned_b.cpu(), meta_b["arch"], meta_b["arch_kwargs"], meta_b["input_shape"],
                       meta_b["num_classes"], dataset=meta_b.get("dataset"), seed=meta_b.get("seed"),
                       metrics=meta_b.get("metrics"), alignment=alignment, **extra)
-    _cli.write_json(out_json, {
+    write_json(out_json, {
         "a": str(args.a), "b": str(args.b), "out": str(ckpt), "method": args.method, "seed": args.seed,
         "dataset": dataset, "num_points": args.num_points, "align_seconds": align_seconds,
         "report": report_data, "barriers": barriers,
-        "paths": {k: r.to_dict() for k, r in results.items()}, "run": _cli.run_info(argv)})
+        "paths": {k: r.to_dict() for k, r in results.items()}, "run": run_info(argv)})
 
     out_png = out.with_suffix(".png")
     plot_path(dataclasses.replace(results["after"], name=f"aligned ({args.method})", linear=results["before"]),
               out_png, f"straight line A -> B on {dataset}: solid = B aligned, dashed 'linear' = B as trained")
+    return ckpt, barriers
 
+
+def _print_summary(args, report, align_seconds: float, dataset: str, barriers: dict, files) -> None:
+    """The alignment summary (the per-group table with --report) and the barriers before and after."""
     lines = report.summary().splitlines()
     lines[0] += f" ({align_seconds:.2f} s)"
     print("\n".join(lines if args.report else lines[:1]))
@@ -153,13 +155,31 @@ def main_(argv=None) -> int:
     b, a = barriers["before"], barriers["after"]
     print(f"  {'test loss barrier':18s} {b['test_loss']:9.4f} {a['test_loss']:9.4f}")
     print(f"  {'test error barrier':18s} {100 * b['test_error']:8.2f}% {100 * a['test_error']:8.2f}%")
-    print(f"wrote {ckpt}, {out_json}, {out_png}")
+    print("wrote " + ", ".join(str(f) for f in files))
+
+
+def main_(argv=None) -> int:
+    """The command body (see :func:`main`)."""
+    args = build_parser().parse_args(argv)
+    out, out_json = _check_out(args)
+    with session(args, join=False) as job:
+        model_a, meta_a, model_b, meta_b = _load_pair(args)
+        ds = checkpoint_dataset(args, meta_a, args.a)
+        dataset = ds.name
+        if meta_b.get("dataset") not in (None, dataset):
+            print(f"note: {args.b} was trained on {meta_b['dataset']!r}; using {dataset!r}", file=sys.stderr)
+        make_directory(out.parent)  # a path that cannot be written fails now, not after the work
+        aligned_b, report, align_seconds = _align(args, ds, model_a, model_b, job.device)
+        results = _straight_lines(args, job, ds, model_a, model_b, aligned_b)
+        ckpt, barriers = _write_outputs(args, argv, out, out_json, aligned_b, meta_b, report, results,
+                                        align_seconds, dataset)
+        _print_summary(args, report, align_seconds, dataset, barriers, (ckpt, out_json, out.with_suffix(".png")))
     return 0
 
 
 def main(argv=None) -> int:
-    return _cli.run_command(main_, argv)
-
+    """``python -m modeconn.align [args]``; returns the exit status (see :mod:`modeconn.cli.errors`)."""
+    return run_command(main_, argv)
 
 
 if __name__ == "__main__":

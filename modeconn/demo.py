@@ -12,11 +12,11 @@ import sys
 import time
 from pathlib import Path
 
-import torch
-
-from modeconn.cli import common as _cli
-from modeconn.runtime import Hooks
-from modeconn.runtime.checkpoints import build_model, load_checkpoint, load_model
+from modeconn.cli.args import add_run_args, at_least, parser
+from modeconn.cli.errors import run_command
+from modeconn.cli.outputs import run_info, write_json
+from modeconn.cli.session import Job, session
+from modeconn.runtime.checkpoints import build_model, load_checkpoint, load_model, make_directory
 from modeconn.core.curve_model import CurveModel, save_curve
 from modeconn.core.curves import Bezier
 from modeconn.data import get_dataset
@@ -27,7 +27,6 @@ from modeconn.runtime import Hooks
 from modeconn.plots.landscape import plot_curve_plane
 from modeconn.eval_curve import write_path_outputs
 from modeconn.evaluation.path import evaluate_path
-from modeconn.runtime import Hooks
 from modeconn.training.loop import fit_curve
 
 EXAMPLE = """  python -m modeconn.demo --out runs/demo
@@ -39,25 +38,27 @@ SHOW_T = (0.0, 0.25, 0.5, 0.75, 1.0)
 
 
 def build_parser():
-    p = _cli.parser("demo", "Fit Bezier curves between the shipped digits endpoint pairs and compare them with "
-                    "the straight line.", EXAMPLE)
+    """The parser of ``python -m modeconn.demo``."""
+    p = parser("demo", "Fit Bezier curves between the shipped digits endpoint pairs and compare them with "
+               "the straight line.", EXAMPLE)
     p.add_argument("--checkpoints", default=str(SHIPPED), help="folder of the shipped endpoints "
                                                                "(default: the repository's checkpoints/)")
     p.add_argument("--pairs", nargs="+", default=list(PAIRS), choices=list(PAIRS),
                    help="which endpoint pairs to connect (default: both)")
-    p.add_argument("--epochs", type=int, default=30, help="curve training epochs (default: %(default)s)")
+    p.add_argument("--epochs", type=at_least(1), default=30, help="curve training epochs (default: %(default)s)")
     p.add_argument("--lr", type=float, default=0.05, help="curve learning rate (default: %(default)s)")
-    p.add_argument("--fge-cycles", type=int, default=4,
+    p.add_argument("--fge-cycles", type=at_least(0), default=4,
                    help="FGE cycles (2 epochs each) from the shipped CNN; 0 skips FGE (default: %(default)s)")
     p.add_argument("--plane-grid", type=int, nargs=2, default=(21, 21), metavar=("MLP", "CNN"),
                    help="plane grid size per pair (MLP, CNN); 0 skips the plane picture (default: 21 21)")
-    p.add_argument("--num-points", type=int, default=21,
+    p.add_argument("--num-points", type=at_least(2), default=21,
                    help="points along each path; 4k+1 includes t=0.25, 0.5, 0.75 (default: %(default)s)")
-    _cli.add_run_args(p, out_default="runs/demo")
+    add_run_args(p, out_default="runs/demo")
     return p
 
 
 def point_table(result) -> list:
+    """Loss and accuracy of the line and the curve at t = 0, 0.25, 0.5, 0.75, 1, as text lines."""
     lines = [f"{'t':>5s} | {'line: train loss':>16s} {'acc':>6s} {'test loss':>9s} {'acc':>6s} | "
              f"{'curve: train loss':>17s} {'acc':>6s} {'test loss':>9s} {'acc':>6s}"]
     for t in SHOW_T:
@@ -70,12 +71,13 @@ def point_table(result) -> list:
     return lines
 
 
-def run_fge(args, ds, device, out: Path) -> dict:
+def run_fge(args, ds, job: Job, out: Path) -> dict:
     """A short FGE run from the shipped digits CNN: single model vs FGE ensemble on the test set."""
+    device = job.device
     start, _ = load_model(Path(args.checkpoints) / PAIRS["cnn"][0])
     start = start.to(device)
     loader = ds.train_loader(64, seed=0).to(device)
-    bar = _cli.progress(args.fge_cycles * 2 * len(loader), "cnn: FGE", args.no_progress)
+    bar = job.progress(args.fge_cycles * 2 * len(loader), "cnn: FGE")
     result = train_fge(start, loader, args.fge_cycles, cycle_epochs=2, lr_max=0.05, lr_min=0.0005,
                  bn_loader=ds.eval_loader("train").to(device), hooks=Hooks(progress=bar.update))
     bar.close()
@@ -89,71 +91,90 @@ def run_fge(args, ds, device, out: Path) -> dict:
     print(f"{'':22s} {'test acc':>8s} {'test NLL':>8s}")
     for name, r in rows.items():
         print(f"{name:22s} {r['test_acc']:8.4f} {r['test_nll']:8.4f}")
-    _cli.write_json(out / "fge" / "fge.json", {"rows": rows, "ensemble": ens.to_dict(),
-                                               "lr_trace": result.lr_trace,
-                                               "distances": result.distances})
+    write_json(out / "fge" / "fge.json", {"rows": rows, "ensemble": ens.to_dict(),
+                                          "lr_trace": result.lr_trace,
+                                          "distances": result.distances})
     return rows
 
 
-def main_(argv=None) -> int:
-    args = build_parser().parse_args(argv)
-    device = _cli.device_of(args.device)
-    out = Path(args.out)
-    ds = get_dataset("digits")
-    train_eval = ds.eval_loader("train").to(device)
-    test = ds.eval_loader("test").to(device)
-    summary = {"run": _cli.run_info(argv), "pairs": {}}
-    start_time = time.perf_counter()
-    for pair in args.pairs:
-        a_path, b_path = (Path(args.checkpoints) / f for f in PAIRS[pair])
-        a_meta, b_meta = load_checkpoint(a_path, kind="model"), load_checkpoint(b_path, kind="model")
-        curve = CurveModel(build_model(a_meta), a_meta["state_dict"], b_meta["state_dict"], Bezier(3)).to(device)
-        loader = ds.train_loader(64, seed=0).to(device)
-        bar = _cli.progress(args.epochs * len(loader), f"{pair}: fit Bezier(3)", args.no_progress)
-        history = fit_curve(curve, loader, args.epochs, args.lr, weight_decay=5e-4,
-                            hooks=Hooks(progress=bar.update))
+def _fit_pair(args, job: Job, pair: str, ds, train_eval, test):
+    """Fit a Bezier(3) curve between the pair and evaluate it and the line -> (curve, history, result, paths)."""
+    device = job.device
+    a_path, b_path = (Path(args.checkpoints) / f for f in PAIRS[pair])
+    a_meta, b_meta = load_checkpoint(a_path, kind="model"), load_checkpoint(b_path, kind="model")
+    curve = CurveModel(build_model(a_meta), a_meta["state_dict"], b_meta["state_dict"], Bezier(3)).to(device)
+    loader = ds.train_loader(64, seed=0).to(device)
+    bar = job.progress(args.epochs * len(loader), f"{pair}: fit Bezier(3)")
+    history = fit_curve(curve, loader, args.epochs, args.lr, weight_decay=5e-4,
+                        hooks=Hooks(progress=bar.update))
+    bar.close()
+    bar = job.progress(2 * args.num_points, f"{pair}: evaluate")
+    result = evaluate_path(curve, train_eval, test, args.num_points, with_linear=True,
+                           hooks=Hooks(progress=bar.update), name="bezier")
+    bar.close()
+    return curve, history, result, (a_path, b_path, a_meta)
+
+
+def _run_pair(args, job: Job, pair: str, ds, train_eval, test, out: Path) -> dict:
+    """One endpoint pair: curve, paths, plane picture, printed table -> the pair's barrier summary."""
+    curve, history, result, (a_path, b_path, a_meta) = _fit_pair(args, job, pair, ds, train_eval, test)
+    pdir = out / pair
+    meta = {k: a_meta[k] for k in ("arch", "arch_kwargs", "input_shape", "num_classes")}
+    save_curve(pdir / "curve.pt", curve, meta, dataset="digits", seed=0, history=history,
+               config={"start": str(a_path), "end": str(b_path), "epochs": args.epochs, "lr": args.lr})
+    write_path_outputs(result, pdir, f"digits {pair}: Bezier curve vs straight line",
+                       {"dataset": "digits", "source": {"start": str(a_path), "end": str(b_path)}})
+    grid = args.plane_grid[list(PAIRS).index(pair)]
+    if grid:
+        bar = job.progress(grid * grid, f"{pair}: plane")
+        cp = curve_plane(curve, train_eval, test, grid=grid, margin=0.2, num_points=args.num_points,
+                         hooks=Hooks(progress=bar.update))
         bar.close()
-        bar = _cli.progress(2 * args.num_points, f"{pair}: evaluate", args.no_progress)
-        result = evaluate_path(curve, train_eval, test, args.num_points, with_linear=True,
-                               hooks=Hooks(progress=bar.update), name="bezier")
-        bar.close()
-        pdir = out / pair
-        meta = {k: a_meta[k] for k in ("arch", "arch_kwargs", "input_shape", "num_classes")}
-        save_curve(pdir / "curve.pt", curve, meta, dataset="digits", seed=0, history=history,
-                   config={"start": str(a_path), "end": str(b_path), "epochs": args.epochs, "lr": args.lr})
-        write_path_outputs(result, pdir, f"digits {pair}: Bezier curve vs straight line",
-                           {"dataset": "digits", "source": {"start": str(a_path), "end": str(b_path)}})
-        grid = args.plane_grid[list(PAIRS).index(pair)]
-        if grid:
-            bar = _cli.progress(grid * grid, f"{pair}: plane", args.no_progress)
-            cp = curve_plane(curve, train_eval, test, grid=grid, margin=0.2, num_points=args.num_points,
-                             hooks=Hooks(progress=bar.update))
-            bar.close()
-            plot_curve_plane(cp, pdir / "plane.png", f"digits {pair}: plane through start, bend and end")
-        print(f"\n== {pair}: {a_meta['arch']} {a_meta['arch_kwargs']}  ({a_path.name} -> {b_path.name}), "
-              f"BN recomputed: {result.bn_recomputed}")
-        print("\n".join(point_table(result)))
-        summary["pairs"][pair] = {
-            name: {"test_loss_barrier": res.barrier("test_loss"), "test_error_barrier": res.barrier("test_error"),
+        plot_curve_plane(cp, pdir / "plane.png", f"digits {pair}: plane through start, bend and end")
+    print(f"\n== {pair}: {a_meta['arch']} {a_meta['arch_kwargs']}  ({a_path.name} -> {b_path.name}), "
+          f"BN recomputed: {result.bn_recomputed}")
+    print("\n".join(point_table(result)))
+    return {name: {"test_loss_barrier": res.barrier("test_loss"), "test_error_barrier": res.barrier("test_error"),
                    "min_test_acc": float(res.test_acc.min()), "max_test_acc": float(res.test_acc.max())}
             for name, res in (("line", result.linear), ("curve", result))}
+
+
+def _print_barriers(pairs: dict) -> None:
+    """The closing table: barriers and accuracy range of the line and the curve of every pair."""
     print(f"\n{'pair':5s} {'path':6s} {'test-loss barrier':>18s} {'test-error barrier':>19s} "
           f"{'min acc':>8s} {'max acc':>8s}")
-    for pair, rows in summary["pairs"].items():
+    for pair, rows in pairs.items():
         for name, r in rows.items():
             print(f"{pair:5s} {name:6s} {r['test_loss_barrier']:18.4f} {100 * r['test_error_barrier']:18.2f}% "
                   f"{r['min_test_acc']:8.4f} {r['max_test_acc']:8.4f}")
-    if args.fge_cycles > 0:
-        summary["fge"] = run_fge(args, ds, device, out)
-    summary["seconds"] = time.perf_counter() - start_time
-    _cli.write_json(out / "summary.json", summary)
-    print(f"\nresults in {out.resolve()}: summary.json, per pair curve.pt, path.json, path.csv, path.png, plane.png, "
-          f"and fge/fge.json ({summary['seconds']:.0f} s)")
+
+
+def main_(argv=None) -> int:
+    """The command body (see :func:`main`)."""
+    args = build_parser().parse_args(argv)
+    out = Path(args.out)
+    with session(args, join=False) as job:
+        make_directory(out)  # a path that cannot be written fails now, not after the work
+        ds = get_dataset("digits")
+        train_eval = ds.eval_loader("train").to(job.device)
+        test = ds.eval_loader("test").to(job.device)
+        summary = {"run": run_info(argv), "pairs": {}}
+        start_time = time.perf_counter()
+        for pair in args.pairs:
+            summary["pairs"][pair] = _run_pair(args, job, pair, ds, train_eval, test, out)
+        _print_barriers(summary["pairs"])
+        if args.fge_cycles > 0:
+            summary["fge"] = run_fge(args, ds, job, out)
+        summary["seconds"] = time.perf_counter() - start_time
+        write_json(out / "summary.json", summary)
+    print(f"\nresults in {out.resolve()}: summary.json, per pair curve.pt, path.json, path.csv, path.png, "
+          f"plane.png, and fge/fge.json ({summary['seconds']:.0f} s)")
     return 0
 
 
 def main(argv=None) -> int:
-    return _cli.run_command(main_, argv)
+    """``python -m modeconn.demo [args]``; returns the exit status (see :mod:`modeconn.cli.errors`)."""
+    return run_command(main_, argv)
 
 
 if __name__ == "__main__":

@@ -3,11 +3,15 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
+from typing import Tuple
 
-from modeconn.cli import common as _cli
-from modeconn.runtime.checkpoints import build_model, load_checkpoint
+from modeconn.cli.args import add_data_args, add_run_args, add_scale_args, at_least, parser
+from modeconn.cli.data import checkpoint_dataset
+from modeconn.cli.errors import CommandError, run_command
+from modeconn.cli.outputs import run_info, write_csv, write_json
+from modeconn.cli.session import Job, session
 from modeconn.core.curve_model import linear_path, load_curve
-from modeconn.data import get_dataset
+from modeconn.runtime.checkpoints import build_model, load_checkpoint, make_directory
 from modeconn.evaluation.path import evaluate_path, points_of_this_rank
 from modeconn.runtime import Hooks, Runtime
 from modeconn.plots.path import plot_path
@@ -24,17 +28,19 @@ over all the data, rank 0 writes the files; the numbers equal a one-process run)
 
 
 def build_parser():
-    p = _cli.parser("eval_curve", "Evaluate train/test loss, error and NLL along a fitted curve (or the straight "
-                    "line between two checkpoints), with BatchNorm statistics recomputed at every point, and "
-                    "report the loss barriers.", EXAMPLE)
+    """The parser of ``python -m modeconn.eval_curve``."""
+    p = parser("eval_curve", "Evaluate train/test loss, error and NLL along a fitted curve (or the straight "
+               "line between two checkpoints), with BatchNorm statistics recomputed at every point, and "
+               "report the loss barriers.", EXAMPLE)
     g = p.add_argument_group("path")
     g.add_argument("--ckpt", help="curve checkpoint from modeconn.train_curve")
     g.add_argument("--start", help="first endpoint checkpoint (straight line, without --ckpt)")
     g.add_argument("--end", help="second endpoint checkpoint (straight line, without --ckpt)")
-    g.add_argument("--num-points", type=int, default=61, help="evenly spaced t in [0, 1] (default: %(default)s)")
+    g.add_argument("--num-points", type=at_least(2), default=61,
+                   help="evenly spaced t in [0, 1] (default: %(default)s)")
     g.add_argument("--with-linear", action="store_true",
                    help="also evaluate the straight line between the curve's endpoints")
-    g.add_argument("--points-per-pass", type=int, default=8,
+    g.add_argument("--points-per-pass", type=at_least(1), default=8,
                    help="points evaluated together in one pass over the data (default: %(default)s)")
     g.add_argument("--no-bn-recompute", action="store_true",
                    help="keep the stored BN statistics instead of recomputing them at every point")
@@ -43,24 +49,19 @@ def build_parser():
     g.add_argument("--hessian", action="store_true",
                    help="also the sharpness at every point: top and bottom Hessian eigenvalues (Lanczos) "
                         "and |λmin/λmax| (Li et al. 2018), over --hessian-samples training samples")
-    g.add_argument("--hessian-samples", type=int, default=512,
+    g.add_argument("--hessian-samples", type=at_least(1), default=512,
                    help="training samples for the Hessian (default: %(default)s)")
-    g.add_argument("--hessian-points", type=int, default=11,
+    g.add_argument("--hessian-points", type=at_least(2), default=11,
                    help="evenly spaced t for the Hessian, fewer than --num-points as it is costly "
                         "(default: %(default)s)")
-    g.add_argument("--dataset", default=None, help="dataset (default: the one recorded in the checkpoint)")
-    g.add_argument("--data-dir", default="data", help="where torchvision datasets are read from")
-    g.add_argument("--batch-size", type=int, default=1024, help="evaluation batch size (default: %(default)s)")
-    _cli.add_run_args(p, out_default=None)
-    _cli.add_scale_args(p, training=False)
-    p.set_defaults(out=None)
-    for a in p._actions:
-        if a.dest == "out":
-            a.required, a.help = False, "output directory (default: next to the checkpoint)"
+    add_data_args(p, dataset_default=None, evaluation=True)
+    add_run_args(p, out_required=False, out_help="output directory (default: next to the checkpoint)")
+    add_scale_args(p, training=False)
     return p
 
 
 def barrier_lines(result) -> list:
+    """The barrier table of a path result as aligned text lines (test loss and error, three references)."""
     rows = result.barrier_table(("test_loss", "test_error"))
     lines = [f"{'path':8s} {'metric':11s} {'interp':>16s} {'mean':>16s} {'max':>16s}"]
     by = {}
@@ -74,54 +75,47 @@ def barrier_lines(result) -> list:
 
 def write_path_outputs(result, out: Path, title: str, extra: dict) -> None:
     """path.json (all arrays, summaries, barrier table + ``extra``), path.csv and path.png in ``out``."""
-    out.mkdir(parents=True, exist_ok=True)
+    make_directory(out)
     data = result.to_dict()
     data["barrier_table"] = result.barrier_table()
     data.update(extra)
-    _cli.write_json(out / "path.json", data)
+    write_json(out / "path.json", data)
     columns = {"t": result.ts}
     for m in ("train_loss", "train_nll", "train_error", "test_loss", "test_nll", "test_error"):
         columns[m] = result.values(m)
         if result.linear is not None:
             columns[f"linear_{m}"] = result.linear.values(m)
     columns["arc_length"] = result.arc_length
-    _cli.write_csv(out / "path.csv", columns)
+    write_csv(out / "path.csv", columns)
     plot_path(result, out / "path.png", title)
 
 
-def path_sharpness(path, ds, device, args) -> dict:
+def path_sharpness(path, ds, device, args, job: Job) -> dict:
     """λmax, λmin and |λmin/λmax| at evenly spaced points (BN statistics recomputed first)."""
     import numpy as np
 
     from modeconn.evaluation.bn import recompute_bn
     from modeconn.data import TensorLoader
     from modeconn.geometry.hessian import sharpness_along
-    from modeconn.runtime import Hooks
 
-    if args.hessian_samples < 1 or args.hessian_points < 2:
-        raise _cli.CommandError("--hessian-samples must be >= 1 and --hessian-points >= 2")
     n = args.hessian_samples
     data = TensorLoader(ds.x_train[:n], ds.y_train[:n], args.batch_size, transform=ds.eval_transform).to(device)
     bn_data = ds.eval_loader("train", args.batch_size).to(device)
     ts = np.linspace(0, 1, args.hessian_points)
     models = (recompute_bn(path.point(float(t)), bn_data) for t in ts)
-    bar = _cli.progress(len(ts), "Hessian", args.no_progress)
+    bar = job.progress(len(ts), "Hessian")
     s = sharpness_along(models, "cross_entropy", data, ts=ts, hooks=Hooks(progress=bar.update))
     bar.close()
     return {"hessian_ts": ts, "lambda_max": s.lambda_max, "lambda_min": s.lambda_min, "curvature_ratio": s.ratio}
 
 
-def main_(argv=None) -> int:
-    args = build_parser().parse_args(argv)
-    if args.num_points < 2:
-        raise _cli.CommandError(f"--num-points {args.num_points}: need at least 2 (the two endpoints)")
-    info = _cli.setup(args)
-    device = info.device
+def _load_path(args) -> Tuple[object, dict, Path, str]:
+    """(path, metadata, output directory, name): the curve of --ckpt or the line from --start to --end."""
     if args.ckpt:
         meta = load_checkpoint(args.ckpt)
         if meta.get("kind") != "curve":
-            raise _cli.CommandError(f"{args.ckpt} is a {meta.get('kind')!r} checkpoint, not a curve; "
-                                    "for the straight line between two models use --start A.pt --end B.pt")
+            raise CommandError(f"{args.ckpt} is a {meta.get('kind')!r} checkpoint, not a curve; "
+                               "for the straight line between two models use --start A.pt --end B.pt")
         path, meta = load_curve(args.ckpt)
         out = Path(args.out) if args.out else Path(args.ckpt).parent / "eval"
         name = meta["curve_state"]["curve"]
@@ -129,38 +123,35 @@ def main_(argv=None) -> int:
         meta = load_checkpoint(args.start, kind="model")
         end_meta = load_checkpoint(args.end, kind="model")
         if (meta["arch"], meta["arch_kwargs"]) != (end_meta["arch"], end_meta["arch_kwargs"]):
-            raise _cli.CommandError(f"--start is {meta['arch']} {meta['arch_kwargs']} but --end is "
-                                    f"{end_meta['arch']} {end_meta['arch_kwargs']}")
+            raise CommandError(f"--start is {meta['arch']} {meta['arch_kwargs']} but --end is "
+                               f"{end_meta['arch']} {end_meta['arch_kwargs']}")
         template = build_model(meta)
         template.load_state_dict(meta["state_dict"])
         path = linear_path(template, end_meta["state_dict"])
         out = Path(args.out) if args.out else Path(args.start).parent / "eval_linear"
         name = "linear"
     else:
-        raise _cli.CommandError("give --ckpt CURVE.pt, or --start A.pt and --end B.pt for a straight line")
-    dataset = args.dataset or meta.get("dataset")
-    if dataset is None:
-        raise _cli.CommandError("the checkpoint names no dataset; pass --dataset")
-    ds = get_dataset(dataset, args.data_dir, seed=meta.get("dataset_seed", meta.get("seed")) or 0)
-    path = path.to(device)
+        raise CommandError("give --ckpt CURVE.pt, or --start A.pt and --end B.pt for a straight line")
+    return path, meta, out, name
+
+
+def _evaluate(args, job: Job, path, ds, name: str):
+    """The path's metrics at --num-points points (shared among the ranks under torchrun)."""
+    device = job.device
     train = ds.eval_loader("train", args.batch_size).to(device)
     test = ds.eval_loader("test", args.batch_size).to(device)
-    if args.points_per_pass < 1:
-        raise _cli.CommandError(f"--points-per-pass {args.points_per_pass}: need at least 1")
     total = points_of_this_rank(args.num_points, args.points_per_pass) * (2 if args.with_linear and args.ckpt else 1)
-    bar = _cli.progress(total, "points", args.no_progress)
+    bar = job.progress(total, "points")
     result = evaluate_path(path, train, test, args.num_points, points_per_pass=args.points_per_pass,
                            recompute_bn=not args.no_bn_recompute, with_linear=args.with_linear and bool(args.ckpt),
                            weight_decay=args.wd, name=name, runtime=Runtime(amp=args.amp, compile=args.compile),
                            hooks=Hooks(progress=bar.update))
     bar.close()
-    if not info.is_main:  # every rank holds the gathered result; rank 0 writes it
-        return 0
-    if args.hessian:
-        result.extra.update(path_sharpness(path, ds, device, args))
-    write_path_outputs(result, out, f"{name} on {dataset}",
-                       {"dataset": dataset, "source": {"ckpt": args.ckpt, "start": args.start, "end": args.end},
-                        "run": _cli.run_info(argv)})
+    return result
+
+
+def _print_summary(result, name: str, out: Path) -> None:
+    """The barrier table, the test error along the path, the sharpness (--hessian), the files written."""
     print("\n".join(barrier_lines(result)))
     s = result.summary("test_error")
     print(f"test error along the {name}: min {100 * s['min']:.2f}%  max {100 * s['max']:.2f}%  "
@@ -170,11 +161,32 @@ def main_(argv=None) -> int:
                                   result.extra["curvature_ratio"]):
             print(f"t={t:.2f}  λmax {lmax:9.4g}  |λmin/λmax| {ratio:.3g}")
     print(f"wrote {out / 'path.json'}, {out / 'path.csv'}, {out / 'path.png'}")
+
+
+def main_(argv=None) -> int:
+    """The command body (see :func:`main`)."""
+    args = build_parser().parse_args(argv)
+    with session(args) as job:
+        path, meta, out, name = _load_path(args)
+        ds = checkpoint_dataset(args, meta)
+        if job.is_main:
+            make_directory(out)  # a path that cannot be written fails now, not after the evaluation
+        path = path.to(job.device)
+        result = _evaluate(args, job, path, ds, name)
+        if not job.is_main:  # every rank holds the gathered result; rank 0 writes it
+            return 0
+        if args.hessian:
+            result.extra.update(path_sharpness(path, ds, job.device, args, job))
+        write_path_outputs(result, out, f"{name} on {ds.name}",
+                           {"dataset": ds.name, "source": {"ckpt": args.ckpt, "start": args.start, "end": args.end},
+                            "run": run_info(argv)})
+        _print_summary(result, name, out)
     return 0
 
 
 def main(argv=None) -> int:
-    return _cli.run_command(main_, argv)
+    """``python -m modeconn.eval_curve [args]``; returns the exit status (see :mod:`modeconn.cli.errors`)."""
+    return run_command(main_, argv)
 
 
 if __name__ == "__main__":

@@ -5,11 +5,15 @@ import sys
 from pathlib import Path
 from typing import List, Mapping, Optional
 
-from modeconn.cli import common as _cli
 from modeconn.plots.ensemble import plot_fge
 from modeconn.runtime import Hooks, Runtime
+from modeconn.cli import data as cli_data
+from modeconn.cli.args import add_data_args, add_resume_args, add_run_args, add_scale_args, at_least, parser
+from modeconn.cli.errors import CommandError, run_command
+from modeconn.cli.outputs import run_info, write_json
+from modeconn.cli.rundir import TrainingRun
+from modeconn.cli.session import Job, session
 from modeconn.runtime.checkpoints import load_checkpoint, load_model, save_model
-from modeconn.data import get_dataset
 from modeconn.evaluation.ensembles import EnsembleResult, evaluate_ensemble
 from modeconn.training.fge import FGEResult, cycle_length, cyclic_lr, snapshot_iterations, train_fge
 
@@ -36,14 +40,15 @@ rank 0 evaluates and writes everything:
 
 
 def build_parser():
-    p = _cli.parser("fge", "Fast Geometric Ensembling (Garipov et al. 2018): continue training a trained "
+    """The parser of ``python -m modeconn.fge``."""
+    p = parser("fge", "Fast Geometric Ensembling (Garipov et al. 2018): continue training a trained "
                     "network with a cyclical learning rate, take a snapshot at each minimum of the rate, "
                     "and evaluate the ensemble of snapshots (mean of softmax probabilities) against the "
                     "start network and, optionally, an ensemble of independently trained networks.", EXAMPLE)
     g = p.add_argument_group("FGE")
     g.add_argument("--ckpt", required=True,
                    help="model checkpoint to start from (from modeconn.train); gives architecture and dataset")
-    g.add_argument("--cycles", type=int, default=8,
+    g.add_argument("--cycles", type=at_least(1), default=8,
                    help="number of cycles = number of snapshots (default: %(default)s)")
     c = g.add_mutually_exclusive_group()
     c.add_argument("--cycle-epochs", type=int, default=None,
@@ -65,10 +70,10 @@ def build_parser():
     g.add_argument("--keep-on-disk", action="store_true",
                    help="write each snapshot to OUT/snapshots as soon as it is taken instead of keeping it "
                         "in memory (for large models; the resume state then holds paths, not weights)")
-    _cli.add_data_args(p, dataset_default=None)
-    _cli.add_run_args(p)
-    _cli.add_resume_args(p)
-    _cli.add_scale_args(p)
+    add_data_args(p, dataset_default=None)
+    add_run_args(p)
+    add_resume_args(p, "resume.pt", "epoch")
+    add_scale_args(p)
     return p
 
 
@@ -84,62 +89,56 @@ def epochs_of(meta: Mapping) -> Optional[float]:
 
 
 def _fmt(v, spec=".4f"):
+    """A number for the table, '-' for None."""
     return "-" if v is None else format(v, spec)
 
 
-def main_(argv=None) -> int:
-    args = build_parser().parse_args(argv)
-    out = Path(args.out)
-    info = _cli.setup(args)
-    device = info.device
-    if args.cycle_epochs is None and args.cycle_iters is None:
-        args.cycle_epochs = 2
-    snapshot_iterations(args.cycles, 2)           # check --cycles, --lr-max and --lr-min before any work
-    cyclic_lr(0, 2, args.lr_max, args.lr_min)
-    start_model, meta = load_model(args.ckpt)
-    dataset = args.dataset or meta.get("dataset")
-    if dataset is None:
-        raise _cli.CommandError(f"{args.ckpt} names no dataset; pass --dataset")
+def _independent_meta(args, dataset: str, meta: Mapping) -> List[dict]:
+    """The --independent checkpoints, checked to be trained on the same data and classes."""
     indep_meta = []
     for path in args.independent or []:
         m = load_checkpoint(path, kind="model")
         if m.get("dataset") not in (None, dataset) or int(m["num_classes"]) != int(meta["num_classes"]):
-            raise _cli.CommandError(f"--independent {path}: trained on {m.get('dataset')!r} with "
-                                    f"{m['num_classes']} classes, the start network on {dataset!r} with "
-                                    f"{meta['num_classes']}")
+            raise CommandError(f"--independent {path}: trained on {m.get('dataset')!r} with "
+                               f"{m['num_classes']} classes, the start network on {dataset!r} with "
+                               f"{meta['num_classes']}")
         indep_meta.append(m)
-    config = {"ckpt": str(args.ckpt), "dataset": dataset, "cycles": args.cycles,
-              "cycle_epochs": args.cycle_epochs, "cycle_iters": args.cycle_iters, "lr_max": args.lr_max,
-              "lr_min": args.lr_min, "momentum": args.momentum, "wd": args.wd, "seed": args.seed,
-              "batch_size": args.batch_size, "keep_on_disk": args.keep_on_disk}
-    state = _cli.resume_or_start(out, config, args.resume, args.force, "fge.json")
+    return indep_meta
 
-    ds = get_dataset(dataset, args.data_dir, args.download, seed=meta.get("seed") or 0)
-    start_model = start_model.to(device)
-    train_loader = _cli.train_loader(ds, args, info)
+
+def _config(args, dataset: str) -> dict:
+    """The arguments a --resume must repeat."""
+    return {"ckpt": str(args.ckpt), "dataset": dataset, "cycles": args.cycles,
+            "cycle_epochs": args.cycle_epochs, "cycle_iters": args.cycle_iters, "lr_max": args.lr_max,
+            "lr_min": args.lr_min, "momentum": args.momentum, "wd": args.wd, "seed": args.seed,
+            "batch_size": args.batch_size, "keep_on_disk": args.keep_on_disk}
+
+
+def _train(args, job: Job, start_model, meta: Mapping, ds, run: TrainingRun, state: Optional[dict]):
+    """The FGE cycles from ``start_model`` (saving the state after every epoch) -> (FGEResult, arch record)."""
+    device = job.device
+    train_loader = cli_data.train_loader(ds, args, job.info)
     bn_loader = ds.eval_loader("train").to(device)
-    test_loader = ds.eval_loader("test").to(device)
     C = cycle_length(len(train_loader), args.cycle_epochs, args.cycle_iters)
-
-    snap_dir = out / "snapshots"
-    if info.is_main:
-        out.mkdir(parents=True, exist_ok=True)
-        if state is None:  # a fresh run (possibly --force): no stale snapshots from an earlier, longer run
-            for old in snap_dir.glob("snap_*.pt"):
-                old.unlink()
+    snap_dir = run.out / "snapshots"
+    if job.is_main and state is None:  # a fresh run (possibly --force): no stale snapshots of an earlier run
+        for old in snap_dir.glob("snap_*.pt"):
+            old.unlink()
     arch = {"arch": meta["arch"], "arch_kwargs": meta.get("arch_kwargs", {}),
             "input_shape": meta["input_shape"], "num_classes": meta["num_classes"],
-            "dataset": dataset, "seed": args.seed}
-    bar = _cli.progress(args.cycles * C, "fge", args.no_progress)
+            "dataset": run.config["dataset"], "seed": args.seed}
+    bar = job.progress(args.cycles * C, "fge")
     result = train_fge(start_model, train_loader, args.cycles, cycle_iters=C, lr_max=args.lr_max, lr_min=args.lr_min,
                  momentum=args.momentum, weight_decay=args.wd, seed=args.seed, bn_loader=bn_loader,
                  keep_on_disk=snap_dir if args.keep_on_disk else None, snapshot_meta=arch,
-                 resume=state, runtime=Runtime(device, args.amp, args.compile),
-                 hooks=Hooks(progress=bar.update, on_epoch_end=_cli.epoch_saver(out, config, bar)))
+                 resume=state, runtime=Runtime(job.device, args.amp, args.compile),
+                 hooks=Hooks(progress=bar.update, on_epoch_end=run.epoch_saver(bar)))
     bar.close()
-    if not info.is_main:  # rank 0 evaluates the ensembles and writes the results
-        return 0
+    return result, arch
 
+
+def _save_snapshots(args, result: FGEResult, snap_dir: Path, arch: dict) -> List[Path]:
+    """Every snapshot as a model checkpoint in ``snap_dir`` (those kept on disk are there already)."""
     snap_paths: List[Path] = []
     for i, snap in enumerate(result.snapshots):
         if isinstance(snap, Path):
@@ -148,13 +147,22 @@ def main_(argv=None) -> int:
             snap_paths.append(save_model(snap_dir / f"snap_{i:02d}.pt", snap, **arch,
                                          fge={"index": i, "iteration": result.snapshot_iterations[i],
                                               "distance": result.distances[i], "start": str(args.ckpt)}))
+    return snap_paths
 
+
+def _evaluate(args, result: FGEResult, start_model, test_loader, device):
+    """(start model, FGE ensemble, independent ensemble or None) evaluated on the test set."""
     start_eval = evaluate_ensemble([start_model], test_loader)
     fge_eval = evaluate_ensemble(result.snapshots, test_loader, map_location=device)
     indep_eval = None
     if args.independent:
         indep_eval = evaluate_ensemble(list(args.independent), test_loader, map_location=device)
+    return start_eval, fge_eval, indep_eval
 
+
+def _budget_rows(args, result: FGEResult, meta: Mapping, indep_meta: List[dict], start_eval, fge_eval,
+                 indep_eval) -> List[dict]:
+    """One row per method: members, test metrics and the training epochs each cost."""
     start_epochs = epochs_of(meta)
     fge_epochs = result.epochs
     indep_epochs = [epochs_of(m) for m in indep_meta]
@@ -167,15 +175,21 @@ def main_(argv=None) -> int:
     if indep_eval is not None:
         rows.append({"method": "independent ensemble", "members": len(args.independent),
                      **_metrics(indep_eval, -1), "epochs": indep_total, "epochs_each": indep_epochs})
+    return rows
 
+
+def _report(args, argv, run: TrainingRun, meta: Mapping, result: FGEResult, snap_paths: List[Path], evals,
+            rows: List[dict]) -> dict:
+    """Everything fge.json holds."""
+    start_eval, fge_eval, indep_eval = evals
     members = fge_eval.to_dict()["members"]
     for i, m in enumerate(members):
         m.update(iteration=result.snapshot_iterations[i], lr=result.lr_trace[result.snapshot_iterations[i]],
                  distance_from_start=result.distances[i], path=str(snap_paths[i]))
-    report = {
-        "config": config, "start": str(args.ckpt), "dataset": dataset, "arch": meta["arch"],
+    return {
+        "config": run.config, "start": str(args.ckpt), "dataset": run.config["dataset"], "arch": meta["arch"],
         "arch_kwargs": meta.get("arch_kwargs", {}),
-        "cycle_iters": result.cycle_iters, "iters_per_epoch": result.iters_per_epoch, "fge_epochs": fge_epochs,
+        "cycle_iters": result.cycle_iters, "iters_per_epoch": result.iters_per_epoch, "fge_epochs": result.epochs,
         "test": {"n": fge_eval.n, "start": start_eval.to_dict()["members"][0],
                  "members": members, "ensemble": fge_eval.to_dict()["ensemble"],
                  "independent": None if indep_eval is None else {
@@ -184,29 +198,67 @@ def main_(argv=None) -> int:
         "budget": rows,
         "lr_trace": result.lr_trace, "snapshot_iterations": result.snapshot_iterations,
         "distances": result.distances, "history": result.history, "ece_bins": fge_eval.num_bins,
-        "run": _cli.run_info(argv),
+        "run": run_info(argv),
     }
-    _cli.write_json(out / "fge.json", report)
-    plot_fge(result, fge_eval, out / "fge.png", start_eval, indep_eval,
-             f"FGE from {Path(args.ckpt).name} on {dataset}: {args.cycles} cycles of {result.cycle_iters} iterations")
 
+
+def _print_table(rows: List[dict], fge_epochs: float) -> None:
+    """The budget table: members, test accuracy, NLL, ECE and epochs of every method."""
     print(f"{'':22s} {'members':>7s} {'test acc':>9s} {'test NLL':>9s} {'ECE':>7s} {'epochs':>12s}")
     for r in rows:
         ep = _fmt(r["epochs"], ".4g")
         if r["method"] == "FGE ensemble":
             ep += f" (+{fge_epochs:.4g})"
         print(f"{r['method']:22s} {r['members']:7d} {r['acc']:9.4f} {r['nll']:9.4f} {r['ece']:7.4f} {ep:>12s}")
+
+
+def _write_results(args, argv, run: TrainingRun, job: Job, start_model, meta: Mapping, indep_meta: List[dict],
+                   ds, result: FGEResult, arch: dict) -> None:
+    """Snapshots, fge.json, fge.png and the budget table (rank 0)."""
+    out, dataset, device = run.out, run.config["dataset"], job.device
+    snap_dir = out / "snapshots"
+    snap_paths = _save_snapshots(args, result, snap_dir, arch)
+    test_loader = ds.eval_loader("test").to(device)
+    start_eval, fge_eval, indep_eval = _evaluate(args, result, start_model, test_loader, device)
+    rows = _budget_rows(args, result, meta, indep_meta, start_eval, fge_eval, indep_eval)
+    report = _report(args, argv, run, meta, result, snap_paths, (start_eval, fge_eval, indep_eval), rows)
+    write_json(out / "fge.json", report)
+    plot_fge(result, fge_eval, out / "fge.png", start_eval, indep_eval,
+             f"FGE from {Path(args.ckpt).name} on {dataset}: {args.cycles} cycles of {result.cycle_iters} iterations")
+    _print_table(rows, result.epochs)
     print(f"wrote {out / 'fge.json'}, {out / 'fge.png'}, {len(snap_paths)} snapshots in {snap_dir}")
+
+
+def main_(argv=None) -> int:
+    """The command body (see :func:`main`)."""
+    args = build_parser().parse_args(argv)
+    if args.cycle_epochs is None and args.cycle_iters is None:
+        args.cycle_epochs = 2
+    snapshot_iterations(args.cycles, 2)           # check --cycles, --lr-max and --lr-min before any work
+    cyclic_lr(0, 2, args.lr_max, args.lr_min)
+    with session(args) as job:
+        start_model, meta = load_model(args.ckpt)
+        dataset = cli_data.dataset_name(args, meta, args.ckpt)
+        indep_meta = _independent_meta(args, dataset, meta)
+        run = TrainingRun(Path(args.out), _config(args, dataset), "fge.json", job.is_main)
+        state = run.start(args.resume, args.force)
+        with run.resumable():
+            ds = cli_data.checkpoint_dataset(args, meta, args.ckpt)
+            start_model = start_model.to(job.device)
+            result, arch = _train(args, job, start_model, meta, ds, run, state)
+            if job.is_main:  # rank 0 evaluates the ensembles and writes the results
+                _write_results(args, argv, run, job, start_model, meta, indep_meta, ds, result, arch)
     return 0
 
 
 def _metrics(res: EnsembleResult, k: int) -> dict:
+    """Accuracy, NLL and ECE of the ensemble of the first ``k + 1`` members (``k = -1``: all)."""
     return {"acc": float(res.acc[k]), "nll": float(res.nll[k]), "ece": float(res.ece[k])}
 
 
 def main(argv=None) -> int:
-    return _cli.run_command(main_, argv)
-
+    """``python -m modeconn.fge [args]``; returns the exit status (see :mod:`modeconn.cli.errors`)."""
+    return run_command(main_, argv)
 
 
 if __name__ == "__main__":

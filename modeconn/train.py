@@ -3,13 +3,18 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import List, Optional, Sequence
 
 import torch
 
-from modeconn.cli import common as _cli
-from modeconn.runtime.checkpoints import save_model
+from modeconn.cli.args import add_data_args, add_optim_args, add_resume_args, add_run_args, add_scale_args, parser
+from modeconn.cli.data import train_loader
+from modeconn.cli.errors import CommandError, run_command
+from modeconn.cli.outputs import run_info
+from modeconn.cli.rundir import TrainingRun
+from modeconn.cli.session import Job, session
 from modeconn.data import get_dataset
+from modeconn.runtime.checkpoints import save_model
 from modeconn.evaluation.model import evaluate
 from modeconn.models import create_model, list_models
 from modeconn.plots.history import plot_history
@@ -31,7 +36,7 @@ def parse_kwargs(items: Optional[Sequence[str]]) -> dict:
     for item in items or []:
         key, sep, value = item.partition("=")
         if not sep or not key:
-            raise _cli.CommandError(f"--model-kwargs: {item!r} is not KEY=VALUE")
+            raise CommandError(f"--model-kwargs: {item!r} is not KEY=VALUE")
         low = value.lower()
         if low in ("true", "false"):
             out[key] = low == "true"
@@ -48,60 +53,73 @@ def parse_kwargs(items: Optional[Sequence[str]]) -> dict:
 
 
 def build_parser():
-    p = _cli.parser("train", "Train an endpoint network (SGD with momentum) and save a self-describing "
-                    "checkpoint.", EXAMPLE)
-    _cli.add_data_args(p)
+    """The parser of ``python -m modeconn.train``."""
+    p = parser("train", "Train an endpoint network (SGD with momentum) and save a self-describing "
+               "checkpoint.", EXAMPLE)
+    add_data_args(p)
     g = p.add_argument_group("model")
     g.add_argument("--model", default="mlp", help=f"architecture, one of: {', '.join(list_models())} "
                                                   "(default: %(default)s)")
     g.add_argument("--model-kwargs", nargs="*", metavar="KEY=VALUE",
                    help="architecture arguments, e.g. depth=3 width=256 bn=true")
-    _cli.add_optim_args(p, epochs=30, lr=0.05)
-    _cli.add_run_args(p)
-    _cli.add_resume_args(p)
-    _cli.add_scale_args(p)
+    add_optim_args(p, epochs=30, lr=0.05)
+    add_run_args(p)
+    add_resume_args(p, "resume.pt", "epoch")
+    add_scale_args(p)
     return p
 
 
-def main_(argv=None) -> int:
-    args = build_parser().parse_args(argv)
-    out = Path(args.out)
-    info = _cli.setup(args)
-    device = info.device
-    kwargs = parse_kwargs(args.model_kwargs)
-    config = {"dataset": args.dataset, "model": args.model, "model_kwargs": kwargs, "seed": args.seed,
-              "epochs": args.epochs, "lr": args.lr, "wd": args.wd, "momentum": args.momentum,
-              "schedule": args.schedule, "batch_size": args.batch_size}
-    state = _cli.resume_or_start(out, config, args.resume, args.force, "model.pt")
-    ds = get_dataset(args.dataset, args.data_dir, args.download, seed=args.seed)
-    torch.manual_seed(args.seed)
-    model = create_model(args.model, ds.input_shape, ds.num_classes, **kwargs).to(device)
-    loader = _cli.train_loader(ds, args, info)
-    if info.is_main:
-        out.mkdir(parents=True, exist_ok=True)
-    bar = _cli.progress(args.epochs * len(loader), f"train {args.model}", args.no_progress)
+def _fit(args, job: Job, model, ds, run: TrainingRun, state: Optional[dict]) -> List[dict]:
+    """Train ``model`` for the remaining epochs, saving the state after each; returns the history."""
+    loader = train_loader(ds, args, job.info)
+    bar = job.progress(args.epochs * len(loader), f"train {args.model}")
     history = train_model(model, loader, args.epochs, args.lr, args.wd, args.momentum, args.schedule,
-                          seed=args.seed, resume=state, runtime=Runtime(device, args.amp, args.compile),
-                          hooks=Hooks(progress=bar.update, on_epoch_end=_cli.epoch_saver(out, config, bar)))
+                          seed=args.seed, resume=state, runtime=Runtime(job.device, args.amp, args.compile),
+                          hooks=Hooks(progress=bar.update, on_epoch_end=run.epoch_saver(bar)))
     bar.close()
-    if not info.is_main:  # rank 0 evaluates and writes the results
-        return 0
+    return history
+
+
+def _write_results(args, argv, model, ds, kwargs: dict, config: dict, history: List[dict], device) -> None:
+    """Evaluate the trained model; write model.pt and history.png; print the metrics."""
+    out = Path(args.out)
     train = evaluate(model, ds.eval_loader("train").to(device))
     test = evaluate(model, ds.eval_loader("test").to(device))
     metrics = {"train_loss": train["loss"], "train_acc": train["acc"],
                "test_loss": test["loss"], "test_acc": test["acc"]}
     ckpt = save_model(out / "model.pt", model, args.model, kwargs, ds.input_shape, ds.num_classes,
                       dataset=args.dataset, dataset_seed=args.seed, seed=args.seed, metrics=metrics, history=history,
-                      config=config, run=_cli.run_info(argv))
+                      config=config, run=run_info(argv))
     plot_history(history, out / "history.png", f"{args.model} on {args.dataset}, seed {args.seed}")
     print(f"train loss {train['loss']:.4f} acc {train['acc']:.4f} | "
           f"test loss {test['loss']:.4f} acc {test['acc']:.4f}")
     print(f"wrote {ckpt}, {out / 'history.json'}, {out / 'history.png'}")
+
+
+def main_(argv=None) -> int:
+    """The command body (see :func:`main`)."""
+    args = build_parser().parse_args(argv)
+    kwargs = parse_kwargs(args.model_kwargs)
+    config = {"dataset": args.dataset, "model": args.model, "model_kwargs": kwargs, "seed": args.seed,
+              "epochs": args.epochs, "lr": args.lr, "wd": args.wd, "momentum": args.momentum,
+              "schedule": args.schedule, "batch_size": args.batch_size}
+    with session(args) as job:
+        run = TrainingRun(Path(args.out), config, "model.pt", job.is_main)
+        state = run.start(args.resume, args.force)
+        with run.resumable():
+            ds = get_dataset(args.dataset, args.data_dir, args.download, seed=args.seed)
+            torch.manual_seed(args.seed)
+            model = create_model(args.model, ds.input_shape, ds.num_classes, **kwargs).to(job.device)
+            history = _fit(args, job, model, ds, run, state)
+            if job.is_main:  # rank 0 evaluates and writes the results
+                _write_results(args, argv, model, ds, kwargs, config, history, job.device)
     return 0
 
 
 def main(argv=None) -> int:
-    return _cli.run_command(main_, argv)
+    """``python -m modeconn.train [args]``; returns the exit status (0 done, 1 failed, 2 bad input,
+    130/143 interrupted: see :mod:`modeconn.cli.errors`)."""
+    return run_command(main_, argv)
 
 
 if __name__ == "__main__":

@@ -4,14 +4,17 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
+from typing import List, Optional, Tuple
 
-import torch
-
-from modeconn.cli import common as _cli
+from modeconn.cli.args import add_data_args, add_optim_args, add_resume_args, add_run_args, add_scale_args, parser
+from modeconn.cli.data import checkpoint_dataset, dataset_name, dataset_seed, train_loader
+from modeconn.cli.errors import CommandError, run_command
+from modeconn.cli.outputs import run_info
+from modeconn.cli.rundir import TrainingRun
+from modeconn.cli.session import Job, session
 from modeconn.runtime.checkpoints import build_model, load_checkpoint
 from modeconn.core.curve_model import CurveModel, save_curve
 from modeconn.core.curves import make_curve
-from modeconn.data import get_dataset
 from modeconn.plots.history import plot_history
 from modeconn.runtime import Hooks, Runtime
 from modeconn.training.loop import fit_curve
@@ -29,8 +32,9 @@ on 4 GPUs (or CPU processes with gloo), --batch-size being the global batch:
 
 
 def build_parser():
-    p = _cli.parser("train_curve", "Fit a curve (Bezier or polygonal chain) of low loss between two trained "
-                    "networks: minimise the expected loss over t ~ U(0,1), one t per mini-batch.", EXAMPLE)
+    """The parser of ``python -m modeconn.train_curve``."""
+    p = parser("train_curve", "Fit a curve (Bezier or polygonal chain) of low loss between two trained "
+               "networks: minimise the expected loss over t ~ U(0,1), one t per mini-batch.", EXAMPLE)
     g = p.add_argument_group("curve")
     g.add_argument("--start", required=True, help="checkpoint of the first endpoint (from modeconn.train)")
     g.add_argument("--end", required=True, help="checkpoint of the second endpoint")
@@ -47,37 +51,36 @@ def build_parser():
                         "(default: %(default)s)")
     g.add_argument("--align", default=None, choices=("weight", "activation"),
                    help="permute the end's neurons to match the start before fitting")
-    _cli.add_data_args(p, dataset_default=None)
-    _cli.add_optim_args(p, epochs=30, lr=0.03)
-    _cli.add_run_args(p)
-    _cli.add_resume_args(p)
-    _cli.add_scale_args(p)
+    add_data_args(p, dataset_default=None)
+    add_optim_args(p, epochs=30, lr=0.03)
+    add_run_args(p)
+    add_resume_args(p, "resume.pt", "epoch")
+    add_scale_args(p)
     return p
 
 
-def main_(argv=None) -> int:
-    args = build_parser().parse_args(argv)
-    out = Path(args.out)
-    info = _cli.setup(args)
-    device = info.device
+def _endpoints(args) -> Tuple[dict, dict]:
+    """The two endpoint checkpoints, checked to share one architecture."""
     start_meta = load_checkpoint(args.start, kind="model")
     end_meta = load_checkpoint(args.end, kind="model")
     for key in ("arch", "arch_kwargs", "input_shape", "num_classes"):
         if start_meta.get(key) != end_meta.get(key):
-            raise _cli.CommandError(f"--start and --end differ in {key}: {start_meta.get(key)!r} vs "
-                                    f"{end_meta.get(key)!r}")
-    dataset = args.dataset or start_meta.get("dataset")
-    if dataset is None:
-        raise _cli.CommandError("the endpoint checkpoints name no dataset; pass --dataset")
-    config = {"start": str(args.start), "end": str(args.end), "curve": args.curve, "num_bends": args.num_bends,
-              "fix_start": args.fix_start, "fix_end": args.fix_end, "init": args.init, "align": args.align,
-              "dataset": dataset, "epochs": args.epochs, "lr": args.lr, "wd": args.wd,
-              "momentum": args.momentum, "schedule": args.schedule, "seed": args.seed,
-              "batch_size": args.batch_size}
-    state = _cli.resume_or_start(out, config, args.resume, args.force, "curve.pt")
-    dataset_seed = start_meta.get("dataset_seed", start_meta.get("seed")) or 0  # synthetic sets depend on it
-    ds = get_dataset(dataset, args.data_dir, args.download, seed=dataset_seed)
-    template = build_model(start_meta)
+            raise CommandError(f"--start and --end differ in {key}: {start_meta.get(key)!r} vs "
+                               f"{end_meta.get(key)!r}")
+    return start_meta, end_meta
+
+
+def _config(args, dataset: str) -> dict:
+    """The arguments a --resume must repeat."""
+    return {"start": str(args.start), "end": str(args.end), "curve": args.curve, "num_bends": args.num_bends,
+            "fix_start": args.fix_start, "fix_end": args.fix_end, "init": args.init, "align": args.align,
+            "dataset": dataset, "epochs": args.epochs, "lr": args.lr, "wd": args.wd,
+            "momentum": args.momentum, "schedule": args.schedule, "seed": args.seed,
+            "batch_size": args.batch_size}
+
+
+def _end_state(args, ds, start_meta: dict, end_meta: dict, device) -> Tuple[dict, Optional[dict]]:
+    """The end bend's weights: the --end checkpoint's, or (--align) permuted to match --start."""
     end_state = end_meta["state_dict"]
     alignment = None
     if args.align:
@@ -95,33 +98,65 @@ def main_(argv=None) -> int:
                      "report": report.as_dict()}
         print(f"aligned --end to --start by {args.align} matching: mean {report.metric} "
               f"{report.mean_before:.3f} -> {report.mean_after:.3f} over {len(report.groups)} groups")
+    return end_state, alignment
+
+
+def _build_curve(args, ds, start_meta: dict, end_meta: dict, device) -> Tuple[CurveModel, Optional[dict]]:
+    """(the curve to fit between --start and the (aligned) --end, the alignment record or None)."""
+    template = build_model(start_meta)
+    end_state, alignment = _end_state(args, ds, start_meta, end_meta, device)
     curve = CurveModel(template, start_meta["state_dict"], end_state, make_curve(args.curve, args.num_bends),
                        fix_start=args.fix_start, fix_end=args.fix_end, init=args.init, seed=args.seed).to(device)
-    loader = _cli.train_loader(ds, args, info)
-    if info.is_main:
-        out.mkdir(parents=True, exist_ok=True)
-    bar = _cli.progress(args.epochs * len(loader), f"fit {args.curve}({args.num_bends})", args.no_progress)
+    return curve, alignment
+
+
+def _fit(args, job: Job, curve, ds, run: TrainingRun, state: Optional[dict]) -> List[dict]:
+    """Train the curve's free bends for the remaining epochs, saving the state after each."""
+    loader = train_loader(ds, args, job.info)
+    bar = job.progress(args.epochs * len(loader), f"fit {args.curve}({args.num_bends})")
     history = fit_curve(curve, loader, args.epochs, args.lr, args.wd, args.momentum, args.schedule,
-                        seed=args.seed, resume=state, runtime=Runtime(device, args.amp, args.compile),
-                        hooks=Hooks(progress=bar.update, on_epoch_end=_cli.epoch_saver(out, config, bar)))
+                        seed=args.seed, resume=state, runtime=Runtime(job.device, args.amp, args.compile),
+                        hooks=Hooks(progress=bar.update, on_epoch_end=run.epoch_saver(bar)))
     bar.close()
-    if not info.is_main:  # rank 0 writes the results
-        return 0
+    return history
+
+
+def _write_results(args, argv, curve, start_meta: dict, end_meta: dict, run: TrainingRun, history: List[dict],
+                   alignment: Optional[dict]) -> None:
+    """curve.pt and history.png, and the closing lines."""
+    out, config, dataset = run.out, run.config, run.config["dataset"]
     meta = {k: start_meta[k] for k in ("arch", "arch_kwargs", "input_shape", "num_classes")}
-    path = save_curve(out / "curve.pt", curve, meta, dataset=dataset, dataset_seed=dataset_seed, seed=args.seed,
-                      history=history,
-                      config=config, alignment=alignment, run=_cli.run_info(argv),
+    path = save_curve(out / "curve.pt", curve, meta, dataset=dataset, dataset_seed=dataset_seed(start_meta),
+                      seed=args.seed, history=history,
+                      config=config, alignment=alignment, run=run_info(argv),
                       start_metrics=start_meta.get("metrics", {}), end_metrics=end_meta.get("metrics", {}))
     plot_history(history, out / "history.png", f"{args.curve}({args.num_bends}) between {args.start} and {args.end}")
     last = history[-1]
     print(f"final epoch: train loss over random t {last['loss']:.4f}, acc {last['acc']:.4f}")
     print(f"wrote {path}, {out / 'history.json'}, {out / 'history.png'}")
     print(f"next: python -m modeconn.eval_curve --ckpt {path}")
+
+
+def main_(argv=None) -> int:
+    """The command body (see :func:`main`)."""
+    args = build_parser().parse_args(argv)
+    with session(args) as job:
+        start_meta, end_meta = _endpoints(args)
+        dataset = dataset_name(args, start_meta, "the endpoint checkpoints")
+        run = TrainingRun(Path(args.out), _config(args, dataset), "curve.pt", job.is_main)
+        state = run.start(args.resume, args.force)
+        with run.resumable():
+            ds = checkpoint_dataset(args, start_meta, "the endpoint checkpoints")
+            curve, alignment = _build_curve(args, ds, start_meta, end_meta, job.device)
+            history = _fit(args, job, curve, ds, run, state)
+            if job.is_main:  # rank 0 writes the results
+                _write_results(args, argv, curve, start_meta, end_meta, run, history, alignment)
     return 0
 
 
 def main(argv=None) -> int:
-    return _cli.run_command(main_, argv)
+    """``python -m modeconn.train_curve [args]``; returns the exit status (see :mod:`modeconn.cli.errors`)."""
+    return run_command(main_, argv)
 
 
 if __name__ == "__main__":

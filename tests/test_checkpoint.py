@@ -1,4 +1,6 @@
+import errno
 import hashlib
+import os
 import re
 from pathlib import Path
 
@@ -6,7 +8,7 @@ import pytest
 import torch
 
 import modeconn as mc
-from modeconn.runtime.checkpoints import atomic_save
+from modeconn.runtime.checkpoints import WriteError, atomic_save, atomic_write
 from modeconn.evaluation.model import evaluate
 
 from conftest import CKPT
@@ -81,3 +83,51 @@ def test_shipped_checkpoints_match_readme_and_reach_recorded_accuracy(digits):
         assert res["acc"] == pytest.approx(acc, abs=6e-5), name
         assert res["loss"] == pytest.approx(loss, abs=6e-5), name
         assert res["acc"] == pytest.approx(meta["metrics"]["test_acc"], abs=1e-9)
+
+
+def test_non_finite_weights_are_refused_on_load_naming_the_tensor(tmp_path, mlp_pair):
+    meta = torch.load(CKPT / "digits_mlp_a.pt", weights_only=True)
+    meta["state_dict"]["layers.2.weight"][1, :2] = float("inf")
+    bad = tmp_path / "inf.pt"
+    torch.save(meta, bad)
+    message = re.escape(f"{bad}: tensor 'layers.2.weight' has 2 NaN/Inf values (of "
+                        f"{meta['state_dict']['layers.2.weight'].numel()})")
+    for load in (mc.load_model, mc.load_checkpoint, mc.load_state_dict):
+        with pytest.raises(mc.CheckpointError, match=message):
+            load(bad)
+    plain = {k: v.clone() for k, v in mlp_pair[0].state_dict().items()}
+    plain["layers.0.bias"][0] = float("nan")
+    torch.save(plain, tmp_path / "plain.pt")
+    with pytest.raises(mc.CheckpointError, match="tensor 'layers.0.bias' has 1 NaN/Inf value "):
+        mc.load_state_dict(tmp_path / "plain.pt")
+    assert mc.load_state_dict(plain) == plain  # what is already in memory is the caller's to judge
+
+
+def test_failed_writes_name_the_target_and_leave_no_temporary_file(tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    with pytest.raises(WriteError, match=re.escape(f"cannot create directory {blocker / 'sub'}: {blocker} is a "
+                                                   "file, not a directory")):
+        atomic_write(blocker / "sub" / "a.json", lambda f: f.write(b"{}"))
+
+    def full(f):
+        f.write(b"half")
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    def torch_style(f):  # torch.save reports a full disk as a RuntimeError raised while handling the OSError
+        try:
+            full(f)
+        except OSError:
+            raise RuntimeError("unexpected pos 704 vs 598")
+
+    target = tmp_path / "out" / "ckpt.pt"
+    atomic_save({"a": torch.ones(1)}, target)
+    for write in (full, torch_style):
+        with pytest.raises(WriteError) as e:
+            atomic_write(target, write)
+        assert str(e.value) == f"cannot write {target}: No space left on device"
+        assert isinstance(e.value, OSError) and e.value.errno == errno.ENOSPC and e.value.filename == str(target)
+    with pytest.raises(KeyboardInterrupt):  # an interruption stays what it is
+        atomic_write(target, lambda f: (_ for _ in ()).throw(KeyboardInterrupt))
+    assert torch.equal(torch.load(target, weights_only=True)["a"], torch.ones(1))  # the old file, whole
+    assert [p.name for p in target.parent.iterdir()] == ["ckpt.pt"]

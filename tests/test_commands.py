@@ -8,7 +8,7 @@ import torch
 
 import modeconn as mc
 from modeconn import eval_curve, train, train_curve
-from modeconn.cli import common as _cli
+from modeconn.cli.rundir import TrainingRun
 from modeconn.evaluation.path import PathResult
 
 from conftest import CKPT, ROOT
@@ -33,10 +33,10 @@ def test_train_curve_resume_after_interruption(tmp_path, monkeypatch):
             "--epochs", "4", "--lr", "0.03", "--no-progress"]
     assert train_curve.main(args + ["--out", str(tmp_path / "full")]) == 0
 
-    real_saver = _cli.epoch_saver
+    real_saver = TrainingRun.epoch_saver
 
-    def interrupting_saver(out, config, bar=None):
-        save = real_saver(out, config, bar)
+    def interrupting_saver(self, bar=None):
+        save = real_saver(self, bar)
 
         def wrapped(record, state):
             save(record, state)
@@ -45,11 +45,11 @@ def test_train_curve_resume_after_interruption(tmp_path, monkeypatch):
 
         return wrapped
 
-    monkeypatch.setattr(_cli, "epoch_saver", interrupting_saver)
+    monkeypatch.setattr(TrainingRun, "epoch_saver", interrupting_saver)
     part = tmp_path / "part"
     assert train_curve.main(args + ["--out", str(part)]) == 130
     assert (part / "resume.pt").exists() and not (part / "curve.pt").exists()
-    monkeypatch.setattr(_cli, "epoch_saver", real_saver)
+    monkeypatch.setattr(TrainingRun, "epoch_saver", real_saver)
     assert train_curve.main(args + ["--out", str(part), "--lr", "0.1", "--resume"]) == 2  # changed args refused
     assert train_curve.main(args + ["--out", str(part), "--resume"]) == 0
     full, _ = mc.load_curve(tmp_path / "full" / "curve.pt")

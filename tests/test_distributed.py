@@ -16,7 +16,8 @@ import pytest
 import torch
 
 import modeconn as mc
-from modeconn.cli import common as _cli
+from modeconn.cli.data import train_loader
+from modeconn.cli.errors import CommandError
 from modeconn.runtime import Runtime, distributed
 from modeconn import eval_curve as eval_cmd
 from modeconn import train_curve as curve_cmd
@@ -38,13 +39,15 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def torchrun(module, args, cwd, env_extra=None, check=True):
-    """``python -m torch.distributed.run --nproc_per_node 2 -m MODULE -- ARGS`` with one thread per rank."""
+def torchrun(module, args, cwd, fault=None, check=True):
+    """``python -m torch.distributed.run --nproc_per_node 2 -m MODULE -- ARGS`` with one thread per rank;
+    with ``fault="N:RANK"`` through tests/fault_run.py (that rank dies abruptly after N steps)."""
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR",
-                                                           "MASTER_PORT", _cli.FAULT_ENV)}
-    env.update(OMP_NUM_THREADS="1", **(env_extra or {}))
+                                                           "MASTER_PORT")}
+    env.update(OMP_NUM_THREADS="1")
+    target = ["-m", module] if fault is None else [str(ROOT / "tests" / "fault_run.py"), fault, module]
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-           "--master_port", str(_free_port()), "-m", module, "--", *args]
+           "--master_port", str(_free_port()), *target, "--", *args]
     proc = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=180)
     if check and proc.returncode != 0:
         raise AssertionError(f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr[-4000:]}")
@@ -60,7 +63,7 @@ def jobs(tmp_path_factory):
     torchrun("modeconn.landscape", [*LANDSCAPE_ARGS, "--out", "landscape"], cwd)
     # rank 1 exits abruptly after 30 steps: 7 steps into epoch 2 (23 steps per epoch)
     crashed = torchrun("modeconn.train_curve", [*CURVE_ARGS, "--out", "crash"], cwd,
-                       env_extra={_cli.FAULT_ENV: "30:1"}, check=False)
+                       fault="30:1", check=False)
     after_crash = sorted(p.name for p in (cwd / "crash").iterdir())
     history_at_crash = json.loads((cwd / "crash" / "history.json").read_text())
     resumed = torchrun("modeconn.train_curve", [*CURVE_ARGS, "--out", "crash", "--resume"], cwd)
@@ -171,9 +174,9 @@ def test_only_rank_0_writes_one_set_of_files(jobs):
 def test_global_batch_must_divide_among_the_processes(digits):
     assert distributed.per_rank_batch(64, 2) == 32
     args = type("Args", (), {"batch_size": 63, "seed": 0})()
-    with pytest.raises(_cli.CommandError, match="global batch .* divisible by the number of processes"):
-        _cli.train_loader(digits, args, distributed.DistInfo(rank=1, world_size=2))
-    loader = _cli.train_loader(digits, type("Args", (), {"batch_size": 64, "seed": 0})(),
+    with pytest.raises(CommandError, match="global batch .* divisible by the number of processes"):
+        train_loader(digits, args, distributed.DistInfo(rank=1, world_size=2))
+    loader = train_loader(digits, type("Args", (), {"batch_size": 64, "seed": 0})(),
                                distributed.DistInfo(rank=1, world_size=2))
     assert (loader.batch_size, loader.rank, loader.world_size) == (32, 1, 2)
     # a single process: no process group, everything as before

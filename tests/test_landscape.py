@@ -3,9 +3,9 @@
 import copy
 import json
 import math
-import os
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -387,7 +387,7 @@ def checkpoints(tmp_path_factory, digits):
 
 
 def test_landscape_command_2d_1d_and_resume(checkpoints, tmp_path, monkeypatch, capsys):
-    from modeconn.cli import grids as _io
+    from modeconn.cli.rundir import GridRun
     from modeconn.landscape import main
 
     a, b, _ = checkpoints
@@ -412,17 +412,17 @@ def test_landscape_command_2d_1d_and_resume(checkpoints, tmp_path, monkeypatch, 
 
     # interrupted after the second row, then resumed: same numbers as the uninterrupted run
     out2 = tmp_path / "land2b"
-    real = _io.save_partial
+    real = GridRun.save_state
 
-    def save_then_stop(path, grid, config):
-        real(path, grid, config)
+    def save_then_stop(self, grid):
+        real(self, grid)
         if grid.rows_done == 2:
             raise KeyboardInterrupt
 
-    monkeypatch.setattr(_io, "save_partial", save_then_stop)
+    monkeypatch.setattr(GridRun, "save_state", save_then_stop)
     assert main(args + ["--out", str(out2)]) == 130
     assert (out2 / "landscape.partial.npz").exists() and not (out2 / "landscape.npz").exists()
-    monkeypatch.setattr(_io, "save_partial", real)
+    monkeypatch.setattr(GridRun, "save_state", real)
     assert main(args[:-1] + ["--steps", "5", "--out", str(out2), "--resume", "--no-progress"]) == 2
     assert "differ" in capsys.readouterr().err
     assert main(args + ["--out", str(out2), "--resume"]) == 0
@@ -444,16 +444,15 @@ def test_landscape_command_2d_1d_and_resume(checkpoints, tmp_path, monkeypatch, 
 
 
 def test_landscape_command_resumes_after_a_hard_crash(checkpoints, tmp_path):
-    from modeconn.cli import common as _cli
     from modeconn.landscape import main
 
-    fault = _cli.FAULT_ENV
+    fault_run = [sys.executable, str(Path(__file__).resolve().parent / "fault_run.py")]
     a, _, _ = checkpoints
     common = ["--ckpt", str(a), "--dims", "2", "--range", "-1:1", "--steps", "4", "--steps-y", "3",
               "--points-per-pass", "2", "--no-progress"]
     cmd = [sys.executable, "-m", "modeconn.landscape"] + common + ["--out", str(tmp_path / "crash")]
     # the process dies abruptly after 6 points: row 0 (4 points) was saved, row 1 was half done
-    r = subprocess.run(cmd, env={**os.environ, fault: "6"}, capture_output=True, text=True, cwd=tmp_path)
+    r = subprocess.run(fault_run + ["6"] + cmd[2:], capture_output=True, text=True, cwd=tmp_path)
     assert r.returncode == 17, r.stderr
     assert not (tmp_path / "crash" / "landscape.npz").exists()
     with np.load(tmp_path / "crash" / "landscape.partial.npz") as z:

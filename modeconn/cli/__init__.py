@@ -1,8 +1,19 @@
-"""The console script: ``modeconn <command> [args]`` = ``python -m modeconn.<command> [args]``."""
+"""The commands' shared layer and the console script ``modeconn <command> [args]``.
+
+``modeconn <command> [args]`` = ``python -m modeconn <command> [args]`` =
+``python -m modeconn.<command> [args]``. The helpers the commands share live
+in submodules, one concern each: :mod:`~modeconn.cli.args` (the parser and
+the flag groups), :mod:`~modeconn.cli.session` (device, torchrun rank,
+progress bars), :mod:`~modeconn.cli.data` (the dataset a checkpoint names),
+:mod:`~modeconn.cli.rundir` (run directories: refuse to overwrite, resume,
+atomic state), :mod:`~modeconn.cli.outputs` (JSON/CSV/npz files) and
+:mod:`~modeconn.cli.errors` (one line and an exit status for every failure).
+"""
 from __future__ import annotations
 
 import importlib
 import sys
+from typing import Optional, Sequence
 
 COMMANDS = {
     "train": "train an endpoint network",
@@ -17,19 +28,22 @@ COMMANDS = {
 
 
 def usage() -> str:
+    """The console script's help: one line per command."""
     lines = ["usage: modeconn <command> [options]   (modeconn <command> --help for each)", "", "commands:"]
     lines += [f"  {name:12s} {text}" for name, text in COMMANDS.items()]
     return "\n".join(lines)
 
 
-def main(argv=None) -> int:
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """``modeconn <command> [args]``: run ``modeconn.<command>.main(args)``; returns its exit status."""
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help"):
         print(usage())
         return 0
     name = argv[0].replace("-", "_")
     if name not in COMMANDS:
-        print(f"error: unknown command {argv[0]!r}\n\n{usage()}", file=sys.stderr)
+        print(f"error: unknown command {argv[0]!r}; one of {', '.join(COMMANDS)} (modeconn --help)",
+              file=sys.stderr)
         return 2
     module = importlib.import_module(f"modeconn.{name}")
     return module.main(argv[1:])

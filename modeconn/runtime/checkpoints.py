@@ -9,9 +9,21 @@ Every file modeconn writes is a plain dictionary::
 
 so that a command needs nothing but the file. Files are loaded with
 ``torch.load(..., weights_only=True)``: a checkpoint can hold tensors, numbers,
-strings, lists and dicts, never code. Writing goes to a temporary file in the
-same directory that is renamed over the target, so a crash never leaves half a
-checkpoint behind.
+strings, lists and dicts, never code, and a file whose weights or state hold
+NaN or Inf is refused with the tensor's name (a diverged run must not be picked
+up as an endpoint or resumed). Writing goes to a temporary file in the same
+directory that is renamed over the target, so a crash never leaves half a
+checkpoint behind; a failed write raises :class:`WriteError` naming the file.
+
+Example:
+    >>> import tempfile
+    >>> from modeconn.models import create_model
+    >>> net = create_model("mlp", (1, 8, 8), 10, width=8)
+    >>> path = save_model(Path(tempfile.mkdtemp()) / "m.pt", net, "mlp", {"width": 8}, (1, 8, 8), 10,
+    ...                   dataset="digits", seed=0)
+    >>> model, meta = load_model(path)
+    >>> meta["kind"], meta["arch"], meta["dataset"]
+    ('model', 'mlp', 'digits')
 """
 from __future__ import annotations
 
@@ -26,6 +38,7 @@ import torch
 from torch import nn
 
 from modeconn._version import __version__
+from modeconn.runtime.plain import to_plain
 
 FORMAT = "modeconn"
 FORMAT_VERSION = 1
@@ -35,19 +48,95 @@ PathLike = Union[str, os.PathLike]
 
 
 class CheckpointError(ValueError):
-    """A file is not a readable modeconn checkpoint (or not the expected kind)."""
+    """A file is not a readable modeconn checkpoint (or not the expected kind, or holds NaN/Inf)."""
+
+
+class WriteError(OSError):
+    """A file or directory could not be written: disk full, no permission, a file where a directory must be.
+
+    An ``OSError`` whose ``filename`` is the path meant to be written (not a
+    temporary file) and whose ``strerror`` is the cause; ``str()`` is one line
+    such as ``cannot write runs/x/model.pt: No space left on device``.
+
+    Example:
+        >>> import errno
+        >>> str(WriteError(errno.ENOSPC, "No space left on device", "runs/x/model.pt"))
+        'cannot write runs/x/model.pt: No space left on device'
+    """
+
+    def __init__(self, code: Optional[int], cause: str, path: PathLike, *, action: str = "write"):
+        """``code``: the errno; ``cause``: its text; ``path``: what was being written; ``action``: the verb."""
+        super().__init__(code, cause, os.fspath(path))
+        self.action = action
+
+    def __str__(self) -> str:
+        """One line: ``cannot <action> <path>: <cause>``."""
+        return f"cannot {self.action} {self.filename}: {self.strerror}"
+
+
+def _blocking_file(path: Path) -> Optional[Path]:
+    """The first ancestor of ``path`` (or ``path`` itself) that exists but is not a directory."""
+    for parent in reversed((path, *path.parents)):
+        if parent.exists() and not parent.is_dir():
+            return parent
+    return None
+
+
+def make_directory(path: PathLike) -> Path:
+    """``mkdir -p path``; failures raise :class:`WriteError` naming the directory and the cause.
+
+    Example:
+        >>> import tempfile
+        >>> root = Path(tempfile.mkdtemp())
+        >>> make_directory(root / "a" / "b").is_dir()
+        True
+        >>> (root / "f").write_text("x")
+        1
+        >>> make_directory(root / "f" / "sub")  # doctest: +ELLIPSIS
+        Traceback (most recent call last):
+        ...
+        modeconn.runtime.checkpoints.WriteError: cannot create directory .../f/sub: .../f is a file, not a directory
+    """
+    path = Path(path)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        blocking = _blocking_file(path)
+        cause = f"{blocking} is a file, not a directory" if blocking is not None else (e.strerror or str(e))
+        raise WriteError(e.errno, cause, path, action="create directory") from None
+    return path
+
+
+def _remove_quietly(path: Optional[str]) -> None:
+    """Delete a temporary file if it is there."""
+    if path is not None and os.path.exists(path):
+        os.unlink(path)
 
 
 def atomic_write(path: PathLike, write: Callable[[IO[bytes]], None]) -> Path:
     """Call ``write(f)`` on a temporary file beside ``path``, then rename it over ``path``.
 
     A crash or interruption leaves either the old file or the new one, never
-    half of one. The file gets the usual permissions (umask applied).
+    half of one, and no temporary file. The file gets the usual permissions
+    (umask applied). Missing parent directories are created.
+
+    Raises:
+        WriteError: the directory or the file cannot be written (e.g. no space
+            left on the device, permission denied), also when ``write``
+            turned the OSError into another exception; names ``path``, not the
+            temporary file. Any other exception of ``write`` passes unchanged.
+
+    Example:
+        >>> import tempfile
+        >>> target = Path(tempfile.mkdtemp()) / "out" / "note.txt"
+        >>> atomic_write(target, lambda f: f.write(b"hello")).read_text()
+        'hello'
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    make_directory(path.parent)
+    tmp = None
     try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
         with os.fdopen(fd, "wb") as f:
             write(f)
             f.flush()
@@ -56,11 +145,29 @@ def atomic_write(path: PathLike, write: Callable[[IO[bytes]], None]) -> Path:
         os.umask(umask)
         os.chmod(tmp, 0o666 & ~umask)
         os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    except BaseException as e:
+        _remove_quietly(tmp)
+        cause = _os_error_behind(e)
+        if cause is None:
+            raise
+        raise WriteError(cause.errno, cause.strerror or str(cause), path) from e
     return path
+
+
+def _os_error_behind(e: BaseException) -> Optional[OSError]:
+    """The OSError that ``e`` is or arose from, if any.
+
+    ``torch.save`` meeting a full disk raises a RuntimeError ("unexpected
+    pos") while handling the OSError of the failed write; the OSError is the
+    cause worth reporting. Interruptions (non-``Exception``) are never a write error.
+    """
+    seen = set()
+    while isinstance(e, Exception) and id(e) not in seen:
+        if isinstance(e, OSError):
+            return e
+        seen.add(id(e))
+        e = e.__cause__ or e.__context__
+    return None
 
 
 def atomic_save(obj: Any, path: PathLike) -> Path:
@@ -68,28 +175,23 @@ def atomic_save(obj: Any, path: PathLike) -> Path:
     return atomic_write(path, lambda f: torch.save(obj, f))
 
 
-def _plain_data(obj: Any) -> Any:
-    """Containers of tensors, numbers and strings only (what weights_only loading accepts)."""
-    if isinstance(obj, torch.Tensor):
-        return obj
-    if isinstance(obj, Mapping):
-        return {str(k) if not isinstance(k, (int, str)) else k: _plain_data(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_plain_data(v) for v in obj]
-    for plain in (bool, int, float, str):  # also turns subclasses (TorchVersion) into the plain type
-        if isinstance(obj, plain):
-            return plain(obj)
-    if obj is None:
-        return None
-    if hasattr(obj, "item") and callable(obj.item):  # numpy scalars
-        return obj.item()
-    if isinstance(obj, os.PathLike):
-        return os.fspath(obj)
-    return str(obj)
-
-
 def save_checkpoint(path: PathLike, kind: str, **fields: Any) -> Path:
-    """Write a self-describing checkpoint of the given kind (atomic)."""
+    """Write a self-describing checkpoint of the given kind (atomic).
+
+    The header (format, version, kind, modeconn and torch versions) is added
+    to ``fields``; everything is reduced to plain data (tensors kept) so that
+    :func:`load_checkpoint` reads it with ``weights_only=True``.
+
+    Raises:
+        ValueError: unknown ``kind``.
+        WriteError: the file cannot be written.
+
+    Example:
+        >>> import tempfile
+        >>> path = save_checkpoint(Path(tempfile.mkdtemp()) / "s.pt", "ensemble", members=["a.pt"])
+        >>> load_checkpoint(path, kind="ensemble")["members"]
+        ['a.pt']
+    """
     if kind not in KINDS:
         raise ValueError(f"unknown checkpoint kind {kind!r}; expected one of {KINDS}")
     payload = {
@@ -100,10 +202,11 @@ def save_checkpoint(path: PathLike, kind: str, **fields: Any) -> Path:
         "torch_version": str(torch.__version__),
     }
     payload.update(fields)
-    return atomic_save(_plain_data(payload), path)
+    return atomic_save(to_plain(payload, keep_tensors=True), path)
 
 
 def _read_checkpoint_file(path: Path, map_location) -> Any:
+    """``torch.load(weights_only=True)`` with every failure turned into a CheckpointError naming the file."""
     if not path.exists():
         raise CheckpointError(f"{path}: no such checkpoint file")
     if path.is_dir():
@@ -122,8 +225,63 @@ def _read_checkpoint_file(path: Path, map_location) -> Any:
         ) from None
 
 
+def _first_non_finite(obj: Any, name: str = "") -> Optional[Tuple[str, int, int]]:
+    """(name, count, size) of the first floating tensor in ``obj`` holding NaN or Inf values, else None."""
+    if isinstance(obj, torch.Tensor):
+        if obj.is_floating_point() or obj.is_complex():
+            bad = int(obj.numel() - torch.isfinite(obj).sum())
+            if bad:
+                return name, bad, obj.numel()
+        return None
+    if isinstance(obj, Mapping):
+        items = obj.items()
+    elif isinstance(obj, (list, tuple)):
+        items = enumerate(obj)
+    else:
+        return None
+    for key, value in items:
+        found = _first_non_finite(value, f"{name}.{key}" if name else str(key))
+        if found is not None:
+            return found
+    return None
+
+
+def check_finite_tensors(path: PathLike, obj: Any) -> None:
+    """Refuse a loaded checkpoint whose weights or state hold NaN or Inf (a diverged or damaged run).
+
+    Tensors are named by their key path, a model's weights by their
+    state-dict key (``layers.0.weight``), other fields by the path from the
+    top (``optimizer.state.0.momentum_buffer``).
+
+    Raises:
+        CheckpointError: names ``path``, the tensor and how many of its values are not finite.
+
+    Example:
+        >>> check_finite_tensors("ok.pt", {"state_dict": {"w": torch.ones(2)}})
+        >>> bad = {"state_dict": {"layers.0.weight": torch.tensor([1.0, float("nan")])}}
+        >>> check_finite_tensors("bad.pt", bad)  # doctest: +ELLIPSIS
+        Traceback (most recent call last):
+        ...
+        modeconn.runtime.checkpoints.CheckpointError: bad.pt: tensor 'layers.0.weight' has 1 NaN/Inf value (of 2); ...
+    """
+    found = _first_non_finite(obj)
+    if found is None:
+        return
+    name, bad, size = found
+    if name.startswith("state_dict."):
+        name = name[len("state_dict."):]
+    raise CheckpointError(f"{path}: tensor {name!r} has {bad} NaN/Inf value{'s' if bad > 1 else ''} (of {size}); "
+                          "refusing a diverged or damaged checkpoint")
+
+
 def load_checkpoint(path: PathLike, kind: Optional[str] = None, map_location="cpu") -> dict:
-    """Load a modeconn checkpoint; check its kind if ``kind`` is given."""
+    """Load a modeconn checkpoint; check its kind if ``kind`` is given (see the module example).
+
+    Raises:
+        CheckpointError: the file is missing, unreadable, pickles Python
+            objects, is not a modeconn checkpoint or not of ``kind``, or holds
+            a tensor with NaN/Inf values (named in the message).
+    """
     path = Path(path)
     obj = _read_checkpoint_file(path, map_location)
     if not isinstance(obj, dict) or obj.get("format") != FORMAT:
@@ -137,11 +295,16 @@ def load_checkpoint(path: PathLike, kind: Optional[str] = None, map_location="cp
         )
     if kind is not None and obj.get("kind") != kind:
         raise CheckpointError(f"{path}: is a {obj.get('kind')!r} checkpoint, expected {kind!r}")
+    check_finite_tensors(path, obj)
     return obj
 
 
 def load_state_dict(source: Union[PathLike, Mapping[str, torch.Tensor], nn.Module]) -> dict:
-    """State dict from a module, a mapping, a modeconn model checkpoint or a plain state-dict file."""
+    """State dict from a module, a mapping, a modeconn model checkpoint or a plain state-dict file.
+
+    A file is checked like :func:`load_checkpoint` (NaN/Inf weights are refused); a module or a
+    mapping is returned as it is.
+    """
     if isinstance(source, nn.Module):
         return source.state_dict()
     if isinstance(source, Mapping):
@@ -151,8 +314,10 @@ def load_state_dict(source: Union[PathLike, Mapping[str, torch.Tensor], nn.Modul
     if isinstance(obj, dict) and obj.get("format") == FORMAT:
         if obj.get("kind") != "model":
             raise CheckpointError(f"{path}: is a {obj.get('kind')!r} checkpoint, expected a model")
+        check_finite_tensors(path, obj)
         return obj["state_dict"]
     if isinstance(obj, dict) and obj and all(isinstance(v, torch.Tensor) for v in obj.values()):
+        check_finite_tensors(path, obj)
         return obj
     raise CheckpointError(f"{path}: neither a modeconn model checkpoint nor a state dict of tensors")
 
@@ -160,7 +325,12 @@ def load_state_dict(source: Union[PathLike, Mapping[str, torch.Tensor], nn.Modul
 def save_model(path: PathLike, model: nn.Module, arch: str, arch_kwargs: Mapping,
                input_shape, num_classes: int, dataset: Optional[str] = None,
                seed: Optional[int] = None, metrics: Optional[Mapping] = None, **extra) -> Path:
-    """Write an endpoint-model checkpoint that rebuilds itself with ``load_model``."""
+    """Write an endpoint-model checkpoint that rebuilds itself with :func:`load_model` (module example).
+
+    ``arch``, ``arch_kwargs``, ``input_shape`` and ``num_classes`` are what
+    :func:`modeconn.models.create_model` needs; ``extra`` fields are stored as
+    they are (history, config, run info...).
+    """
     return save_checkpoint(
         path, "model", arch=arch, arch_kwargs=dict(arch_kwargs),
         input_shape=list(input_shape), num_classes=int(num_classes),
@@ -170,7 +340,13 @@ def save_model(path: PathLike, model: nn.Module, arch: str, arch_kwargs: Mapping
 
 
 def build_model(meta: Mapping) -> nn.Module:
-    """Instantiate the architecture a checkpoint describes (weights not loaded)."""
+    """Instantiate the architecture a checkpoint describes (weights not loaded).
+
+    Example:
+        >>> build_model({"arch": "mlp", "arch_kwargs": {"width": 4}, "input_shape": [1, 8, 8],
+        ...              "num_classes": 10}).layers[0].out_features
+        4
+    """
     from modeconn.models import create_model
 
     return create_model(meta["arch"], tuple(meta["input_shape"]), meta["num_classes"],
@@ -178,7 +354,11 @@ def build_model(meta: Mapping) -> nn.Module:
 
 
 def load_model(path: PathLike, map_location="cpu") -> Tuple[nn.Module, dict]:
-    """Rebuild the model stored in a 'model' checkpoint; returns (model, metadata)."""
+    """Rebuild the model stored in a 'model' checkpoint; returns (model, metadata) (module example).
+
+    Raises:
+        CheckpointError: as :func:`load_checkpoint`, or the weights do not fit the architecture.
+    """
     meta = load_checkpoint(path, kind="model", map_location=map_location)
     model = build_model(meta)
     try:

@@ -1,0 +1,202 @@
+"""The commands' arguments: the parser factory and the flag groups several commands share."""
+from __future__ import annotations
+
+import argparse
+import math
+import re
+import sys
+from typing import Callable, List, Optional, Sequence, Tuple
+
+from modeconn.cli.errors import EXIT_STATUS, CommandError
+from modeconn.data import DATASETS
+from modeconn.runtime import distributed
+
+_RANGE = re.compile(r"^\s*[-+]?[\d.eE+-]*\s*:\s*[-+]?[\d.eE+-]*\s*$")
+
+
+class _Parser(argparse.ArgumentParser):
+    """An ArgumentParser whose usage errors are one-line :class:`CommandError` (exit status 2),
+    and which accepts a leading ``--``.
+
+    ``torchrun ... -m modeconn.train_curve --start A.pt`` fails inside torchrun's own parser
+    ("ambiguous option: --start could match --start-method"); ``-- --start A.pt`` gets past it
+    and the ``--`` is dropped here.
+    """
+
+    def parse_known_args(self, args=None, namespace=None):
+        """argparse's parsing, after dropping one leading ``--``."""
+        args = list(sys.argv[1:] if args is None else args)
+        if args[:1] == ["--"]:
+            args = args[1:]
+        return super().parse_known_args(args, namespace)
+
+    def error(self, message: str):
+        """A usage error: raise it as one line instead of printing the usage and exiting."""
+        raise CommandError(f"{message} (see {self.prog} --help)")
+
+
+def parser(prog: str, description: str, example: str) -> argparse.ArgumentParser:
+    """The parser of ``python -m modeconn.<prog>``: the description, then the example and exit statuses."""
+    return _Parser(prog=f"python -m modeconn.{prog}", description=description,
+                   epilog=f"example:\n{example}\n\n{EXIT_STATUS}",
+                   formatter_class=argparse.RawDescriptionHelpFormatter)
+
+
+def at_least(minimum: int) -> Callable[[str], int]:
+    """An argparse ``type``: an integer ``>= minimum`` (a smaller one is a one-line usage error).
+
+    Example:
+        >>> p = parser("demo", "d", "e")
+        >>> _ = p.add_argument("--num-points", type=at_least(2), default=21)
+        >>> p.parse_args(["--num-points", "5"]).num_points
+        5
+        >>> p.parse_args(["--num-points", "1"])  # doctest: +ELLIPSIS
+        Traceback (most recent call last):
+        ...
+        modeconn.cli.errors.CommandError: argument --num-points: need at least 2, got 1 (see ... --help)
+    """
+
+    def parse(text: str) -> int:
+        """``text`` as an integer of at least ``minimum``."""
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"need at least {minimum}, got {value}")
+        return value
+
+    parse.__name__ = f"integer >= {minimum}"
+    return parse
+
+
+def add_data_args(p: argparse.ArgumentParser, dataset_default: Optional[str] = "digits",
+                  evaluation: bool = False, split: bool = False, title: str = "data") -> None:
+    """--dataset, --data-dir, --download, --batch-size (training or evaluation batches), optionally --split."""
+    g = p.add_argument_group(title)
+    g.add_argument("--dataset", default=dataset_default, choices=DATASETS,
+                   help="dataset (default: %(default)s)" if dataset_default else
+                   "dataset (default: the one recorded in the checkpoint)")
+    g.add_argument("--data-dir", default="data",
+                   help="where torchvision datasets are read from (default: %(default)s)")
+    g.add_argument("--download", action="store_true",
+                   help="download a torchvision dataset into --data-dir (needs internet)")
+    if split:
+        g.add_argument("--split", default="both", choices=("train", "test", "both"),
+                       help="which data the loss and accuracy are measured on; BN statistics always use the "
+                            "training data (default: %(default)s)")
+    if evaluation:
+        g.add_argument("--batch-size", type=at_least(1), default=1024,
+                       help="evaluation batch size, also the batch of the BN-statistics pass "
+                            "(default: %(default)s)")
+    else:
+        g.add_argument("--batch-size", type=at_least(1), default=64,
+                       help="training mini-batch size; under torchrun the GLOBAL batch, split evenly over the "
+                            "processes (must be divisible by their number) (default: %(default)s)")
+
+
+def add_optim_args(p: argparse.ArgumentParser, epochs: int, lr: float, wd: float = 5e-4) -> None:
+    """--epochs, --lr, --wd, --momentum, --schedule, --seed of the SGD training commands."""
+    g = p.add_argument_group("optimisation")
+    g.add_argument("--epochs", type=at_least(1), default=epochs, help="training epochs (default: %(default)s)")
+    g.add_argument("--lr", type=float, default=lr, help="initial learning rate of SGD (default: %(default)s)")
+    g.add_argument("--wd", type=float, default=wd, help="weight decay (default: %(default)s)")
+    g.add_argument("--momentum", type=float, default=0.9, help="SGD momentum (default: %(default)s)")
+    g.add_argument("--schedule", default="reference", choices=("reference", "cosine", "constant"),
+                   help="learning-rate schedule: 'reference' = constant for the first half, linear decay "
+                        "to 1%% at 90%%, then flat (Garipov et al.); 'cosine'; 'constant' "
+                        "(default: %(default)s)")
+    g.add_argument("--seed", type=int, default=0, help="seed of initialisation, batch order and t samples "
+                                                       "(default: %(default)s)")
+
+
+def add_run_args(p: argparse.ArgumentParser, out_default: Optional[str] = None, out_required: bool = True,
+                 out_help: str = "output directory", out_metavar: Optional[str] = None) -> None:
+    """--out (required unless it has a default or ``out_required`` is False), --device, --no-progress."""
+    g = p.add_argument_group("run")
+    g.add_argument("--out", default=out_default, required=out_required and out_default is None,
+                   metavar=out_metavar, help=out_help + (" (default: %(default)s)" if out_default else ""))
+    g.add_argument("--device", default="auto", help="'cpu', 'cuda', 'cuda:1' or 'auto' (default: %(default)s)")
+    g.add_argument("--no-progress", action="store_true", help="hide progress bars")
+
+
+def add_scale_args(p: argparse.ArgumentParser, training: bool = True) -> None:
+    """--backend, --amp, --compile: several processes under torchrun and the opt-in speed flags."""
+    g = p.add_argument_group("scale-out (README: Multiple GPUs and machines)")
+    g.add_argument("--backend", default="auto", choices=distributed.BACKENDS,
+                   help="torch.distributed backend when started by torchrun: auto = nccl on CUDA, gloo on "
+                        "the CPU (default: %(default)s); ignored in a single process")
+    g.add_argument("--amp", action="store_true",
+                   help="bf16 autocast for the forward passes on CUDA (on the CPU a note is printed and the "
+                        "flag is ignored)")
+    g.add_argument("--compile", action="store_true",
+                   help="torch.compile the " + ("model / curve step" if training else "metric passes") +
+                        " (off by default; the first steps are slow while it compiles)")
+
+
+def add_resume_args(p: argparse.ArgumentParser, state_file: str, unit: str) -> None:
+    """--resume and --force: continue from ``OUT/state_file`` (saved after every ``unit``) or start over."""
+    g = p.add_argument_group("resume")
+    g.add_argument("--resume", action="store_true",
+                   help=f"continue an interrupted run from OUT/{state_file} (written after every finished "
+                        f"{unit}; same arguments)")
+    g.add_argument("--force", action="store_true", help="start over, replacing an earlier run in OUT")
+
+
+def add_grid_args(p: argparse.ArgumentParser) -> None:
+    """How the grid commands (plane, landscape) evaluate a point: BN, batching, Hessian."""
+    g = p.add_argument_group("evaluation")
+    g.add_argument("--no-bn-recompute", action="store_true",
+                   help="keep the checkpoint's BatchNorm statistics at every point instead of recomputing "
+                        "them per point over the training data (the loss-landscape reference does this; it "
+                        "distorts BN networks away from the checkpoint). No effect without BN.")
+    g.add_argument("--points-per-pass", type=at_least(1), default=8,
+                   help="grid points evaluated together in one pass over the data (vmap over stacked "
+                        "weights; memory grows with it) (default: %(default)s)")
+    g.add_argument("--hessian", action="store_true",
+                   help="also compute the Hessian's extreme eigenvalues λmax, λmin and |λmin/λmax| "
+                        "(Li et al.'s convexity map) at every grid point, over --hessian-samples training "
+                        "samples. Expensive: tens of Hessian-vector products per point; use a coarse grid.")
+    g.add_argument("--hessian-samples", type=at_least(1), default=512,
+                   help="training samples (the first N) the Hessian is averaged over (default: %(default)s)")
+    g.add_argument("--hessian-tol", type=float, default=1e-2,
+                   help="relative accuracy of the Lanczos eigenvalues (default: %(default)s)")
+
+
+def parse_range(text: str, flag: str) -> Tuple[float, float]:
+    """``'-1:1'`` -> ``(-1.0, 1.0)``; anything but finite ``LO < HI`` is a :class:`CommandError`.
+
+    Example:
+        >>> parse_range("-0.5:1.5", "--range")
+        (-0.5, 1.5)
+    """
+    lo, sep, hi = str(text).partition(":")
+    try:
+        if not sep:
+            raise ValueError
+        a, b = float(lo), float(hi)
+    except ValueError:
+        raise CommandError(f"{flag} {text!r}: expected LO:HI, e.g. {flag} -1:1") from None
+    if not (math.isfinite(a) and math.isfinite(b)) or not a < b:
+        raise CommandError(f"{flag} {text!r}: need finite LO < HI")
+    return a, b
+
+
+def join_negative_values(argv: Optional[Sequence[str]], flags: Sequence[str]) -> List[str]:
+    """Let ``--range -1:1`` through argparse (which takes ``-1:1`` for an option): ``--range=-1:1``.
+
+    Example:
+        >>> join_negative_values(["--range", "-1:1", "--steps", "5"], ["--range"])
+        ['--range=-1:1', '--steps', '5']
+    """
+    argv = list(sys.argv[1:] if argv is None else argv)
+    out, i = [], 0
+    while i < len(argv):
+        a = argv[i]
+        if a in flags and i + 1 < len(argv) and argv[i + 1].startswith("-") and _RANGE.match(argv[i + 1]):
+            out.append(f"{a}={argv[i + 1]}")
+            i += 2
+            continue
+        out.append(a)
+        i += 1
+    return out
