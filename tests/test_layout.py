@@ -58,6 +58,8 @@ def test_flatten_concatenates_row_major_in_layout_order():
     sub = FlatLayout.of(net, names=["out.weight", "fc.bias"])
     got = sub.flatten(net.state_dict(), dtype=torch.float64)
     assert got.dtype == torch.float64 and got.tolist() == [16.0, 17.0, 18.0, 7.0, 8.0, 9.0]
+    # on the device asked for (the meta device stands in for a GPU)
+    assert sub.flatten(net, device="meta").device.type == "meta"
 
 
 def test_flatten_names_missing_and_misshapen_parameters():
@@ -81,6 +83,8 @@ def test_check_demands_P_entries_in_the_last_dimension():
             layout.check(bad, what="direction")
     with pytest.raises(TypeError, match="direction must be a torch.Tensor"):
         layout.check([0.0] * 18, what="direction")
+    with pytest.raises(ValueError, match="^flat vector must have P=18"):  # the default name
+        layout.check(torch.zeros(3))
 
 
 def test_unflatten_splits_into_views_and_keeps_leading_dimensions():
@@ -125,3 +129,14 @@ def test_module_at_is_a_standalone_copy_holding_the_point():
     assert layout.module_at(net.train(), theta).training
     with pytest.raises(ValueError, match="one point"):
         layout.module_at(net, torch.zeros(2, 18))
+
+
+def test_module_at_reaches_parameters_of_nested_modules():
+    """Names with several dots ("0.1.weight"): the parameter lives in the innermost module."""
+    net = nn.Sequential(nn.Sequential(nn.Linear(2, 2), nn.Linear(2, 1)), nn.Tanh())
+    layout = FlatLayout.of(net)
+    assert layout.names == ("0.0.weight", "0.0.bias", "0.1.weight", "0.1.bias")
+    theta = torch.arange(1.0, 10.0)
+    copy = layout.module_at(net, theta)
+    assert torch.equal(copy[0][1].weight, torch.tensor([[7.0, 8.0]])) and copy[0][1].bias.item() == 9.0
+    assert torch.equal(layout.flatten(copy), theta)
