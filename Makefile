@@ -6,7 +6,7 @@ PY     := $(VENV)/bin/python
 # pyproject.toml keeps open ranges (torch>=2.3) for users elsewhere.
 TORCH_PINS ?= torch==2.14.1 torchvision==0.29.1
 
-.PHONY: demo test install bench clean
+.PHONY: demo test install bench mutate clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -23,8 +23,22 @@ demo: install
 test: install
 	$(PY) -m pytest -q
 
+# Mutation testing over the core modules ([tool.mutmut] in pyproject.toml; tests/MUTATION.md).
+# MUTANTS narrows the run to mutant names (globs), e.g. make mutate MUTANTS='modeconn.core.curves.*'.
+# PYTHONPATH is cleared so the tests import the mutated copy in mutants/, not a checkout.
+MUTANTS ?=
+MUTMUT_CHILDREN ?= 2
+
+$(VENV)/.installed-dev: $(VENV)/.installed
+	$(PY) -m pip install --quiet -e '.[dev]'
+	touch $@
+
+mutate: $(VENV)/.installed-dev
+	env -u PYTHONPATH OMP_NUM_THREADS=1 $(VENV)/bin/mutmut run --max-children $(MUTMUT_CHILDREN) $(MUTANTS)
+	env -u PYTHONPATH $(VENV)/bin/mutmut results
+
 bench: install
 	for f in experiments/bench_*.py; do echo "== $$f"; $(PY) $$f || exit 1; done
 
 clean:
-	rm -rf runs build *.egg-info .pytest_cache
+	rm -rf runs build *.egg-info .pytest_cache mutants

@@ -58,26 +58,105 @@ def test_train_curve_resume_after_interruption(tmp_path, monkeypatch):
     assert [r["epoch"] for r in meta["history"]] == [1, 2, 3, 4]
 
 
-def test_eval_curve_end_to_end(tmp_path, capsys):
+def _by_hand_along(state_at, template, ds, ts, batch_size):
+    """Train/test loss and error of the networks ``state_at(t)`` (weights only), BN statistics
+    recomputed by hand: BN layers in training mode with momentum=None (a cumulative average,
+    equal weight per batch, unbiased variance) over the training data cut into ``batch_size``
+    batches in order; then a plain evaluation loop."""
+    import copy
+    import math
+
+    import torch.nn.functional as F
+
+    def batches(x, y):
+        return [(x[i:i + batch_size], y[i:i + batch_size]) for i in range(0, len(x), batch_size)]
+
+    rows = []
+    for t in ts:
+        net = copy.deepcopy(template)
+        net.load_state_dict(state_at(t), strict=False)
+        bns = [m for m in net.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+        net.eval()
+        for m in bns:
+            m.reset_running_stats()
+            m.momentum = None
+            m.train()
+        with torch.no_grad():
+            for x, _ in batches(ds.x_train, ds.y_train):
+                net(x)
+        net.eval()
+        row = {}
+        for split, x_all, y_all in (("train", ds.x_train, ds.y_train), ("test", ds.x_test, ds.y_test)):
+            loss, wrong = 0.0, 0
+            with torch.no_grad():
+                for x, y in batches(x_all, y_all):
+                    out = net(x)
+                    loss += float(F.cross_entropy(out.double(), y, reduction="sum"))
+                    wrong += int((out.argmax(1) != y).sum())
+            row[f"{split}_loss"], row[f"{split}_error"] = loss / len(y_all), wrong / len(y_all)
+        rows.append(row)
+    assert not math.isnan(rows[0]["test_loss"])
+    return {k: [r[k] for r in rows] for k in rows[0]}
+
+
+def _interp_barrier_by_hand(ts, m):
+    """max_t [M(t) - ((1-t) M(0) + t M(1))] and where it sits (README's 'interp')."""
+    excess = [mi - ((1 - t) * m[0] + t * m[-1]) for t, mi in zip(ts, m)]
+    i = max(range(len(ts)), key=lambda j: excess[j])
+    return excess[i], ts[i]
+
+
+def test_eval_curve_end_to_end(tmp_path, capsys, digits):
+    """The command's numbers against an independent computation: θ(t) from the checkpoint's bends
+    with Bernstein weights written out, BN statistics and metrics by plain loops, barriers by hand."""
+    import math
+
     assert train_curve.main(["--start", str(CKPT / "digits_cnn_a.pt"), "--end", str(CKPT / "digits_cnn_b.pt"),
                              "--epochs", "1", "--out", str(tmp_path / "c"), "--no-progress"]) == 0
     out = tmp_path / "eval"
     assert eval_curve.main(["--ckpt", str(tmp_path / "c" / "curve.pt"), "--num-points", "5", "--with-linear",
-                            "--out", str(out), "--no-progress"]) == 0
+                            "--batch-size", "256", "--out", str(out), "--no-progress"]) == 0
     data = json.loads((out / "path.json").read_text())
     assert (out / "path.png").stat().st_size > 1000
     lines = (out / "path.csv").read_text().splitlines()
     assert len(lines) == 6 and lines[0].startswith("t,train_loss")
     assert data["bn_recomputed"] is True and data["run"]["argv"][1] == "--ckpt"
-    # the JSON barrier is the PathResult's barrier
-    ts = data["ts"]
-    res = PathResult(**{k: __import__("numpy").array(data[k]) for k in
-                        ("ts", "train_loss", "train_nll", "train_acc", "train_error", "test_loss", "test_nll",
-                         "test_acc", "test_error", "segment_lengths", "arc_length")})
-    assert data["barriers"]["test_loss"]["interp"]["barrier"] == pytest.approx(res.barrier("test_loss"))
-    assert data["linear"]["barriers"]["test_loss"]["interp"]["barrier"] > 0
-    assert len(ts) == 5
     assert "test_loss" in capsys.readouterr().out
+    ts = [0.0, 0.25, 0.5, 0.75, 1.0]
+    assert data["ts"] == ts
+
+    # the fitted bends as stored in the checkpoint; the curve is Bezier(3): θ(t) = Σ C(2,k) t^k (1-t)^(2-k) θ_k
+    state = mc.load_checkpoint(tmp_path / "c" / "curve.pt")["curve_state"]
+    assert (state["curve"], state["num_bends"]) == ("bezier", 3)
+    bends = {n: v.double() for n, v in state["bends"].items()}
+    template, _ = mc.load_model(CKPT / "digits_cnn_a.pt")
+
+    def on_curve(t):
+        w = [math.comb(2, k) * t ** k * (1 - t) ** (2 - k) for k in range(3)]
+        return {n: sum(w[k] * v[k] for k in range(3)).float() for n, v in bends.items()}
+
+    def on_line(t):
+        return {n: ((1 - t) * v[0] + t * v[-1]).float() for n, v in bends.items()}
+
+    for key, state_at in ((None, on_curve), ("linear", on_line)):
+        got = data if key is None else data[key]
+        hand = _by_hand_along(state_at, template, digits, ts, batch_size=256)
+        for metric in ("train_loss", "test_loss"):
+            assert got[metric] == pytest.approx(hand[metric], rel=1e-4, abs=1e-6), (key, metric)
+            assert got[metric.replace("loss", "nll")] == pytest.approx(hand[metric], rel=1e-4, abs=1e-6)
+        for metric in ("train_error", "test_error"):
+            assert got[metric] == pytest.approx(hand[metric], abs=1e-9), (key, metric)
+        for metric in ("test_loss", "test_error"):
+            height, t_max = _interp_barrier_by_hand(ts, hand[metric])
+            assert got["barriers"][metric]["interp"]["barrier"] == pytest.approx(height, rel=1e-3, abs=1e-5)
+            m = hand[metric]
+            assert got["barriers"][metric]["mean"]["barrier"] == pytest.approx(max(m) - (m[0] + m[-1]) / 2,
+                                                                              rel=1e-3, abs=1e-5)
+            assert got["barriers"][metric]["max"]["barrier"] == pytest.approx(max(m) - max(m[0], m[-1]),
+                                                                             rel=1e-3, abs=1e-5)
+        t_loss = _interp_barrier_by_hand(ts, hand["test_loss"])[1]
+        assert got["barriers"]["test_loss"]["interp"]["t"] == t_loss
+    assert data["linear"]["barriers"]["test_loss"]["interp"]["barrier"] > 0  # two CNNs: the line has a barrier
 
 
 def test_eval_curve_bad_input(tmp_path, capsys):
