@@ -67,6 +67,7 @@ def session(args: argparse.Namespace, join: bool = True) -> Iterator[Job]:
     except ValueError as e:
         raise CommandError(str(e)) from None
     started = distributed.is_initialized() and not joined_before
+    finished = False
     try:
         if getattr(args, "amp", False) and info.device.type != "cuda":
             if info.is_main:
@@ -74,9 +75,10 @@ def session(args: argparse.Namespace, join: bool = True) -> Iterator[Job]:
             args.amp = False
         with contextlib.ExitStack() as bars:
             yield Job(info, getattr(args, "no_progress", False), bars)
+        finished = True
     finally:
         if started:
-            distributed.cleanup()
+            distributed.cleanup(wait_for_peers=finished)
 
 
 def progress_bar(total: int, desc: str, disable: bool = False):

@@ -183,9 +183,17 @@ def broadcast_buffers(module: nn.Module, src: int = 0) -> None:
             b.copy_(t)
 
 
-def cleanup() -> None:
-    """Leave the process group (no-op when none was joined)."""
+def cleanup(wait_for_peers: bool = False) -> None:
+    """Leave the process group (no-op when none was joined).
+
+    ``wait_for_peers``: meet every rank at a barrier first, so that no rank
+    tears its connections down while another (rank 0 writing the results) is
+    still in the group. Only for a normal end: after an error a peer may never
+    arrive.
+    """
     if is_initialized():
+        if wait_for_peers:
+            dist.barrier()
         dist.destroy_process_group()
 
 
