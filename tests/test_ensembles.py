@@ -1,4 +1,4 @@
-"""Tests for modeconn.ensembles (FGE, ensemble evaluation) and the ``modeconn.fge`` command."""
+"""Tests for modeconn.training.fge (FGE) and modeconn.evaluation.ensembles and the ``modeconn.fge`` command."""
 import importlib
 import copy
 import json

@@ -42,7 +42,7 @@ def load_members(members: Sequence[Member], template: Optional[nn.Module] = None
                  map_location="cpu") -> List[nn.Module]:
     """Modules from a mix of modules and checkpoint paths (modules are passed through).
 
-    A path is loaded with :func:`~modeconn.checkpoint.load_model` or, when
+    A path is loaded with :func:`~modeconn.runtime.checkpoints.load_model` or, when
     ``template`` is given, as a copy of ``template`` holding the file's state
     dict (for checkpoints that do not name a registered architecture).
     """
