@@ -392,6 +392,17 @@ def activation_matching(a: nn.Module, b: nn.Module, loader, spec: PermutationSpe
     copied there, never moved).  Groups without observation points keep the
     identity and are listed in ``info.unobserved``.  Returns
     ``(perm, ActivationMatchingInfo)``.
+
+    Example:
+        >>> from modeconn.alignment import apply_permutation, infer_permutation_spec
+        >>> _ = torch.manual_seed(0)
+        >>> a = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 3))
+        >>> spec = infer_permutation_spec(a, torch.randn(1, 4))
+        >>> shuffle = {"0": torch.randperm(8)}
+        >>> b = apply_permutation(a, spec, shuffle)   # a with its hidden units shuffled
+        >>> perm, info = activation_matching(a, b, [torch.randn(64, 4)], spec)
+        >>> torch.equal(perm["0"], torch.argsort(shuffle["0"])), info.num_batches
+        (True, 1)
     """
     if not isinstance(a, nn.Module) or not isinstance(b, nn.Module):
         raise ValueError("activation_matching needs nn.Module models (not state dicts) to run forward passes")

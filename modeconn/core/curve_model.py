@@ -394,7 +394,18 @@ def linear_path(a: Source, b: Source, template: Optional[nn.Module] = None) -> C
 
 
 def chain_path(points: List[Source], template: nn.Module) -> CurveModel:
-    """A polygonal chain through several networks (in order), every bend fixed."""
+    """A polygonal chain through several networks (in order), every bend fixed.
+
+    Example:
+        >>> import torch
+        >>> from torch import nn
+        >>> a, b, c = nn.Linear(3, 2), nn.Linear(3, 2), nn.Linear(3, 2)
+        >>> path = chain_path([a, b, c], template=a)
+        >>> path.num_bends, path.free_idx
+        (3, [])
+        >>> torch.equal(path.weights_at(0.5)["weight"], b.weight)   # t = 1/2 is the middle network
+        True
+    """
     if len(points) < 2:
         raise ValueError("chain_path needs at least two networks")
     return CurveModel(template, points[0], points[-1], PolyChain(len(points)),
@@ -406,6 +417,17 @@ def save_curve(path, curve: CurveModel, meta: Mapping, **extra):
 
     ``meta`` carries the architecture (``arch``, ``arch_kwargs``,
     ``input_shape``, ``num_classes``) and usually ``dataset`` and ``seed``.
+
+    Example:
+        >>> import pathlib, tempfile
+        >>> from modeconn.models import create_model
+        >>> a, b = create_model("mlp", (2,), 3, width=4), create_model("mlp", (2,), 3, width=4)
+        >>> meta = {"arch": "mlp", "arch_kwargs": {"width": 4}, "input_shape": [2], "num_classes": 3, "seed": 0}
+        >>> path = save_curve(pathlib.Path(tempfile.mkdtemp()) / "curve.pt", CurveModel(a, a, b), meta)
+        >>> from modeconn.runtime.checkpoints import load_checkpoint
+        >>> ckpt = load_checkpoint(path, kind="curve")   # self-describing: architecture, seed, bends
+        >>> ckpt["arch"], ckpt["seed"], ckpt["curve_state"]["num_bends"]
+        ('mlp', 0, 3)
     """
     from modeconn.runtime.checkpoints import save_checkpoint
 
@@ -416,7 +438,19 @@ def save_curve(path, curve: CurveModel, meta: Mapping, **extra):
 
 
 def load_curve(path, map_location="cpu"):
-    """Rebuild the CurveModel stored in a 'curve' checkpoint; returns (curve, metadata)."""
+    """Rebuild the CurveModel stored in a 'curve' checkpoint; returns (curve, metadata).
+
+    Example:
+        >>> import pathlib, tempfile
+        >>> from modeconn.models import create_model
+        >>> a, b = create_model("mlp", (2,), 3, width=4), create_model("mlp", (2,), 3, width=4)
+        >>> meta = {"arch": "mlp", "arch_kwargs": {"width": 4}, "input_shape": [2], "num_classes": 3, "seed": 0}
+        >>> curve = CurveModel(a, a, b)
+        >>> path = save_curve(pathlib.Path(tempfile.mkdtemp()) / "curve.pt", curve, meta)
+        >>> loaded, info = load_curve(path)
+        >>> torch.equal(loaded.bends, curve.bends), loaded.curve, info["kind"], info["seed"]
+        (True, Bezier(3), 'curve', 0)
+    """
     from modeconn.runtime.checkpoints import CheckpointError, build_model, load_checkpoint
 
     meta = load_checkpoint(path, kind="curve", map_location=map_location)

@@ -67,6 +67,13 @@ class Bezier(Curve):
     """Bezier curve: Bernstein polynomials ``C(n,k) t^k (1-t)^(n-k)``, n = K-1.
 
     Passes through the first and last bend; the middle bends are control points.
+
+    Example:
+        >>> Bezier(3).coefficients(0.5)   # weights of θ_0, θ_1, θ_2 at t = 1/2
+        tensor([0.2500, 0.5000, 0.2500])
+        >>> Bezier(3).coefficients(torch.tensor([0.0, 1.0]))   # the endpoints
+        tensor([[1., 0., 0.],
+                [0., 0., 1.]])
     """
 
     name = "bezier"
@@ -85,6 +92,10 @@ class PolyChain(Curve):
 
     Bend k sits at t = k/(K-1); between two bends the path is the straight
     segment joining them.
+
+    Example:
+        >>> PolyChain(3).coefficients(0.25)   # halfway between bends 0 and 1
+        tensor([0.5000, 0.5000, 0.0000])
     """
 
     name = "polychain"
@@ -100,7 +111,12 @@ CURVES = {"bezier": Bezier, "polychain": PolyChain}
 
 
 def make_curve(name: str, num_bends: int) -> Curve:
-    """Build a curve family by name ('bezier' or 'polychain')."""
+    """Build a curve family by name ('bezier' or 'polychain').
+
+    Example:
+        >>> make_curve("bezier", 3), make_curve("PolyChain", 4)
+        (Bezier(3), PolyChain(4))
+    """
     try:
         cls = CURVES[name.lower()]
     except KeyError:

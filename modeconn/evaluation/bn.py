@@ -40,7 +40,14 @@ def batchnorm_modules(model: nn.Module) -> List[nn.Module]:
 
 
 def has_batchnorm(model: nn.Module) -> bool:
-    """True when the model has BatchNorm layers that track running statistics."""
+    """True when the model has BatchNorm layers that track running statistics.
+
+    Example:
+        >>> has_batchnorm(nn.Sequential(nn.Linear(2, 3), nn.BatchNorm1d(3)))
+        True
+        >>> has_batchnorm(nn.Sequential(nn.Linear(2, 3), nn.BatchNorm1d(3, track_running_stats=False)))
+        False
+    """
     return bool(batchnorm_modules(model))
 
 

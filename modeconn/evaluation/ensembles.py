@@ -65,6 +65,18 @@ def curve_ensemble(curve, ts: Sequence[float], bn_loader: Optional[Iterable] = N
     Every point (endpoints included) gets statistics computed over
     ``bn_loader`` (required when the network has BatchNorm). Returns
     standalone modules in eval mode, for :func:`evaluate_ensemble`.
+
+    Example:
+        >>> from modeconn.core.curve_model import CurveModel
+        >>> from modeconn.data import TensorLoader
+        >>> _ = torch.manual_seed(0)
+        >>> a, b = (nn.Sequential(nn.Linear(4, 3), nn.BatchNorm1d(3)) for _ in range(2))
+        >>> data = TensorLoader(torch.randn(16, 4), torch.randint(0, 3, (16,)), batch_size=8)
+        >>> members = curve_ensemble(CurveModel(a, a, b), [0.0, 0.5, 1.0], bn_loader=data)
+        >>> len(members), int(members[1][1].num_batches_tracked), members[1].training
+        (3, 2, False)
+        >>> evaluate_ensemble(members, data).final["members"]
+        3
     """
     ts = [float(t) for t in ts]
     if not ts:

@@ -21,7 +21,17 @@ _REGISTRY: Dict[str, ModelBuilder] = {}
 
 def register_model(name: str) -> Callable[[ModelBuilder], ModelBuilder]:
     """Decorator registering ``fn(input_shape, num_classes, **kwargs) -> nn.Module``
-    under ``name``. Registering a name twice raises ``ValueError``."""
+    under ``name``. Registering a name twice raises ``ValueError``.
+
+    Example:
+        >>> import math
+        >>> @register_model("linear_probe")
+        ... def linear_probe(input_shape, num_classes, bias=True):
+        ...     return nn.Sequential(nn.Flatten(), nn.Linear(math.prod(input_shape), num_classes, bias=bias))
+        >>> create_model("linear_probe", (1, 8, 8), 10, bias=False)[1]
+        Linear(in_features=64, out_features=10, bias=False)
+        >>> _ = _REGISTRY.pop("linear_probe")   # (doctest only: leave the registry as it was)
+    """
     if not isinstance(name, str) or not name:
         raise ValueError(f"model name must be a non-empty string, got {name!r}")
 
@@ -35,7 +45,12 @@ def register_model(name: str) -> Callable[[ModelBuilder], ModelBuilder]:
 
 
 def list_models() -> List[str]:
-    """Sorted names of all registered models."""
+    """Sorted names of all registered models.
+
+    Example:
+        >>> {"mlp", "convnet", "preresnet"} <= set(list_models())
+        True
+    """
     return sorted(_REGISTRY)
 
 
@@ -59,6 +74,12 @@ def create_model(name: str, input_shape: Sequence[int], num_classes: int, **kwar
     Raises ``ValueError`` for an unknown name (listing the known ones), an unknown
     keyword argument (listing the accepted ones), or an invalid argument value
     (naming the parameter and its allowed values).
+
+    Example:
+        >>> import torch
+        >>> net = create_model("mlp", (1, 8, 8), 10, width=16)
+        >>> net(torch.randn(4, 1, 8, 8)).shape
+        torch.Size([4, 10])
     """
     if name not in _REGISTRY:
         raise ValueError(f"unknown model {name!r}; known models: {', '.join(list_models())}")

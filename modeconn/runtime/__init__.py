@@ -44,6 +44,13 @@ class Runtime:
         compile: ``torch.compile`` the step or the metric pass (slow first steps).
         distributed: wrap in DistributedDataParallel; ``None`` means "when
             torchrun started several ranks and the process group is joined".
+
+    Example:
+        >>> rt = Runtime(device="cpu", amp=True)
+        >>> with rt.autocast("cpu"):
+        ...     out = torch.nn.Linear(4, 2)(torch.ones(3, 4))
+        >>> out.dtype, rt.use_ddp()   # bf16 forward; one process, so no DDP
+        (torch.bfloat16, False)
     """
 
     device: Optional[Union[str, torch.device]] = None
@@ -82,6 +89,18 @@ class Hooks:
             ``update`` fits.
         on_epoch_end: ``on_epoch_end(record, state)`` after every epoch: the
             history record and the state to pass back as ``resume=`` later.
+
+    Example:
+        >>> from torch import nn
+        >>> from modeconn.data import TensorLoader
+        >>> from modeconn.training.loop import train_model
+        >>> _ = torch.manual_seed(0)
+        >>> loader = TensorLoader(torch.randn(16, 4), torch.randint(0, 3, (16,)), batch_size=8)
+        >>> steps, epochs = [], []
+        >>> hooks = Hooks(progress=steps.append, on_epoch_end=lambda record, state: epochs.append(record["epoch"]))
+        >>> _ = train_model(nn.Linear(4, 3), loader, epochs=2, lr=0.1, hooks=hooks)
+        >>> sum(steps), epochs
+        (4, [1, 2])
     """
 
     progress: Optional[Callable[[int], None]] = None

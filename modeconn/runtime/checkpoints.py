@@ -281,6 +281,17 @@ def load_checkpoint(path: PathLike, kind: Optional[str] = None, map_location="cp
         CheckpointError: the file is missing, unreadable, pickles Python
             objects, is not a modeconn checkpoint or not of ``kind``, or holds
             a tensor with NaN/Inf values (named in the message).
+
+    Example:
+        >>> import tempfile
+        >>> path = save_checkpoint(Path(tempfile.mkdtemp()) / "e.pt", "ensemble", members=["a.pt", "b.pt"])
+        >>> ckpt = load_checkpoint(path)
+        >>> ckpt["kind"], ckpt["members"]
+        ('ensemble', ['a.pt', 'b.pt'])
+        >>> load_checkpoint(path, kind="model")  # doctest: +ELLIPSIS
+        Traceback (most recent call last):
+        ...
+        modeconn.runtime.checkpoints.CheckpointError: .../e.pt: is a 'ensemble' checkpoint, expected 'model'
     """
     path = Path(path)
     obj = _read_checkpoint_file(path, map_location)
@@ -304,6 +315,15 @@ def load_state_dict(source: Union[PathLike, Mapping[str, torch.Tensor], nn.Modul
 
     A file is checked like :func:`load_checkpoint` (NaN/Inf weights are refused); a module or a
     mapping is returned as it is.
+
+    Example:
+        >>> import tempfile
+        >>> net = nn.Linear(2, 1)
+        >>> path = Path(tempfile.mkdtemp()) / "plain.pt"
+        >>> torch.save(net.state_dict(), path)   # a plain state-dict file, not a modeconn checkpoint
+        >>> state = load_state_dict(path)
+        >>> sorted(state), torch.equal(state["weight"], net.weight)
+        (['bias', 'weight'], True)
     """
     if isinstance(source, nn.Module):
         return source.state_dict()
@@ -330,6 +350,16 @@ def save_model(path: PathLike, model: nn.Module, arch: str, arch_kwargs: Mapping
     ``arch``, ``arch_kwargs``, ``input_shape`` and ``num_classes`` are what
     :func:`modeconn.models.create_model` needs; ``extra`` fields are stored as
     they are (history, config, run info...).
+
+    Example:
+        >>> import tempfile
+        >>> from modeconn.models import create_model
+        >>> net = create_model("mlp", (2,), 3, width=4)
+        >>> path = save_model(Path(tempfile.mkdtemp()) / "m.pt", net, "mlp", {"width": 4}, (2,), 3,
+        ...                   metrics={"acc": 0.5}, notes="first run")
+        >>> ckpt = load_checkpoint(path, kind="model")
+        >>> ckpt["input_shape"], ckpt["metrics"], ckpt["notes"]
+        ([2], {'acc': 0.5}, 'first run')
     """
     return save_checkpoint(
         path, "model", arch=arch, arch_kwargs=dict(arch_kwargs),
@@ -358,6 +388,16 @@ def load_model(path: PathLike, map_location="cpu") -> Tuple[nn.Module, dict]:
 
     Raises:
         CheckpointError: as :func:`load_checkpoint`, or the weights do not fit the architecture.
+
+    Example:
+        >>> import tempfile
+        >>> from modeconn.models import create_model
+        >>> net = create_model("mlp", (2,), 3, width=4)
+        >>> path = save_model(Path(tempfile.mkdtemp()) / "m.pt", net, "mlp", {"width": 4}, (2,), 3)
+        >>> model, meta = load_model(path)
+        >>> x = torch.randn(5, 2)
+        >>> torch.equal(model(x), net(x)), meta["num_classes"]
+        (True, 3)
     """
     meta = load_checkpoint(path, kind="model", map_location=map_location)
     model = build_model(meta)

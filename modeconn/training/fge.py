@@ -304,6 +304,17 @@ def train_fge(model: nn.Module, train_loader: Iterable, cycles: int, cycle_epoch
         ValueError: cycles < 1, a cycle shorter than 2 iterations, bad rates, an
             empty loader, or a ``resume`` state from different settings.
         FloatingPointError: the training loss became NaN/inf.
+
+    Example:
+        >>> from modeconn.evaluation.ensembles import evaluate_ensemble
+        >>> _ = torch.manual_seed(0)
+        >>> net = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 3))
+        >>> loader = TensorLoader(torch.randn(32, 4), torch.randint(0, 3, (32,)), batch_size=8)
+        >>> res = train_fge(net, loader, cycles=2, cycle_epochs=1, lr_max=0.05, lr_min=0.005)
+        >>> len(res.snapshots), res.snapshot_iterations, len(res.lr_trace)   # 4 steps per cycle
+        (2, [2, 6], 8)
+        >>> evaluate_ensemble(res.snapshots, loader).final["members"]
+        2
     """
     check_cycles(cycles)
     per_epoch = len(train_loader)
