@@ -12,6 +12,7 @@ from modeconn.runtime.checkpoints import (CheckpointError, load_checkpoint, load
                                           save_checkpoint, save_model)
 from modeconn.data import TensorLoader, get_dataset
 from modeconn.models import create_model, list_models, register_model
+from modeconn.models.shipped import shipped_checkpoint
 from modeconn.evaluation.bn import has_batchnorm, recompute_bn
 from modeconn.evaluation.path import PathResult, barrier, evaluate_path, evaluate_points
 from modeconn.evaluation.ensembles import EnsembleResult, curve_ensemble, evaluate_ensemble
@@ -27,7 +28,7 @@ __all__ = [
     "CurveModel", "linear_path", "chain_path", "save_curve", "load_curve",
     "CheckpointError", "load_checkpoint", "save_checkpoint", "load_model", "save_model", "load_state_dict",
     "get_dataset", "TensorLoader",
-    "create_model", "list_models", "register_model",
+    "create_model", "list_models", "register_model", "shipped_checkpoint",
     "recompute_bn", "has_batchnorm",
     "evaluate_path", "evaluate_points", "PathResult", "barrier",
     "evaluate_ensemble", "curve_ensemble", "EnsembleResult",

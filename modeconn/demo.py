@@ -17,6 +17,7 @@ from modeconn.cli.errors import run_command
 from modeconn.cli.outputs import run_info, write_json
 from modeconn.cli.session import Job, session
 from modeconn.runtime.checkpoints import build_model, load_checkpoint, load_model, make_directory
+from modeconn.models.shipped import shipped_checkpoint
 from modeconn.core.curve_model import CurveModel, save_curve
 from modeconn.core.curves import Bezier
 from modeconn.data import get_dataset
@@ -32,7 +33,6 @@ from modeconn.training.loop import fit_curve
 EXAMPLE = """  python -m modeconn.demo --out runs/demo
   python -m modeconn.demo --pairs mlp --epochs 10     # quicker"""
 
-SHIPPED = Path(__file__).resolve().parent.parent / "checkpoints"
 PAIRS = {"mlp": ("digits_mlp_a.pt", "digits_mlp_b.pt"), "cnn": ("digits_cnn_a.pt", "digits_cnn_b.pt")}
 SHOW_T = (0.0, 0.25, 0.5, 0.75, 1.0)
 
@@ -41,8 +41,9 @@ def build_parser():
     """The parser of ``python -m modeconn.demo``."""
     p = parser("demo", "Fit Bezier curves between the shipped digits endpoint pairs and compare them with "
                "the straight line.", EXAMPLE)
-    p.add_argument("--checkpoints", default=str(SHIPPED), help="folder of the shipped endpoints "
-                                                               "(default: the repository's checkpoints/)")
+    p.add_argument("--checkpoints", default=None,
+                   help="folder holding the endpoint files " + ", ".join(f for pair in PAIRS.values() for f in pair)
+                        + " (default: the ones shipped with modeconn, see modeconn.shipped_checkpoint)")
     p.add_argument("--pairs", nargs="+", default=list(PAIRS), choices=list(PAIRS),
                    help="which endpoint pairs to connect (default: both)")
     p.add_argument("--epochs", type=at_least(1), default=30, help="curve training epochs (default: %(default)s)")
@@ -55,6 +56,11 @@ def build_parser():
                    help="points along each path; 4k+1 includes t=0.25, 0.5, 0.75 (default: %(default)s)")
     add_run_args(p, out_default="runs/demo")
     return p
+
+
+def endpoint(args, filename: str) -> Path:
+    """The endpoint file ``filename``: in ``--checkpoints`` if given, else the shipped one."""
+    return Path(args.checkpoints) / filename if args.checkpoints else shipped_checkpoint(filename)
 
 
 def point_table(result) -> list:
@@ -74,7 +80,7 @@ def point_table(result) -> list:
 def run_fge(args, ds, job: Job, out: Path) -> dict:
     """A short FGE run from the shipped digits CNN: single model vs FGE ensemble on the test set."""
     device = job.device
-    start, _ = load_model(Path(args.checkpoints) / PAIRS["cnn"][0])
+    start, _ = load_model(endpoint(args, PAIRS["cnn"][0]))
     start = start.to(device)
     loader = ds.train_loader(64, seed=0).to(device)
     bar = job.progress(args.fge_cycles * 2 * len(loader), "cnn: FGE")
@@ -100,7 +106,7 @@ def run_fge(args, ds, job: Job, out: Path) -> dict:
 def _fit_pair(args, job: Job, pair: str, ds, train_eval, test):
     """Fit a Bezier(3) curve between the pair and evaluate it and the line -> (curve, history, result, paths)."""
     device = job.device
-    a_path, b_path = (Path(args.checkpoints) / f for f in PAIRS[pair])
+    a_path, b_path = (endpoint(args, f) for f in PAIRS[pair])
     a_meta, b_meta = load_checkpoint(a_path, kind="model"), load_checkpoint(b_path, kind="model")
     curve = CurveModel(build_model(a_meta), a_meta["state_dict"], b_meta["state_dict"], Bezier(3)).to(device)
     loader = ds.train_loader(64, seed=0).to(device)

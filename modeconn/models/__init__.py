@@ -14,6 +14,7 @@ Register your own with ``@register_model("name")`` on a
 ``fn(input_shape, num_classes, **kwargs) -> nn.Module``.
 """
 from modeconn.models.registry import create_model, list_models, register_model
+from modeconn.models.shipped import shipped_checkpoint
 
 # importing the family modules registers their models
 from modeconn.models.mlp import MLP
@@ -26,6 +27,7 @@ __all__ = [
     "register_model",
     "create_model",
     "list_models",
+    "shipped_checkpoint",
     "MLP",
     "ConvNet",
     "VGG",
