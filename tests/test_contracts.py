@@ -1,0 +1,91 @@
+"""Small contracts that mutation testing showed were not pinned down by any other test.
+
+Each test states a promise a user relies on: which grids have a barrier at
+all, which metrics have one, which resume states are refused, and that the
+write-error finder stops on an exception chain that loops.
+"""
+import numpy as np
+import pytest
+import torch
+
+import modeconn as mc
+from modeconn.evaluation.barriers import barrier_profile, check_barrier_metric, has_endpoints
+from modeconn.runtime.checkpoints import _os_error_behind
+from modeconn.training.state import capture_state, restore_state
+
+
+@pytest.mark.parametrize("ts, expected", [
+    ([0.0, 0.5, 1.0], True), ([1.0, 0.0], True), ([0.2, 0.5, 1.0], False), ([0.0, 0.5, 0.8], False),
+    ([0.5], False), ([0.0, 0.0], False), ([1.0, 1.0], False),
+])
+def test_a_grid_has_endpoints_only_with_both_t0_and_t1(ts, expected):
+    assert has_endpoints(ts) is expected
+
+
+@pytest.mark.parametrize("metric", ["acc", "test_acc", "train_acc"])
+def test_accuracies_have_no_barrier(metric):
+    with pytest.raises(ValueError, match="barrier of an accuracy"):
+        check_barrier_metric(metric)
+
+
+@pytest.mark.parametrize("metric", ["test_loss", "train_error", "test_nll", "accuracy_gap"])
+def test_losses_and_errors_pass_the_metric_check(metric):
+    assert check_barrier_metric(metric) == metric
+
+
+def test_the_two_point_line_has_a_profile_of_zeros():
+    ts, profile = barrier_profile([1.0, 0.0], [3.0, 1.0])
+    assert ts.tolist() == [0.0, 1.0] and profile.tolist() == [0.0, 0.0]
+    assert mc.barrier([0.0, 1.0], [1.0, 3.0])[0] == 0.0
+
+
+@pytest.mark.parametrize("ts, values", [
+    ([0.0, 0.5, 1.0], [1.0, 2.0]),                   # lengths differ
+    ([[0.0, 0.5, 1.0]] * 2, [[1.0, 2.0, 1.0]] * 2),  # 2-D
+    ([0.0], [1.0]),                                  # one point
+])
+def test_malformed_profiles_are_refused(ts, values):
+    with pytest.raises(ValueError, match="1-D of equal length >= 2"):
+        barrier_profile(ts, values)
+
+
+def test_integer_ts_are_taken_as_numbers():
+    ts, profile = barrier_profile(np.array([0, 1]), np.array([2, 4]))
+    assert ts.dtype == np.float64 and profile.dtype == np.float64 and profile.tolist() == [0.0, 0.0]
+
+
+def _part():
+    return torch.nn.Linear(2, 2)
+
+
+def test_a_state_without_its_rng_is_refused_before_anything_is_loaded():
+    net = _part()
+    state = capture_state(0, [], {"lr": 0.1}, model=net)
+    del state["rng"]
+    with pytest.raises(ValueError, match="lacks rng"):
+        restore_state(state, {"lr": 0.1}, model=net)
+
+
+def test_a_setting_on_one_side_only_is_a_difference():
+    net = _part()
+    state = capture_state(0, [], {"lr": 0.1}, model=net)
+    with pytest.raises(ValueError, match="momentum"):
+        restore_state(state, {"lr": 0.1, "momentum": 0.9}, model=net)
+    state = capture_state(0, [], {"lr": 0.1, "momentum": 0.9}, model=net)
+    with pytest.raises(ValueError, match="momentum"):
+        restore_state(state, {"lr": 0.1}, model=net)
+
+
+def test_the_write_error_finder_stops_on_a_looping_chain():
+    a, b = RuntimeError("a"), RuntimeError("b")
+    a.__context__, b.__context__ = b, a  # a cycle without any OSError in it
+    assert _os_error_behind(a) is None
+    disk = OSError(28, "No space left on device")
+    try:
+        try:
+            raise disk
+        except OSError:
+            raise RuntimeError("unexpected pos")
+    except RuntimeError as e:
+        assert _os_error_behind(e) is disk
+    assert _os_error_behind(KeyboardInterrupt()) is None
