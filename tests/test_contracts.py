@@ -89,3 +89,39 @@ def test_the_write_error_finder_stops_on_a_looping_chain():
     except RuntimeError as e:
         assert _os_error_behind(e) is disk
     assert _os_error_behind(KeyboardInterrupt()) is None
+
+
+def test_the_bn_pass_counts_its_batches():
+    from modeconn.evaluation.bn import bn_pass
+
+    net = torch.nn.Sequential(torch.nn.Linear(2, 3), torch.nn.BatchNorm1d(3))
+    batches = [(torch.randn(4, 2), torch.zeros(4)) for _ in range(3)]
+    assert bn_pass(net, batches, net) == 3
+    with pytest.raises(ValueError):
+        bn_pass(net, [], net)
+
+
+def test_a_checkpoint_records_its_format_and_versions(tmp_path):
+    path = mc.save_checkpoint(tmp_path / "c.pt", "model", state_dict={})
+    meta = mc.load_checkpoint(path)
+    assert meta["format_version"] == 1 and meta["modeconn_version"] == mc.__version__
+    assert meta["torch_version"] == str(torch.__version__)
+
+
+def test_atomic_writes_go_through_a_hidden_temporary_file_beside_the_target(tmp_path):
+    from modeconn.runtime.checkpoints import atomic_write
+
+    seen = []
+    atomic_write(tmp_path / "r.json", lambda f: seen.extend(p.name for p in tmp_path.iterdir()))
+    assert len(seen) == 1 and seen[0].startswith(".r.json.") and seen[0].endswith(".tmp")
+    assert [p.name for p in tmp_path.iterdir()] == ["r.json"]
+
+
+def test_equal_ts_keep_their_order_when_sorted():
+    # many repeated t (numpy's default sort is not stable beyond 16 elements): values stay paired in order
+    inner = np.full(40, 0.5)
+    ts = np.concatenate([[1.0], inner, [0.0]])
+    values = np.concatenate([[0.0], np.arange(40.0), [0.0]])
+    sorted_ts, profile = barrier_profile(ts, values)
+    assert sorted_ts.tolist() == [0.0] + [0.5] * 40 + [1.0]
+    assert profile[1:-1].tolist() == list(np.arange(40.0))
