@@ -125,3 +125,12 @@ def test_equal_ts_keep_their_order_when_sorted():
     sorted_ts, profile = barrier_profile(ts, values)
     assert sorted_ts.tolist() == [0.0] + [0.5] * 40 + [1.0]
     assert profile[1:-1].tolist() == list(np.arange(40.0))
+
+
+def test_a_captured_state_is_a_copy_not_a_view_of_the_live_weights():
+    net = _part()
+    state = capture_state(0, [], {}, model=net)
+    before = state["model"]["weight"].clone()
+    with torch.no_grad():
+        net.weight.add_(1.0)  # training goes on after the epoch's state was handed out
+    assert torch.equal(state["model"]["weight"], before)
