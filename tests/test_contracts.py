@@ -134,3 +134,55 @@ def test_a_captured_state_is_a_copy_not_a_view_of_the_live_weights():
     with torch.no_grad():
         net.weight.add_(1.0)  # training goes on after the epoch's state was handed out
     assert torch.equal(state["model"]["weight"], before)
+
+
+def test_output_directories_are_made_with_their_parents(tmp_path):
+    from modeconn.runtime.checkpoints import make_directory
+
+    assert make_directory(tmp_path / "a" / "b" / "c").is_dir()
+
+
+def test_written_files_get_the_usual_permissions(tmp_path):
+    import os
+
+    from modeconn.runtime.checkpoints import atomic_write
+
+    umask = os.umask(0o022)
+    try:
+        path = atomic_write(tmp_path / "f.bin", lambda f: f.write(b"x"))
+    finally:
+        os.umask(umask)
+    assert (path.stat().st_mode & 0o777) == 0o644
+
+
+def test_a_checkpoint_from_a_newer_format_is_refused(tmp_path):
+    path = mc.save_checkpoint(tmp_path / "new.pt", "model", state_dict={})
+    obj = torch.load(path, weights_only=True)
+    obj["format_version"] = 2
+    torch.save(obj, path)
+    with pytest.raises(mc.CheckpointError, match="format"):
+        mc.load_checkpoint(path)
+
+
+def test_a_models_weights_come_out_of_its_checkpoint_file(tmp_path):
+    net = torch.nn.Linear(3, 2)
+    path = mc.save_checkpoint(tmp_path / "m.pt", "model", state_dict=net.state_dict())
+    sd = mc.load_state_dict(path)
+    assert set(sd) == {"weight", "bias"} and torch.equal(sd["weight"], net.weight.detach())
+    torch.save(net.state_dict(), tmp_path / "plain.pt")  # a bare state dict works too
+    assert torch.equal(mc.load_state_dict(tmp_path / "plain.pt")["bias"], net.bias.detach())
+
+
+def test_a_nan_state_dict_file_is_refused_naming_file_and_tensor(tmp_path):
+    sd = torch.nn.Linear(3, 2).state_dict()
+    sd["weight"][0, 0] = float("nan")
+    torch.save(sd, tmp_path / "bad.pt")
+    with pytest.raises(mc.CheckpointError, match=r"bad\.pt.*weight|weight.*bad\.pt"):
+        mc.load_state_dict(tmp_path / "bad.pt")
+
+
+def test_a_model_without_recorded_kwargs_is_built_with_the_defaults():
+    from modeconn.runtime.checkpoints import build_model
+
+    net = build_model({"arch": "mlp", "input_shape": [1, 8, 8], "num_classes": 10})
+    assert net(torch.zeros(2, 1, 8, 8)).shape == (2, 10)
