@@ -186,3 +186,24 @@ def test_a_model_without_recorded_kwargs_is_built_with_the_defaults():
 
     net = build_model({"arch": "mlp", "input_shape": [1, 8, 8], "num_classes": 10})
     assert net(torch.zeros(2, 1, 8, 8)).shape == (2, 10)
+
+
+@pytest.mark.parametrize("content", [{}, {"weight": torch.zeros(2), "note": "not a tensor"}])
+def test_files_that_are_not_state_dicts_are_refused(tmp_path, content):
+    torch.save(content, tmp_path / "odd.pt")
+    with pytest.raises(mc.CheckpointError, match="neither a modeconn model checkpoint nor a state dict"):
+        mc.load_state_dict(tmp_path / "odd.pt")
+
+
+def test_a_directory_that_cannot_be_made_is_reported_with_the_os_reason(tmp_path, monkeypatch):
+    from pathlib import Path
+
+    from modeconn.runtime.checkpoints import WriteError, make_directory
+
+    def refuse(self, *args, **kwargs):
+        raise PermissionError(13, "Permission denied", str(self))
+
+    monkeypatch.setattr(Path, "mkdir", refuse)
+    with pytest.raises(WriteError, match="Permission denied") as info:
+        make_directory(tmp_path / "locked")
+    assert "is a file" not in str(info.value)
