@@ -20,13 +20,7 @@ CNN_A, CNN_B = CKPT / "digits_cnn_a.pt", CKPT / "digits_cnn_b.pt"
 POINTS = 11
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # small models on a shared machine: extra threads only add contention
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _line(a, b, digits):

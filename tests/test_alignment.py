@@ -22,13 +22,7 @@ from modeconn.alignment import (
 from modeconn.models import create_model
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # tiny models: threading only adds overhead (and contention on shared machines)
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 # --------------------------------------------------------------------------- models

@@ -31,13 +31,7 @@ FAMILIES = {"bezier": mc.Bezier, "polychain": mc.PolyChain}
 unit = st.floats(0.0, 1.0, allow_nan=False)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # tiny tensors: extra threads only add overhead (and contention on a shared machine)
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 # ------------------------------------------------------------------ curve coefficients
