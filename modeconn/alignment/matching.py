@@ -378,20 +378,11 @@ def _collect_statistics(ma: nn.Module, mb: nn.Module, loader, max_batches: Optio
 
 def activation_matching(a: nn.Module, b: nn.Module, loader, spec: PermutationSpec,
                         device=None, max_batches: Optional[int] = None):
-    """Match the units of ``b`` to ``a`` by the correlation of their activations.
+    """Match the units of ``b`` to ``a`` by the correlation of their activations (Tatro et al. 2020).
 
-    One pass over ``loader`` (batches are tensors or ``(x, y)`` tuples) runs
-    both models in eval mode (their modes are restored afterwards) and
-    captures every group's observation points; spatial positions count as
-    samples (``[N, C, H, W] -> [N*H*W, C]``).  Float64 sums, sums of squares and
-    cross products give the A-vs-B correlation matrix of each point; a group
-    observed at several points (residual stages) uses their mean.  The
-    Hungarian algorithm then maximises the total matched correlation.
-
-    ``device``: where to run (default: model A's device; models elsewhere are
-    copied there, never moved).  Groups without observation points keep the
-    identity and are listed in ``info.unobserved``.  Returns
-    ``(perm, ActivationMatchingInfo)``.
+    One eval-mode pass over ``loader``; float64 correlations per observation point (spatial
+    positions are samples), the Hungarian algorithm on their mean. Unobserved groups keep the
+    identity. Returns ``(perm, ActivationMatchingInfo)``.
 
     Example:
         >>> from modeconn.alignment import apply_permutation, infer_permutation_spec
@@ -399,8 +390,7 @@ def activation_matching(a: nn.Module, b: nn.Module, loader, spec: PermutationSpe
         >>> a = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 3))
         >>> spec = infer_permutation_spec(a, torch.randn(1, 4))
         >>> shuffle = {"0": torch.randperm(8)}
-        >>> b = apply_permutation(a, spec, shuffle)   # a with its hidden units shuffled
-        >>> perm, info = activation_matching(a, b, [torch.randn(64, 4)], spec)
+        >>> perm, info = activation_matching(a, apply_permutation(a, spec, shuffle), [torch.randn(64, 4)], spec)
         >>> torch.equal(perm["0"], torch.argsort(shuffle["0"])), info.num_batches
         (True, 1)
     """

@@ -262,36 +262,15 @@ def evaluate_grid(net: Union[nn.Module, CurveModel], plane: Plane, xs: Sequence[
                   hooks: Optional[Hooks] = None) -> GridResult:
     """Metrics at ``θ = origin + x·d1 (+ y·d2)`` for every ``x`` in ``xs`` (and ``y`` in ``ys``).
 
-    Args:
-        net: the architecture: an ``nn.Module`` (its buffers are used when
-            BN statistics are kept) or a CurveModel (e.g. the curve itself).
-        plane: a 1-D (``d2 is None``) or 2-D :class:`Plane`; ``ys`` must be
-            given exactly when the plane is 2-D.
-        xs, ys: coordinates along d1 and d2 (any values, any lengths).
-        train_loader, test_loader: data for the train / test metrics
-            (fixed order, no augmentation); a split whose loader is None is
-            left out. At least one is needed.
-        bn_loader: data for BN statistics (default: ``train_loader``).
-        recompute_bn: recompute BN statistics at every point (default); with
-            False every point uses ``net``'s current buffers.
-        points_per_pass: points sharing one pass over the data.
-        on_row: called as ``on_row(row_index, partial_result)`` after each
-            finished row (save it to resume after a crash).
-        resume: a partial result of the same grid (from ``on_row`` or
-            :meth:`GridResult.from_arrays`): finished rows are kept.
-        point_metrics: optional ``f(flats [K, P]) -> {name: array [K]}`` for
-            more per-point values (e.g. Hessian eigenvalues); stored alongside.
-        runtime: ``amp`` and ``compile`` go to
-            :func:`modeconn.evaluation.path.evaluate_points`; ``distributed``
-            (default: when one of several ranks is initialised, e.g. under
-            torchrun) shares each row's chunks among the ranks and gathers
-            the row on every rank, each point's BN statistics seeing the whole
-            training set on the rank that owns it. The grid runs on ``net``'s
-            device (a different ``runtime.device`` is an error).
-        hooks: ``hooks.advance(n)`` after each chunk of ``n`` points (and,
-            when resuming, once with the number already done).
-
-    Returns a :class:`GridResult`; 2-D arrays are indexed ``[i_y, i_x]``.
+    ``net`` gives the architecture (a module or a CurveModel); ``ys`` is given
+    exactly when ``plane`` is 2-D. Points share passes over the data
+    (``points_per_pass``), BN statistics are recomputed per point over
+    ``bn_loader`` (default ``train_loader``) unless ``recompute_bn`` is False;
+    a split whose loader is None is left out. ``on_row(i, partial)`` follows
+    every finished row and ``resume`` keeps a partial result's rows;
+    ``point_metrics(flats) -> {name: [K]}`` adds values (e.g. curvature).
+    ``runtime.distributed`` shares each row among ranks; ``hooks.advance(n)``
+    counts points. Returns a :class:`GridResult`, 2-D arrays indexed ``[i_y, i_x]``.
 
     Example:
         >>> from modeconn.geometry.directions import flatten_parameters, random_plane
@@ -300,12 +279,9 @@ def evaluate_grid(net: Union[nn.Module, CurveModel], plane: Plane, xs: Sequence[
         >>> data = [(torch.randn(16, 4), torch.randint(0, 3, (16,)))]
         >>> plane = random_plane(flatten_parameters(net), net, dims=2, seed=0)
         >>> grid = evaluate_grid(net, plane, xs=[-1.0, 0.0, 1.0], ys=[0.0, 0.5], train_loader=data)
-        >>> grid.arrays["train_loss"].shape                  # [len(ys), len(xs)]
-        (2, 3)
-        >>> x, y = data[0]
-        >>> at_origin = nn.functional.cross_entropy(net(x), y).item()
-        >>> bool(abs(grid.arrays["train_loss"][0, 1] - at_origin) < 1e-5)
-        True
+        >>> at_origin = nn.functional.cross_entropy(net(data[0][0]), data[0][1]).item()
+        >>> grid.arrays["train_loss"].shape, bool(abs(grid.arrays["train_loss"][0, 1] - at_origin) < 1e-5)
+        ((2, 3), True)
     """
     xs, ys, points_per_pass = _grid_arguments(plane, xs, ys, train_loader, test_loader, points_per_pass)
     runtime, hooks = runtime or Runtime(), hooks or Hooks()

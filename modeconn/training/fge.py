@@ -263,47 +263,16 @@ def train_fge(model: nn.Module, train_loader: Iterable, cycles: int, cycle_epoch
               cycle_iters: Optional[int] = None, loss: Union[str, LossFn] = "cross_entropy",
               resume: Optional[Mapping] = None, runtime: Optional[Runtime] = None,
               hooks: Optional[Hooks] = None) -> FGEResult:
-    """Fast Geometric Ensembling: cyclical-rate SGD from a trained network, one snapshot per cycle.
+    """Fast Geometric Ensembling (Garipov et al. 2018): cyclical-rate SGD from ``model``, a snapshot per cycle.
 
-    :class:`~modeconn.training.schedules.FGELR` and :class:`FGESnapshots` in
-    the shared loop: ``cycles * C`` SGD steps (C iterations per cycle), step
-    k at rate ``cyclic_lr(k, C, lr_max, lr_min)``, a snapshot after steps
-    ``c * C + C // 2``.
-
-    Args:
-        model: the pre-trained start network. It is **not modified**: training
-            runs on a copy (returned as ``result.model``).
-        train_loader: training batches ``(x, y)``; ``len(train_loader)`` is the
-            number of iterations per epoch; ``set_epoch(0, 1, ...)`` is called
-            before each epoch when it has one.
-        cycles: number of cycles = number of snapshots (>= 1).
-        cycle_epochs: cycle length in epochs (any integer >= 1, odd included),
-            or give ``cycle_iters`` (any integer >= 2) instead; with
-            ``cycle_iters`` the last epoch may be partial.
-        lr_max, lr_min: rate at the cycle boundaries and at the cycle middle.
-        momentum, weight_decay: of ``torch.optim.SGD`` (momentum buffers start at zero).
-        seed: batch order and the global torch RNG inside the run (dropout);
-            the caller's RNG state is restored afterwards.
-        bn_loader: data for the snapshots' BatchNorm statistics. Default: the
-            training loader's samples in fixed order, batches of >= 1024, same
-            transform — pass the un-augmented training set when the loader augments.
-        keep_on_disk, snapshot_meta: :class:`FGESnapshots`' ``directory`` and ``meta``.
-        loss: ``"cross_entropy"``, ``"mse"`` or ``f(output, y) -> scalar``.
-        resume: a ``state`` from ``hooks.on_epoch_end``
-            (:func:`~modeconn.training.state.capture_state`); pass the same start
-            network, loader and settings: the run takes the same steps and snapshots.
-        runtime: device, amp, compile, distributed (DDP: the loader sharded per
-            rank, ``bn_loader`` holding all the data; snapshots on every rank,
-            files written by rank 0).
-        hooks: ``progress(n)`` per finished step, ``on_epoch_end(record, state)``.
-
-    Returns:
-        :class:`FGEResult`.
-
-    Raises:
-        ValueError: cycles < 1, a cycle shorter than 2 iterations, bad rates, an
-            empty loader, or a ``resume`` state from different settings.
-        FloatingPointError: the training loss became NaN/inf.
+    Runs ``cycles * C`` SGD steps on a copy of ``model`` (C = ``cycle_iters``,
+    or ``cycle_epochs`` epochs of ``train_loader``), step k at
+    ``cyclic_lr(k, C, lr_max, lr_min)`` (:class:`FGELR`), and takes a snapshot
+    with BN statistics recomputed over ``bn_loader`` after steps
+    ``c * C + C // 2`` (:class:`FGESnapshots`, which also takes
+    ``keep_on_disk`` and ``snapshot_meta``). ``seed`` fixes batch order and
+    dropout; ``resume`` is a ``state`` from ``hooks.on_epoch_end``. Raises
+    ValueError for bad settings, FloatingPointError when the loss diverges.
 
     Example:
         >>> from modeconn.evaluation.ensembles import evaluate_ensemble
@@ -313,8 +282,6 @@ def train_fge(model: nn.Module, train_loader: Iterable, cycles: int, cycle_epoch
         >>> res = train_fge(net, loader, cycles=2, cycle_epochs=1, lr_max=0.05, lr_min=0.005)
         >>> len(res.snapshots), res.snapshot_iterations, len(res.lr_trace)   # 4 steps per cycle
         (2, [2, 6], 8)
-        >>> evaluate_ensemble(res.snapshots, loader).final["members"]
-        2
     """
     check_cycles(cycles)
     per_epoch = len(train_loader)

@@ -304,25 +304,15 @@ def fit_curve(curve: CurveModel, train_loader: Iterable, epochs: int = 20, lr: f
     """Train the free bends of ``curve`` to minimise E_{t~U(0,1)} L(θ(t)) (Garipov et al. 2018, Eq. 2).
 
     One t per mini-batch, drawn from the ``(seed, epoch)`` generator; the
-    penalty ``0.5 * weight_decay * ||θ(t)||²`` is applied at the sampled point
-    (not to the bends). Arguments, resume and hooks as :func:`train_model`.
-    Under DDP (``runtime.distributed``, default: inside a process group of
-    several ranks) the one parameter ``free_bends`` is data parallel; the
-    fixed bends and the template's buffers are broadcast from rank 0 once
-    (running BN statistics play no part in curve training) and every rank
-    draws the same t at every step (checked once per epoch). With
-    ``runtime.amp`` only the network's forward runs in bf16 (θ(t) stays
-    float32); ``runtime.compile`` compiles the step (θ(t) and forward).
-
-    Raises:
-        ValueError: every bend is fixed, or bad arguments (see :func:`train_model`).
+    penalty ``0.5 * weight_decay * ||θ(t)||²`` applies at the sampled point,
+    not to the bends. Arguments, resume and hooks as :func:`train_model`.
+    Under DDP only ``free_bends`` is data parallel and every rank draws the
+    same t; with ``runtime.amp`` θ(t) stays float32. Raises ValueError when
+    every bend is fixed.
 
     Example:
-        >>> import torch
-        >>> from torch import nn
         >>> from modeconn import Bezier, CurveModel
         >>> from modeconn.data import TensorLoader
-        >>> from modeconn.training.loop import fit_curve
         >>> _ = torch.manual_seed(0)
         >>> a, b = nn.Linear(4, 3), nn.Linear(4, 3)
         >>> curve = CurveModel(a, a, b, Bezier(3))
