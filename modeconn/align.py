@@ -26,7 +26,7 @@ writes OUT (B with its hidden units permuted to match A: the same function as B,
 checkpoint with B's metadata plus an 'alignment' field) and OUT with suffix .json (the report,
 the straight-line barriers A->B before and after alignment, both paths in full, command line)
 and OUT with suffix .png (train loss and test error along both straight lines).
-Then, e.g.: python -m modeconn.train_curve --start A.pt --end OUT --out runs/curve_aligned"""
+Then, e.g.: python -m modeconn.train_curve --a A.pt --b OUT --out runs/curve_aligned"""
 
 ARCH_KEYS = ("arch", "arch_kwargs", "input_shape", "num_classes")
 BARRIER_METRICS = ("test_loss", "test_error", "train_loss", "train_error")

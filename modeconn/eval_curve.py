@@ -17,7 +17,7 @@ from modeconn.runtime import Hooks, Runtime
 from modeconn.plots.path import plot_path
 
 EXAMPLE = """  python -m modeconn.eval_curve --ckpt runs/curve_mlp/curve.pt --with-linear --out runs/eval_mlp
-  python -m modeconn.eval_curve --start checkpoints/digits_mlp_a.pt --end checkpoints/digits_mlp_b.pt
+  python -m modeconn.eval_curve --a checkpoints/digits_mlp_a.pt --b checkpoints/digits_mlp_b.pt
 
 writes OUT/path.json (every array, summaries, the barrier table, command line, versions),
 OUT/path.csv (one row per t) and OUT/path.png (train loss and test error vs t).
@@ -34,8 +34,8 @@ def build_parser():
                "report the loss barriers.", EXAMPLE)
     g = p.add_argument_group("path")
     g.add_argument("--ckpt", help="curve checkpoint from modeconn.train_curve")
-    g.add_argument("--start", help="first endpoint checkpoint (straight line, without --ckpt)")
-    g.add_argument("--end", help="second endpoint checkpoint (straight line, without --ckpt)")
+    g.add_argument("--a", help="first endpoint checkpoint (straight line, without --ckpt)")
+    g.add_argument("--b", help="second endpoint checkpoint (straight line, without --ckpt)")
     g.add_argument("--num-points", type=at_least(2), default=61,
                    help="evenly spaced t in [0, 1] (default: %(default)s)")
     g.add_argument("--with-linear", action="store_true",
@@ -110,28 +110,28 @@ def path_sharpness(path, ds, device, args, job: Job) -> dict:
 
 
 def _load_path(args) -> Tuple[object, dict, Path, str]:
-    """(path, metadata, output directory, name): the curve of --ckpt or the line from --start to --end."""
+    """(path, metadata, output directory, name): the curve of --ckpt or the line from --a to --b."""
     if args.ckpt:
         meta = load_checkpoint(args.ckpt)
         if meta.get("kind") != "curve":
             raise CommandError(f"{args.ckpt} is a {meta.get('kind')!r} checkpoint, not a curve; "
-                               "for the straight line between two models use --start A.pt --end B.pt")
+                               "for the straight line between two models use --a A.pt --b B.pt")
         path, meta = load_curve(args.ckpt)
         out = Path(args.out) if args.out else Path(args.ckpt).parent / "eval"
         name = meta["curve_state"]["curve"]
-    elif args.start and args.end:
-        meta = load_checkpoint(args.start, kind="model")
-        end_meta = load_checkpoint(args.end, kind="model")
+    elif args.a and args.b:
+        meta = load_checkpoint(args.a, kind="model")
+        end_meta = load_checkpoint(args.b, kind="model")
         if (meta["arch"], meta["arch_kwargs"]) != (end_meta["arch"], end_meta["arch_kwargs"]):
-            raise CommandError(f"--start is {meta['arch']} {meta['arch_kwargs']} but --end is "
+            raise CommandError(f"--a is {meta['arch']} {meta['arch_kwargs']} but --b is "
                                f"{end_meta['arch']} {end_meta['arch_kwargs']}")
         template = build_model(meta)
         template.load_state_dict(meta["state_dict"])
         path = linear_path(template, end_meta["state_dict"])
-        out = Path(args.out) if args.out else Path(args.start).parent / "eval_linear"
+        out = Path(args.out) if args.out else Path(args.a).parent / "eval_linear"
         name = "linear"
     else:
-        raise CommandError("give --ckpt CURVE.pt, or --start A.pt and --end B.pt for a straight line")
+        raise CommandError("give --ckpt CURVE.pt, or --a A.pt and --b B.pt for a straight line")
     return path, meta, out, name
 
 
@@ -178,7 +178,7 @@ def main_(argv=None) -> int:
         if args.hessian:
             result.extra.update(path_sharpness(path, ds, job.device, args, job))
         write_path_outputs(result, out, f"{name} on {ds.name}",
-                           {"dataset": ds.name, "source": {"ckpt": args.ckpt, "start": args.start, "end": args.end},
+                           {"dataset": ds.name, "source": {"ckpt": args.ckpt, "start": args.a, "end": args.b},
                             "run": run_info(argv)})
         _print_summary(result, name, out)
     return 0

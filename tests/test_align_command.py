@@ -141,9 +141,9 @@ def test_library_align_is_still_callable_after_importing_the_command(mlp_pair, d
 # ------------------------------------------------------------------------- train_curve --align
 def test_train_curve_align_records_and_uses_the_aligned_end(tmp_path, digits, capsys):
     out = tmp_path / "curve"
-    assert train_curve.main(["--start", str(CNN_A), "--end", str(CNN_B), "--align", "weight", "--epochs", "1",
+    assert train_curve.main(["--a", str(CNN_A), "--b", str(CNN_B), "--align", "weight", "--epochs", "1",
                              "--out", str(out), "--no-progress", "--device", "cpu"]) == 0
-    assert "aligned --end to --start by weight matching" in capsys.readouterr().out
+    assert "aligned --b to --a by weight matching" in capsys.readouterr().out
     curve, meta = mc.load_curve(out / "curve.pt")      # weights_only=True: the record is plain data
     al = meta["alignment"]
     assert al["method"] == "weight" and al["aligned"] == "end" and al["reference"] == str(CNN_A)

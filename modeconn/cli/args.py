@@ -18,9 +18,8 @@ class _Parser(argparse.ArgumentParser):
     """An ArgumentParser whose usage errors are one-line :class:`CommandError` (exit status 2),
     and which accepts a leading ``--``.
 
-    ``torchrun ... -m modeconn.train_curve --start A.pt`` fails inside torchrun's own parser
-    ("ambiguous option: --start could match --start-method"); ``-- --start A.pt`` gets past it
-    and the ``--`` is dropped here.
+    No modeconn flag is a prefix of a torchrun flag (``tests/test_house.py`` checks it), so
+    ``torchrun ... -m modeconn.<command> FLAGS`` needs no ``--``; one given anyway is dropped here.
     """
 
     def parse_known_args(self, args=None, namespace=None):
