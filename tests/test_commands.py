@@ -178,6 +178,9 @@ def test_console_script_and_help():
     assert out.returncode == 0 and "example:" in out.stdout and "--resume" in out.stdout
     bad = subprocess.run([sys.executable, "-m", "modeconn", "nonsense"], capture_output=True, text=True, cwd=ROOT)
     assert bad.returncode == 2 and "train_curve" in bad.stderr
+    version = subprocess.run([sys.executable, "-m", "modeconn", "--version"], capture_output=True, text=True,
+                             cwd=ROOT)
+    assert version.returncode == 0 and version.stdout.split() == ["modeconn", mc.__version__]
 
 
 def test_importing_every_command_leaves_the_public_api_unchanged():
