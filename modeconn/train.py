@@ -8,7 +8,7 @@ from typing import List, Optional, Sequence
 import torch
 
 from modeconn.cli.args import add_data_args, add_optim_args, add_resume_args, add_run_args, add_scale_args, parser
-from modeconn.cli.data import train_loader
+from modeconn.cli.data import data_dir, data_source, train_loader
 from modeconn.cli.errors import CommandError, run_command
 from modeconn.cli.outputs import run_info
 from modeconn.cli.rundir import TrainingRun
@@ -89,6 +89,7 @@ def _write_results(args, argv, model, ds, kwargs: dict, config: dict, history: L
                "test_loss": test["loss"], "test_acc": test["acc"]}
     ckpt = save_model(out / "model.pt", model, args.model, kwargs, ds.input_shape, ds.num_classes,
                       dataset=args.dataset, dataset_seed=args.seed, seed=args.seed, metrics=metrics, history=history,
+                      **data_source(ds),
                       config=config, run=run_info(argv))
     plot_history(history, out / "history.png", f"{args.model} on {args.dataset}, seed {args.seed}")
     print(f"train loss {train['loss']:.4f} acc {train['acc']:.4f} | "
@@ -107,7 +108,7 @@ def main_(argv=None) -> int:
         run = TrainingRun(Path(args.out), config, "model.pt", job.is_main)
         state = run.start(args.resume, args.force)
         with run.resumable():
-            ds = get_dataset(args.dataset, args.data_dir, args.download, seed=args.seed)
+            ds = get_dataset(args.dataset, data_dir(args), args.download, seed=args.seed)
             torch.manual_seed(args.seed)
             model = create_model(args.model, ds.input_shape, ds.num_classes, **kwargs).to(job.device)
             history = _fit(args, job, model, ds, run, state)

@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import List, Optional, Tuple
 
 from modeconn.cli.args import add_data_args, add_optim_args, add_resume_args, add_run_args, add_scale_args, parser
-from modeconn.cli.data import checkpoint_dataset, dataset_name, dataset_seed, train_loader
+from modeconn.cli.data import checkpoint_dataset, data_source, dataset_name, dataset_seed, train_loader
 from modeconn.cli.errors import CommandError, run_command
 from modeconn.cli.outputs import run_info
 from modeconn.cli.rundir import TrainingRun
@@ -124,7 +124,7 @@ def _write_results(args, argv, curve, start_meta: dict, end_meta: dict, run: Tra
                    alignment: Optional[dict]) -> None:
     """curve.pt and history.png, and the closing lines."""
     out, config, dataset = run.out, run.config, run.config["dataset"]
-    meta = {k: start_meta[k] for k in ("arch", "arch_kwargs", "input_shape", "num_classes")}
+    meta = {k: start_meta.get(k) for k in ("arch", "arch_kwargs", "input_shape", "num_classes", "data_dir")}
     path = save_curve(out / "curve.pt", curve, meta, dataset=dataset, dataset_seed=dataset_seed(start_meta),
                       seed=args.seed, history=history,
                       config=config, alignment=alignment, run=run_info(argv),
@@ -146,6 +146,7 @@ def main_(argv=None) -> int:
         state = run.start(args.resume, args.force)
         with run.resumable():
             ds = checkpoint_dataset(args, start_meta, "the endpoint checkpoints")
+            start_meta = {**start_meta, "data_dir": data_source(ds).get("data_dir")}  # the one read
             curve, alignment = _build_curve(args, ds, start_meta, end_meta, job.device)
             history = _fit(args, job, curve, ds, run, state)
             if job.is_main:  # rank 0 writes the results

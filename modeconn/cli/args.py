@@ -76,8 +76,9 @@ def add_data_args(p: argparse.ArgumentParser, dataset_default: Optional[str] = "
     g.add_argument("--dataset", default=dataset_default, choices=DATASETS,
                    help="dataset (default: %(default)s)" if dataset_default else
                    "dataset (default: the one recorded in the checkpoint)")
-    g.add_argument("--data-dir", default="data",
-                   help="where torchvision datasets are read from (default: %(default)s)")
+    g.add_argument("--data-dir", default=None,
+                   help="where torchvision datasets are read from (default: the directory recorded in the "
+                        "checkpoint when it exists, else ./data)")
     g.add_argument("--download", action="store_true",
                    help="download a torchvision dataset into --data-dir (needs internet)")
     if split:

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 from typing import Mapping, Optional, Tuple
 
 from modeconn.cli.errors import CommandError
@@ -22,10 +23,24 @@ def dataset_seed(meta: Mapping) -> int:
     return meta.get("dataset_seed", meta.get("seed")) or 0
 
 
+def data_dir(args: argparse.Namespace, meta: Optional[Mapping] = None) -> str:
+    """``--data-dir``; else the directory ``meta``'s dataset was read from, if it still exists; else ``data``."""
+    given = getattr(args, "data_dir", None)
+    if given:
+        return given
+    recorded = (meta or {}).get("data_dir")
+    return recorded if recorded and Path(recorded).is_dir() else "data"
+
+
+def data_source(ds: Dataset) -> dict:
+    """What a checkpoint records about where ``ds`` was read from (nothing for embedded data)."""
+    return {"data_dir": ds.info["data_dir"]} if ds.info.get("data_dir") else {}
+
+
 def checkpoint_dataset(args: argparse.Namespace, meta: Mapping, source: str = "the checkpoint") -> Dataset:
     """The dataset a checkpoint was trained on (or ``--dataset``), checked against its input shape."""
     name = dataset_name(args, meta, source)
-    ds = get_dataset(name, args.data_dir, getattr(args, "download", False), seed=dataset_seed(meta))
+    ds = get_dataset(name, data_dir(args, meta), getattr(args, "download", False), seed=dataset_seed(meta))
     expected = tuple(meta.get("input_shape", ds.input_shape))
     if tuple(ds.input_shape) != expected:
         raise CommandError(f"dataset {name!r} has inputs of shape {tuple(ds.input_shape)}, the architecture "

@@ -274,10 +274,10 @@ def _torchvision(name: str, data_dir, download: bool = False, **_) -> Dataset:
     augment = crop_flip_transform(mean, std) if name.startswith("cifar") else normalize_transform(mean, std)
     return Dataset(name, xtr, ytr, xte, yte, classes, tuple(xtr.shape[1:]),
                    train_transform=augment, eval_transform=normalize_transform(mean, std),
-                   info={"data_dir": str(root)})
+                   info={"data_dir": str(root.resolve())})
 
 
-def get_dataset(name: str = "digits", data_dir: str = "data", download: bool = False,
+def get_dataset(name: str = "digits", data_dir: Optional[str] = "data", download: bool = False,
                 seed: int = 0, **kwargs) -> Dataset:
     """Load a dataset by name as tensors.
 
@@ -302,5 +302,5 @@ def get_dataset(name: str = "digits", data_dir: str = "data", download: bool = F
     if key == "spirals":
         return _spirals(seed, **kwargs)
     if key in _TV:
-        return _torchvision(key, data_dir, download, **kwargs)
+        return _torchvision(key, data_dir or "data", download, **kwargs)
     raise ValueError(f"unknown dataset {name!r}; choose one of {list(DATASETS)}")
