@@ -69,6 +69,34 @@ def at_least(minimum: int) -> Callable[[str], int]:
     return parse
 
 
+def zero_or_at_least(minimum: int) -> Callable[[str], int]:
+    """An argparse ``type``: 0 (the step is skipped) or an integer ``>= minimum``.
+
+    Example:
+        >>> p = parser("demo", "d", "e")
+        >>> _ = p.add_argument("--num-points", type=zero_or_at_least(2), default=21)
+        >>> p.parse_args(["--num-points", "0"]).num_points
+        0
+        >>> p.parse_args(["--num-points", "1"])  # doctest: +ELLIPSIS
+        Traceback (most recent call last):
+        ...
+        modeconn.cli.errors.CommandError: argument --num-points: need 0 or at least 2, got 1 (see ... --help)
+    """
+    positive = at_least(minimum)
+
+    def parse(text: str) -> int:
+        """``text`` as 0 or an integer of at least ``minimum``."""
+        if text.strip() == "0":
+            return 0
+        try:
+            return positive(text)
+        except argparse.ArgumentTypeError as e:
+            raise argparse.ArgumentTypeError(str(e).replace("need at least", "need 0 or at least")) from None
+
+    parse.__name__ = f"0 or integer >= {minimum}"
+    return parse
+
+
 def add_data_args(p: argparse.ArgumentParser, dataset_default: Optional[str] = "digits",
                   evaluation: bool = False, split: bool = False, title: str = "data") -> None:
     """--dataset, --data-dir, --download, --batch-size (training or evaluation batches), optionally --split."""

@@ -5,6 +5,8 @@ import argparse
 from pathlib import Path
 from typing import Mapping, Optional, Tuple
 
+import torch
+
 from modeconn.cli.errors import CommandError
 from modeconn.data import Dataset, TensorLoader, get_dataset
 from modeconn.runtime import distributed
@@ -64,6 +66,16 @@ def split_loaders(ds: Dataset, args: argparse.Namespace, device
     test = ds.eval_loader("test", args.batch_size).to(device)
     return (train if args.split in ("train", "both") else None,
             test if args.split in ("test", "both") else None, train)
+
+
+def sample_loader(ds: Dataset, split: str, samples: Optional[int], batch_size: int, device,
+                  seed: int = 0) -> TensorLoader:
+    """The ``split`` data without augmentation, or ``samples`` of them drawn at random (seeded) when fewer."""
+    x, y = (ds.x_train, ds.y_train) if split == "train" else (ds.x_test, ds.y_test)
+    if samples is not None and samples < len(y):
+        keep = torch.randperm(len(y), generator=torch.Generator().manual_seed(seed))[:samples]
+        x, y = x[keep], y[keep]
+    return TensorLoader(x, y, batch_size, transform=ds.eval_transform).to(device)
 
 
 def hessian_loader(ds: Dataset, args: argparse.Namespace, device) -> TensorLoader:
