@@ -14,7 +14,8 @@ from modeconn.cli.errors import CommandError, run_command
 from modeconn.cli.outputs import run_info, write_json
 from modeconn.cli.session import Job, session
 from modeconn.core.curve_model import linear_path
-from modeconn.runtime.checkpoints import load_model, make_directory, save_model
+from modeconn.cli.endpoints import load_endpoint_model
+from modeconn.runtime.checkpoints import make_directory, save_model
 from modeconn.evaluation.path import evaluate_path
 from modeconn.runtime import Hooks
 from modeconn.plots.path import plot_path
@@ -85,8 +86,8 @@ def _barriers(result) -> dict:
 
 def _load_pair(args):
     """(model A, its metadata, model B, its metadata), checked to share one architecture."""
-    model_a, meta_a = load_model(args.a)
-    model_b, meta_b = load_model(args.b)
+    model_a, meta_a = load_endpoint_model(args.a, "--a")
+    model_b, meta_b = load_endpoint_model(args.b, "--b")
     for key in ARCH_KEYS:
         if meta_a.get(key) != meta_b.get(key):
             raise CommandError(

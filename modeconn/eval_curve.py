@@ -11,6 +11,7 @@ from modeconn.cli.errors import CommandError, run_command
 from modeconn.cli.outputs import run_info, write_csv, write_json
 from modeconn.cli.session import Job, session
 from modeconn.core.curve_model import linear_path, load_curve
+from modeconn.cli.endpoints import load_endpoint
 from modeconn.runtime.checkpoints import build_model, load_checkpoint, make_directory
 from modeconn.evaluation.path import evaluate_path, points_of_this_rank
 from modeconn.runtime import Hooks, Runtime
@@ -120,8 +121,8 @@ def _load_path(args) -> Tuple[object, dict, Path, str]:
         out = Path(args.out) if args.out else Path(args.ckpt).parent / "eval"
         name = meta["curve_state"]["curve"]
     elif args.a and args.b:
-        meta = load_checkpoint(args.a, kind="model")
-        end_meta = load_checkpoint(args.b, kind="model")
+        meta = load_endpoint(args.a, "--a")
+        end_meta = load_endpoint(args.b, "--b")
         if (meta["arch"], meta["arch_kwargs"]) != (end_meta["arch"], end_meta["arch_kwargs"]):
             raise CommandError(f"--a is {meta['arch']} {meta['arch_kwargs']} but --b is "
                                f"{end_meta['arch']} {end_meta['arch_kwargs']}")

@@ -13,7 +13,8 @@ from modeconn.cli.errors import CommandError, run_command
 from modeconn.cli.outputs import run_info, write_json
 from modeconn.cli.rundir import TrainingRun
 from modeconn.cli.session import Job, session
-from modeconn.runtime.checkpoints import load_checkpoint, load_model, save_model
+from modeconn.cli.endpoints import load_endpoint_model
+from modeconn.runtime.checkpoints import load_checkpoint, save_model
 from modeconn.evaluation.ensembles import EnsembleResult, evaluate_ensemble
 from modeconn.training.fge import FGEResult, cycle_length, cyclic_lr, snapshot_iterations, train_fge
 
@@ -237,7 +238,7 @@ def main_(argv=None) -> int:
     snapshot_iterations(args.cycles, 2)           # check --cycles, --lr-max and --lr-min before any work
     cyclic_lr(0, 2, args.lr_max, args.lr_min)
     with session(args) as job:
-        start_model, meta = load_model(args.ckpt)
+        start_model, meta = load_endpoint_model(args.ckpt, "--ckpt")
         dataset = cli_data.dataset_name(args, meta, args.ckpt)
         indep_meta = _independent_meta(args, dataset, meta)
         run = TrainingRun(Path(args.out), _config(args, dataset), "fge.json", job.is_main)

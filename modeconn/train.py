@@ -9,7 +9,8 @@ import torch
 
 from modeconn.cli.args import add_data_args, add_optim_args, add_resume_args, add_run_args, add_scale_args, parser
 from modeconn.cli.data import data_dir, data_source, train_loader
-from modeconn.cli.errors import CommandError, run_command
+from modeconn.cli.endpoints import untrained_reason
+from modeconn.cli.errors import CommandError, RunFailed, run_command
 from modeconn.cli.outputs import run_info
 from modeconn.cli.rundir import TrainingRun
 from modeconn.cli.session import Job, session
@@ -64,6 +65,9 @@ def build_parser():
                    help="architecture arguments, e.g. depth=3 width=256 bn=true")
     add_optim_args(p, epochs=30, lr=0.05)
     add_run_args(p)
+    p.add_argument("--strict", action="store_true",
+                   help="exit with status 1 (the checkpoint is still written) when the trained model looks "
+                        "untrained: train accuracy within 5 points of chance, or train loss >= log(classes)")
     add_resume_args(p, "resume.pt", "epoch")
     add_scale_args(p)
     return p
@@ -80,8 +84,10 @@ def _fit(args, job: Job, model, ds, run: TrainingRun, state: Optional[dict]) -> 
     return history
 
 
-def _write_results(args, argv, model, ds, kwargs: dict, config: dict, history: List[dict], device) -> None:
-    """Evaluate the trained model; write model.pt and history.png; print the metrics."""
+def _write_results(args, argv, model, ds, kwargs: dict, config: dict, history: List[dict], device
+                   ) -> Optional[str]:
+    """Evaluate the trained model; write model.pt and history.png; print the metrics; return why the
+    model looks untrained (None when it learned)."""
     out = Path(args.out)
     train = evaluate(model, ds.eval_loader("train").to(device))
     test = evaluate(model, ds.eval_loader("test").to(device))
@@ -95,6 +101,11 @@ def _write_results(args, argv, model, ds, kwargs: dict, config: dict, history: L
     print(f"train loss {train['loss']:.4f} acc {train['acc']:.4f} | "
           f"test loss {test['loss']:.4f} acc {test['acc']:.4f}")
     print(f"wrote {ckpt}, {out / 'history.json'}, {out / 'history.png'}")
+    why = untrained_reason(metrics, ds.num_classes)
+    if why:
+        print(f"warning: the model looks untrained: {why}; lower --lr or train longer before using it as "
+              "an endpoint", file=sys.stderr)
+    return why
 
 
 def main_(argv=None) -> int:
@@ -113,7 +124,9 @@ def main_(argv=None) -> int:
             model = create_model(args.model, ds.input_shape, ds.num_classes, **kwargs).to(job.device)
             history = _fit(args, job, model, ds, run, state)
             if job.is_main:  # rank 0 evaluates and writes the results
-                _write_results(args, argv, model, ds, kwargs, config, history, job.device)
+                why = _write_results(args, argv, model, ds, kwargs, config, history, job.device)
+                if why and args.strict:
+                    raise RunFailed(f"--strict: the model in {args.out} looks untrained ({why})")
     return 0
 
 

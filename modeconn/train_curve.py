@@ -12,7 +12,8 @@ from modeconn.cli.errors import CommandError, run_command
 from modeconn.cli.outputs import run_info
 from modeconn.cli.rundir import TrainingRun
 from modeconn.cli.session import Job, session
-from modeconn.runtime.checkpoints import build_model, load_checkpoint
+from modeconn.cli.endpoints import load_endpoint
+from modeconn.runtime.checkpoints import build_model
 from modeconn.core.curve_model import CurveModel, save_curve
 from modeconn.core.curves import make_curve
 from modeconn.plots.history import plot_history
@@ -60,8 +61,8 @@ def build_parser():
 
 def _endpoints(args) -> Tuple[dict, dict]:
     """The two endpoint checkpoints, checked to share one architecture."""
-    start_meta = load_checkpoint(args.a, kind="model")
-    end_meta = load_checkpoint(args.b, kind="model")
+    start_meta = load_endpoint(args.a, "--a")
+    end_meta = load_endpoint(args.b, "--b")
     for key in ("arch", "arch_kwargs", "input_shape", "num_classes"):
         if start_meta.get(key) != end_meta.get(key):
             raise CommandError(f"--a and --b differ in {key}: {start_meta.get(key)!r} vs "
