@@ -18,12 +18,14 @@ from modeconn.data import get_dataset
 from modeconn.runtime.checkpoints import save_model
 from modeconn.evaluation.model import evaluate
 from modeconn.models import create_model, list_models
+from modeconn.models.external import canonical_spec
 from modeconn.plots.history import plot_history
 from modeconn.runtime import Hooks, Runtime
 from modeconn.training.loop import train_model
 
 EXAMPLE = """  python -m modeconn.train --dataset digits --model mlp --seed 1 --epochs 30 --out runs/mlp_a
   python -m modeconn.train --dataset digits --model convnet --model-kwargs bn=true width=16 --seed 2 --out runs/cnn_b
+  python -m modeconn.train --model mynet.py:build --model-kwargs width=48 --out runs/mine   (your own model)
 
 writes OUT/model.pt (self-describing checkpoint), OUT/history.json, OUT/history.png,
 and OUT/resume.pt (state after the last finished epoch, for --resume).
@@ -59,8 +61,9 @@ def build_parser():
                "checkpoint.", EXAMPLE)
     add_data_args(p)
     g = p.add_argument_group("model")
-    g.add_argument("--model", default="mlp", help=f"architecture, one of: {', '.join(list_models())} "
-                                                  "(default: %(default)s)")
+    g.add_argument("--model", default="mlp", help=f"architecture: one of {', '.join(list_models())}, or your "
+                   "own: pkg.module:factory, path/file.py:factory (factory(input_shape, num_classes, **kwargs) "
+                   "-> nn.Module), torchvision:NAME, timm:NAME (default: %(default)s)")
     g.add_argument("--model-kwargs", nargs="*", metavar="KEY=VALUE",
                    help="architecture arguments, e.g. depth=3 width=256 bn=true")
     add_optim_args(p, epochs=30, lr=0.05)
@@ -112,6 +115,7 @@ def main_(argv=None) -> int:
     """The command body (see :func:`main`)."""
     args = build_parser().parse_args(argv)
     kwargs = parse_kwargs(args.model_kwargs)
+    args.model = canonical_spec(args.model)  # a file spec made absolute: checkpoints rebuild from anywhere
     config = {"dataset": args.dataset, "model": args.model, "model_kwargs": kwargs, "seed": args.seed,
               "epochs": args.epochs, "lr": args.lr, "wd": args.wd, "momentum": args.momentum,
               "schedule": args.schedule, "batch_size": args.batch_size}
