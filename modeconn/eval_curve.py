@@ -6,7 +6,7 @@ from pathlib import Path
 from typing import Tuple
 
 from modeconn.cli.args import add_data_args, add_run_args, add_scale_args, at_least, parser
-from modeconn.cli.data import checkpoint_dataset
+from modeconn.cli.data import checkpoint_dataset, hessian_loader
 from modeconn.cli.errors import CommandError, run_command
 from modeconn.cli.outputs import run_info, write_csv, write_json
 from modeconn.cli.session import Job, session
@@ -96,11 +96,9 @@ def path_sharpness(path, ds, device, args, job: Job) -> dict:
     import numpy as np
 
     from modeconn.evaluation.bn import recompute_bn
-    from modeconn.data import TensorLoader
     from modeconn.geometry.hessian import sharpness_along
 
-    n = args.hessian_samples
-    data = TensorLoader(ds.x_train[:n], ds.y_train[:n], args.batch_size, transform=ds.eval_transform).to(device)
+    data = hessian_loader(ds, args, device)
     bn_data = ds.eval_loader("train", args.batch_size).to(device)
     ts = np.linspace(0, 1, args.hessian_points)
     models = (recompute_bn(path.point(float(t)), bn_data) for t in ts)

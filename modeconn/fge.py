@@ -127,7 +127,8 @@ def _train(args, job: Job, start_model, meta: Mapping, ds, run: TrainingRun, sta
             old.unlink()
     arch = {"arch": meta["arch"], "arch_kwargs": meta.get("arch_kwargs", {}),
             "input_shape": meta["input_shape"], "num_classes": meta["num_classes"],
-            "dataset": run.config["dataset"], "seed": args.seed, **cli_data.data_source(ds)}
+            "dataset": run.config["dataset"], "dataset_kwargs": meta.get("dataset_kwargs") or {}, "seed": args.seed,
+            **cli_data.data_source(ds)}
     bar = job.progress(args.cycles * C, "fge")
     result = train_fge(start_model, train_loader, args.cycles, cycle_iters=C, lr_max=args.lr_max, lr_min=args.lr_min,
                  momentum=args.momentum, weight_decay=args.wd, seed=args.seed, bn_loader=bn_loader,

@@ -8,17 +8,16 @@ from typing import List, Optional, Sequence
 import torch
 
 from modeconn.cli.args import add_data_args, add_optim_args, add_resume_args, add_run_args, add_scale_args, parser
-from modeconn.cli.data import data_dir, data_source, train_loader
+from modeconn.cli.data import data_source, dataset_record, load_dataset, train_loader
 from modeconn.cli.endpoints import untrained_reason
 from modeconn.cli.errors import CommandError, RunFailed, run_command
 from modeconn.cli.outputs import run_info
 from modeconn.cli.rundir import TrainingRun
 from modeconn.cli.session import Job, session
-from modeconn.data import get_dataset
 from modeconn.runtime.checkpoints import save_model
 from modeconn.evaluation.model import evaluate
 from modeconn.models import create_model, list_models
-from modeconn.models.external import canonical_spec
+from modeconn.runtime.user_code import absolute_file_spec
 from modeconn.plots.history import plot_history
 from modeconn.runtime import Hooks, Runtime
 from modeconn.training.loop import train_model
@@ -98,7 +97,7 @@ def _write_results(args, argv, model, ds, kwargs: dict, config: dict, history: L
                "test_loss": test["loss"], "test_acc": test["acc"]}
     ckpt = save_model(out / "model.pt", model, args.model, kwargs, ds.input_shape, ds.num_classes,
                       dataset=args.dataset, dataset_seed=args.seed, seed=args.seed, metrics=metrics, history=history,
-                      **data_source(ds),
+                      dataset_kwargs=dataset_record(args)["dataset_kwargs"], **data_source(ds),
                       config=config, run=run_info(argv))
     plot_history(history, out / "history.png", f"{args.model} on {args.dataset}, seed {args.seed}")
     print(f"train loss {train['loss']:.4f} acc {train['acc']:.4f} | "
@@ -115,7 +114,9 @@ def main_(argv=None) -> int:
     """The command body (see :func:`main`)."""
     args = build_parser().parse_args(argv)
     kwargs = parse_kwargs(args.model_kwargs)
-    args.model = canonical_spec(args.model)  # a file spec made absolute: checkpoints rebuild from anywhere
+    args.model = absolute_file_spec(args.model)  # a file spec made absolute: checkpoints rebuild from anywhere
+    record = dataset_record(args)
+    args.dataset = record["dataset"]
     config = {"dataset": args.dataset, "model": args.model, "model_kwargs": kwargs, "seed": args.seed,
               "epochs": args.epochs, "lr": args.lr, "wd": args.wd, "momentum": args.momentum,
               "schedule": args.schedule, "batch_size": args.batch_size}
@@ -123,7 +124,7 @@ def main_(argv=None) -> int:
         run = TrainingRun(Path(args.out), config, "model.pt", job.is_main)
         state = run.start(args.resume, args.force)
         with run.resumable():
-            ds = get_dataset(args.dataset, data_dir(args), args.download, seed=args.seed)
+            ds = load_dataset(args, args.dataset, args.seed)
             torch.manual_seed(args.seed)
             model = create_model(args.model, ds.input_shape, ds.num_classes, **kwargs).to(job.device)
             history = _fit(args, job, model, ds, run, state)

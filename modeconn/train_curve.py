@@ -125,7 +125,8 @@ def _write_results(args, argv, curve, start_meta: dict, end_meta: dict, run: Tra
                    alignment: Optional[dict]) -> None:
     """curve.pt and history.png, and the closing lines."""
     out, config, dataset = run.out, run.config, run.config["dataset"]
-    meta = {k: start_meta.get(k) for k in ("arch", "arch_kwargs", "input_shape", "num_classes", "data_dir")}
+    meta = {k: start_meta.get(k) for k in ("arch", "arch_kwargs", "input_shape", "num_classes", "data_dir",
+                                           "dataset_kwargs")}
     path = save_curve(out / "curve.pt", curve, meta, dataset=dataset, dataset_seed=dataset_seed(start_meta),
                       seed=args.seed, history=history,
                       config=config, alignment=alignment, run=run_info(argv),

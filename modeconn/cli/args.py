@@ -101,14 +101,22 @@ def add_data_args(p: argparse.ArgumentParser, dataset_default: Optional[str] = "
                   evaluation: bool = False, split: bool = False, title: str = "data") -> None:
     """--dataset, --data-dir, --download, --batch-size (training or evaluation batches), optionally --split."""
     g = p.add_argument_group(title)
-    g.add_argument("--dataset", default=dataset_default, choices=DATASETS,
-                   help="dataset (default: %(default)s)" if dataset_default else
-                   "dataset (default: the one recorded in the checkpoint)")
+    g.add_argument("--dataset", default=dataset_default, metavar="NAME|SPEC",
+                   help=f"dataset: one of {', '.join(DATASETS)}, or imagefolder:PATH (PATH/train, PATH/val), "
+                        "pkg.module:factory, file.py:factory (factory(seed) -> (x_train, y_train, x_test, y_test) "
+                        "or (train_set, test_set)) " + ("(default: %(default)s)" if dataset_default else
+                                                        "(default: the one recorded in the checkpoint)"))
     g.add_argument("--data-dir", default=None,
                    help="where torchvision datasets are read from (default: the directory recorded in the "
                         "checkpoint when it exists, else ./data)")
     g.add_argument("--download", action="store_true",
                    help="download a torchvision dataset into --data-dir (needs internet)")
+    g.add_argument("--image-size", type=at_least(8), default=32,
+                   help="imagefolder: images are cropped/resized to this size (default: %(default)s; later "
+                        "commands use the size recorded in the checkpoint)")
+    g.add_argument("--workers", type=at_least(0), default=0,
+                   help="DataLoader worker processes for streamed datasets (imagefolder, (train_set, test_set) "
+                        "factories) (default: %(default)s)")
     if split:
         g.add_argument("--split", default="both", choices=("train", "test", "both"),
                        help="which data the loss and accuracy are measured on; BN statistics always use the "

@@ -5,10 +5,10 @@ import argparse
 from pathlib import Path
 from typing import Mapping, Optional, Tuple
 
-import torch
 
 from modeconn.cli.errors import CommandError
 from modeconn.data import Dataset, TensorLoader, get_dataset
+from modeconn.data.external import canonical_dataset_spec, is_spec
 from modeconn.runtime import distributed
 
 
@@ -39,10 +39,28 @@ def data_source(ds: Dataset) -> dict:
     return {"data_dir": ds.info["data_dir"]} if ds.info.get("data_dir") else {}
 
 
+def load_dataset(args: argparse.Namespace, name: str, seed: int, meta: Optional[Mapping] = None) -> Dataset:
+    """Dataset ``name`` as a command reads it: the data directory (:func:`data_dir`); for a spec also the
+    recorded image size (else ``--image-size``) and ``--workers``."""
+    kwargs = {}
+    if is_spec(name):
+        recorded = (meta or {}).get("dataset_kwargs") or {}
+        kwargs = {"image_size": recorded.get("image_size", args.image_size), "workers": args.workers}
+    return get_dataset(name, data_dir(args, meta), getattr(args, "download", False), seed=seed, **kwargs)
+
+
+def dataset_record(args: argparse.Namespace) -> dict:
+    """What a checkpoint records about ``--dataset``: the spec with its paths made absolute, and the image
+    size of an image folder."""
+    name = canonical_dataset_spec(args.dataset) if is_spec(args.dataset) else args.dataset
+    return {"dataset": name, "dataset_kwargs": ({"image_size": args.image_size}
+                                                if name.startswith("imagefolder:") else {})}
+
+
 def checkpoint_dataset(args: argparse.Namespace, meta: Mapping, source: str = "the checkpoint") -> Dataset:
     """The dataset a checkpoint was trained on (or ``--dataset``), checked against its input shape."""
     name = dataset_name(args, meta, source)
-    ds = get_dataset(name, data_dir(args, meta), getattr(args, "download", False), seed=dataset_seed(meta))
+    ds = load_dataset(args, name, dataset_seed(meta), meta)
     expected = tuple(meta.get("input_shape", ds.input_shape))
     if tuple(ds.input_shape) != expected:
         raise CommandError(f"dataset {name!r} has inputs of shape {tuple(ds.input_shape)}, the architecture "
@@ -68,17 +86,11 @@ def split_loaders(ds: Dataset, args: argparse.Namespace, device
             test if args.split in ("test", "both") else None, train)
 
 
-def sample_loader(ds: Dataset, split: str, samples: Optional[int], batch_size: int, device,
-                  seed: int = 0) -> TensorLoader:
+def sample_loader(ds: Dataset, split: str, samples: Optional[int], batch_size: int, device, seed: int = 0):
     """The ``split`` data without augmentation, or ``samples`` of them drawn at random (seeded) when fewer."""
-    x, y = (ds.x_train, ds.y_train) if split == "train" else (ds.x_test, ds.y_test)
-    if samples is not None and samples < len(y):
-        keep = torch.randperm(len(y), generator=torch.Generator().manual_seed(seed))[:samples]
-        x, y = x[keep], y[keep]
-    return TensorLoader(x, y, batch_size, transform=ds.eval_transform).to(device)
+    return ds.eval_loader(split, batch_size, samples=samples, seed=seed).to(device)
 
 
-def hessian_loader(ds: Dataset, args: argparse.Namespace, device) -> TensorLoader:
+def hessian_loader(ds: Dataset, args: argparse.Namespace, device):
     """The first ``--hessian-samples`` training samples, without augmentation."""
-    n = args.hessian_samples
-    return TensorLoader(ds.x_train[:n], ds.y_train[:n], args.batch_size, transform=ds.eval_transform).to(device)
+    return ds.eval_loader("train", args.batch_size, samples=args.hessian_samples).to(device)

@@ -15,32 +15,18 @@ A factory is called like a zoo builder, ``factory(input_shape, num_classes,
 from __future__ import annotations
 
 import importlib
-import importlib.util
-import sys
-from pathlib import Path
 from typing import Callable, Sequence
 
 from torch import nn
 
-__all__ = ["is_external", "canonical_spec", "external_builder", "GrayToRGB"]
+from modeconn.runtime.user_code import load_attribute
+
+__all__ = ["is_external", "external_builder", "GrayToRGB"]
 
 
 def is_external(name: str) -> bool:
     """Whether ``name`` is a spec (``a:b``) rather than a zoo name."""
     return isinstance(name, str) and ":" in name
-
-
-def canonical_spec(name: str) -> str:
-    """The spec as a checkpoint stores it: a file's path made absolute, anything else unchanged.
-
-    Example:
-        >>> canonical_spec("torchvision:resnet18")
-        'torchvision:resnet18'
-    """
-    source, _, attr = name.rpartition(":")
-    if source.endswith(".py"):
-        return f"{Path(source).resolve()}:{attr}"
-    return name
 
 
 class GrayToRGB(nn.Module):
@@ -98,23 +84,6 @@ def _timm(name: str) -> Callable[..., nn.Module]:
     return build
 
 
-def _from_file(path: str, spec: str):
-    """The module loaded from the Python file ``path`` (cached in ``sys.modules`` by its path)."""
-    file = Path(path)
-    if not file.is_file():
-        raise ValueError(f"model {spec!r}: no such file {file}")
-    key = f"modeconn_user_model_{abs(hash(str(file.resolve())))}"
-    if key not in sys.modules:
-        loader_spec = importlib.util.spec_from_file_location(key, file)
-        module = importlib.util.module_from_spec(loader_spec)
-        try:
-            loader_spec.loader.exec_module(module)
-        except Exception as e:  # the user's file: any error it raises
-            raise ValueError(f"model {spec!r}: loading {file} failed ({type(e).__name__}: {e})") from e
-        sys.modules[key] = module
-    return sys.modules[key]
-
-
 def external_builder(spec: str) -> Callable[..., nn.Module]:
     """The builder a spec names; ValueError naming the spec when it cannot be found."""
     source, _, attr = spec.rpartition(":")
@@ -125,14 +94,4 @@ def external_builder(spec: str) -> Callable[..., nn.Module]:
         return _torchvision(attr)
     if source == "timm":
         return _timm(attr)
-    if source.endswith(".py"):
-        module = _from_file(source, spec)
-    else:
-        try:
-            module = importlib.import_module(source)
-        except ImportError as e:
-            raise ValueError(f"model {spec!r}: cannot import module {source!r} ({e})") from None
-    factory = getattr(module, attr, None)
-    if not callable(factory):
-        raise ValueError(f"model {spec!r}: {source} has no callable {attr!r}")
-    return factory
+    return load_attribute(spec, "model")
