@@ -174,9 +174,12 @@ def test_a_nan_training_state_is_refused_on_resume(tmp_path, capsys):
 def test_divergence_in_the_first_epoch_is_one_line_and_saves_nothing(tmp_path, capsys):
     out = tmp_path / "curve"
     assert train_curve.main(["--a", A, "--b", B, "--lr", "1000", "--epochs", "3", "--out", str(out),
-                             "--no-progress"]) == 1
+                             "--no-progress"]) == 2
     line = one_line(capsys.readouterr().err)
-    assert line.startswith("error: ") and "epoch 1" in line and line.endswith("nothing was saved")
+    assert line.startswith("error: training diverged") and line.endswith("nothing was saved")
+    # where: the first step whose loss is not finite, at the learning rate of that step (the schedule's first)
+    step = int(line.split(" at step ")[1].split()[0])
+    assert 1 <= step <= 23 and "of epoch 1 (learning rate 1e+03)" in line and "lower the learning rate" in line
     assert files_in(out) == []
 
 
@@ -193,7 +196,7 @@ def test_divergence_later_keeps_the_state_of_the_last_finished_epoch(tmp_path, m
 
     monkeypatch.setattr(loop, "run_epoch", diverging_in_epoch_2)
     out = tmp_path / "run"
-    assert train.main(["--epochs", "3", "--out", str(out)] + TINY) == 1
+    assert train.main(["--epochs", "3", "--out", str(out)] + TINY) == 2
     line = one_line(capsys.readouterr().err)
     assert "epoch 2" in line and line.endswith(f"the state after epoch 1 is kept in {out / 'resume.pt'}, "
                                                "pass --force to start over")

@@ -5,11 +5,13 @@ Exit status of every command (also printed by ``--help``):
 * 0 — done.
 * 1 — the run failed while running: a file or directory could not be written
   (no space left on the device, permission denied, a file where a directory
-  must be) or training diverged. Files written before stay whole (every write
-  is atomic) and the state of the last finished epoch or grid row is kept.
+  must be). Files written before stay whole (every write is atomic) and the
+  state of the last finished epoch or grid row is kept.
 * 2 — the command line or an input is unusable: a bad flag value, a missing,
   corrupt or NaN checkpoint, a missing dataset, an earlier run in ``--out``
-  without ``--resume`` / ``--force``.
+  without ``--resume`` / ``--force``; or training diverged (a NaN/Inf loss:
+  the line names the epoch, the step and the learning rate, and the state of
+  the last finished epoch is kept).
 * 130 — interrupted by Ctrl-C (SIGINT); 143 — stopped by SIGTERM (what SLURM
   sends before it kills a job). The line says what was kept and whether
   ``--resume`` continues.
@@ -28,9 +30,9 @@ from modeconn.runtime.checkpoints import WriteError
 
 EXIT_STATUS = """exit status:
   0    done
-  1    the run failed: a file could not be written or training diverged (what was
-       finished is kept)
-  2    bad arguments or input
+  1    the run failed: a file could not be written (what was finished is kept)
+  2    bad arguments or input, or training diverged (the state of the last finished
+       epoch is kept)
   130  interrupted by Ctrl-C, 143 by SIGTERM (the state of the last finished epoch
        or grid row is kept; --resume continues)"""
 
@@ -42,7 +44,11 @@ class CommandError(Exception):
 
 
 class RunFailed(Exception):
-    """A run that had started failed (e.g. diverged): printed as one line, exit status 1."""
+    """A run that had started failed: printed as one line, exit status 1."""
+
+
+class Diverged(CommandError):
+    """Training diverged (a NaN/Inf loss): a setting to change, so exit status 2 like bad input."""
 
 
 class Interrupted(KeyboardInterrupt):
@@ -140,10 +146,10 @@ def run_command(main_fn: Main, argv: Optional[Sequence[str]] = None) -> int:
             return main_fn(argv) or 0
     except KeyboardInterrupt as e:
         return _stopped(e)
-    except (RunFailed, FloatingPointError, WriteError) as e:
+    except (RunFailed, WriteError) as e:
         _say(f"error: {e}")
         return 1
-    except (CommandError, ValueError, FileNotFoundError) as e:  # CheckpointError is a ValueError
+    except (CommandError, FloatingPointError, ValueError, FileNotFoundError) as e:  # CheckpointError is a ValueError
         _say(f"error: {os_error_line(e) if isinstance(e, OSError) else e}")
         return 2
     except OSError as e:

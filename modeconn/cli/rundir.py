@@ -26,7 +26,7 @@ from typing import Any, Callable, Iterator, Mapping, Optional, Tuple
 
 import numpy as np
 
-from modeconn.cli.errors import CommandError, Interrupted, RunFailed
+from modeconn.cli.errors import CommandError, Diverged, Interrupted
 from modeconn.cli.outputs import write_json, write_npz
 from modeconn.geometry.grid import GridResult
 from modeconn.runtime.checkpoints import FORMAT, FORMAT_VERSION, atomic_save, load_checkpoint, make_directory
@@ -108,7 +108,7 @@ class RunDir:
         """Inside the block an interruption or a divergence ends with one line saying what is kept.
 
         ``KeyboardInterrupt`` / SIGTERM become :class:`Interrupted` and
-        ``FloatingPointError`` (training diverged) :class:`RunFailed`, both
+        ``FloatingPointError`` (training diverged) :class:`Diverged`, both
         carrying :meth:`kept`.
         """
         try:
@@ -118,7 +118,7 @@ class RunDir:
         except FloatingPointError as e:
             saved = (f"the state after {self.unit} {self.done} is kept in {self.state_path}, pass --force to "
                      "start over" if self.done else "nothing was saved")
-            raise RunFailed(f"{e}; {saved}") from None
+            raise Diverged(f"{e}; {saved}") from None
 
 
 class TrainingRun(RunDir):

@@ -84,6 +84,42 @@ def model_step(net: nn.Module, loss: Union[str, LossFn], runtime: Runtime, devic
     return step
 
 
+class _EpochTally:
+    """An epoch's sums (loss, correct predictions, samples) and its first step with a NaN/Inf loss."""
+
+    def __init__(self) -> None:
+        """Nothing seen yet."""
+        self.loss_sum = torch.zeros((), dtype=torch.float64)
+        self.correct = torch.zeros((), dtype=torch.long)
+        self.bad = torch.zeros((), dtype=torch.long)  # first step (1-based) with a non-finite loss; 0: none
+        self.count, self.classify, self.lrs = 0, True, []
+
+    @torch.no_grad()
+    def add(self, out: torch.Tensor, y: torch.Tensor, data_loss: torch.Tensor, lr: float) -> None:
+        """One step's batch: its output, labels, mean loss, and the learning rate it was taken with."""
+        step = data_loss.detach().double().cpu()
+        self.loss_sum = self.loss_sum + step * len(y)
+        self.lrs.append(lr)
+        self.bad = torch.where((self.bad == 0) & ~torch.isfinite(step), torch.tensor(len(self.lrs)), self.bad)
+        self.classify = self.classify and _is_classification(out, y)
+        if self.classify:
+            self.correct = self.correct + (out.argmax(1) == y.to(out.device)).sum().cpu()
+        self.count += len(y)
+
+    def record(self, epoch: int, lr: float, ddp: bool) -> dict:
+        """The epoch's record (sums over ranks with ``ddp``); see :func:`run_epoch`."""
+        loss_sum, correct, count = self.loss_sum, self.correct, self.count
+        if ddp:
+            sums = _dist.all_reduce_sum(torch.stack([loss_sum, correct.double(),
+                                                     torch.tensor(float(count), dtype=torch.float64)]))
+            loss_sum, correct, count = sums[0], sums[1], int(sums[2])
+        record = {"epoch": epoch + 1, "loss": float(loss_sum) / max(count, 1),
+                  "acc": float(correct) / max(count, 1) if self.classify else float("nan"), "lr": float(lr)}
+        if int(self.bad):
+            record.update(bad_step=int(self.bad), bad_lr=self.lrs[int(self.bad) - 1])
+        return record
+
+
 def run_epoch(loader: Iterable, epoch: int, seed: int, step_loss: StepLoss, optimizer: torch.optim.Optimizer,
               ddp: bool = False, hooks: Optional[Hooks] = None, after_step: Optional[Callable[[], Any]] = None,
               max_steps: Optional[int] = None) -> dict:
@@ -106,42 +142,37 @@ def run_epoch(loader: Iterable, epoch: int, seed: int, step_loss: StepLoss, opti
     Returns:
         ``{"epoch": epoch + 1, "loss", "acc", "lr"}``: loss and accuracy averaged
         over the epoch's samples (acc NaN for non-classification outputs), lr
-        of the last step.
+        of the last step; when a step's loss was NaN/Inf also ``bad_step``
+        (the first such step, 1-based) and ``bad_lr`` (its learning rate).
     """
     if hasattr(loader, "set_epoch"):
         loader.set_epoch(epoch)
     if ddp:  # dropout etc.: different on every rank, repeatable on resume
         torch.manual_seed(_dist.rank_seed(seed, epoch))
     gen = epoch_generator(seed, epoch, stream=1000)
-    loss_sum = torch.zeros((), dtype=torch.float64)
-    correct = torch.zeros((), dtype=torch.long)
-    count, steps, classify = 0, 0, True
-    lr = optimizer.param_groups[0]["lr"]
+    tally, steps = _EpochTally(), 0
     for x, y in loader:
         if max_steps is not None and steps >= max_steps:
             break
         out, objective, data_loss = step_loss(x, y, gen)
+        lr = optimizer.param_groups[0]["lr"]
         optimizer.zero_grad(set_to_none=True)
         objective.backward()
         optimizer.step()
-        lr = optimizer.param_groups[0]["lr"]
-        with torch.no_grad():
-            loss_sum = loss_sum + data_loss.detach().double().cpu() * len(y)
-            classify = classify and _is_classification(out, y)
-            if classify:
-                correct = correct + (out.argmax(1) == y.to(out.device)).sum().cpu()
-        count += len(y)
+        tally.add(out, y, data_loss, lr)
         steps += 1
         if after_step is not None:
             after_step()
         if hooks is not None:
             hooks.advance(1)
-    if ddp:
-        sums = _dist.all_reduce_sum(torch.stack([loss_sum, correct.double(),
-                                                 torch.tensor(float(count), dtype=torch.float64)]))
-        loss_sum, correct, count = sums[0], sums[1], int(sums[2])
-    return {"epoch": epoch + 1, "loss": float(loss_sum) / max(count, 1),
-            "acc": float(correct) / max(count, 1) if classify else float("nan"), "lr": float(lr)}
+    return tally.record(epoch, optimizer.param_groups[0]["lr"], ddp)
+
+
+def _divergence(record: Mapping[str, Any], advice: str) -> str:
+    """One sentence saying where the loss stopped being finite, at which learning rate, and what to try."""
+    where = (f"at step {record['bad_step']} of epoch {record['epoch']} (learning rate {record['bad_lr']:.3g})"
+             if "bad_step" in record else f"in epoch {record['epoch']}")
+    return f"training diverged: the loss became {record['loss']} {where}; {advice}"
 
 
 def run_sgd(module: nn.Module, loader, epochs: int, step_loss: StepLoss, optimizer: torch.optim.Optimizer,
@@ -193,7 +224,7 @@ def run_sgd(module: nn.Module, loader, epochs: int, step_loss: StepLoss, optimiz
         if ddp and same_on_all_ranks is not None:
             _dist.check_same(same_on_all_ranks(), f"the t samples of epoch {epoch + 1}")
         if not math.isfinite(record["loss"]):
-            raise FloatingPointError(f"training loss became {record['loss']} in epoch {record['epoch']}; {advice}")
+            raise FloatingPointError(_divergence(record, advice))
         if not per_step:
             scheduler.step()
         record.update(epoch_fields() if epoch_fields is not None else {})
