@@ -2,7 +2,7 @@
 
 Every file modeconn writes is a plain dictionary::
 
-    {"format": "modeconn", "format_version": 1, "kind": "model" | "curve" |
+    {"format": "modeconn", "format_version": 1, "kind": "model" | "curve" | "simplex" |
      "ensemble" | "training_state", "modeconn_version": ..., "torch_version": ...,
      "arch": name, "arch_kwargs": {...}, "dataset": name, "seed": int,
      "metrics": {...}, ...kind-specific fields}
@@ -42,7 +42,7 @@ from modeconn.runtime.plain import to_plain
 
 FORMAT = "modeconn"
 FORMAT_VERSION = 1
-KINDS = ("model", "curve", "ensemble", "training_state")
+KINDS = ("model", "curve", "simplex", "ensemble", "training_state")
 
 PathLike = Union[str, os.PathLike]
 
