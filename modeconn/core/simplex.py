@@ -190,11 +190,12 @@ class SimplexModel(BendsModel):
     def _c(self, alpha, simplex: Optional[int], check: bool) -> torch.Tensor:
         """c from ``alpha`` on simplex ``simplex``, or ``alpha`` itself as c when ``simplex`` is None."""
         if simplex is None:
-            return _as_weights(alpha, self.num_bends, check, "c (coordinates over all vertices)").to(self.fixed_bends)
+            c = _as_weights(alpha, self.num_bends, check, "c (coordinates over all vertices)")
+            return c.to(self.fixed_bends)
         return self.coefficients(alpha, simplex, check)
 
     def flat_weights_at(self, alpha, simplex: Optional[int] = None, check: bool = True) -> torch.Tensor:
-        """θ flattened: ``[P]`` (or ``[n, P]``) at ``alpha`` on ``simplex``, or at c ``[K]`` when ``simplex`` is None."""
+        """θ flattened, ``[P]`` or ``[n, P]``: at ``alpha`` on ``simplex``, or at c ``[K]`` if ``simplex`` is None."""
         return self.flat_combination(self._c(alpha, simplex, check))
 
     def training_point(self, c: torch.Tensor, weight_decay: float = 0.0) -> torch.Tensor:
