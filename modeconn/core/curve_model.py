@@ -60,12 +60,12 @@ def _check_compatible(layout: FlatLayout, state: Mapping[str, torch.Tensor], whi
     """Raise, naming the parameter and both shapes, when ``state`` does not fit ``layout``."""
     for name, shape in zip(layout.names, layout.shapes):
         if name not in state:
-            raise ValueError(f"{which} endpoint has no parameter {name!r} (expected shape {tuple(shape)}); "
-                             "the endpoints and the template must share one architecture")
+            raise ValueError(f"{which} has no parameter {name!r} (expected shape {tuple(shape)}); "
+                             "the networks and the template must share one architecture")
         got = tuple(state[name].shape)
         if got != tuple(shape):
             raise ValueError(f"architectures differ at parameter {name!r}: template has shape "
-                             f"{tuple(shape)}, {which} endpoint has shape {got}")
+                             f"{tuple(shape)}, {which} has shape {got}")
 
 
 def _fresh_init(template: nn.Module, layout: FlatLayout, seed: int) -> torch.Tensor:
@@ -275,7 +275,7 @@ class CurveModel(BendsModel):
                        middle: Optional[List[Source]]) -> torch.Tensor:
         """All bends ``[num_bends, P]`` in the template's dtype and device: ends, then middle as asked."""
         flat = self._flat_state
-        first, last = flat(s_state, "start"), flat(e_state, "end")
+        first, last = flat(s_state, "start endpoint"), flat(e_state, "end endpoint")
         K = self.curve.num_bends
         if middle is not None:
             if len(middle) != K - 2:

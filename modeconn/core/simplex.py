@@ -25,7 +25,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from modeconn.core.curve_model import BendsModel, Source, _BufferStore, _fresh_init
+from modeconn.core.curve_model import BendsModel, Source, _BufferStore, _check_compatible, _fresh_init
 from modeconn.core.layout import FlatLayout
 from modeconn.runtime.checkpoints import load_state_dict
 
@@ -158,10 +158,7 @@ class SimplexModel(BendsModel):
         layout = FlatLayout.of(template)
         states = [load_state_dict(m) for m in modes]
         for k, s in enumerate(states):
-            missing = [n for n in layout.names if n not in s]
-            if missing:
-                raise ValueError(f"mode {k} has no parameter {missing[0]!r}: the modes and the template must "
-                                 "share one architecture")
+            _check_compatible(layout, s, f"mode {k}")
         N, m = len(states), int(free_vertices)
         if init == "mean":
             mean = {n: torch.stack([s[n] for s in states]).mean(0) for n in layout.names}
