@@ -10,7 +10,6 @@ from torch import nn
 
 import modeconn as mc
 from modeconn import eval_simplex, train_simplex
-from modeconn.cli.rundir import TrainingRun
 from modeconn.evaluation.model import evaluate
 from modeconn.evaluation.simplex import complex_grid, mode_pairs
 from modeconn.plots.simplex import plot_simplex
@@ -188,24 +187,12 @@ def _train_args(mode_files, *extra):
             "--batch-size", "128", "--no-progress", "--device", "cpu", *extra]
 
 
-def test_train_simplex_resume_is_identical_and_eval_writes_files(mode_files, tmp_path, monkeypatch):
+def test_train_simplex_resume_is_identical_and_eval_writes_files(mode_files, tmp_path, interrupt_after_epoch):
     assert train_simplex.main(_train_args(mode_files, "--out", str(tmp_path / "full"))) == 0
-    real_saver = TrainingRun.epoch_saver
-
-    def interrupting_saver(self, bar=None):
-        save = real_saver(self, bar)
-
-        def wrapped(record, state):
-            save(record, state)
-            if record["epoch"] == 2:
-                raise KeyboardInterrupt
-
-        return wrapped
-
-    monkeypatch.setattr(TrainingRun, "epoch_saver", interrupting_saver)
+    interrupt_after_epoch.arm(2)
     part = tmp_path / "part"
     assert train_simplex.main(_train_args(mode_files, "--out", str(part))) == 130
-    monkeypatch.setattr(TrainingRun, "epoch_saver", real_saver)
+    interrupt_after_epoch.disarm()
     assert train_simplex.main(_train_args(mode_files, "--out", str(part), "--resume")) == 0
     full, _ = mc.load_simplex(tmp_path / "full" / "simplex.pt")
     resumed, meta = mc.load_simplex(part / "simplex.pt")

@@ -29,7 +29,7 @@ from torch.func import functional_call
 
 from modeconn.core.curves import Bezier, Curve, PolyChain, TLike, _as_t, make_curve
 from modeconn.core.layout import FlatLayout
-from modeconn.runtime.checkpoints import load_state_dict
+from modeconn.runtime.checkpoints import load_described, load_state_dict, save_described
 
 Source = Union[nn.Module, Mapping[str, torch.Tensor], str]
 
@@ -460,12 +460,7 @@ def save_curve(path, curve: CurveModel, meta: Mapping, **extra):
         >>> ckpt["arch"], ckpt["seed"], ckpt["curve_state"]["num_bends"]
         ('mlp', 0, 3)
     """
-    from modeconn.runtime.checkpoints import save_checkpoint
-
-    fields = {k: meta[k] for k in ("arch", "arch_kwargs", "input_shape", "num_classes")}
-    fields.update({k: v for k, v in meta.items() if k not in fields})
-    fields.update(extra)
-    return save_checkpoint(path, "curve", curve_state=curve.describe(), **fields)
+    return save_described(path, "curve", curve, meta, **extra)
 
 
 def load_curve(path, map_location="cpu"):
@@ -482,11 +477,5 @@ def load_curve(path, map_location="cpu"):
         >>> torch.equal(loaded.bends, curve.bends), loaded.curve, info["kind"], info["seed"]
         (True, Bezier(3), 'curve', 0)
     """
-    from modeconn.runtime.checkpoints import CheckpointError, build_model, load_checkpoint
+    return load_described(path, "curve", CurveModel, map_location)
 
-    meta = load_checkpoint(path, kind="curve", map_location=map_location)
-    try:
-        curve = CurveModel.from_description(build_model(meta), meta["curve_state"])
-    except (KeyError, ValueError) as e:
-        raise CheckpointError(f"{path}: curve does not fit architecture {meta.get('arch')!r}: {e}") from None
-    return curve, meta

@@ -27,7 +27,7 @@ from torch import nn
 
 from modeconn.core.curve_model import BendsModel, Source, _BufferStore, _check_compatible, _fresh_init
 from modeconn.core.layout import FlatLayout
-from modeconn.runtime.checkpoints import load_state_dict
+from modeconn.runtime.checkpoints import load_described, load_state_dict, save_described
 
 __all__ = ["SimplexModel", "uniform_simplex", "barycentric_grid", "simplex_log_volume", "save_simplex",
            "load_simplex"]
@@ -288,21 +288,9 @@ def _as_weights(alpha, k: int, check: bool, what: str) -> torch.Tensor:
 def save_simplex(path, model: SimplexModel, meta: Mapping, **extra):
     """Write a self-describing 'simplex' checkpoint (``meta``: ``arch``, ``arch_kwargs``, ``input_shape``,
     ``num_classes``, usually ``dataset`` and ``seed``), as :func:`~modeconn.core.curve_model.save_curve`."""
-    from modeconn.runtime.checkpoints import save_checkpoint
-
-    fields = {k: meta[k] for k in ("arch", "arch_kwargs", "input_shape", "num_classes")}
-    fields.update({k: v for k, v in meta.items() if k not in fields})
-    fields.update(extra)
-    return save_checkpoint(path, "simplex", simplex_state=model.describe(), **fields)
+    return save_described(path, "simplex", model, meta, **extra)
 
 
 def load_simplex(path, map_location="cpu"):
     """Rebuild the SimplexModel stored in a 'simplex' checkpoint; returns (model, metadata)."""
-    from modeconn.runtime.checkpoints import CheckpointError, build_model, load_checkpoint
-
-    meta = load_checkpoint(path, kind="simplex", map_location=map_location)
-    try:
-        model = SimplexModel.from_description(build_model(meta), meta["simplex_state"])
-    except (KeyError, ValueError) as e:
-        raise CheckpointError(f"{path}: simplex does not fit architecture {meta.get('arch')!r}: {e}") from None
-    return model, meta
+    return load_described(path, "simplex", SimplexModel, map_location)

@@ -15,12 +15,10 @@ import math
 from typing import Iterable, List, Mapping, Optional, Union
 
 import torch
-from torch import nn
 
 from modeconn.core.simplex import SimplexModel
 from modeconn.runtime import Hooks, Runtime
-from modeconn.runtime import distributed as _dist
-from modeconn.training.loop import LossFn, _CurveStep, _settings, _sgd, get_loss, run_sgd
+from modeconn.training.loop import LossFn, _settings, curve_training, get_loss, run_sgd
 
 __all__ = ["fit_simplex"]
 
@@ -40,6 +38,12 @@ def _check_volume(model: SimplexModel, volume_reg: float) -> float:
     return volume_reg
 
 
+@torch.no_grad()
+def _mean_log_volume(model: SimplexModel) -> float:
+    """The mean log volume of the simplexes (each epoch's record)."""
+    return sum(float(model.log_volume(i)) for i in range(model.num_simplexes)) / model.num_simplexes
+
+
 def fit_simplex(model: SimplexModel, train_loader: Iterable, epochs: int = 20, lr: float = 0.03,
                 weight_decay: float = 5e-4, momentum: float = 0.9, schedule: str = "reference",
                 volume_reg: float = 0.0, loss: Union[str, LossFn] = "cross_entropy", seed: int = 0,
@@ -53,11 +57,11 @@ def fit_simplex(model: SimplexModel, train_loader: Iterable, epochs: int = 20, l
     penalty ``0.5 * wd * ||θ(α)||²`` at the sampled point; ``volume_reg`` = λ
     of Benton et al.'s ``− λ log V`` of the sampled simplex (0: off).
     Arguments, ``resume`` and ``hooks`` as :func:`~modeconn.training.loop.fit_curve`;
-    each epoch's record also holds ``log_volume`` (mean over the simplexes at
-    the end of the epoch). Raises ValueError when every vertex is fixed or
-    ``volume_reg > 0`` meets a degenerate simplex.
+    records also hold ``log_volume`` (the simplexes' mean). ValueError: every
+    vertex fixed, or ``volume_reg > 0`` with a degenerate simplex.
 
     Example:
+        >>> from torch import nn
         >>> from modeconn.data import TensorLoader
         >>> _ = torch.manual_seed(0)
         >>> modes = [nn.Linear(4, 3) for _ in range(3)]
@@ -71,17 +75,11 @@ def fit_simplex(model: SimplexModel, train_loader: Iterable, epochs: int = 20, l
         raise ValueError("the simplex has no free vertices to train (every vertex is fixed)")
     volume_reg = _check_volume(model, volume_reg)
     runtime, hooks = runtime or Runtime(), hooks or Hooks()
-    if runtime.device is not None:
-        model.to(runtime.device)
-    optimizer, scheduler = _sgd([model.free_bends], epochs, lr, momentum, 0.0, schedule)
+    # θ = c @ vertices: the curve's optimizer and step module, with c in place of c(t)
+    optimizer, scheduler, stepper, ddp = curve_training(model, train_loader, epochs, lr, momentum, schedule,
+                                                        weight_decay, runtime)
     loss_fn = get_loss(loss)
     device = model.fixed_bends.device
-    ddp = runtime.use_ddp(train_loader)
-    stepper: nn.Module = _CurveStep(model, runtime, weight_decay)  # θ = c @ vertices, the curve's step
-    if ddp:
-        stepper = _dist.wrap_ddp(stepper, sync_buffers_every_step=False)
-    if runtime.compile:
-        stepper = torch.compile(stepper)
     drawn = {"sum": 0.0}
 
     def step(x, y, gen):
@@ -94,12 +92,6 @@ def fit_simplex(model: SimplexModel, train_loader: Iterable, epochs: int = 20, l
         objective = value - volume_reg * model.log_volume(i).to(value.dtype) if volume_reg else value
         return out, objective, value
 
-    def epoch_fields() -> dict:
-        """The mean log volume of the simplexes after the epoch."""
-        with torch.no_grad():
-            return {"log_volume": sum(float(model.log_volume(i)) for i in range(model.num_simplexes))
-                    / model.num_simplexes}
-
     def epoch_draws() -> float:
         """Sum of the epoch's draws (reset for the next), for the ranks' agreement check."""
         value, drawn["sum"] = drawn["sum"], 0.0
@@ -109,4 +101,5 @@ def fit_simplex(model: SimplexModel, train_loader: Iterable, epochs: int = 20, l
     settings["volume_reg"] = volume_reg
     return run_sgd(model, train_loader, int(epochs), step, optimizer, scheduler, seed=seed, settings=settings,
                    hooks=hooks, resume=resume, ddp=ddp, advice=f"lower the learning rate (lr={lr})",
-                   epoch_fields=epoch_fields, same_on_all_ranks=epoch_draws)
+                   epoch_fields=lambda: {"log_volume": _mean_log_volume(model)},
+                   same_on_all_ranks=epoch_draws)
