@@ -8,13 +8,14 @@ from pathlib import Path
 from typing import Dict, Tuple
 
 from modeconn.alignment import align_models
-from modeconn.cli.args import add_data_args, add_run_args, at_least, parser
-from modeconn.cli.data import checkpoint_dataset
+from modeconn.cli.args import add_data_args, add_run_args, at_least, parser, zero_or_at_least
+from modeconn.cli.data import checkpoint_dataset, sample_loader
 from modeconn.cli.errors import CommandError, run_command
 from modeconn.cli.outputs import run_info, write_json
 from modeconn.cli.session import Job, session
 from modeconn.core.curve_model import linear_path
-from modeconn.runtime.checkpoints import load_model, make_directory, save_model
+from modeconn.cli.endpoints import load_endpoint_model
+from modeconn.runtime.checkpoints import make_directory, save_model
 from modeconn.evaluation.path import evaluate_path
 from modeconn.runtime import Hooks
 from modeconn.plots.path import plot_path
@@ -26,7 +27,7 @@ writes OUT (B with its hidden units permuted to match A: the same function as B,
 checkpoint with B's metadata plus an 'alignment' field) and OUT with suffix .json (the report,
 the straight-line barriers A->B before and after alignment, both paths in full, command line)
 and OUT with suffix .png (train loss and test error along both straight lines).
-Then, e.g.: python -m modeconn.train_curve --start A.pt --end OUT --out runs/curve_aligned"""
+Then, e.g.: python -m modeconn.train_curve --a A.pt --b OUT --out runs/curve_aligned"""
 
 ARCH_KEYS = ("arch", "arch_kwargs", "input_shape", "num_classes")
 BARRIER_METRICS = ("test_loss", "test_error", "train_loss", "train_error")
@@ -51,9 +52,13 @@ def build_parser():
                    help="weight matching: at most this many sweeps over the groups (default: %(default)s)")
     g.add_argument("--report", action="store_true",
                    help="print the per-group table (units, similarity before -> after, what stays fixed)")
-    g = p.add_argument_group("barrier")
-    g.add_argument("--num-points", type=at_least(2), default=21,
-                   help="evenly spaced t in [0, 1] on each straight line (default: %(default)s)")
+    g = p.add_argument_group("barrier report (two straight lines, a BN pass per point: the slow part)")
+    g.add_argument("--num-points", type=zero_or_at_least(2), default=21,
+                   help="evenly spaced t in [0, 1] on each straight line; 0 skips the report "
+                        "(default: %(default)s)")
+    g.add_argument("--eval-samples", type=at_least(1), default=None, metavar="N",
+                   help="evaluate the lines (and their BN statistics) on N random training and N random "
+                        "test samples instead of all (default: all)")
     add_data_args(p, dataset_default=None, evaluation=True)
     add_run_args(p, out_metavar="B_aligned.pt",
                  out_help="aligned checkpoint to write; the JSON and PNG go next to it (suffixes .json, .png)")
@@ -81,8 +86,8 @@ def _barriers(result) -> dict:
 
 def _load_pair(args):
     """(model A, its metadata, model B, its metadata), checked to share one architecture."""
-    model_a, meta_a = load_model(args.a)
-    model_b, meta_b = load_model(args.b)
+    model_a, meta_a = load_endpoint_model(args.a, "--a")
+    model_b, meta_b = load_endpoint_model(args.b, "--b")
     for key in ARCH_KEYS:
         if meta_a.get(key) != meta_b.get(key):
             raise CommandError(
@@ -105,8 +110,8 @@ def _align(args, ds, model_a, model_b, device):
 def _straight_lines(args, job: Job, ds, model_a, model_b, aligned_b) -> Dict[str, object]:
     """The straight lines A -> B and A -> aligned B, BN statistics recomputed at every point."""
     device = job.device
-    train = ds.eval_loader("train", args.batch_size).to(device)
-    test = ds.eval_loader("test", args.batch_size).to(device)
+    train = sample_loader(ds, "train", args.eval_samples, args.batch_size, device)
+    test = sample_loader(ds, "test", args.eval_samples, args.batch_size, device)
     bar = job.progress(2 * args.num_points, "straight lines")
     results = {}
     for which, end in (("before", model_b), ("after", aligned_b)):
@@ -121,7 +126,7 @@ def _write_outputs(args, argv, out: Path, out_json: Path, aligned_b, meta_b: dic
                    align_seconds: float, dataset: str) -> Tuple[Path, dict]:
     """The aligned checkpoint, its JSON report and the picture; returns (checkpoint path, barriers)."""
     barriers = {"reference": "interp", "before": _barriers(results["before"]),
-                "after": _barriers(results["after"])}
+                "after": _barriers(results["after"])} if results else None
     report_data = report.as_dict()
     alignment = {"method": args.method, "reference": str(args.a), "source": str(args.b), "seed": args.seed,
                  "dataset": dataset, "seconds": align_seconds, "report": report_data, "barriers": barriers,
@@ -134,10 +139,13 @@ def _write_outputs(args, argv, out: Path, out_json: Path, aligned_b, meta_b: dic
                       metrics=meta_b.get("metrics"), alignment=alignment, **extra)
     write_json(out_json, {
         "a": str(args.a), "b": str(args.b), "out": str(ckpt), "method": args.method, "seed": args.seed,
-        "dataset": dataset, "num_points": args.num_points, "align_seconds": align_seconds,
+        "dataset": dataset, "num_points": args.num_points,
+        "eval_samples": args.eval_samples, "align_seconds": align_seconds,
         "report": report_data, "barriers": barriers,
         "paths": {k: r.to_dict() for k, r in results.items()}, "run": run_info(argv)})
 
+    if not results:  # --num-points 0: no lines, no picture
+        return ckpt, barriers
     out_png = out.with_suffix(".png")
     plot_path(dataclasses.replace(results["after"], name=f"aligned ({args.method})", linear=results["before"]),
               out_png, f"straight line A -> B on {dataset}: solid = B aligned, dashed 'linear' = B as trained")
@@ -149,7 +157,12 @@ def _print_summary(args, report, align_seconds: float, dataset: str, barriers: d
     lines = report.summary().splitlines()
     lines[0] += f" ({align_seconds:.2f} s)"
     print("\n".join(lines if args.report else lines[:1]))
-    print(f"straight line A -> B on {dataset} ({args.num_points} points, barrier = max_t L(t) - "
+    if barriers is None:
+        print("barrier report skipped (--num-points 0)")
+        print("wrote " + ", ".join(str(f) for f in files[:2]))
+        return
+    samples = f", {args.eval_samples} samples per split" if args.eval_samples else ""
+    print(f"straight line A -> B on {dataset} ({args.num_points} points{samples}, barrier = max_t L(t) - "
           f"[(1-t) L(0) + t L(1)]):")
     print(f"  {'':18s} {'before':>9s} {'after':>9s}")
     b, a = barriers["before"], barriers["after"]
@@ -170,7 +183,7 @@ def main_(argv=None) -> int:
             print(f"note: {args.b} was trained on {meta_b['dataset']!r}; using {dataset!r}", file=sys.stderr)
         make_directory(out.parent)  # a path that cannot be written fails now, not after the work
         aligned_b, report, align_seconds = _align(args, ds, model_a, model_b, job.device)
-        results = _straight_lines(args, job, ds, model_a, model_b, aligned_b)
+        results = _straight_lines(args, job, ds, model_a, model_b, aligned_b) if args.num_points else {}
         ckpt, barriers = _write_outputs(args, argv, out, out_json, aligned_b, meta_b, report, results,
                                         align_seconds, dataset)
         _print_summary(args, report, align_seconds, dataset, barriers, (ckpt, out_json, out.with_suffix(".png")))

@@ -6,18 +6,19 @@ from pathlib import Path
 from typing import Tuple
 
 from modeconn.cli.args import add_data_args, add_run_args, add_scale_args, at_least, parser
-from modeconn.cli.data import checkpoint_dataset
+from modeconn.cli.data import checkpoint_dataset, hessian_loader
 from modeconn.cli.errors import CommandError, run_command
 from modeconn.cli.outputs import run_info, write_csv, write_json
 from modeconn.cli.session import Job, session
 from modeconn.core.curve_model import linear_path, load_curve
+from modeconn.cli.endpoints import load_endpoint
 from modeconn.runtime.checkpoints import build_model, load_checkpoint, make_directory
 from modeconn.evaluation.path import evaluate_path, points_of_this_rank
 from modeconn.runtime import Hooks, Runtime
 from modeconn.plots.path import plot_path
 
 EXAMPLE = """  python -m modeconn.eval_curve --ckpt runs/curve_mlp/curve.pt --with-linear --out runs/eval_mlp
-  python -m modeconn.eval_curve --start checkpoints/digits_mlp_a.pt --end checkpoints/digits_mlp_b.pt
+  python -m modeconn.eval_curve --a checkpoints/digits_mlp_a.pt --b checkpoints/digits_mlp_b.pt
 
 writes OUT/path.json (every array, summaries, the barrier table, command line, versions),
 OUT/path.csv (one row per t) and OUT/path.png (train loss and test error vs t).
@@ -34,8 +35,8 @@ def build_parser():
                "report the loss barriers.", EXAMPLE)
     g = p.add_argument_group("path")
     g.add_argument("--ckpt", help="curve checkpoint from modeconn.train_curve")
-    g.add_argument("--start", help="first endpoint checkpoint (straight line, without --ckpt)")
-    g.add_argument("--end", help="second endpoint checkpoint (straight line, without --ckpt)")
+    g.add_argument("--a", help="first endpoint checkpoint (straight line, without --ckpt)")
+    g.add_argument("--b", help="second endpoint checkpoint (straight line, without --ckpt)")
     g.add_argument("--num-points", type=at_least(2), default=61,
                    help="evenly spaced t in [0, 1] (default: %(default)s)")
     g.add_argument("--with-linear", action="store_true",
@@ -95,11 +96,9 @@ def path_sharpness(path, ds, device, args, job: Job) -> dict:
     import numpy as np
 
     from modeconn.evaluation.bn import recompute_bn
-    from modeconn.data import TensorLoader
     from modeconn.geometry.hessian import sharpness_along
 
-    n = args.hessian_samples
-    data = TensorLoader(ds.x_train[:n], ds.y_train[:n], args.batch_size, transform=ds.eval_transform).to(device)
+    data = hessian_loader(ds, args, device)
     bn_data = ds.eval_loader("train", args.batch_size).to(device)
     ts = np.linspace(0, 1, args.hessian_points)
     models = (recompute_bn(path.point(float(t)), bn_data) for t in ts)
@@ -110,28 +109,28 @@ def path_sharpness(path, ds, device, args, job: Job) -> dict:
 
 
 def _load_path(args) -> Tuple[object, dict, Path, str]:
-    """(path, metadata, output directory, name): the curve of --ckpt or the line from --start to --end."""
+    """(path, metadata, output directory, name): the curve of --ckpt or the line from --a to --b."""
     if args.ckpt:
         meta = load_checkpoint(args.ckpt)
         if meta.get("kind") != "curve":
             raise CommandError(f"{args.ckpt} is a {meta.get('kind')!r} checkpoint, not a curve; "
-                               "for the straight line between two models use --start A.pt --end B.pt")
+                               "for the straight line between two models use --a A.pt --b B.pt")
         path, meta = load_curve(args.ckpt)
         out = Path(args.out) if args.out else Path(args.ckpt).parent / "eval"
         name = meta["curve_state"]["curve"]
-    elif args.start and args.end:
-        meta = load_checkpoint(args.start, kind="model")
-        end_meta = load_checkpoint(args.end, kind="model")
+    elif args.a and args.b:
+        meta = load_endpoint(args.a, "--a")
+        end_meta = load_endpoint(args.b, "--b")
         if (meta["arch"], meta["arch_kwargs"]) != (end_meta["arch"], end_meta["arch_kwargs"]):
-            raise CommandError(f"--start is {meta['arch']} {meta['arch_kwargs']} but --end is "
+            raise CommandError(f"--a is {meta['arch']} {meta['arch_kwargs']} but --b is "
                                f"{end_meta['arch']} {end_meta['arch_kwargs']}")
         template = build_model(meta)
         template.load_state_dict(meta["state_dict"])
         path = linear_path(template, end_meta["state_dict"])
-        out = Path(args.out) if args.out else Path(args.start).parent / "eval_linear"
+        out = Path(args.out) if args.out else Path(args.a).parent / "eval_linear"
         name = "linear"
     else:
-        raise CommandError("give --ckpt CURVE.pt, or --start A.pt and --end B.pt for a straight line")
+        raise CommandError("give --ckpt CURVE.pt, or --a A.pt and --b B.pt for a straight line")
     return path, meta, out, name
 
 
@@ -178,7 +177,7 @@ def main_(argv=None) -> int:
         if args.hessian:
             result.extra.update(path_sharpness(path, ds, job.device, args, job))
         write_path_outputs(result, out, f"{name} on {ds.name}",
-                           {"dataset": ds.name, "source": {"ckpt": args.ckpt, "start": args.start, "end": args.end},
+                           {"dataset": ds.name, "source": {"ckpt": args.ckpt, "start": args.a, "end": args.b},
                             "run": run_info(argv)})
         _print_summary(result, name, out)
     return 0

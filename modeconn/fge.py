@@ -13,7 +13,8 @@ from modeconn.cli.errors import CommandError, run_command
 from modeconn.cli.outputs import run_info, write_json
 from modeconn.cli.rundir import TrainingRun
 from modeconn.cli.session import Job, session
-from modeconn.runtime.checkpoints import load_checkpoint, load_model, save_model
+from modeconn.cli.endpoints import load_endpoint_model
+from modeconn.runtime.checkpoints import load_checkpoint, save_model
 from modeconn.evaluation.ensembles import EnsembleResult, evaluate_ensemble
 from modeconn.training.fge import FGEResult, cycle_length, cyclic_lr, snapshot_iterations, train_fge
 
@@ -126,7 +127,8 @@ def _train(args, job: Job, start_model, meta: Mapping, ds, run: TrainingRun, sta
             old.unlink()
     arch = {"arch": meta["arch"], "arch_kwargs": meta.get("arch_kwargs", {}),
             "input_shape": meta["input_shape"], "num_classes": meta["num_classes"],
-            "dataset": run.config["dataset"], "seed": args.seed}
+            "dataset": run.config["dataset"], "dataset_kwargs": meta.get("dataset_kwargs") or {}, "seed": args.seed,
+            **cli_data.data_source(ds)}
     bar = job.progress(args.cycles * C, "fge")
     result = train_fge(start_model, train_loader, args.cycles, cycle_iters=C, lr_max=args.lr_max, lr_min=args.lr_min,
                  momentum=args.momentum, weight_decay=args.wd, seed=args.seed, bn_loader=bn_loader,
@@ -237,7 +239,7 @@ def main_(argv=None) -> int:
     snapshot_iterations(args.cycles, 2)           # check --cycles, --lr-max and --lr-min before any work
     cyclic_lr(0, 2, args.lr_max, args.lr_min)
     with session(args) as job:
-        start_model, meta = load_model(args.ckpt)
+        start_model, meta = load_endpoint_model(args.ckpt, "--ckpt")
         dataset = cli_data.dataset_name(args, meta, args.ckpt)
         indep_meta = _independent_meta(args, dataset, meta)
         run = TrainingRun(Path(args.out), _config(args, dataset), "fge.json", job.is_main)

@@ -16,7 +16,7 @@ from modeconn.evaluation.bn import has_batchnorm
 from modeconn.geometry.directions import NORMS, flatten_parameters, model_direction, random_plane
 from modeconn.geometry.grid import axis, evaluate_grid
 from modeconn.runtime import Hooks, Runtime
-from modeconn.runtime.checkpoints import load_model
+from modeconn.cli.endpoints import load_endpoint_model
 
 PARTIAL, FINAL = "landscape.partial.npz", "landscape.npz"
 
@@ -102,12 +102,12 @@ def _axes(args):
 
 def _slice(args, job: Job):
     """(model at the centre, its metadata, its flat weights, the plane of the slice)."""
-    model, meta = load_model(args.ckpt)
+    model, meta = load_endpoint_model(args.ckpt, "--ckpt")
     model = model.to(job.device)
     origin = flatten_parameters(model)
     first = None
     if args.ckpt2:
-        model2, meta2 = load_model(args.ckpt2)
+        model2, meta2 = load_endpoint_model(args.ckpt2, "--ckpt2")
         for key in ("arch", "arch_kwargs", "input_shape", "num_classes"):
             if meta.get(key) != meta2.get(key):
                 raise CommandError(f"--ckpt and --ckpt2 differ in {key}: {meta.get(key)!r} vs {meta2.get(key)!r}")

@@ -8,21 +8,23 @@ from typing import List, Optional, Sequence
 import torch
 
 from modeconn.cli.args import add_data_args, add_optim_args, add_resume_args, add_run_args, add_scale_args, parser
-from modeconn.cli.data import train_loader
-from modeconn.cli.errors import CommandError, run_command
+from modeconn.cli.data import data_source, dataset_record, load_dataset, train_loader
+from modeconn.cli.endpoints import untrained_reason
+from modeconn.cli.errors import CommandError, RunFailed, run_command
 from modeconn.cli.outputs import run_info
 from modeconn.cli.rundir import TrainingRun
 from modeconn.cli.session import Job, session
-from modeconn.data import get_dataset
 from modeconn.runtime.checkpoints import save_model
 from modeconn.evaluation.model import evaluate
 from modeconn.models import create_model, list_models
+from modeconn.runtime.user_code import absolute_file_spec
 from modeconn.plots.history import plot_history
 from modeconn.runtime import Hooks, Runtime
 from modeconn.training.loop import train_model
 
 EXAMPLE = """  python -m modeconn.train --dataset digits --model mlp --seed 1 --epochs 30 --out runs/mlp_a
   python -m modeconn.train --dataset digits --model convnet --model-kwargs bn=true width=16 --seed 2 --out runs/cnn_b
+  python -m modeconn.train --model mynet.py:build --model-kwargs width=48 --out runs/mine   (your own model)
 
 writes OUT/model.pt (self-describing checkpoint), OUT/history.json, OUT/history.png,
 and OUT/resume.pt (state after the last finished epoch, for --resume).
@@ -58,12 +60,16 @@ def build_parser():
                "checkpoint.", EXAMPLE)
     add_data_args(p)
     g = p.add_argument_group("model")
-    g.add_argument("--model", default="mlp", help=f"architecture, one of: {', '.join(list_models())} "
-                                                  "(default: %(default)s)")
+    g.add_argument("--model", default="mlp", help=f"architecture: one of {', '.join(list_models())}, or your "
+                   "own: pkg.module:factory, path/file.py:factory (factory(input_shape, num_classes, **kwargs) "
+                   "-> nn.Module), torchvision:NAME, timm:NAME (default: %(default)s)")
     g.add_argument("--model-kwargs", nargs="*", metavar="KEY=VALUE",
                    help="architecture arguments, e.g. depth=3 width=256 bn=true")
     add_optim_args(p, epochs=30, lr=0.05)
     add_run_args(p)
+    p.add_argument("--strict", action="store_true",
+                   help="exit with status 1 (the checkpoint is still written) when the trained model looks "
+                        "untrained: train accuracy within 5 points of chance, or train loss >= log(classes)")
     add_resume_args(p, "resume.pt", "epoch")
     add_scale_args(p)
     return p
@@ -80,8 +86,10 @@ def _fit(args, job: Job, model, ds, run: TrainingRun, state: Optional[dict]) -> 
     return history
 
 
-def _write_results(args, argv, model, ds, kwargs: dict, config: dict, history: List[dict], device) -> None:
-    """Evaluate the trained model; write model.pt and history.png; print the metrics."""
+def _write_results(args, argv, model, ds, kwargs: dict, config: dict, history: List[dict], device
+                   ) -> Optional[str]:
+    """Evaluate the trained model; write model.pt and history.png; print the metrics; return why the
+    model looks untrained (None when it learned)."""
     out = Path(args.out)
     train = evaluate(model, ds.eval_loader("train").to(device))
     test = evaluate(model, ds.eval_loader("test").to(device))
@@ -89,17 +97,26 @@ def _write_results(args, argv, model, ds, kwargs: dict, config: dict, history: L
                "test_loss": test["loss"], "test_acc": test["acc"]}
     ckpt = save_model(out / "model.pt", model, args.model, kwargs, ds.input_shape, ds.num_classes,
                       dataset=args.dataset, dataset_seed=args.seed, seed=args.seed, metrics=metrics, history=history,
+                      dataset_kwargs=dataset_record(args)["dataset_kwargs"], **data_source(ds),
                       config=config, run=run_info(argv))
     plot_history(history, out / "history.png", f"{args.model} on {args.dataset}, seed {args.seed}")
     print(f"train loss {train['loss']:.4f} acc {train['acc']:.4f} | "
           f"test loss {test['loss']:.4f} acc {test['acc']:.4f}")
     print(f"wrote {ckpt}, {out / 'history.json'}, {out / 'history.png'}")
+    why = untrained_reason(metrics, ds.num_classes)
+    if why:
+        print(f"warning: the model looks untrained: {why}; lower --lr or train longer before using it as "
+              "an endpoint", file=sys.stderr)
+    return why
 
 
 def main_(argv=None) -> int:
     """The command body (see :func:`main`)."""
     args = build_parser().parse_args(argv)
     kwargs = parse_kwargs(args.model_kwargs)
+    args.model = absolute_file_spec(args.model)  # a file spec made absolute: checkpoints rebuild from anywhere
+    record = dataset_record(args)
+    args.dataset = record["dataset"]
     config = {"dataset": args.dataset, "model": args.model, "model_kwargs": kwargs, "seed": args.seed,
               "epochs": args.epochs, "lr": args.lr, "wd": args.wd, "momentum": args.momentum,
               "schedule": args.schedule, "batch_size": args.batch_size}
@@ -107,12 +124,14 @@ def main_(argv=None) -> int:
         run = TrainingRun(Path(args.out), config, "model.pt", job.is_main)
         state = run.start(args.resume, args.force)
         with run.resumable():
-            ds = get_dataset(args.dataset, args.data_dir, args.download, seed=args.seed)
+            ds = load_dataset(args, args.dataset, args.seed)
             torch.manual_seed(args.seed)
             model = create_model(args.model, ds.input_shape, ds.num_classes, **kwargs).to(job.device)
             history = _fit(args, job, model, ds, run, state)
             if job.is_main:  # rank 0 evaluates and writes the results
-                _write_results(args, argv, model, ds, kwargs, config, history, job.device)
+                why = _write_results(args, argv, model, ds, kwargs, config, history, job.device)
+                if why and args.strict:
+                    raise RunFailed(f"--strict: the model in {args.out} looks untrained ({why})")
     return 0
 
 

@@ -7,19 +7,20 @@ from pathlib import Path
 from typing import List, Optional, Tuple
 
 from modeconn.cli.args import add_data_args, add_optim_args, add_resume_args, add_run_args, add_scale_args, parser
-from modeconn.cli.data import checkpoint_dataset, dataset_name, dataset_seed, train_loader
+from modeconn.cli.data import checkpoint_dataset, data_source, dataset_name, dataset_seed, train_loader
 from modeconn.cli.errors import CommandError, run_command
 from modeconn.cli.outputs import run_info
 from modeconn.cli.rundir import TrainingRun
 from modeconn.cli.session import Job, session
-from modeconn.runtime.checkpoints import build_model, load_checkpoint
+from modeconn.cli.endpoints import load_endpoint
+from modeconn.runtime.checkpoints import build_model
 from modeconn.core.curve_model import CurveModel, save_curve
 from modeconn.core.curves import make_curve
 from modeconn.plots.history import plot_history
 from modeconn.runtime import Hooks, Runtime
 from modeconn.training.loop import fit_curve
 
-EXAMPLE = """  python -m modeconn.train_curve --start checkpoints/digits_mlp_a.pt --end checkpoints/digits_mlp_b.pt \\
+EXAMPLE = """  python -m modeconn.train_curve --a checkpoints/digits_mlp_a.pt --b checkpoints/digits_mlp_b.pt \\
       --curve bezier --num-bends 3 --epochs 30 --out runs/curve_mlp
 
 writes OUT/curve.pt (self-describing: architecture, curve type, bends, which are fixed,
@@ -27,8 +28,7 @@ dataset, seed, history), OUT/history.json, OUT/history.png and OUT/resume.pt.
 Then: python -m modeconn.eval_curve --ckpt OUT/curve.pt
 
 on 4 GPUs (or CPU processes with gloo), --batch-size being the global batch:
-  torchrun --nproc_per_node 4 -m modeconn.train_curve -- --start A.pt --end B.pt --batch-size 256 --out OUT
-(the "--" keeps torchrun from reading --start as its own --start-method)"""
+  torchrun --nproc_per_node 4 -m modeconn.train_curve --a A.pt --b B.pt --batch-size 256 --out OUT"""
 
 
 def build_parser():
@@ -36,8 +36,8 @@ def build_parser():
     p = parser("train_curve", "Fit a curve (Bezier or polygonal chain) of low loss between two trained "
                "networks: minimise the expected loss over t ~ U(0,1), one t per mini-batch.", EXAMPLE)
     g = p.add_argument_group("curve")
-    g.add_argument("--start", required=True, help="checkpoint of the first endpoint (from modeconn.train)")
-    g.add_argument("--end", required=True, help="checkpoint of the second endpoint")
+    g.add_argument("--a", required=True, help="checkpoint of the first endpoint (from modeconn.train)")
+    g.add_argument("--b", required=True, help="checkpoint of the second endpoint")
     g.add_argument("--curve", default="bezier", choices=("bezier", "polychain"),
                    help="curve family (default: %(default)s)")
     g.add_argument("--num-bends", type=int, default=3,
@@ -61,18 +61,18 @@ def build_parser():
 
 def _endpoints(args) -> Tuple[dict, dict]:
     """The two endpoint checkpoints, checked to share one architecture."""
-    start_meta = load_checkpoint(args.start, kind="model")
-    end_meta = load_checkpoint(args.end, kind="model")
+    start_meta = load_endpoint(args.a, "--a")
+    end_meta = load_endpoint(args.b, "--b")
     for key in ("arch", "arch_kwargs", "input_shape", "num_classes"):
         if start_meta.get(key) != end_meta.get(key):
-            raise CommandError(f"--start and --end differ in {key}: {start_meta.get(key)!r} vs "
+            raise CommandError(f"--a and --b differ in {key}: {start_meta.get(key)!r} vs "
                                f"{end_meta.get(key)!r}")
     return start_meta, end_meta
 
 
 def _config(args, dataset: str) -> dict:
     """The arguments a --resume must repeat."""
-    return {"start": str(args.start), "end": str(args.end), "curve": args.curve, "num_bends": args.num_bends,
+    return {"start": str(args.a), "end": str(args.b), "curve": args.curve, "num_bends": args.num_bends,
             "fix_start": args.fix_start, "fix_end": args.fix_end, "init": args.init, "align": args.align,
             "dataset": dataset, "epochs": args.epochs, "lr": args.lr, "wd": args.wd,
             "momentum": args.momentum, "schedule": args.schedule, "seed": args.seed,
@@ -80,7 +80,7 @@ def _config(args, dataset: str) -> dict:
 
 
 def _end_state(args, ds, start_meta: dict, end_meta: dict, device) -> Tuple[dict, Optional[dict]]:
-    """The end bend's weights: the --end checkpoint's, or (--align) permuted to match --start."""
+    """The end bend's weights: the --b checkpoint's, or (--align) permuted to match --a."""
     end_state = end_meta["state_dict"]
     alignment = None
     if args.align:
@@ -94,15 +94,15 @@ def _end_state(args, ds, start_meta: dict, end_meta: dict, device) -> Tuple[dict
         aligned, _, report = align_models(start_model, end_model, method=args.align,
                                    loader=ds.eval_loader("train"), seed=args.seed, device=device)
         end_state = {k: v.detach().cpu() for k, v in aligned.state_dict().items()}
-        alignment = {"method": args.align, "aligned": "end", "reference": str(args.start),
+        alignment = {"method": args.align, "aligned": "end", "reference": str(args.a),
                      "report": report.as_dict()}
-        print(f"aligned --end to --start by {args.align} matching: mean {report.metric} "
+        print(f"aligned --b to --a by {args.align} matching: mean {report.metric} "
               f"{report.mean_before:.3f} -> {report.mean_after:.3f} over {len(report.groups)} groups")
     return end_state, alignment
 
 
 def _build_curve(args, ds, start_meta: dict, end_meta: dict, device) -> Tuple[CurveModel, Optional[dict]]:
-    """(the curve to fit between --start and the (aligned) --end, the alignment record or None)."""
+    """(the curve to fit between --a and the (aligned) --b, the alignment record or None)."""
     template = build_model(start_meta)
     end_state, alignment = _end_state(args, ds, start_meta, end_meta, device)
     curve = CurveModel(template, start_meta["state_dict"], end_state, make_curve(args.curve, args.num_bends),
@@ -125,12 +125,13 @@ def _write_results(args, argv, curve, start_meta: dict, end_meta: dict, run: Tra
                    alignment: Optional[dict]) -> None:
     """curve.pt and history.png, and the closing lines."""
     out, config, dataset = run.out, run.config, run.config["dataset"]
-    meta = {k: start_meta[k] for k in ("arch", "arch_kwargs", "input_shape", "num_classes")}
+    meta = {k: start_meta.get(k) for k in ("arch", "arch_kwargs", "input_shape", "num_classes", "data_dir",
+                                           "dataset_kwargs")}
     path = save_curve(out / "curve.pt", curve, meta, dataset=dataset, dataset_seed=dataset_seed(start_meta),
                       seed=args.seed, history=history,
                       config=config, alignment=alignment, run=run_info(argv),
                       start_metrics=start_meta.get("metrics", {}), end_metrics=end_meta.get("metrics", {}))
-    plot_history(history, out / "history.png", f"{args.curve}({args.num_bends}) between {args.start} and {args.end}")
+    plot_history(history, out / "history.png", f"{args.curve}({args.num_bends}) between {args.a} and {args.b}")
     last = history[-1]
     print(f"final epoch: train loss over random t {last['loss']:.4f}, acc {last['acc']:.4f}")
     print(f"wrote {path}, {out / 'history.json'}, {out / 'history.png'}")
@@ -147,6 +148,7 @@ def main_(argv=None) -> int:
         state = run.start(args.resume, args.force)
         with run.resumable():
             ds = checkpoint_dataset(args, start_meta, "the endpoint checkpoints")
+            start_meta = {**start_meta, "data_dir": data_source(ds).get("data_dir")}  # the one read
             curve, alignment = _build_curve(args, ds, start_meta, end_meta, job.device)
             history = _fit(args, job, curve, ds, run, state)
             if job.is_main:  # rank 0 writes the results

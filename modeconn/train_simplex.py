@@ -8,7 +8,8 @@ from typing import List, Optional
 
 from modeconn.cli.args import (add_data_args, add_optim_args, add_resume_args, add_run_args, add_scale_args,
                                at_least, parser)
-from modeconn.cli.data import checkpoint_dataset, dataset_name, dataset_seed, train_loader
+from modeconn.cli.data import checkpoint_dataset, data_source, dataset_name, dataset_seed, train_loader
+from modeconn.cli.endpoints import load_endpoint
 from modeconn.cli.errors import CommandError, run_command
 from modeconn.cli.outputs import run_info
 from modeconn.cli.rundir import TrainingRun
@@ -16,7 +17,7 @@ from modeconn.cli.session import Job, session
 from modeconn.core.simplex import SimplexModel, save_simplex
 from modeconn.plots.history import plot_history
 from modeconn.runtime import Hooks, Runtime
-from modeconn.runtime.checkpoints import build_model, load_checkpoint
+from modeconn.runtime.checkpoints import build_model
 from modeconn.training.simplex import fit_simplex
 
 EXAMPLE = """  python -m modeconn.train_simplex --modes runs/mlp1/model.pt runs/mlp2/model.pt runs/mlp3/model.pt \\
@@ -59,7 +60,7 @@ def _modes(args) -> List[dict]:
     """The mode checkpoints, checked to be at least two of one architecture."""
     if len(args.modes) < 2:
         raise CommandError(f"--modes needs at least 2 checkpoints to connect, got {len(args.modes)}")
-    metas = [load_checkpoint(m, kind="model") for m in args.modes]
+    metas = [load_endpoint(m, "--modes") for m in args.modes]
     for path, meta in zip(args.modes[1:], metas[1:]):
         for key in ("arch", "arch_kwargs", "input_shape", "num_classes"):
             if meta.get(key) != metas[0].get(key):
@@ -92,7 +93,8 @@ def _write_results(args, argv, model: SimplexModel, metas: List[dict], run: Trai
                    history: List[dict]) -> None:
     """simplex.pt and history.png, and the closing lines."""
     out, config, dataset = run.out, run.config, run.config["dataset"]
-    meta = {k: metas[0][k] for k in ("arch", "arch_kwargs", "input_shape", "num_classes")}
+    meta = {k: metas[0].get(k) for k in ("arch", "arch_kwargs", "input_shape", "num_classes", "data_dir",
+                                         "dataset_kwargs")}
     path = save_simplex(out / "simplex.pt", model, meta, dataset=dataset, dataset_seed=dataset_seed(metas[0]),
                         seed=args.seed, history=history, config=config, run=run_info(argv),
                         modes=[str(m) for m in args.modes], mode_metrics=[m.get("metrics", {}) for m in metas])
@@ -117,6 +119,7 @@ def main_(argv=None) -> int:
         state = run.start(args.resume, args.force)
         with run.resumable():
             ds = checkpoint_dataset(args, metas[0], "the mode checkpoints")
+            metas[0] = {**metas[0], "data_dir": data_source(ds).get("data_dir")}  # the one read
             model = SimplexModel.connecting(build_model(metas[0]), [m["state_dict"] for m in metas],
                                             args.free_vertices, init=args.init, seed=args.seed).to(job.device)
             history = _fit(args, job, model, ds, run, state)

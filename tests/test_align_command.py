@@ -109,6 +109,34 @@ def test_align_command_end_to_end(pair, commands, digits):
     assert (first_group in stdout) == (pair == "mlp")
 
 
+def test_num_points_0_skips_the_report_and_aligns_the_same(commands, tmp_path, capsys):
+    out = tmp_path / "b.pt"
+    assert align_cmd.main(["--a", str(MLP_A), "--b", str(MLP_B), "--num-points", "0", "--out", str(out),
+                           "--no-progress", "--device", "cpu"]) == 0
+    assert "skipped" in capsys.readouterr().out and not out.with_suffix(".png").exists()
+    data = json.loads(out.with_suffix(".json").read_text())
+    assert data["barriers"] is None and data["paths"] == {} and data["num_points"] == 0
+    full, _ = mc.load_model(commands["mlp"][0])          # the same weight matching with the report
+    assert _params_equal(mc.load_model(out)[0], full)
+
+
+def test_eval_samples_evaluates_a_seeded_random_subset(tmp_path, digits):
+    out = tmp_path / "b.pt"
+    assert align_cmd.main(["--a", str(MLP_A), "--b", str(MLP_B), "--num-points", "3", "--eval-samples", "100",
+                           "--out", str(out), "--no-progress", "--device", "cpu"]) == 0
+    data = json.loads(out.with_suffix(".json").read_text())
+    keep_tr = torch.randperm(len(digits.y_train), generator=torch.Generator().manual_seed(0))[:100]
+    keep_te = torch.randperm(len(digits.y_test), generator=torch.Generator().manual_seed(0))[:100]
+    train = mc.TensorLoader(digits.x_train[keep_tr], digits.y_train[keep_tr], 1024)
+    test = mc.TensorLoader(digits.x_test[keep_te], digits.y_test[keep_te], 1024)
+    a, _ = mc.load_model(MLP_A)
+    aligned, _ = mc.load_model(out)
+    line = mc.evaluate_path(mc.linear_path(a, aligned), train, test, num_points=3)
+    assert data["eval_samples"] == 100
+    assert data["paths"]["after"]["test_loss"] == pytest.approx(list(line.test_loss), rel=1e-5)
+    assert data["paths"]["after"]["train_acc"] == pytest.approx(list(line.train_acc), rel=1e-6)
+
+
 def test_align_help_shows_an_example(capsys):
     with pytest.raises(SystemExit) as e:
         align_cmd.main(["--help"])
@@ -120,7 +148,8 @@ def test_align_help_shows_an_example(capsys):
 @pytest.mark.parametrize("argv, words", [
     (["--a", str(MLP_A), "--b", str(CNN_B)], ["different architectures", "'mlp'", "'convnet'"]),
     (["--a", str(MLP_A), "--b", "nowhere.pt"], ["nowhere.pt", "no such checkpoint"]),
-    (["--a", str(MLP_A), "--b", str(MLP_B), "--num-points", "1"], ["--num-points"]),
+    (["--a", str(MLP_A), "--b", str(MLP_B), "--num-points", "1"], ["--num-points", "0 or at least 2"]),
+    (["--a", str(MLP_A), "--b", str(MLP_B), "--eval-samples", "0"], ["--eval-samples"]),
 ])
 def test_align_command_bad_input_is_one_line_exit_2(argv, words, tmp_path, capsys):
     out = tmp_path / "x.pt"
@@ -141,9 +170,9 @@ def test_library_align_is_still_callable_after_importing_the_command(mlp_pair, d
 # ------------------------------------------------------------------------- train_curve --align
 def test_train_curve_align_records_and_uses_the_aligned_end(tmp_path, digits, capsys):
     out = tmp_path / "curve"
-    assert train_curve.main(["--start", str(CNN_A), "--end", str(CNN_B), "--align", "weight", "--epochs", "1",
+    assert train_curve.main(["--a", str(CNN_A), "--b", str(CNN_B), "--align", "weight", "--epochs", "1",
                              "--out", str(out), "--no-progress", "--device", "cpu"]) == 0
-    assert "aligned --end to --start by weight matching" in capsys.readouterr().out
+    assert "aligned --b to --a by weight matching" in capsys.readouterr().out
     curve, meta = mc.load_curve(out / "curve.pt")      # weights_only=True: the record is plain data
     al = meta["alignment"]
     assert al["method"] == "weight" and al["aligned"] == "end" and al["reference"] == str(CNN_A)

@@ -28,7 +28,7 @@ def test_train_writes_a_self_describing_checkpoint(tmp_path, capsys):
 
 
 def test_train_curve_resume_after_interruption(tmp_path, interrupt_after_epoch):
-    args = ["--start", str(CKPT / "digits_mlp_a.pt"), "--end", str(CKPT / "digits_mlp_b.pt"),
+    args = ["--a", str(CKPT / "digits_mlp_a.pt"), "--b", str(CKPT / "digits_mlp_b.pt"),
             "--epochs", "4", "--lr", "0.03", "--no-progress"]
     assert train_curve.main(args + ["--out", str(tmp_path / "full")]) == 0
 
@@ -98,7 +98,7 @@ def test_eval_curve_end_to_end(tmp_path, capsys, digits):
     with Bernstein weights written out, BN statistics and metrics by plain loops, barriers by hand."""
     import math
 
-    assert train_curve.main(["--start", str(CKPT / "digits_cnn_a.pt"), "--end", str(CKPT / "digits_cnn_b.pt"),
+    assert train_curve.main(["--a", str(CKPT / "digits_cnn_a.pt"), "--b", str(CKPT / "digits_cnn_b.pt"),
                              "--epochs", "1", "--out", str(tmp_path / "c"), "--no-progress"]) == 0
     out = tmp_path / "eval"
     assert eval_curve.main(["--ckpt", str(tmp_path / "c" / "curve.pt"), "--num-points", "5", "--with-linear",
@@ -149,14 +149,14 @@ def test_eval_curve_end_to_end(tmp_path, capsys, digits):
 def test_eval_curve_bad_input(tmp_path, capsys):
     assert eval_curve.main(["--ckpt", str(CKPT / "digits_mlp_a.pt")]) == 2
     assert "not a curve" in capsys.readouterr().err
-    assert eval_curve.main(["--start", str(CKPT / "digits_mlp_a.pt"), "--end", str(CKPT / "digits_mlp_b.pt"),
+    assert eval_curve.main(["--a", str(CKPT / "digits_mlp_a.pt"), "--b", str(CKPT / "digits_mlp_b.pt"),
                             "--num-points", "1"]) == 2
     assert "--num-points" in capsys.readouterr().err
-    assert eval_curve.main(["--start", str(CKPT / "digits_mlp_a.pt"), "--end", str(CKPT / "digits_mlp_b.pt"),
+    assert eval_curve.main(["--a", str(CKPT / "digits_mlp_a.pt"), "--b", str(CKPT / "digits_mlp_b.pt"),
                             "--dataset", "mnist", "--data-dir", str(tmp_path), "--out", str(tmp_path / "o")]) == 2
     assert "--download" in capsys.readouterr().err
-    assert eval_curve.main(["--start", str(CKPT / "digits_mlp_a.pt"), "--end", str(CKPT / "digits_cnn_b.pt")]) == 2
-    assert "--start is mlp" in capsys.readouterr().err
+    assert eval_curve.main(["--a", str(CKPT / "digits_mlp_a.pt"), "--b", str(CKPT / "digits_cnn_b.pt")]) == 2
+    assert "--a is mlp" in capsys.readouterr().err
 
 
 def test_console_script_and_help():
@@ -165,6 +165,9 @@ def test_console_script_and_help():
     assert out.returncode == 0 and "example:" in out.stdout and "--resume" in out.stdout
     bad = subprocess.run([sys.executable, "-m", "modeconn", "nonsense"], capture_output=True, text=True, cwd=ROOT)
     assert bad.returncode == 2 and "train_curve" in bad.stderr
+    version = subprocess.run([sys.executable, "-m", "modeconn", "--version"], capture_output=True, text=True,
+                             cwd=ROOT)
+    assert version.returncode == 0 and version.stdout.split() == ["modeconn", mc.__version__]
 
 
 def test_importing_every_command_leaves_the_public_api_unchanged():
@@ -185,7 +188,7 @@ def test_eval_curve_hessian_matches_the_endpoint(tmp_path):
     from modeconn.geometry.hessian import hessian_extreme_eigenvalues
 
     out = tmp_path / "h"
-    assert eval_curve.main(["--start", str(CKPT / "digits_mlp_a.pt"), "--end", str(CKPT / "digits_mlp_b.pt"),
+    assert eval_curve.main(["--a", str(CKPT / "digits_mlp_a.pt"), "--b", str(CKPT / "digits_mlp_b.pt"),
                             "--num-points", "3", "--hessian", "--hessian-points", "3", "--hessian-samples", "200",
                             "--out", str(out), "--no-progress"]) == 0
     data = json.loads((out / "path.json").read_text())

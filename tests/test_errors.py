@@ -41,8 +41,8 @@ def files_in(folder) -> list:
 # ---------------------------------------------------------------- file system
 COMMANDS = {
     "train": lambda out: ["--epochs", "1", "--out", str(out)] + TINY,
-    "train_curve": lambda out: ["--start", A, "--end", B, "--epochs", "1", "--out", str(out), "--no-progress"],
-    "eval_curve": lambda out: ["--start", A, "--end", B, "--num-points", "2", "--out", str(out), "--no-progress"],
+    "train_curve": lambda out: ["--a", A, "--b", B, "--epochs", "1", "--out", str(out), "--no-progress"],
+    "eval_curve": lambda out: ["--a", A, "--b", B, "--num-points", "2", "--out", str(out), "--no-progress"],
     "align": lambda out: ["--a", A, "--b", B, "--num-points", "2", "--out", str(out / "b.pt"), "--no-progress"],
     "fge": lambda out: ["--ckpt", A, "--cycles", "1", "--out", str(out), "--no-progress"],
     "plane": lambda out: ["--ckpt", A, "--grid", "2", "--out", str(out), "--no-progress"],
@@ -150,7 +150,7 @@ def test_a_nan_endpoint_is_refused_at_once_with_the_tensor_name(tmp_path, capsys
     bad = tmp_path / "diverged.pt"
     torch.save(meta, bad)
     out = tmp_path / "curve"
-    assert train_curve.main(["--start", str(bad), "--end", B, "--epochs", "1", "--out", str(out),
+    assert train_curve.main(["--a", str(bad), "--b", B, "--epochs", "1", "--out", str(out),
                              "--no-progress"]) == 2
     assert one_line(capsys.readouterr().err) == (
         f"error: {bad}: tensor 'layers.0.weight' has 3 NaN/Inf values (of {weight.numel()}); "
@@ -173,7 +173,7 @@ def test_a_nan_training_state_is_refused_on_resume(tmp_path, capsys):
 # ---------------------------------------------------------------- divergence
 def test_divergence_in_the_first_epoch_is_one_line_and_saves_nothing(tmp_path, capsys):
     out = tmp_path / "curve"
-    assert train_curve.main(["--start", A, "--end", B, "--lr", "1000", "--epochs", "3", "--out", str(out),
+    assert train_curve.main(["--a", A, "--b", B, "--lr", "1000", "--epochs", "3", "--out", str(out),
                              "--no-progress"]) == 1
     line = one_line(capsys.readouterr().err)
     assert line.startswith("error: ") and "epoch 1" in line and line.endswith("nothing was saved")
@@ -233,7 +233,7 @@ def test_sigterm_keeps_the_last_epoch_and_resume_ends_where_an_uninterrupted_run
 
 
 TRAINING = {
-    "train_curve": (train_curve, ["--start", A, "--end", B, "--epochs", "2", "--no-progress"], "curve.pt"),
+    "train_curve": (train_curve, ["--a", A, "--b", B, "--epochs", "2", "--no-progress"], "curve.pt"),
     "fge": (fge, ["--ckpt", A, "--cycles", "2", "--cycle-epochs", "1", "--no-progress"], "fge.json"),
 }
 
@@ -287,10 +287,10 @@ def test_run_command_handles_sigterm_only_while_the_command_runs(capsys):
 def test_usage_errors_are_one_line_exit_2(capsys):
     assert train.main(["--lr", "fast"]) == 2
     assert one_line(capsys.readouterr().err).startswith("error: argument --lr: invalid float value: 'fast'")
-    assert train_curve.main(["--end", B]) == 2
-    assert "--start" in one_line(capsys.readouterr().err)
+    assert train_curve.main(["--b", B]) == 2
+    assert "--a" in one_line(capsys.readouterr().err)
     # a leading "--" (torchrun ... -m modeconn.X -- ARGS) is accepted: the arguments after it are parsed
-    assert eval_curve.main(["--", "--start", A, "--end", B, "--num-points", "1"]) == 2
+    assert eval_curve.main(["--", "--a", A, "--b", B, "--num-points", "1"]) == 2
     assert "argument --num-points: need at least 2, got 1" in one_line(capsys.readouterr().err)
     assert console(["trian"]) == 2
     line = one_line(capsys.readouterr().err)

@@ -64,3 +64,22 @@ def test_every_command_answers_help():
         proc = subprocess.run([sys.executable, "-m", f"modeconn.{name}", "--help"], capture_output=True,
                               text=True, cwd=ROOT, timeout=120)
         assert proc.returncode == 0 and "usage:" in proc.stdout and f"modeconn.{name}" in proc.stdout, name
+
+
+def test_no_command_flag_is_taken_by_torchrun():
+    """torchrun parses with abbreviations before the module's arguments: a modeconn flag equal to, or a
+    prefix of, one of torchrun's (``--start`` vs ``--start-method``) stops ``torchrun -m modeconn.X FLAGS``."""
+    import importlib
+
+    from torch.distributed.run import get_args_parser
+
+    from modeconn.cli import COMMANDS
+
+    theirs = [o for a in get_args_parser()._actions for o in a.option_strings if o.startswith("--")]
+    clashes = []
+    for name in COMMANDS:
+        ours = importlib.import_module(f"modeconn.{name}").build_parser()
+        for action in ours._actions:
+            clashes += [(name, o, t) for o in action.option_strings if o.startswith("--") and o != "--help"
+                        for t in theirs if t.startswith(o)]
+    assert not clashes, f"command flags torchrun would take for its own: {clashes}"

@@ -31,7 +31,8 @@ COMMANDS = {
 
 def usage() -> str:
     """The console script's help: one line per command."""
-    lines = ["usage: modeconn <command> [options]   (modeconn <command> --help for each)", "", "commands:"]
+    lines = ["usage: modeconn <command> [options]   (modeconn <command> --help for each; modeconn --version)",
+             "", "commands:"]
     lines += [f"  {name:12s} {text}" for name, text in COMMANDS.items()]
     return "\n".join(lines)
 
@@ -41,6 +42,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help"):
         print(usage())
+        return 0
+    if argv[0] == "--version":
+        from modeconn._version import __version__
+        print(f"modeconn {__version__}")
         return 0
     name = argv[0].replace("-", "_")
     if name not in COMMANDS:

@@ -18,9 +18,8 @@ class _Parser(argparse.ArgumentParser):
     """An ArgumentParser whose usage errors are one-line :class:`CommandError` (exit status 2),
     and which accepts a leading ``--``.
 
-    ``torchrun ... -m modeconn.train_curve --start A.pt`` fails inside torchrun's own parser
-    ("ambiguous option: --start could match --start-method"); ``-- --start A.pt`` gets past it
-    and the ``--`` is dropped here.
+    No modeconn flag is a prefix of a torchrun flag (``tests/test_house.py`` checks it), so
+    ``torchrun ... -m modeconn.<command> FLAGS`` needs no ``--``; one given anyway is dropped here.
     """
 
     def parse_known_args(self, args=None, namespace=None):
@@ -70,17 +69,54 @@ def at_least(minimum: int) -> Callable[[str], int]:
     return parse
 
 
+def zero_or_at_least(minimum: int) -> Callable[[str], int]:
+    """An argparse ``type``: 0 (the step is skipped) or an integer ``>= minimum``.
+
+    Example:
+        >>> p = parser("demo", "d", "e")
+        >>> _ = p.add_argument("--num-points", type=zero_or_at_least(2), default=21)
+        >>> p.parse_args(["--num-points", "0"]).num_points
+        0
+        >>> p.parse_args(["--num-points", "1"])  # doctest: +ELLIPSIS
+        Traceback (most recent call last):
+        ...
+        modeconn.cli.errors.CommandError: argument --num-points: need 0 or at least 2, got 1 (see ... --help)
+    """
+    positive = at_least(minimum)
+
+    def parse(text: str) -> int:
+        """``text`` as 0 or an integer of at least ``minimum``."""
+        if text.strip() == "0":
+            return 0
+        try:
+            return positive(text)
+        except argparse.ArgumentTypeError as e:
+            raise argparse.ArgumentTypeError(str(e).replace("need at least", "need 0 or at least")) from None
+
+    parse.__name__ = f"0 or integer >= {minimum}"
+    return parse
+
+
 def add_data_args(p: argparse.ArgumentParser, dataset_default: Optional[str] = "digits",
                   evaluation: bool = False, split: bool = False, title: str = "data") -> None:
     """--dataset, --data-dir, --download, --batch-size (training or evaluation batches), optionally --split."""
     g = p.add_argument_group(title)
-    g.add_argument("--dataset", default=dataset_default, choices=DATASETS,
-                   help="dataset (default: %(default)s)" if dataset_default else
-                   "dataset (default: the one recorded in the checkpoint)")
-    g.add_argument("--data-dir", default="data",
-                   help="where torchvision datasets are read from (default: %(default)s)")
+    g.add_argument("--dataset", default=dataset_default, metavar="NAME|SPEC",
+                   help=f"dataset: one of {', '.join(DATASETS)}, or imagefolder:PATH (PATH/train, PATH/val), "
+                        "pkg.module:factory, file.py:factory (factory(seed) -> (x_train, y_train, x_test, y_test) "
+                        "or (train_set, test_set)) " + ("(default: %(default)s)" if dataset_default else
+                                                        "(default: the one recorded in the checkpoint)"))
+    g.add_argument("--data-dir", default=None,
+                   help="where torchvision datasets are read from (default: the directory recorded in the "
+                        "checkpoint when it exists, else ./data)")
     g.add_argument("--download", action="store_true",
                    help="download a torchvision dataset into --data-dir (needs internet)")
+    g.add_argument("--image-size", type=at_least(8), default=32,
+                   help="imagefolder: images are cropped/resized to this size (default: %(default)s; later "
+                        "commands use the size recorded in the checkpoint)")
+    g.add_argument("--workers", type=at_least(0), default=0,
+                   help="DataLoader worker processes for streamed datasets (imagefolder, (train_set, test_set) "
+                        "factories) (default: %(default)s)")
     if split:
         g.add_argument("--split", default="both", choices=("train", "test", "both"),
                        help="which data the loss and accuracy are measured on; BN statistics always use the "

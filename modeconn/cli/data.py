@@ -2,10 +2,13 @@
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 from typing import Mapping, Optional, Tuple
+
 
 from modeconn.cli.errors import CommandError
 from modeconn.data import Dataset, TensorLoader, get_dataset
+from modeconn.data.external import canonical_dataset_spec, is_spec
 from modeconn.runtime import distributed
 
 
@@ -22,10 +25,42 @@ def dataset_seed(meta: Mapping) -> int:
     return meta.get("dataset_seed", meta.get("seed")) or 0
 
 
+def data_dir(args: argparse.Namespace, meta: Optional[Mapping] = None) -> str:
+    """``--data-dir``; else the directory ``meta``'s dataset was read from, if it still exists; else ``data``."""
+    given = getattr(args, "data_dir", None)
+    if given:
+        return given
+    recorded = (meta or {}).get("data_dir")
+    return recorded if recorded and Path(recorded).is_dir() else "data"
+
+
+def data_source(ds: Dataset) -> dict:
+    """What a checkpoint records about where ``ds`` was read from (nothing for embedded data)."""
+    return {"data_dir": ds.info["data_dir"]} if ds.info.get("data_dir") else {}
+
+
+def load_dataset(args: argparse.Namespace, name: str, seed: int, meta: Optional[Mapping] = None) -> Dataset:
+    """Dataset ``name`` as a command reads it: the data directory (:func:`data_dir`); for a spec also the
+    recorded image size (else ``--image-size``) and ``--workers``."""
+    kwargs = {}
+    if is_spec(name):
+        recorded = (meta or {}).get("dataset_kwargs") or {}
+        kwargs = {"image_size": recorded.get("image_size", args.image_size), "workers": args.workers}
+    return get_dataset(name, data_dir(args, meta), getattr(args, "download", False), seed=seed, **kwargs)
+
+
+def dataset_record(args: argparse.Namespace) -> dict:
+    """What a checkpoint records about ``--dataset``: the spec with its paths made absolute, and the image
+    size of an image folder."""
+    name = canonical_dataset_spec(args.dataset) if is_spec(args.dataset) else args.dataset
+    return {"dataset": name, "dataset_kwargs": ({"image_size": args.image_size}
+                                                if name.startswith("imagefolder:") else {})}
+
+
 def checkpoint_dataset(args: argparse.Namespace, meta: Mapping, source: str = "the checkpoint") -> Dataset:
     """The dataset a checkpoint was trained on (or ``--dataset``), checked against its input shape."""
     name = dataset_name(args, meta, source)
-    ds = get_dataset(name, args.data_dir, getattr(args, "download", False), seed=dataset_seed(meta))
+    ds = load_dataset(args, name, dataset_seed(meta), meta)
     expected = tuple(meta.get("input_shape", ds.input_shape))
     if tuple(ds.input_shape) != expected:
         raise CommandError(f"dataset {name!r} has inputs of shape {tuple(ds.input_shape)}, the architecture "
@@ -51,7 +86,11 @@ def split_loaders(ds: Dataset, args: argparse.Namespace, device
             test if args.split in ("test", "both") else None, train)
 
 
-def hessian_loader(ds: Dataset, args: argparse.Namespace, device) -> TensorLoader:
+def sample_loader(ds: Dataset, split: str, samples: Optional[int], batch_size: int, device, seed: int = 0):
+    """The ``split`` data without augmentation, or ``samples`` of them drawn at random (seeded) when fewer."""
+    return ds.eval_loader(split, batch_size, samples=samples, seed=seed).to(device)
+
+
+def hessian_loader(ds: Dataset, args: argparse.Namespace, device):
     """The first ``--hessian-samples`` training samples, without augmentation."""
-    n = args.hessian_samples
-    return TensorLoader(ds.x_train[:n], ds.y_train[:n], args.batch_size, transform=ds.eval_transform).to(device)
+    return ds.eval_loader("train", args.batch_size, samples=args.hessian_samples).to(device)

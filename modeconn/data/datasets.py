@@ -34,6 +34,30 @@ def epoch_generator(seed: int, epoch: int, stream: int = 0) -> torch.Generator:
     return g
 
 
+def epoch_indices(n: int, batch_size: int, shuffle: bool, seed: int, epoch: int, drop_last: bool = False,
+                  rank: int = 0, world_size: int = 1) -> torch.Tensor:
+    """The sample indices one rank visits in one epoch, in order (see :class:`TensorLoader` for the plan).
+
+    Example:
+        >>> epoch_indices(10, 4, False, 0, 0).tolist()
+        [0, 1, 2, 3, 4, 5, 6, 7, 8, 9]
+        >>> epoch_indices(10, 2, False, 0, 0, rank=1, world_size=2).tolist()   # 2nd half of each global batch
+        [2, 3, 6, 7, 9]
+    """
+    length = n - n % world_size
+    if drop_last:
+        length -= length % (batch_size * world_size)
+    idx = torch.randperm(n, generator=epoch_generator(seed, epoch)) if shuffle else torch.arange(n)
+    idx = idx[:length]
+    if world_size > 1:  # rank r: the r-th slice of every global batch
+        B = batch_size * world_size
+        full = len(idx) // B
+        head = idx[: full * B].view(full, world_size, batch_size)[:, rank].reshape(-1)
+        rest = idx[full * B:]  # the last, smaller global batch (may be empty)
+        idx = torch.cat([head, rest.view(world_size, len(rest) // world_size)[rank]])
+    return idx
+
+
 class TensorLoader:
     """Mini-batches ``(x, y)`` by index over tensors; no per-sample Python.
 
@@ -105,18 +129,13 @@ class TensorLoader:
         self.x, self.y = self.x.to(device), self.y.to(device)
         return self
 
+    def full_pass(self, batch_size: int) -> "TensorLoader":
+        """All samples in a fixed order with the same transform, on every rank (e.g. for BN statistics)."""
+        return TensorLoader(self.x, self.y, batch_size, shuffle=False, seed=self.seed, transform=self.transform)
+
     def __iter__(self) -> Iterator[Tuple[torch.Tensor, torch.Tensor]]:
-        g = epoch_generator(self.seed, self.epoch)
-        n = len(self.x)
-        idx = torch.randperm(n, generator=g) if self.shuffle else torch.arange(n)
-        idx = idx[: self._epoch_length()]
-        if self.world_size > 1:  # rank r: the r-th slice of every global batch
-            w, B = self.world_size, self.batch_size * self.world_size
-            full = len(idx) // B
-            head = idx[: full * B].view(full, w, self.batch_size)[:, self.rank].reshape(-1)
-            rest = idx[full * B:]  # the last, smaller global batch (may be empty)
-            idx = torch.cat([head, rest.view(w, len(rest) // w)[self.rank]])
-        idx = idx.to(self.x.device)
+        idx = epoch_indices(len(self.x), self.batch_size, self.shuffle, self.seed, self.epoch, self.drop_last,
+                            self.rank, self.world_size).to(self.x.device)
         aug = epoch_generator(self.seed, self.epoch, stream=1 + self.rank)
         for i in range(0, len(idx), self.batch_size):
             b = idx[i:i + self.batch_size]
@@ -147,11 +166,17 @@ class Dataset:
         tf = self.train_transform if augment else self.eval_transform
         return TensorLoader(self.x_train, self.y_train, batch_size, shuffle, seed, tf, **kw)
 
-    def eval_loader(self, split: str = "test", batch_size: int = 1024, **kw) -> TensorLoader:
-        """Loader for evaluation and BN statistics: fixed order, no augmentation."""
+    def eval_loader(self, split: str = "test", batch_size: int = 1024, samples: Optional[int] = None,
+                    seed: Optional[int] = None, **kw) -> TensorLoader:
+        """Loader for evaluation and BN statistics: fixed order, no augmentation; ``samples`` of them
+        (the first ones, or drawn at random when ``seed`` is given)."""
         if split not in ("train", "test"):
             raise ValueError(f"split must be 'train' or 'test', got {split!r}")
         x, y = (self.x_train, self.y_train) if split == "train" else (self.x_test, self.y_test)
+        if samples is not None and samples < len(y):
+            keep = (torch.arange(samples) if seed is None else
+                    torch.randperm(len(y), generator=torch.Generator().manual_seed(seed))[:samples])
+            x, y = x[keep], y[keep]
         return TensorLoader(x, y, batch_size, False, 0, self.eval_transform, **kw)
 
 
@@ -274,10 +299,10 @@ def _torchvision(name: str, data_dir, download: bool = False, **_) -> Dataset:
     augment = crop_flip_transform(mean, std) if name.startswith("cifar") else normalize_transform(mean, std)
     return Dataset(name, xtr, ytr, xte, yte, classes, tuple(xtr.shape[1:]),
                    train_transform=augment, eval_transform=normalize_transform(mean, std),
-                   info={"data_dir": str(root)})
+                   info={"data_dir": str(root.resolve())})
 
 
-def get_dataset(name: str = "digits", data_dir: str = "data", download: bool = False,
+def get_dataset(name: str = "digits", data_dir: Optional[str] = "data", download: bool = False,
                 seed: int = 0, **kwargs) -> Dataset:
     """Load a dataset by name as tensors.
 
@@ -294,6 +319,9 @@ def get_dataset(name: str = "digits", data_dir: str = "data", download: bool = F
         >>> get_dataset("moons", n_samples=200).input_shape   # synthetic 2-D points
         (2,)
     """
+    if ":" in name:  # a spec: imagefolder:PATH, pkg.module:factory, file.py:factory
+        from modeconn.data.external import external_dataset
+        return external_dataset(name, seed, **kwargs)
     key = name.lower().replace("-", "_")
     if key == "digits":
         return _digits(seed, **kwargs)
@@ -302,5 +330,6 @@ def get_dataset(name: str = "digits", data_dir: str = "data", download: bool = F
     if key == "spirals":
         return _spirals(seed, **kwargs)
     if key in _TV:
-        return _torchvision(key, data_dir, download, **kwargs)
-    raise ValueError(f"unknown dataset {name!r}; choose one of {list(DATASETS)}")
+        return _torchvision(key, data_dir or "data", download, **kwargs)
+    raise ValueError(f"unknown dataset {name!r}; choose one of {list(DATASETS)}, or a spec: imagefolder:PATH, "
+                     "pkg.module:factory, file.py:factory")

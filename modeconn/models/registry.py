@@ -12,6 +12,8 @@ from typing import Callable, Dict, Iterable, List, Sequence, Tuple
 
 import torch.nn as nn
 
+from modeconn.models.external import external_builder, is_external
+
 __all__ = ["register_model", "create_model", "list_models"]
 
 ModelBuilder = Callable[..., nn.Module]
@@ -71,6 +73,10 @@ def create_model(name: str, input_shape: Sequence[int], num_classes: int, **kwar
     """Build the registered model ``name`` for samples of shape ``input_shape``
     (no batch dim) and ``num_classes`` outputs.
 
+    ``name`` may also be a spec of a model outside the zoo (``pkg.module:factory``,
+    ``file.py:factory``, ``torchvision:NAME``, ``timm:NAME``; see
+    :mod:`modeconn.models.external`).
+
     Raises ``ValueError`` for an unknown name (listing the known ones), an unknown
     keyword argument (listing the accepted ones), or an invalid argument value
     (naming the parameter and its allowed values).
@@ -81,9 +87,13 @@ def create_model(name: str, input_shape: Sequence[int], num_classes: int, **kwar
         >>> net(torch.randn(4, 1, 8, 8)).shape
         torch.Size([4, 10])
     """
-    if name not in _REGISTRY:
-        raise ValueError(f"unknown model {name!r}; known models: {', '.join(list_models())}")
-    fn = _REGISTRY[name]
+    if is_external(name):
+        fn = external_builder(name)
+    elif name not in _REGISTRY:
+        raise ValueError(f"unknown model {name!r}; known models: {', '.join(list_models())} "
+                         "(or a spec such as pkg.module:factory, file.py:factory, torchvision:NAME)")
+    else:
+        fn = _REGISTRY[name]
     accepted = _accepted_kwargs(fn)
     if accepted is not None:
         unknown = sorted(set(kwargs) - set(accepted))
@@ -94,7 +104,10 @@ def create_model(name: str, input_shape: Sequence[int], num_classes: int, **kwar
             )
     input_shape = check_input_shape(input_shape)
     num_classes = check_int("num_classes", num_classes, minimum=1)
-    return fn(input_shape, num_classes, **kwargs)
+    model = fn(input_shape, num_classes, **kwargs)
+    if not isinstance(model, nn.Module):
+        raise ValueError(f"model {name!r}: the builder returned {type(model).__name__}, not an nn.Module")
+    return model
 
 
 # ----------------------------------------------------------------------------

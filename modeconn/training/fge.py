@@ -250,9 +250,8 @@ class FGEResult:
 def _default_bn_loader(train_loader: Iterable) -> Iterable:
     """Fixed-order, large-batch view of all of a TensorLoader's data (same transform, every rank
     the whole set, so snapshots are identical on all ranks); else the loader."""
-    if isinstance(train_loader, TensorLoader):
-        return TensorLoader(train_loader.x, train_loader.y, batch_size=max(train_loader.batch_size, 1024),
-                            shuffle=False, seed=train_loader.seed, transform=train_loader.transform)
+    if hasattr(train_loader, "full_pass"):  # TensorLoader, StreamLoader
+        return train_loader.full_pass(max(train_loader.batch_size, 1024))
     return train_loader
 
 
