@@ -1,13 +1,14 @@
 """modeconn: mode connectivity for your own PyTorch models.
 
-Fit low-loss curves between two trained networks, measure loss barriers along
-any path, align neurons before fitting, build Fast Geometric Ensembles, and
-draw the loss landscape around them.
+Fit low-loss curves between two trained networks and simplexes connecting
+several, measure loss barriers along any path, align neurons before fitting,
+build Fast Geometric Ensembles, and draw the loss landscape around them.
 """
 from modeconn._version import __version__
 from modeconn.runtime import Hooks, Runtime
 from modeconn.core.curves import Bezier, Curve, PolyChain, make_curve
 from modeconn.core.curve_model import CurveModel, chain_path, linear_path, load_curve, save_curve
+from modeconn.core.simplex import SimplexModel, barycentric_grid, load_simplex, save_simplex, uniform_simplex
 from modeconn.runtime.checkpoints import (CheckpointError, load_checkpoint, load_model, load_state_dict,
                                           save_checkpoint, save_model)
 from modeconn.data import TensorLoader, get_dataset
@@ -15,9 +16,11 @@ from modeconn.models import create_model, list_models, register_model
 from modeconn.models.shipped import shipped_checkpoint
 from modeconn.evaluation.bn import has_batchnorm, recompute_bn
 from modeconn.evaluation.path import PathResult, barrier, evaluate_path, evaluate_points
-from modeconn.evaluation.ensembles import EnsembleResult, curve_ensemble, evaluate_ensemble
+from modeconn.evaluation.ensembles import EnsembleResult, curve_ensemble, evaluate_ensemble, simplex_ensemble
+from modeconn.evaluation.simplex import SimplexResult, evaluate_simplex
 from modeconn.training.loop import fit_curve, train_model
 from modeconn.training.fge import FGEResult, FGESnapshots, train_fge
+from modeconn.training.simplex import fit_simplex
 from modeconn.training.schedules import FGELR, cyclic_lr
 from modeconn.alignment import (PermutationSpec, activation_matching, align_models, apply_permutation,
                                 infer_permutation_spec, weight_matching)
@@ -26,6 +29,8 @@ __all__ = [
     "__version__", "Runtime", "Hooks",
     "Bezier", "PolyChain", "Curve", "make_curve",
     "CurveModel", "linear_path", "chain_path", "save_curve", "load_curve",
+    "SimplexModel", "uniform_simplex", "barycentric_grid", "save_simplex", "load_simplex",
+    "fit_simplex", "evaluate_simplex", "SimplexResult", "simplex_ensemble",
     "CheckpointError", "load_checkpoint", "save_checkpoint", "load_model", "save_model", "load_state_dict",
     "get_dataset", "TensorLoader",
     "create_model", "list_models", "register_model", "shipped_checkpoint",

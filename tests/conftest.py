@@ -41,3 +41,31 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(n)
+
+
+@pytest.fixture
+def interrupt_after_epoch(monkeypatch):
+    """``arm(epoch)``: training commands save every epoch as usual, then stop with Ctrl-C after ``epoch``;
+    ``disarm()`` restores the plain saver."""
+    from modeconn.cli.rundir import TrainingRun
+
+    real = TrainingRun.epoch_saver
+
+    class Switch:
+        def arm(self, epoch):
+            def saver(run, bar=None):
+                save = real(run, bar)
+
+                def wrapped(record, state):
+                    save(record, state)
+                    if record["epoch"] == epoch:
+                        raise KeyboardInterrupt
+
+                return wrapped
+
+            monkeypatch.setattr(TrainingRun, "epoch_saver", saver)
+
+        def disarm(self):
+            monkeypatch.setattr(TrainingRun, "epoch_saver", real)
+
+    return Switch()

@@ -8,7 +8,6 @@ import torch
 
 import modeconn as mc
 from modeconn import eval_curve, train, train_curve
-from modeconn.cli.rundir import TrainingRun
 from modeconn.evaluation.path import PathResult
 
 from conftest import CKPT, ROOT
@@ -28,28 +27,16 @@ def test_train_writes_a_self_describing_checkpoint(tmp_path, capsys):
     assert "already holds a run" in capsys.readouterr().err
 
 
-def test_train_curve_resume_after_interruption(tmp_path, monkeypatch):
+def test_train_curve_resume_after_interruption(tmp_path, interrupt_after_epoch):
     args = ["--a", str(CKPT / "digits_mlp_a.pt"), "--b", str(CKPT / "digits_mlp_b.pt"),
             "--epochs", "4", "--lr", "0.03", "--no-progress"]
     assert train_curve.main(args + ["--out", str(tmp_path / "full")]) == 0
 
-    real_saver = TrainingRun.epoch_saver
-
-    def interrupting_saver(self, bar=None):
-        save = real_saver(self, bar)
-
-        def wrapped(record, state):
-            save(record, state)
-            if record["epoch"] == 2:
-                raise KeyboardInterrupt
-
-        return wrapped
-
-    monkeypatch.setattr(TrainingRun, "epoch_saver", interrupting_saver)
+    interrupt_after_epoch.arm(2)
     part = tmp_path / "part"
     assert train_curve.main(args + ["--out", str(part)]) == 130
     assert (part / "resume.pt").exists() and not (part / "curve.pt").exists()
-    monkeypatch.setattr(TrainingRun, "epoch_saver", real_saver)
+    interrupt_after_epoch.disarm()
     assert train_curve.main(args + ["--out", str(part), "--lr", "0.1", "--resume"]) == 2  # changed args refused
     assert train_curve.main(args + ["--out", str(part), "--resume"]) == 0
     full, _ = mc.load_curve(tmp_path / "full" / "curve.pt")

@@ -19,6 +19,8 @@ COMMANDS = {
     "train": "train an endpoint network",
     "train_curve": "fit a curve between two endpoints",
     "eval_curve": "loss, error and barriers along a curve or a line",
+    "train_simplex": "fit a complex of simplexes connecting several modes",
+    "eval_simplex": "loss, worst point, barriers and ensembles of a complex",
     "align": "permute one network's neurons to match another",
     "fge": "Fast Geometric Ensembling from a trained network",
     "plane": "loss surface in the plane of a curve",

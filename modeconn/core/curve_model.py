@@ -8,7 +8,9 @@ template then runs with those weights through ``torch.func.functional_call``.
 No per-layer curve classes, no model written twice, parameters matched by
 name, never by order. Which slice of a flat vector is which parameter is the
 curve's :class:`~modeconn.core.layout.FlatLayout` (``curve.layout``), the one
-layout shared with directions, planes and Hessians.
+layout shared with directions, planes and Hessians. That machinery is
+:class:`BendsModel` (θ = c @ bends for any coefficients c), shared with the
+simplexes of :mod:`modeconn.core.simplex` (c = α on a simplex's vertices).
 
 Buffers (BatchNorm running statistics) are not interpolated: statistics along
 a curve are meaningless and are recomputed over training data before a point
@@ -27,7 +29,7 @@ from torch.func import functional_call
 
 from modeconn.core.curves import Bezier, Curve, PolyChain, TLike, _as_t, make_curve
 from modeconn.core.layout import FlatLayout
-from modeconn.runtime.checkpoints import load_state_dict
+from modeconn.runtime.checkpoints import load_described, load_state_dict, save_described
 
 Source = Union[nn.Module, Mapping[str, torch.Tensor], str]
 
@@ -58,12 +60,12 @@ def _check_compatible(layout: FlatLayout, state: Mapping[str, torch.Tensor], whi
     """Raise, naming the parameter and both shapes, when ``state`` does not fit ``layout``."""
     for name, shape in zip(layout.names, layout.shapes):
         if name not in state:
-            raise ValueError(f"{which} endpoint has no parameter {name!r} (expected shape {tuple(shape)}); "
-                             "the endpoints and the template must share one architecture")
+            raise ValueError(f"{which} has no parameter {name!r} (expected shape {tuple(shape)}); "
+                             "the networks and the template must share one architecture")
         got = tuple(state[name].shape)
         if got != tuple(shape):
             raise ValueError(f"architectures differ at parameter {name!r}: template has shape "
-                             f"{tuple(shape)}, {which} endpoint has shape {got}")
+                             f"{tuple(shape)}, {which} has shape {got}")
 
 
 def _fresh_init(template: nn.Module, layout: FlatLayout, seed: int) -> torch.Tensor:
@@ -97,7 +99,117 @@ class _DecayedPoint(torch.autograd.Function):
         return torch.outer(c_free, grad), None, None, None
 
 
-class CurveModel(nn.Module):
+class BendsModel(nn.Module):
+    """Networks whose weights are combinations of K stacked bends: θ = c @ bends, c ∈ R^K.
+
+    The one mechanism behind curves (:class:`CurveModel`, c = c(t)) and
+    simplexes (:class:`~modeconn.core.simplex.SimplexModel`, c = α placed on a
+    simplex's vertices). The template's parameters are removed from its modules
+    and held here, flattened by name into one matrix ``[K, P]``: the fixed rows
+    in the buffer ``fixed_bends``, the trainable ones in the parameter
+    ``free_bends``. A point is one matrix product, run through the template with
+    ``torch.func.functional_call``. Subclasses call ``super().__init__(template)``
+    (the layout and the parameter-free ``net``), then :meth:`_hold_bends`.
+    """
+
+    def __init__(self, template: nn.Module):
+        super().__init__()
+        dtypes = {p.dtype for p in template.parameters()}
+        if len(dtypes) > 1 or not all(d.is_floating_point for d in dtypes):
+            raise ValueError(f"all parameters must share one floating dtype, got {sorted(map(str, dtypes))}")
+        self.layout = FlatLayout.of(template)  # raises for a template without parameters
+        first_param = next(template.parameters())  # where the bends are built (only during construction)
+        self._dtype, self._device = first_param.dtype, first_param.device
+        net = copy.deepcopy(template)
+        _strip_parameters(net)
+        self.net = net
+
+    def _flat_state(self, state: Mapping[str, torch.Tensor], which: str) -> torch.Tensor:
+        """θ ``[P]`` of a state dict in the template's dtype and device (the error names ``which``)."""
+        _check_compatible(self.layout, state, which)
+        return self.layout.flatten(state, dtype=self._dtype, device=self._device)
+
+    def _hold_bends(self, bends: torch.Tensor, fixed: List[int]) -> None:
+        """Store ``bends [K, P]``: rows ``fixed`` as the buffer, the others as the trainable parameter."""
+        free = [k for k in range(len(bends)) if k not in fixed]
+        self.fixed_idx, self.free_idx = list(fixed), free
+        self.free_bends = nn.Parameter(bends[free].clone(), requires_grad=bool(free))
+        self.register_buffer("fixed_bends", bends[fixed].clone())
+        self.register_buffer("_free_sel", torch.tensor(free, dtype=torch.long), persistent=False)
+        self.register_buffer("_fixed_sel", torch.tensor(self.fixed_idx, dtype=torch.long), persistent=False)
+
+    @property
+    def num_bends(self) -> int:
+        """K, the number of bends (endpoints or vertices included)."""
+        return len(self.fixed_idx) + len(self.free_idx)
+
+    @property
+    def num_parameters(self) -> int:
+        """Number of parameters of one point (P)."""
+        return self.layout.num_parameters
+
+    @property
+    def bends(self) -> torch.Tensor:
+        """All bends as one ``[num_bends, P]`` tensor (views of the stored ones)."""
+        out = self.fixed_bends.new_empty((self.num_bends, self.num_parameters))
+        out[self._fixed_sel] = self.fixed_bends
+        out[self._free_sel] = self.free_bends.detach()
+        return out
+
+    def bends_by_name(self) -> Dict[str, torch.Tensor]:
+        """Each parameter's bends stacked: name -> ``[num_bends, *shape]``."""
+        return self.layout.unflatten(self.bends)
+
+    def load_bends(self, bends: Mapping[str, torch.Tensor]) -> None:
+        """Set every bend from a name -> ``[num_bends, *shape]`` mapping."""
+        rows = []
+        for n, s in zip(self.layout.names, self.layout.shapes):
+            if n not in bends:
+                raise ValueError(f"bends have no entry for parameter {n!r}")
+            if tuple(bends[n].shape) != (self.num_bends, *s):
+                raise ValueError(f"bends of {n!r} have shape {tuple(bends[n].shape)}, "
+                                 f"expected {(self.num_bends, *s)}")
+            rows.append(bends[n].reshape(self.num_bends, -1))
+        full = torch.cat(rows, dim=1).to(self.fixed_bends)
+        with torch.no_grad():
+            self.fixed_bends.copy_(full[self._fixed_sel])
+            self.free_bends.copy_(full[self._free_sel])
+
+    def flat_combination(self, c: torch.Tensor) -> torch.Tensor:
+        """θ = c @ bends flattened: ``[P]`` for c ``[K]``, ``[n, P]`` for c ``[n, K]`` (differentiable)."""
+        return c.index_select(-1, self._free_sel) @ self.free_bends + \
+            c.index_select(-1, self._fixed_sel) @ self.fixed_bends
+
+    def training_combination(self, c: torch.Tensor, weight_decay: float = 0.0) -> torch.Tensor:
+        """θ = c @ bends (c ``[K]``) for a training step, with weight decay at θ in its backward.
+
+        The gradient of ``0.5 * weight_decay * ||θ||²`` (= ``weight_decay * θ``)
+        is added to θ's gradient inside one custom backward, so the penalty
+        costs no extra pass over the P parameters.
+        """
+        fixed_part = c.index_select(-1, self._fixed_sel) @ self.fixed_bends
+        return _DecayedPoint.apply(self.free_bends, c.index_select(-1, self._free_sel), fixed_part,
+                                   float(weight_decay))
+
+    def unflatten(self, flat: torch.Tensor) -> Dict[str, torch.Tensor]:
+        """Split a flat ``[..., P]`` vector into name -> ``[..., *shape]`` tensors (``layout.unflatten``)."""
+        return self.layout.unflatten(flat)
+
+    def forward_flat(self, x, flat: torch.Tensor, buffers: Optional[Mapping[str, torch.Tensor]] = None):
+        """Run the template with flat weights ``flat`` (and optionally other buffers)."""
+        params = self.unflatten(flat)
+        if buffers is not None:
+            params.update(buffers)
+        return functional_call(self.net, params, (x,))
+
+    def has_batchnorm(self) -> bool:
+        """True when the template has BatchNorm layers tracking running statistics."""
+        from modeconn.evaluation.bn import has_batchnorm
+
+        return has_batchnorm(self.net)
+
+
+class CurveModel(BendsModel):
     """A curve of networks between two endpoints.
 
     Args:
@@ -137,34 +249,20 @@ class CurveModel(nn.Module):
     def __init__(self, template: nn.Module, start: Source, end: Source, curve: Optional[Curve] = None,
                  fix_start: bool = True, fix_end: bool = True, init: str = "linear", seed: int = 0,
                  middle: Optional[List[Source]] = None, fix_middle: bool = False):
-        super().__init__()
         curve = Bezier(3) if curve is None else curve
         if not isinstance(curve, Curve):
             raise TypeError(f"curve must be a modeconn Curve (Bezier, PolyChain), got {type(curve).__name__}")
         if init not in ("linear", "random"):
             raise ValueError(f"init must be 'linear' or 'random', got {init!r}")
+        super().__init__(template)
         self.curve = curve
         self.fix_start, self.fix_end, self.fix_middle = bool(fix_start), bool(fix_end), bool(fix_middle)
-        dtypes = {p.dtype for p in template.parameters()}
-        if len(dtypes) > 1 or not all(d.is_floating_point for d in dtypes):
-            raise ValueError(f"all parameters must share one floating dtype, got {sorted(map(str, dtypes))}")
-        self.layout = FlatLayout.of(template)  # raises for a template without parameters
-
         s_state, e_state = load_state_dict(start), load_state_dict(end)
         bends = self._initial_bends(template, s_state, e_state, init, seed, middle)
         K = curve.num_bends
-        fixed = [k for k in range(K) if (k == 0 and fix_start) or (k == K - 1 and fix_end)
-                 or (0 < k < K - 1 and fix_middle)]
-        free = [k for k in range(K) if k not in fixed]
-        self.fixed_idx, self.free_idx = fixed, free
-        self.free_bends = nn.Parameter(bends[free].clone(), requires_grad=bool(free))
-        self.register_buffer("fixed_bends", bends[fixed].clone())
-        self.register_buffer("_free_sel", torch.tensor(free, dtype=torch.long), persistent=False)
-        self.register_buffer("_fixed_sel", torch.tensor(fixed, dtype=torch.long), persistent=False)
-
-        net = copy.deepcopy(template)
-        _strip_parameters(net)
-        self.net = net
+        self._hold_bends(bends, [k for k in range(K) if (k == 0 and fix_start) or (k == K - 1 and fix_end)
+                                 or (0 < k < K - 1 and fix_middle)])
+        net = self.net
         buffer_names = [n for n, _ in net.named_buffers()]
         for n in buffer_names:  # live buffers start as the start endpoint's
             if n in s_state:
@@ -176,14 +274,8 @@ class CurveModel(nn.Module):
                        e_state: Mapping[str, torch.Tensor], init: str, seed: int,
                        middle: Optional[List[Source]]) -> torch.Tensor:
         """All bends ``[num_bends, P]`` in the template's dtype and device: ends, then middle as asked."""
-        first_param = next(template.parameters())
-        dtype, device = first_param.dtype, first_param.device
-
-        def flat(state: Mapping[str, torch.Tensor], which: str) -> torch.Tensor:
-            _check_compatible(self.layout, state, which)
-            return self.layout.flatten(state, dtype=dtype, device=device)
-
-        first, last = flat(s_state, "start"), flat(e_state, "end")
+        flat = self._flat_state
+        first, last = flat(s_state, "start endpoint"), flat(e_state, "end endpoint")
         K = self.curve.num_bends
         if middle is not None:
             if len(middle) != K - 2:
@@ -192,7 +284,8 @@ class CurveModel(nn.Module):
         elif init == "linear":
             inner = [(1 - k / (K - 1)) * first + (k / (K - 1)) * last for k in range(1, K - 1)]
         else:
-            inner = [_fresh_init(template, self.layout, seed + k).to(device, dtype) for k in range(1, K - 1)]
+            inner = [_fresh_init(template, self.layout, seed + k).to(self._device, self._dtype)
+                     for k in range(1, K - 1)]
         return torch.stack([first, *inner, last])
 
     @classmethod
@@ -217,44 +310,6 @@ class CurveModel(nn.Module):
         path = cls(net, net, net, PolyChain(2), fix_start=True, fix_end=True)
         return path.to(path.fixed_bends.device)  # the index buffers are made on the CPU
 
-    # ------------------------------------------------------------------ basics
-    @property
-    def num_bends(self) -> int:
-        """K, the number of bends (endpoints included)."""
-        return self.curve.num_bends
-
-    @property
-    def num_parameters(self) -> int:
-        """Number of parameters of one point of the curve (P)."""
-        return self.layout.num_parameters
-
-    @property
-    def bends(self) -> torch.Tensor:
-        """All bends as one ``[num_bends, P]`` tensor (views of the stored ones)."""
-        out = self.fixed_bends.new_empty((self.num_bends, self.num_parameters))
-        out[self._fixed_sel] = self.fixed_bends
-        out[self._free_sel] = self.free_bends.detach()
-        return out
-
-    def bends_by_name(self) -> Dict[str, torch.Tensor]:
-        """Each parameter's bends stacked: name -> ``[num_bends, *shape]``."""
-        return self.layout.unflatten(self.bends)
-
-    def load_bends(self, bends: Mapping[str, torch.Tensor]) -> None:
-        """Set every bend from a name -> ``[num_bends, *shape]`` mapping."""
-        rows = []
-        for n, s in zip(self.layout.names, self.layout.shapes):
-            if n not in bends:
-                raise ValueError(f"bends have no entry for parameter {n!r}")
-            if tuple(bends[n].shape) != (self.num_bends, *s):
-                raise ValueError(f"bends of {n!r} have shape {tuple(bends[n].shape)}, "
-                                 f"expected {(self.num_bends, *s)}")
-            rows.append(bends[n].reshape(self.num_bends, -1))
-        full = torch.cat(rows, dim=1).to(self.fixed_bends)
-        with torch.no_grad():
-            self.fixed_bends.copy_(full[self._fixed_sel])
-            self.free_bends.copy_(full[self._free_sel])
-
     # ----------------------------------------------------------- the point θ(t)
     def coefficients(self, t: TLike, check: bool = True) -> torch.Tensor:
         """c(t), ``[..., num_bends]``, in the bends' dtype and device (``check``: t in [0, 1])."""
@@ -262,36 +317,18 @@ class CurveModel(nn.Module):
 
     def flat_weights_at(self, t: TLike, check: bool = True) -> torch.Tensor:
         """θ(t) flattened: ``[P]`` for a scalar t, ``[len(t), P]`` for a 1-D t."""
-        c = self.coefficients(t, check)
-        return c.index_select(-1, self._free_sel) @ self.free_bends + \
-            c.index_select(-1, self._fixed_sel) @ self.fixed_bends
+        return self.flat_combination(self.coefficients(t, check))
 
     def training_point(self, t: torch.Tensor, weight_decay: float = 0.0) -> torch.Tensor:
         """θ(t) for a training step (scalar t, unchecked), with the curve's weight decay in its backward.
 
-        The gradient of ``0.5 * weight_decay * ||θ(t)||²`` (= ``weight_decay * θ(t)``)
-        is added to θ(t)'s gradient inside one custom backward, so the penalty
-        costs no extra pass over the P parameters (``fit_curve``'s step).
+        ``fit_curve``'s step: :meth:`BendsModel.training_combination` at c(t).
         """
-        c = self.coefficients(t, check=False)
-        fixed_part = c.index_select(-1, self._fixed_sel) @ self.fixed_bends
-        return _DecayedPoint.apply(self.free_bends, c.index_select(-1, self._free_sel), fixed_part,
-                                   float(weight_decay))
-
-    def unflatten(self, flat: torch.Tensor) -> Dict[str, torch.Tensor]:
-        """Split a flat ``[..., P]`` vector into name -> ``[..., *shape]`` tensors (``layout.unflatten``)."""
-        return self.layout.unflatten(flat)
+        return self.training_combination(self.coefficients(t, check=False), weight_decay)
 
     def weights_at(self, t: TLike) -> Dict[str, torch.Tensor]:
         """Parameters at t: name -> tensor (differentiable w.r.t. the free bends)."""
         return self.unflatten(self.flat_weights_at(t))
-
-    def forward_flat(self, x, flat: torch.Tensor, buffers: Optional[Mapping[str, torch.Tensor]] = None):
-        """Run the template with flat weights ``flat`` (and optionally other buffers)."""
-        params = self.unflatten(flat)
-        if buffers is not None:
-            params.update(buffers)
-        return functional_call(self.net, params, (x,))
 
     def forward(self, x, t: Optional[TLike] = None):
         """Output of the network at t; ``t=None`` draws t ~ U(0, 1)."""
@@ -301,12 +338,6 @@ class CurveModel(nn.Module):
         return self.forward_flat(x, self.flat_weights_at(t))
 
     # --------------------------------------------------------------- buffers
-    def has_batchnorm(self) -> bool:
-        """True when the template has BatchNorm layers tracking running statistics."""
-        from modeconn.evaluation.bn import has_batchnorm
-
-        return has_batchnorm(self.net)
-
     def endpoint_buffers(self, which: int) -> Dict[str, torch.Tensor]:
         """Buffers of the start (0) or end (1) endpoint as they were given."""
         return (self.start_buffers if which == 0 else self.end_buffers).as_dict()
@@ -429,12 +460,7 @@ def save_curve(path, curve: CurveModel, meta: Mapping, **extra):
         >>> ckpt["arch"], ckpt["seed"], ckpt["curve_state"]["num_bends"]
         ('mlp', 0, 3)
     """
-    from modeconn.runtime.checkpoints import save_checkpoint
-
-    fields = {k: meta[k] for k in ("arch", "arch_kwargs", "input_shape", "num_classes")}
-    fields.update({k: v for k, v in meta.items() if k not in fields})
-    fields.update(extra)
-    return save_checkpoint(path, "curve", curve_state=curve.describe(), **fields)
+    return save_described(path, "curve", curve, meta, **extra)
 
 
 def load_curve(path, map_location="cpu"):
@@ -451,11 +477,5 @@ def load_curve(path, map_location="cpu"):
         >>> torch.equal(loaded.bends, curve.bends), loaded.curve, info["kind"], info["seed"]
         (True, Bezier(3), 'curve', 0)
     """
-    from modeconn.runtime.checkpoints import CheckpointError, build_model, load_checkpoint
+    return load_described(path, "curve", CurveModel, map_location)
 
-    meta = load_checkpoint(path, kind="curve", map_location=map_location)
-    try:
-        curve = CurveModel.from_description(build_model(meta), meta["curve_state"])
-    except (KeyError, ValueError) as e:
-        raise CheckpointError(f"{path}: curve does not fit architecture {meta.get('arch')!r}: {e}") from None
-    return curve, meta

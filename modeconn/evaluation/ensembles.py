@@ -4,6 +4,7 @@
   as members are added, in one pass over the data -> :class:`EnsembleResult`;
 * :func:`curve_ensemble` — the point networks of a fitted curve, BN
   statistics recomputed per point, ready for :func:`evaluate_ensemble`;
+* :func:`simplex_ensemble` — networks sampled from a simplex or complex, likewise;
 * :func:`load_members` — modules from a mix of modules and checkpoint paths.
 """
 from __future__ import annotations
@@ -24,7 +25,8 @@ from modeconn.runtime.checkpoints import load_model, load_state_dict
 
 Member = Union[nn.Module, str, os.PathLike]
 
-__all__ = ["evaluate_ensemble", "EnsembleResult", "curve_ensemble", "load_members", "ECE_BINS", "frozen"]
+__all__ = ["evaluate_ensemble", "EnsembleResult", "curve_ensemble", "simplex_ensemble", "load_members", "ECE_BINS",
+           "frozen"]
 
 ECE_BINS = 15
 
@@ -81,7 +83,35 @@ def curve_ensemble(curve, ts: Sequence[float], bn_loader: Optional[Iterable] = N
     ts = [float(t) for t in ts]
     if not ts:
         raise ValueError("ts is empty: an ensemble needs at least one point")
-    points = [curve.point(t) for t in ts]
+    return _members_at([curve.point(t) for t in ts], bn_loader)
+
+
+def simplex_ensemble(model, num_samples: int, seed: int = 0, bn_loader: Optional[Iterable] = None
+                     ) -> List[nn.Module]:
+    """``num_samples`` networks drawn from a simplex or complex, BN statistics recomputed per sample.
+
+    Each sample is a draw of the training distribution
+    (:meth:`~modeconn.core.simplex.SimplexModel.sample`: a uniform simplex,
+    α ~ Dirichlet(1) on it) from a generator seeded by ``seed`` (Benton et
+    al. 2021's simplex ensembles). Returns standalone modules in eval mode,
+    for :func:`evaluate_ensemble`.
+
+    Example:
+        >>> from modeconn.core.simplex import SimplexModel
+        >>> _ = torch.manual_seed(0)
+        >>> nets = [nn.Linear(4, 3) for _ in range(3)]
+        >>> members = simplex_ensemble(SimplexModel(nets[0], nets), 5, seed=1)
+        >>> len(members), members[0].training
+        (5, False)
+    """
+    if int(num_samples) < 1:
+        raise ValueError(f"num_samples must be >= 1, got {num_samples}")
+    gen = torch.Generator().manual_seed(int(seed))
+    return _members_at([model.point(model.sample(gen)[1]) for _ in range(int(num_samples))], bn_loader)
+
+
+def _members_at(points: List[nn.Module], bn_loader: Optional[Iterable]) -> List[nn.Module]:
+    """``points`` with BN statistics recomputed over ``bn_loader`` (required with BatchNorm), frozen."""
     if has_batchnorm(points[0]):
         if bn_loader is None:
             raise ValueError("the network has BatchNorm: pass bn_loader (training data) so each point's "

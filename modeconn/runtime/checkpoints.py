@@ -2,7 +2,7 @@
 
 Every file modeconn writes is a plain dictionary::
 
-    {"format": "modeconn", "format_version": 1, "kind": "model" | "curve" |
+    {"format": "modeconn", "format_version": 1, "kind": "model" | "curve" | "simplex" |
      "ensemble" | "training_state", "modeconn_version": ..., "torch_version": ...,
      "arch": name, "arch_kwargs": {...}, "dataset": name, "seed": int,
      "metrics": {...}, ...kind-specific fields}
@@ -42,7 +42,7 @@ from modeconn.runtime.plain import to_plain
 
 FORMAT = "modeconn"
 FORMAT_VERSION = 1
-KINDS = ("model", "curve", "ensemble", "training_state")
+KINDS = ("model", "curve", "simplex", "ensemble", "training_state")
 
 PathLike = Union[str, os.PathLike]
 
@@ -405,4 +405,31 @@ def load_model(path: PathLike, map_location="cpu") -> Tuple[nn.Module, dict]:
         model.load_state_dict(meta["state_dict"])
     except RuntimeError as e:
         raise CheckpointError(f"{path}: weights do not fit architecture {meta['arch']!r}: {e}") from None
+    return model, meta
+
+
+def save_described(path: PathLike, kind: str, model: Any, meta: Mapping, **extra: Any) -> Path:
+    """Write ``model.describe()`` as ``<kind>_state`` of a checkpoint of ``kind`` (a curve, a simplex).
+
+    ``meta`` must hold ``arch``, ``arch_kwargs``, ``input_shape`` and
+    ``num_classes`` (how to rebuild the template); it and ``extra`` are
+    stored beside. Behind ``save_curve`` and ``save_simplex``.
+    """
+    fields = {k: meta[k] for k in ("arch", "arch_kwargs", "input_shape", "num_classes")}
+    fields.update({k: v for k, v in meta.items() if k not in fields})
+    fields.update(extra)
+    return save_checkpoint(path, kind, **{f"{kind}_state": model.describe()}, **fields)
+
+
+def load_described(path: PathLike, kind: str, cls: Any, map_location="cpu") -> Tuple[Any, dict]:
+    """(``cls.from_description(template, meta["<kind>_state"])``, metadata) of a checkpoint of ``kind``.
+
+    Raises:
+        CheckpointError: as :func:`load_checkpoint`, or the description does not fit the architecture.
+    """
+    meta = load_checkpoint(path, kind=kind, map_location=map_location)
+    try:
+        model = cls.from_description(build_model(meta), meta[f"{kind}_state"])
+    except (KeyError, ValueError) as e:
+        raise CheckpointError(f"{path}: {kind} does not fit architecture {meta.get('arch')!r}: {e}") from None
     return model, meta

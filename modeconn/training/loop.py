@@ -45,7 +45,7 @@ from modeconn.training.state import capture_state, restore_state
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 StepLoss = Callable[[torch.Tensor, torch.Tensor, torch.Generator], tuple]
 
-__all__ = ["train_model", "fit_curve", "run_epoch", "run_sgd", "get_loss", "model_step"]
+__all__ = ["train_model", "fit_curve", "curve_training", "run_epoch", "run_sgd", "get_loss", "model_step"]
 
 
 def get_loss(loss: Union[str, LossFn]) -> LossFn:
@@ -328,6 +328,27 @@ class _CurveStep(nn.Module):
         return out.float() if self.runtime.amp else out, flat
 
 
+def curve_training(model, train_loader, epochs: int, lr: float, momentum: float, schedule: str,
+                   weight_decay: float, runtime: Runtime):
+    """What :func:`fit_curve` (and ``fit_simplex``) set up: (optimizer, scheduler, step module, ddp).
+
+    The model moves to ``runtime.device``; SGD runs on its ``free_bends``
+    only (weight decay is applied at the sampled point, not here). The step
+    module's ``stepper(x, t)`` runs ``model.training_point(t, weight_decay)``
+    and the net there; wrapped in DDP under torchrun, compiled with ``runtime.compile``.
+    """
+    if runtime.device is not None:
+        model.to(runtime.device)
+    optimizer, scheduler = _sgd([model.free_bends], epochs, lr, momentum, 0.0, schedule)
+    ddp = runtime.use_ddp(train_loader)
+    stepper: nn.Module = _CurveStep(model, runtime, weight_decay)
+    if ddp:  # bends and buffers copied from rank 0 once, buffers not re-broadcast every step
+        stepper = _dist.wrap_ddp(stepper, sync_buffers_every_step=False)
+    if runtime.compile:
+        stepper = torch.compile(stepper)
+    return optimizer, scheduler, stepper, ddp
+
+
 def fit_curve(curve: CurveModel, train_loader: Iterable, epochs: int = 20, lr: float = 0.03,
               weight_decay: float = 5e-4, momentum: float = 0.9, schedule: str = "reference",
               loss: Union[str, LossFn] = "cross_entropy", seed: int = 0, resume: Optional[Mapping] = None,
@@ -356,17 +377,10 @@ def fit_curve(curve: CurveModel, train_loader: Iterable, epochs: int = 20, lr: f
     if not curve.free_idx:
         raise ValueError("the curve has no free bends to train (every bend is fixed)")
     runtime, hooks = runtime or Runtime(), hooks or Hooks()
-    if runtime.device is not None:
-        curve.to(runtime.device)
-    optimizer, scheduler = _sgd([curve.free_bends], epochs, lr, momentum, 0.0, schedule)
+    optimizer, scheduler, stepper, ddp = curve_training(curve, train_loader, epochs, lr, momentum, schedule,
+                                                        weight_decay, runtime)
     loss_fn = get_loss(loss)
     device = curve.fixed_bends.device
-    ddp = runtime.use_ddp(train_loader)
-    stepper: nn.Module = _CurveStep(curve, runtime, weight_decay)
-    if ddp:  # bends and buffers copied from rank 0 once, buffers not re-broadcast every step
-        stepper = _dist.wrap_ddp(stepper, sync_buffers_every_step=False)
-    if runtime.compile:
-        stepper = torch.compile(stepper)
     drawn = {"t_sum": 0.0}
 
     def step(x, y, gen):
