@@ -326,11 +326,10 @@ def fit_curve(curve: CurveModel, train_loader: Iterable, epochs: int = 20, lr: f
 
     One t per mini-batch, drawn from the ``(seed, epoch)`` generator; the
     penalty ``0.5 * weight_decay * ||θ(t)||²`` applies at the sampled point,
-    not to the bends. Arguments, resume, hooks and SAM (on the free bends, the
-    same t in both passes) as :func:`train_model`.
-    Under DDP only ``free_bends`` is data parallel and every rank draws the
-    same t; with ``runtime.amp`` θ(t) stays float32. Raises ValueError when
-    every bend is fixed.
+    not to the bends. Arguments, resume, hooks, SAM (on the free bends, one t for
+    both passes) as :func:`train_model`. Under DDP only ``free_bends`` is data
+    parallel and every rank draws the same t; with ``runtime.amp`` θ(t) stays
+    float32. Raises ValueError when every bend is fixed.
 
     Example:
         >>> from modeconn import Bezier, CurveModel
@@ -350,9 +349,7 @@ def fit_curve(curve: CurveModel, train_loader: Iterable, epochs: int = 20, lr: f
     if runtime.device is not None:
         curve.to(runtime.device)
     optimizer, scheduler = _sgd([curve.free_bends], epochs, lr, momentum, 0.0, schedule, sam, sam_adaptive)
-    loss_fn = get_loss(loss)
-    device = curve.fixed_bends.device
-    ddp = runtime.use_ddp(train_loader)
+    loss_fn, device, ddp = get_loss(loss), curve.fixed_bends.device, runtime.use_ddp(train_loader)
     stepper: nn.Module = _CurveStep(curve, runtime, weight_decay)
     if ddp:  # bends and buffers copied from rank 0 once, buffers not re-broadcast every step
         stepper = _dist.wrap_ddp(stepper, sync_buffers_every_step=False)
@@ -363,7 +360,7 @@ def fit_curve(curve: CurveModel, train_loader: Iterable, epochs: int = 20, lr: f
     def step(x, y, gen):
         """One t from the epoch's generator, the network at θ(t) on the batch."""
         t = torch.rand((), generator=gen)
-        drawn["t_sum"] += float(t)  # a CPU number: no device synchronisation
+        drawn["t_sum"] += float(t)  # a CPU number: no device synchronisation (SAM adds each t twice)
         x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
         out, _ = stepper(x, t.to(device))  # the weight-decay gradient comes from training_point's backward
         value = loss_fn(out, y)
@@ -374,8 +371,8 @@ def fit_curve(curve: CurveModel, train_loader: Iterable, epochs: int = 20, lr: f
         value, drawn["t_sum"] = drawn["t_sum"], 0.0
         return value
 
+    settings = _settings("fit_curve", epochs, lr, weight_decay, momentum, schedule, seed, sam, sam_adaptive)
     return run_sgd(curve, train_loader, int(epochs), _with_sam(step, optimizer, curve), optimizer, scheduler,
-                   seed=seed, settings=_settings("fit_curve", epochs, lr, weight_decay, momentum, schedule, seed, sam,
-                                                 sam_adaptive),
+                   seed=seed, settings=settings,
                    hooks=hooks, resume=resume, ddp=ddp, advice=f"lower the learning rate (lr={lr})",
                    same_on_all_ranks=epoch_t_sum)
