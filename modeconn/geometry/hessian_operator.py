@@ -39,7 +39,7 @@ import torch
 import torch.nn.functional as F
 from scipy.sparse.linalg import LinearOperator
 from torch import nn
-from torch.func import functional_call, grad, jvp, vjp, vmap
+from torch.func import functional_call, grad, grad_and_value, jvp, vjp, vmap
 
 from modeconn.core.layout import FlatLayout
 from modeconn.evaluation.model import eval_mode
@@ -250,6 +250,31 @@ class HessianOperator:
         if chunk < 1:
             raise ValueError(f"chunk must be >= 1, got {chunk}")
         return torch.cat([self._apply(c, batched=True) for c in vs.split(chunk)])
+
+    def loss_and_grad(self, flat: Optional[torch.Tensor] = None):
+        """``(L(θ), ∇L(θ))`` of the mean data loss at the flat point ``flat`` (default: the operator's θ),
+        under the same conventions as the products (eval mode, fixed buffers, dtype); one pass over the data."""
+        flat = self.theta if flat is None else self._prepare(flat)
+        total_loss, total_grad, n = None, None, 0
+        with eval_mode(self.model):
+            for x, y in self.data:
+                x, y = self._move(x), self._move(y)
+                nb = _batch_size(x, y)
+                if nb == 0:
+                    continue
+
+                def batch_loss(theta, x=x, y=y):
+                    params = dict(self.fixed)
+                    params.update(self.unflatten(theta))
+                    return self.loss_fn(functional_call(self.model, params, (x,)), y)
+
+                g, value = grad_and_value(batch_loss)(flat)
+                total_loss = value * nb if total_loss is None else total_loss + value * nb
+                total_grad = g * nb if total_grad is None else total_grad + g * nb
+                n += nb
+        if n == 0:
+            raise ValueError("data yielded no samples: the loss needs at least one (x, y) batch")
+        return (total_loss / n).detach(), (total_grad / n).detach()
 
     def as_linear_operator(self, shift: float = 0.0, hooks: Optional[Hooks] = None) -> LinearOperator:
         """A float64 ``scipy.sparse.linalg.LinearOperator`` for ``H - shift·I``; ``hooks.advance(1)`` per product."""
