@@ -143,3 +143,13 @@ def test_sharpness_command_writes_table_csv_and_figure(tmp_path, capsys):
     assert "--force" in capsys.readouterr().err
     assert sharpness.main(args[:-3] + ["--labels", "one", "--out", str(tmp_path / "x")]) == 2
     assert sharpness.main(args[:-3] + ["--epsilon", "0", "--out", str(tmp_path / "y")]) == 2
+
+
+def test_loss_and_grad_is_the_sample_weighted_mean_over_batches():
+    net, train, _ = _classifier()  # batches of 24 and 16 samples: weighted by their sizes
+    op = HessianOperator(net, None, train)
+    theta = flatten_parameters(net) + 0.01
+    value, g = op.loss_and_grad(theta)
+    loss = _flat_loss(net, train)
+    assert float(value) == pytest.approx(float(loss(theta)), rel=1e-12)
+    assert torch.allclose(g, torch.func.grad(loss)(theta), atol=1e-12)

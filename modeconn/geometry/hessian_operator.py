@@ -184,14 +184,27 @@ class HessianOperator:
             return t.to(self.dtype) if t.is_floating_point() else t
         return t
 
-    def _batch_hvp(self, x, y, v: torch.Tensor, batched: bool) -> torch.Tensor:
-        """``H_b v`` of one batch's mean loss (rows of ``v`` under vmap when ``batched``)."""
+    def _batches(self):
+        """``(x, y, n_b)`` of every non-empty batch of one pass, moved and cast, the model in eval mode."""
+        with eval_mode(self.model):
+            for x, y in self.data:
+                x, y = self._move(x), self._move(y)
+                nb = _batch_size(x, y)
+                if nb:
+                    yield x, y, nb
+
+    def _batch_loss(self, x, y) -> Callable[[torch.Tensor], torch.Tensor]:
+        """``flat -> loss_fn(model at flat (x), y)``: one batch's mean loss as a function of θ."""
         def batch_loss(flat):
             params = dict(self.fixed)
             params.update(self.unflatten(flat))
             return self.loss_fn(functional_call(self.model, params, (x,)), y)
 
-        g = grad(batch_loss)
+        return batch_loss
+
+    def _batch_hvp(self, x, y, v: torch.Tensor, batched: bool) -> torch.Tensor:
+        """``H_b v`` of one batch's mean loss (rows of ``v`` under vmap when ``batched``)."""
+        g = grad(self._batch_loss(x, y))
         if self.mode == "forward":
             def hvp(t):
                 return jvp(g, (self.theta,), (t,))[1]
@@ -216,15 +229,10 @@ class HessianOperator:
     def _apply(self, v: torch.Tensor, batched: bool) -> torch.Tensor:
         """The sample-weighted mean of the batch products over one pass of the data."""
         total, n = None, 0
-        with eval_mode(self.model):
-            for x, y in self.data:
-                x, y = self._move(x), self._move(y)
-                nb = _batch_size(x, y)
-                if nb == 0:
-                    continue
-                hv = self._batch_hvp(x, y, v, batched) * nb
-                total = hv if total is None else total + hv
-                n += nb
+        for x, y, nb in self._batches():
+            hv = self._batch_hvp(x, y, v, batched) * nb
+            total = hv if total is None else total + hv
+            n += nb
         if n == 0:
             raise ValueError("data yielded no samples: the Hessian of a loss needs at least one (x, y) batch")
         self.num_matvecs += v.shape[0] if batched else 1
@@ -255,23 +263,10 @@ class HessianOperator:
         """``(L(θ), ∇L(θ))`` of the mean data loss at the flat point ``flat`` (default: the operator's θ),
         under the same conventions as the products (eval mode, fixed buffers, dtype); one pass over the data."""
         flat = self.theta if flat is None else self._prepare(flat)
-        total_loss, total_grad, n = None, None, 0
-        with eval_mode(self.model):
-            for x, y in self.data:
-                x, y = self._move(x), self._move(y)
-                nb = _batch_size(x, y)
-                if nb == 0:
-                    continue
-
-                def batch_loss(theta, x=x, y=y):
-                    params = dict(self.fixed)
-                    params.update(self.unflatten(theta))
-                    return self.loss_fn(functional_call(self.model, params, (x,)), y)
-
-                g, value = grad_and_value(batch_loss)(flat)
-                total_loss = value * nb if total_loss is None else total_loss + value * nb
-                total_grad = g * nb if total_grad is None else total_grad + g * nb
-                n += nb
+        total_loss, total_grad, n = 0.0, 0.0, 0
+        for x, y, nb in self._batches():
+            g, value = grad_and_value(self._batch_loss(x, y))(flat)
+            total_loss, total_grad, n = total_loss + value * nb, total_grad + g * nb, n + nb
         if n == 0:
             raise ValueError("data yielded no samples: the loss needs at least one (x, y) batch")
         return (total_loss / n).detach(), (total_grad / n).detach()
