@@ -63,8 +63,8 @@ class SAM(torch.optim.Optimizer):
         ...     loss = nn.functional.mse_loss(net(x), y)
         ...     loss.backward()
         ...     return loss
-        >>> first = float(sam.step(closure))
-        >>> float(nn.functional.mse_loss(net(x), y)) < first
+        >>> first = float(sam.step(closure).detach())
+        >>> float(nn.functional.mse_loss(net(x), y).detach()) < first
         True
     """
 
