@@ -22,6 +22,8 @@ from modeconn.training.loop import fit_curve, train_model
 from modeconn.training.fge import FGEResult, FGESnapshots, train_fge
 from modeconn.training.simplex import fit_simplex
 from modeconn.training.schedules import FGELR, cyclic_lr
+from modeconn.training.sam import SAM
+from modeconn.geometry.sharpness import SharpnessReport, sharpness_report
 from modeconn.alignment import (PermutationSpec, activation_matching, align_models, apply_permutation,
                                 infer_permutation_spec, weight_matching)
 
@@ -37,7 +39,8 @@ __all__ = [
     "recompute_bn", "has_batchnorm",
     "evaluate_path", "evaluate_points", "PathResult", "barrier",
     "evaluate_ensemble", "curve_ensemble", "EnsembleResult",
-    "train_model", "fit_curve", "train_fge", "FGELR", "FGESnapshots", "cyclic_lr", "FGEResult",
+    "train_model", "fit_curve", "train_fge", "FGELR", "FGESnapshots", "cyclic_lr", "FGEResult", "SAM",
+    "sharpness_report", "SharpnessReport",
     "PermutationSpec", "infer_permutation_spec", "apply_permutation", "weight_matching", "activation_matching",
     "align_models",
 ]

@@ -7,7 +7,8 @@ from typing import List, Optional, Sequence
 
 import torch
 
-from modeconn.cli.args import add_data_args, add_optim_args, add_resume_args, add_run_args, add_scale_args, parser
+from modeconn.cli.args import (add_data_args, add_optim_args, add_resume_args, add_run_args, add_sam_args,
+                               add_scale_args, parser, sam_config)
 from modeconn.cli.data import data_source, dataset_record, load_dataset, train_loader
 from modeconn.cli.endpoints import untrained_reason
 from modeconn.cli.errors import CommandError, RunFailed, run_command
@@ -25,6 +26,7 @@ from modeconn.training.loop import train_model
 EXAMPLE = """  python -m modeconn.train --dataset digits --model mlp --seed 1 --epochs 30 --out runs/mlp_a
   python -m modeconn.train --dataset digits --model convnet --model-kwargs bn=true width=16 --seed 2 --out runs/cnn_b
   python -m modeconn.train --model mynet.py:build --model-kwargs width=48 --out runs/mine   (your own model)
+  python -m modeconn.train --dataset digits --model mlp --sam 0.05 --out runs/mlp_sam       # SAM (ASAM: --sam-adaptive)
 
 writes OUT/model.pt (self-describing checkpoint), OUT/history.json, OUT/history.png,
 and OUT/resume.pt (state after the last finished epoch, for --resume).
@@ -66,6 +68,7 @@ def build_parser():
     g.add_argument("--model-kwargs", nargs="*", metavar="KEY=VALUE",
                    help="architecture arguments, e.g. depth=3 width=256 bn=true")
     add_optim_args(p, epochs=30, lr=0.05)
+    add_sam_args(p)
     add_run_args(p)
     p.add_argument("--strict", action="store_true",
                    help="exit with status 1 (the checkpoint is still written) when the trained model looks "
@@ -81,7 +84,8 @@ def _fit(args, job: Job, model, ds, run: TrainingRun, state: Optional[dict]) -> 
     bar = job.progress(args.epochs * len(loader), f"train {args.model}")
     history = train_model(model, loader, args.epochs, args.lr, args.wd, args.momentum, args.schedule,
                           seed=args.seed, resume=state, runtime=Runtime(job.device, args.amp, args.compile),
-                          hooks=Hooks(progress=bar.update, on_epoch_end=run.epoch_saver(bar)))
+                          hooks=Hooks(progress=bar.update, on_epoch_end=run.epoch_saver(bar)), sam=args.sam,
+                          sam_adaptive=args.sam_adaptive)
     bar.close()
     return history
 
@@ -119,7 +123,7 @@ def main_(argv=None) -> int:
     args.dataset = record["dataset"]
     config = {"dataset": args.dataset, "model": args.model, "model_kwargs": kwargs, "seed": args.seed,
               "epochs": args.epochs, "lr": args.lr, "wd": args.wd, "momentum": args.momentum,
-              "schedule": args.schedule, "batch_size": args.batch_size}
+              "schedule": args.schedule, "batch_size": args.batch_size, **sam_config(args)}
     with session(args) as job:
         run = TrainingRun(Path(args.out), config, "model.pt", job.is_main)
         state = run.start(args.resume, args.force)

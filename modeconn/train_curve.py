@@ -6,7 +6,8 @@ import sys
 from pathlib import Path
 from typing import List, Optional, Tuple
 
-from modeconn.cli.args import add_data_args, add_optim_args, add_resume_args, add_run_args, add_scale_args, parser
+from modeconn.cli.args import (add_data_args, add_optim_args, add_resume_args, add_run_args, add_sam_args,
+                               add_scale_args, parser, sam_config)
 from modeconn.cli.data import checkpoint_dataset, data_source, dataset_name, dataset_seed, train_loader
 from modeconn.cli.errors import CommandError, run_command
 from modeconn.cli.outputs import run_info
@@ -22,6 +23,7 @@ from modeconn.training.loop import fit_curve
 
 EXAMPLE = """  python -m modeconn.train_curve --a checkpoints/digits_mlp_a.pt --b checkpoints/digits_mlp_b.pt \\
       --curve bezier --num-bends 3 --epochs 30 --out runs/curve_mlp
+  (add --sam 0.05 to fit the free bends with SAM, --sam-adaptive for ASAM)
 
 writes OUT/curve.pt (self-describing: architecture, curve type, bends, which are fixed,
 dataset, seed, history), OUT/history.json, OUT/history.png and OUT/resume.pt.
@@ -53,6 +55,7 @@ def build_parser():
                    help="permute the end's neurons to match the start before fitting")
     add_data_args(p, dataset_default=None)
     add_optim_args(p, epochs=30, lr=0.03)
+    add_sam_args(p)
     add_run_args(p)
     add_resume_args(p, "resume.pt", "epoch")
     add_scale_args(p)
@@ -76,7 +79,7 @@ def _config(args, dataset: str) -> dict:
             "fix_start": args.fix_start, "fix_end": args.fix_end, "init": args.init, "align": args.align,
             "dataset": dataset, "epochs": args.epochs, "lr": args.lr, "wd": args.wd,
             "momentum": args.momentum, "schedule": args.schedule, "seed": args.seed,
-            "batch_size": args.batch_size}
+            "batch_size": args.batch_size, **sam_config(args)}
 
 
 def _end_state(args, ds, start_meta: dict, end_meta: dict, device) -> Tuple[dict, Optional[dict]]:
@@ -116,7 +119,8 @@ def _fit(args, job: Job, curve, ds, run: TrainingRun, state: Optional[dict]) -> 
     bar = job.progress(args.epochs * len(loader), f"fit {args.curve}({args.num_bends})")
     history = fit_curve(curve, loader, args.epochs, args.lr, args.wd, args.momentum, args.schedule,
                         seed=args.seed, resume=state, runtime=Runtime(job.device, args.amp, args.compile),
-                        hooks=Hooks(progress=bar.update, on_epoch_end=run.epoch_saver(bar)))
+                        hooks=Hooks(progress=bar.update, on_epoch_end=run.epoch_saver(bar)), sam=args.sam,
+                        sam_adaptive=args.sam_adaptive)
     bar.close()
     return history
 

@@ -14,7 +14,7 @@ from modeconn.models import create_model, list_models, register_model
 EXPECTED_NAMES = {
     "mlp", "convnet", "convnet_bn",
     "vgg11", "vgg16", "vgg11_bn", "vgg16_bn",
-    "preresnet", "wide_resnet",
+    "preresnet", "wide_resnet", "cnn1d",
 }
 NUM_CLASSES = 7  # deliberately not 10, to catch hard-coded heads
 BATCH = 4
@@ -22,12 +22,14 @@ BATCH = 4
 # Default WRN-28-10 (36.5M params) is too slow for a per-shape forward test on CPU; its
 # construction is covered by test_wide_resnet_default_param_count.
 FAST_KWARGS = {"wide_resnet": dict(depth=10, widen_factor=2)}
+# models of other inputs than images: their sample shapes (one channel and odd lengths included)
+SHAPES = {"cnn1d": [(1, 40), (3, 5)]}
 
 
 def _cases():
     cases = []
     for name in sorted(EXPECTED_NAMES | set(list_models())):
-        shapes = [(1, 8, 8), (3, 32, 32)]
+        shapes = list(SHAPES.get(name, [(1, 8, 8), (3, 32, 32)]))
         if name == "mlp":
             shapes.append((2,))
         cases += [(name, s) for s in shapes]
@@ -113,8 +115,9 @@ def test_forward_shape_and_fx_trace(name, shape):
 
 def test_train_mode_forward_runs():
     for name in sorted(EXPECTED_NAMES):
-        model = create_model(name, (1, 8, 8), NUM_CLASSES, **FAST_KWARGS.get(name, {})).train()
-        out = model(torch.randn(BATCH, 1, 8, 8))
+        shape = SHAPES.get(name, [(1, 8, 8)])[0]
+        model = create_model(name, shape, NUM_CLASSES, **FAST_KWARGS.get(name, {})).train()
+        out = model(torch.randn(BATCH, *shape))
         out.sum().backward()
         assert out.shape == (BATCH, NUM_CLASSES)
         assert all(p.grad is not None for p in model.parameters())
@@ -294,8 +297,9 @@ def test_residual_adds_are_plain_add_nodes():
 def test_parameter_names_deterministic():
     for name in sorted(EXPECTED_NAMES):
         kw = FAST_KWARGS.get(name, {})
-        a = create_model(name, (3, 32, 32), NUM_CLASSES, **kw)
-        b = create_model(name, (3, 32, 32), NUM_CLASSES, **kw)
+        shape = SHAPES.get(name, [(3, 32, 32)])[0]
+        a = create_model(name, shape, NUM_CLASSES, **kw)
+        b = create_model(name, shape, NUM_CLASSES, **kw)
         assert list(a.state_dict()) == list(b.state_dict())
     keys = list(create_model("preresnet", (3, 32, 32), 10).state_dict())
     assert keys[0] == "conv1.weight" and keys[-2:] == ["fc.weight", "fc.bias"]

@@ -157,6 +157,7 @@ ZOO = {  # small instances of every registered model: (input shape, kwargs)
     "vgg16": ((3, 16, 16), dict(width_multiplier=0.0625)),
     "vgg16_bn": ((3, 16, 16), dict(width_multiplier=0.0625)),
     "wide_resnet": ((3, 8, 8), dict(depth=10, widen_factor=1)),
+    "cnn1d": ((2, 12), dict(width=3, bn=True)),
 }
 
 

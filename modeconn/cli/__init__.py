@@ -25,6 +25,7 @@ COMMANDS = {
     "fge": "Fast Geometric Ensembling from a trained network",
     "plane": "loss surface in the plane of a curve",
     "landscape": "filter-normalised 1-D/2-D loss slices around a model",
+    "sharpness": "Hessian, slice curvature and ε-sharpness of models side by side",
     "demo": "the main job on the embedded digits data",
 }
 

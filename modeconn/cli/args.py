@@ -236,3 +236,26 @@ def join_negative_values(argv: Optional[Sequence[str]], flags: Sequence[str]) ->
         out.append(a)
         i += 1
     return out
+
+
+def add_sam_args(p: argparse.ArgumentParser) -> None:
+    """--sam RHO and --sam-adaptive: train with SAM / ASAM (:mod:`modeconn.training.sam`)."""
+    g = p.add_argument_group("sharpness-aware minimisation")
+    g.add_argument("--sam", type=float, default=None, metavar="RHO",
+                   help="SAM (Foret et al. 2021): each step ascends to w + RHO·g/‖g‖ and descends from w with "
+                        "the gradient found there; two passes per step (typical RHO 0.05; off by default)")
+    g.add_argument("--sam-adaptive", action="store_true",
+                   help="ASAM (Kwon et al. 2021): the ascent scaled by |w| + 0.01 per weight, invariant to "
+                        "rescaling a layer (typical RHO 0.5 to 2; needs --sam)")
+
+
+def sam_config(args: argparse.Namespace) -> dict:
+    """``{"sam": RHO, "sam_adaptive": bool}`` for a run's config when --sam is given, else ``{}`` (runs without
+    SAM keep the config of earlier versions, so they still resume); a bad combination is a CommandError."""
+    if args.sam is None:
+        if args.sam_adaptive:
+            raise CommandError("--sam-adaptive needs --sam RHO")
+        return {}
+    if not (args.sam > 0 and math.isfinite(args.sam)):
+        raise CommandError(f"--sam {args.sam}: the radius must be a finite number > 0")
+    return {"sam": args.sam, "sam_adaptive": args.sam_adaptive}

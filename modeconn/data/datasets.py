@@ -1,7 +1,8 @@
 """Datasets held as tensors, batched by index; nothing downloaded by default.
 
 Embedded (no files needed): ``digits`` (scikit-learn's 8x8 handwritten digits,
-real data, the default), ``moons`` and ``spirals`` (synthetic, seeded).
+real data, the default), ``moons`` and ``spirals`` (synthetic, seeded),
+``mnist1d`` (procedural 1-D digits, :mod:`modeconn.data.mnist1d`).
 Torchvision datasets (``mnist``, ``fashion_mnist``, ``cifar10``, ``cifar100``)
 are read from ``data_dir`` when their files are there; downloading (``download``) is
 an opt-in for machines with internet.
@@ -22,7 +23,7 @@ import torch
 
 Transform = Callable[[torch.Tensor, Optional[torch.Generator]], torch.Tensor]
 
-EMBEDDED = ("digits", "moons", "spirals")
+EMBEDDED = ("digits", "moons", "spirals", "mnist1d")
 TORCHVISION = ("mnist", "fashion_mnist", "cifar10", "cifar100")
 DATASETS = EMBEDDED + TORCHVISION
 
@@ -329,6 +330,10 @@ def get_dataset(name: str = "digits", data_dir: Optional[str] = "data", download
         return _moons(seed, **kwargs)
     if key == "spirals":
         return _spirals(seed, **kwargs)
+    if key == "mnist1d":  # its own module: the generator is the mnist1d package's
+        from modeconn.data.mnist1d import mnist1d_dataset
+
+        return mnist1d_dataset(seed, **kwargs)
     if key in _TV:
         return _torchvision(key, data_dir or "data", download, **kwargs)
     raise ValueError(f"unknown dataset {name!r}; choose one of {list(DATASETS)}, or a spec: imagefolder:PATH, "

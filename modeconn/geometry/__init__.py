@@ -13,6 +13,8 @@ architecture. Commands: ``python -m modeconn.landscape`` (slices around a
 model) and ``python -m modeconn.plane`` (the plane of a fitted curve).
 """
 from modeconn.geometry.curvature import curvature_metrics
+from modeconn.geometry.sharpness import (EpsilonSharpness, SharpnessReport, epsilon_sharpness, sharpness_report,
+                                         slice_curvature)
 from modeconn.geometry.directions import (NORMS, Plane, flatten_parameters, model_direction, normalize_direction,
                                           orthogonalize, plane_through, random_direction, random_plane)
 from modeconn.geometry.grid import (CurvePlane, GridResult, axis, curve_plane, curve_plane_geometry, evaluate_grid,
@@ -20,4 +22,5 @@ from modeconn.geometry.grid import (CurvePlane, GridResult, axis, curve_plane, c
 
 __all__ = ["NORMS", "Plane", "flatten_parameters", "model_direction", "normalize_direction", "orthogonalize",
            "plane_through", "random_direction", "random_plane", "CurvePlane", "GridResult", "axis", "curve_plane",
-           "curve_plane_geometry", "evaluate_grid", "evaluator_for", "plane_checksum", "curvature_metrics"]
+           "curve_plane_geometry", "evaluate_grid", "evaluator_for", "plane_checksum", "curvature_metrics",
+           "EpsilonSharpness", "SharpnessReport", "epsilon_sharpness", "sharpness_report", "slice_curvature"]

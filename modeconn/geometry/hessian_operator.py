@@ -39,7 +39,7 @@ import torch
 import torch.nn.functional as F
 from scipy.sparse.linalg import LinearOperator
 from torch import nn
-from torch.func import functional_call, grad, jvp, vjp, vmap
+from torch.func import functional_call, grad, grad_and_value, jvp, vjp, vmap
 
 from modeconn.core.layout import FlatLayout
 from modeconn.evaluation.model import eval_mode
@@ -184,14 +184,27 @@ class HessianOperator:
             return t.to(self.dtype) if t.is_floating_point() else t
         return t
 
-    def _batch_hvp(self, x, y, v: torch.Tensor, batched: bool) -> torch.Tensor:
-        """``H_b v`` of one batch's mean loss (rows of ``v`` under vmap when ``batched``)."""
+    def _batches(self):
+        """``(x, y, n_b)`` of every non-empty batch of one pass, moved and cast, the model in eval mode."""
+        with eval_mode(self.model):
+            for x, y in self.data:
+                x, y = self._move(x), self._move(y)
+                nb = _batch_size(x, y)
+                if nb:
+                    yield x, y, nb
+
+    def _batch_loss(self, x, y) -> Callable[[torch.Tensor], torch.Tensor]:
+        """``flat -> loss_fn(model at flat (x), y)``: one batch's mean loss as a function of θ."""
         def batch_loss(flat):
             params = dict(self.fixed)
             params.update(self.unflatten(flat))
             return self.loss_fn(functional_call(self.model, params, (x,)), y)
 
-        g = grad(batch_loss)
+        return batch_loss
+
+    def _batch_hvp(self, x, y, v: torch.Tensor, batched: bool) -> torch.Tensor:
+        """``H_b v`` of one batch's mean loss (rows of ``v`` under vmap when ``batched``)."""
+        g = grad(self._batch_loss(x, y))
         if self.mode == "forward":
             def hvp(t):
                 return jvp(g, (self.theta,), (t,))[1]
@@ -216,15 +229,10 @@ class HessianOperator:
     def _apply(self, v: torch.Tensor, batched: bool) -> torch.Tensor:
         """The sample-weighted mean of the batch products over one pass of the data."""
         total, n = None, 0
-        with eval_mode(self.model):
-            for x, y in self.data:
-                x, y = self._move(x), self._move(y)
-                nb = _batch_size(x, y)
-                if nb == 0:
-                    continue
-                hv = self._batch_hvp(x, y, v, batched) * nb
-                total = hv if total is None else total + hv
-                n += nb
+        for x, y, nb in self._batches():
+            hv = self._batch_hvp(x, y, v, batched) * nb
+            total = hv if total is None else total + hv
+            n += nb
         if n == 0:
             raise ValueError("data yielded no samples: the Hessian of a loss needs at least one (x, y) batch")
         self.num_matvecs += v.shape[0] if batched else 1
@@ -250,6 +258,18 @@ class HessianOperator:
         if chunk < 1:
             raise ValueError(f"chunk must be >= 1, got {chunk}")
         return torch.cat([self._apply(c, batched=True) for c in vs.split(chunk)])
+
+    def loss_and_grad(self, flat: Optional[torch.Tensor] = None):
+        """``(L(θ), ∇L(θ))`` of the mean data loss at the flat point ``flat`` (default: the operator's θ),
+        under the same conventions as the products (eval mode, fixed buffers, dtype); one pass over the data."""
+        flat = self.theta if flat is None else self._prepare(flat)
+        total_loss, total_grad, n = 0.0, 0.0, 0
+        for x, y, nb in self._batches():
+            g, value = grad_and_value(self._batch_loss(x, y))(flat)
+            total_loss, total_grad, n = total_loss + value * nb, total_grad + g * nb, n + nb
+        if n == 0:
+            raise ValueError("data yielded no samples: the loss needs at least one (x, y) batch")
+        return (total_loss / n).detach(), (total_grad / n).detach()
 
     def as_linear_operator(self, shift: float = 0.0, hooks: Optional[Hooks] = None) -> LinearOperator:
         """A float64 ``scipy.sparse.linalg.LinearOperator`` for ``H - shift·I``; ``hooks.advance(1)`` per product."""

@@ -19,6 +19,7 @@ from modeconn.models.shipped import shipped_checkpoint
 # importing the family modules registers their models
 from modeconn.models.mlp import MLP
 from modeconn.models.convnet import ConvNet
+from modeconn.models.cnn1d import CNN1d
 from modeconn.models.vgg import VGG
 from modeconn.models.preresnet import PreResNet
 from modeconn.models.wide_resnet import WideResNet
@@ -30,6 +31,7 @@ __all__ = [
     "shipped_checkpoint",
     "MLP",
     "ConvNet",
+    "CNN1d",
     "VGG",
     "PreResNet",
     "WideResNet",

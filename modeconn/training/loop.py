@@ -39,6 +39,7 @@ from modeconn.core.curve_model import CurveModel
 from modeconn.data import epoch_generator
 from modeconn.runtime import Hooks, Runtime
 from modeconn.runtime import distributed as _dist
+from modeconn.training.sam import SAM, sam_step_loss
 from modeconn.training.schedules import make_scheduler
 from modeconn.training.state import capture_state, restore_state
 
@@ -236,26 +237,41 @@ def run_sgd(module: nn.Module, loader, epochs: int, step_loss: StepLoss, optimiz
 
 
 def _sgd(params: List[torch.Tensor], epochs: int, lr: float, momentum: float, weight_decay: float,
-         schedule: str):
-    """Checked SGD optimizer and per-epoch scheduler of :func:`train_model` / :func:`fit_curve`."""
+         schedule: str, sam: Optional[float] = None, sam_adaptive: bool = False):
+    """Checked SGD optimizer (wrapped in :class:`~modeconn.training.sam.SAM` when ``sam`` is a radius)
+    and per-epoch scheduler of :func:`train_model` / :func:`fit_curve`."""
     if isinstance(epochs, bool) or int(epochs) != epochs or epochs < 1:
         raise ValueError(f"epochs must be an integer >= 1, got {epochs}")
     if not math.isfinite(lr) or lr <= 0:
         raise ValueError(f"lr must be a positive number, got {lr}")
-    optimizer = torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=weight_decay)
+    if sam is None:
+        optimizer = torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=weight_decay)
+    else:
+        optimizer = SAM(params, torch.optim.SGD, rho=sam, adaptive=sam_adaptive, lr=lr, momentum=momentum,
+                        weight_decay=weight_decay)
     return optimizer, make_scheduler(optimizer, schedule, int(epochs))
 
 
-def _settings(loop: str, epochs, lr, weight_decay, momentum, schedule, seed) -> dict:
-    """What a resume state of :func:`train_model` / :func:`fit_curve` must agree on."""
-    return {"loop": loop, "epochs": int(epochs), "lr": float(lr), "weight_decay": float(weight_decay),
-            "momentum": float(momentum), "schedule": schedule, "seed": int(seed)}
+def _settings(loop: str, epochs, lr, weight_decay, momentum, schedule, seed, sam=None, sam_adaptive=False) -> dict:
+    """What a resume state of :func:`train_model` / :func:`fit_curve` must agree on (SAM's keys only with SAM,
+    so states of earlier runs still resume)."""
+    out = {"loop": loop, "epochs": int(epochs), "lr": float(lr), "weight_decay": float(weight_decay),
+           "momentum": float(momentum), "schedule": schedule, "seed": int(seed)}
+    if sam is not None:
+        out.update(sam=float(sam), sam_adaptive=bool(sam_adaptive))
+    return out
+
+
+def _with_sam(step: StepLoss, optimizer: torch.optim.Optimizer, module: nn.Module) -> StepLoss:
+    """``step`` made a SAM step (:func:`~modeconn.training.sam.sam_step_loss`) when ``optimizer`` is SAM."""
+    return sam_step_loss(step, optimizer, module) if isinstance(optimizer, SAM) else step
 
 
 def train_model(model: nn.Module, train_loader: Iterable, epochs: int = 20, lr: float = 0.05,
                 weight_decay: float = 5e-4, momentum: float = 0.9, schedule: str = "reference",
                 loss: Union[str, LossFn] = "cross_entropy", seed: int = 0, resume: Optional[Mapping] = None,
-                runtime: Optional[Runtime] = None, hooks: Optional[Hooks] = None) -> List[dict]:
+                runtime: Optional[Runtime] = None, hooks: Optional[Hooks] = None, sam: Optional[float] = None,
+                sam_adaptive: bool = False) -> List[dict]:
     """Train an endpoint network in place with SGD (momentum, weight decay); returns the per-epoch history.
 
     Args:
@@ -274,6 +290,8 @@ def train_model(model: nn.Module, train_loader: Iterable, epochs: int = 20, lr: 
             be sharded for this rank; BatchNorm normalises with each rank's
             share of the batch (plain DDP; running statistics broadcast from rank 0).
         hooks: ``progress(n)`` per finished step, ``on_epoch_end(record, state)``.
+        sam, sam_adaptive: SAM radius ρ (Foret et al. 2021; ASAM with
+            ``sam_adaptive``, :mod:`modeconn.training.sam`): two passes per step.
 
     Returns:
         History records ``epoch, loss, acc, lr, seconds`` (loss without the
@@ -297,14 +315,16 @@ def train_model(model: nn.Module, train_loader: Iterable, epochs: int = 20, lr: 
     if runtime.device is not None:
         model.to(runtime.device)
     params = [p for p in model.parameters() if p.requires_grad]
-    optimizer, scheduler = _sgd(params, epochs, lr, momentum, weight_decay, schedule)
+    optimizer, scheduler = _sgd(params, epochs, lr, momentum, weight_decay, schedule, sam, sam_adaptive)
     device = params[0].device
     ddp = runtime.use_ddp(train_loader)
     net = _dist.wrap_ddp(model) if ddp else model
     if runtime.compile:
         net = torch.compile(net)
-    return run_sgd(model, train_loader, int(epochs), model_step(net, loss, runtime, device), optimizer, scheduler,
-                   seed=seed, settings=_settings("train_model", epochs, lr, weight_decay, momentum, schedule, seed),
+    step = _with_sam(model_step(net, loss, runtime, device), optimizer, model)
+    return run_sgd(model, train_loader, int(epochs), step, optimizer, scheduler, seed=seed,
+                   settings=_settings("train_model", epochs, lr, weight_decay, momentum, schedule, seed, sam,
+                                      sam_adaptive),
                    hooks=hooks, resume=resume, ddp=ddp, advice=f"lower the learning rate (lr={lr})")
 
 
@@ -329,17 +349,17 @@ class _CurveStep(nn.Module):
 
 
 def curve_training(model, train_loader, epochs: int, lr: float, momentum: float, schedule: str,
-                   weight_decay: float, runtime: Runtime):
+                   weight_decay: float, runtime: Runtime, sam: Optional[float] = None, sam_adaptive: bool = False):
     """What :func:`fit_curve` (and ``fit_simplex``) set up: (optimizer, scheduler, step module, ddp).
 
     The model moves to ``runtime.device``; SGD runs on its ``free_bends``
-    only (weight decay is applied at the sampled point, not here). The step
+    only (weight decay is applied at the sampled point, not here), through SAM with ``sam``. The step
     module's ``stepper(x, t)`` runs ``model.training_point(t, weight_decay)``
     and the net there; wrapped in DDP under torchrun, compiled with ``runtime.compile``.
     """
     if runtime.device is not None:
         model.to(runtime.device)
-    optimizer, scheduler = _sgd([model.free_bends], epochs, lr, momentum, 0.0, schedule)
+    optimizer, scheduler = _sgd([model.free_bends], epochs, lr, momentum, 0.0, schedule, sam, sam_adaptive)
     ddp = runtime.use_ddp(train_loader)
     stepper: nn.Module = _CurveStep(model, runtime, weight_decay)
     if ddp:  # bends and buffers copied from rank 0 once, buffers not re-broadcast every step
@@ -352,15 +372,16 @@ def curve_training(model, train_loader, epochs: int, lr: float, momentum: float,
 def fit_curve(curve: CurveModel, train_loader: Iterable, epochs: int = 20, lr: float = 0.03,
               weight_decay: float = 5e-4, momentum: float = 0.9, schedule: str = "reference",
               loss: Union[str, LossFn] = "cross_entropy", seed: int = 0, resume: Optional[Mapping] = None,
-              runtime: Optional[Runtime] = None, hooks: Optional[Hooks] = None) -> List[dict]:
+              runtime: Optional[Runtime] = None, hooks: Optional[Hooks] = None, sam: Optional[float] = None,
+              sam_adaptive: bool = False) -> List[dict]:
     """Train the free bends of ``curve`` to minimise E_{t~U(0,1)} L(θ(t)) (Garipov et al. 2018, Eq. 2).
 
     One t per mini-batch, drawn from the ``(seed, epoch)`` generator; the
     penalty ``0.5 * weight_decay * ||θ(t)||²`` applies at the sampled point,
-    not to the bends. Arguments, resume and hooks as :func:`train_model`.
-    Under DDP only ``free_bends`` is data parallel and every rank draws the
-    same t; with ``runtime.amp`` θ(t) stays float32. Raises ValueError when
-    every bend is fixed.
+    not to the bends. Arguments, resume, hooks, SAM (on the free bends, one t for
+    both passes) as :func:`train_model`. Under DDP only ``free_bends`` is data
+    parallel and every rank draws the same t; with ``runtime.amp`` θ(t) stays
+    float32. Raises ValueError when every bend is fixed.
 
     Example:
         >>> from modeconn import Bezier, CurveModel
@@ -378,7 +399,7 @@ def fit_curve(curve: CurveModel, train_loader: Iterable, epochs: int = 20, lr: f
         raise ValueError("the curve has no free bends to train (every bend is fixed)")
     runtime, hooks = runtime or Runtime(), hooks or Hooks()
     optimizer, scheduler, stepper, ddp = curve_training(curve, train_loader, epochs, lr, momentum, schedule,
-                                                        weight_decay, runtime)
+                                                        weight_decay, runtime, sam, sam_adaptive)
     loss_fn = get_loss(loss)
     device = curve.fixed_bends.device
     drawn = {"t_sum": 0.0}
@@ -386,7 +407,7 @@ def fit_curve(curve: CurveModel, train_loader: Iterable, epochs: int = 20, lr: f
     def step(x, y, gen):
         """One t from the epoch's generator, the network at θ(t) on the batch."""
         t = torch.rand((), generator=gen)
-        drawn["t_sum"] += float(t)  # a CPU number: no device synchronisation
+        drawn["t_sum"] += float(t)  # a CPU number: no device synchronisation (SAM adds each t twice)
         x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
         out, _ = stepper(x, t.to(device))  # the weight-decay gradient comes from training_point's backward
         value = loss_fn(out, y)
@@ -397,7 +418,8 @@ def fit_curve(curve: CurveModel, train_loader: Iterable, epochs: int = 20, lr: f
         value, drawn["t_sum"] = drawn["t_sum"], 0.0
         return value
 
-    return run_sgd(curve, train_loader, int(epochs), step, optimizer, scheduler, seed=seed,
-                   settings=_settings("fit_curve", epochs, lr, weight_decay, momentum, schedule, seed),
+    settings = _settings("fit_curve", epochs, lr, weight_decay, momentum, schedule, seed, sam, sam_adaptive)
+    return run_sgd(curve, train_loader, int(epochs), _with_sam(step, optimizer, curve), optimizer, scheduler,
+                   seed=seed, settings=settings,
                    hooks=hooks, resume=resume, ddp=ddp, advice=f"lower the learning rate (lr={lr})",
                    same_on_all_ranks=epoch_t_sum)
