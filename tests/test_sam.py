@@ -151,6 +151,6 @@ def test_train_and_train_curve_commands_record_sam(tmp_path, capsys):
     assert train.main(["--epochs", "1", "--sam-adaptive", "--out", str(tmp_path / "x"), "--no-progress"]) == 2
     assert "--sam-adaptive needs --sam" in capsys.readouterr().err
     assert train.main(["--epochs", "1", "--sam", "-1", "--out", str(tmp_path / "y"), "--no-progress"]) == 2
-    assert train_curve.main(["--start", str(out / "model.pt"), "--end", str(out / "model.pt"), "--epochs", "1",
+    assert train_curve.main(["--a", str(out / "model.pt"), "--b", str(out / "model.pt"), "--epochs", "1",
                              "--sam", "0.1", "--out", str(tmp_path / "c"), "--no-progress"]) == 0
     assert mc.load_checkpoint(tmp_path / "c" / "curve.pt")["config"]["sam"] == 0.1
