@@ -8,7 +8,7 @@ from typing import List, Optional, Sequence
 import torch
 
 from modeconn.cli.args import add_data_args, add_optim_args, add_resume_args, add_run_args, add_scale_args, parser
-from modeconn.cli.data import train_loader
+from modeconn.cli.data import model_kwargs_for, train_loader
 from modeconn.cli.errors import CommandError, run_command
 from modeconn.cli.outputs import run_info
 from modeconn.cli.rundir import TrainingRun
@@ -23,6 +23,7 @@ from modeconn.training.loop import train_model
 
 EXAMPLE = """  python -m modeconn.train --dataset digits --model mlp --seed 1 --epochs 30 --out runs/mlp_a
   python -m modeconn.train --dataset digits --model convnet --model-kwargs bn=true width=16 --seed 2 --out runs/cnn_b
+  python -m modeconn.train --dataset majority --model gpt --seed 1 --out runs/gpt_a   # vocab from the data
 
 writes OUT/model.pt (self-describing checkpoint), OUT/history.json, OUT/history.png,
 and OUT/resume.pt (state after the last finished epoch, for --resume).
@@ -109,6 +110,7 @@ def main_(argv=None) -> int:
         with run.resumable():
             ds = get_dataset(args.dataset, args.data_dir, args.download, seed=args.seed)
             torch.manual_seed(args.seed)
+            kwargs = model_kwargs_for(args.model, ds, kwargs)  # e.g. a token dataset's vocab for gpt
             model = create_model(args.model, ds.input_shape, ds.num_classes, **kwargs).to(job.device)
             history = _fit(args, job, model, ds, run, state)
             if job.is_main:  # rank 0 evaluates and writes the results
