@@ -63,16 +63,17 @@ def _inputs(kind: str, n: int, seed: int = 0):
     return x, torch.randint(0, CLASSES, (n,), generator=g)
 
 
-class _Mutations(TorchDispatchMode):
-    """Records every aten op that writes into one of its inputs."""
+class _Ops(TorchDispatchMode):
+    """Records the name of every aten op that runs, and of those that write into an input."""
 
     def __init__(self):
         super().__init__()
-        self.ops = []
+        self.ops, self.mutating = set(), []
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.ops.add(func.__name__.split(".")[0])
         if func._schema.is_mutable:
-            self.ops.append(str(func))
+            self.mutating.append(str(func))
         return func(*args, **(kwargs or {}))
 
 
@@ -82,12 +83,12 @@ def test_zoo_contract(kind):
     x, _ = _inputs(kind, 4)
     with torch.no_grad(), eval_mode(model):
         out = model(x)
-        with _Mutations() as rec:
+        with _Ops() as rec:
             model(x)
         gm = torch.fx.symbolic_trace(model)
         traced = gm(x)
     assert out.shape == (4, CLASSES) and torch.isfinite(out).all()
-    assert rec.ops == []
+    assert rec.mutating == []
     assert torch.equal(traced, out)
     assert not [n for n in gm.graph.nodes if n.op == "call_function"
                 and (n.target in (operator.iadd, operator.imul) or n.target.__name__.endswith("_"))]
@@ -157,18 +158,6 @@ def test_evaluate_path_equals_the_point_by_point_reference_and_warns_nothing(kin
     assert torch.backends.mha.get_fastpath_enabled()  # restored after the evaluation
 
 
-class _Ops(TorchDispatchMode):
-    """Records the name of every aten op that runs."""
-
-    def __init__(self):
-        super().__init__()
-        self.ops = set()
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        self.ops.add(func.__name__.split(".")[0])
-        return func(*args, **(kwargs or {}))
-
-
 def test_eval_mode_keeps_attention_off_the_fused_fast_path():
     """Eval mode without grad: PyTorch fuses the encoder layer and the attention (kernels vmap cannot
     batch, rounded differently); inside modeconn's eval_mode the unfused function runs."""
@@ -231,8 +220,11 @@ def test_commands_on_transformer_checkpoints(kind, tmp_path, capsys):
         _run(train, [*data, "--epochs", "1", "--seed", seed, "--out", tmp_path / f"m{seed}"], capsys)
         ends.append(tmp_path / f"m{seed}" / "model.pt")
     model, meta = mc.load_model(ends[0])
-    if kind == "gpt":  # the vocabulary came from the data
+    if kind == "gpt":  # the vocabulary came from the data; other data are refused by the later commands
         assert meta["arch_kwargs"] == {"vocab": 8} and model.tok.num_embeddings == 8
+        assert eval_curve.main(["--start", str(ends[0]), "--end", str(ends[1]), "--dataset", "digits",
+                                "--out", str(tmp_path / "bad"), "--no-progress"]) == 2
+        assert "expects (16,)" in capsys.readouterr().err
     _run(train_curve, ["--start", ends[0], "--end", ends[1], "--epochs", 1, "--out", tmp_path / "curve"], capsys)
     curve = tmp_path / "curve" / "curve.pt"
     _run(eval_curve, ["--ckpt", curve, "--with-linear", "--num-points", 3, "--out", tmp_path / "ev"], capsys)
