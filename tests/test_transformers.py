@@ -247,3 +247,25 @@ def test_model_and_data_that_do_not_fit_are_refused(argv, message, tmp_path, cap
     assert train.main([*argv, "--epochs", "1", "--out", str(tmp_path / "run"), "--no-progress"]) == 2
     err = capsys.readouterr().err
     assert message in err and len(err.strip().splitlines()) == 1
+
+
+def test_hessian_products_through_attention():
+    """Forward-over-reverse products through nn.MultiheadAttention (whose CPU kernel has neither a
+    forward-mode nor a second derivative) equal central differences of the gradient in float64
+    (eager kernels), for one vector and a vmapped batch of them."""
+    from modeconn.geometry.hessian_operator import HessianOperator
+
+    net = Encoder().double()
+    x, y = _inputs("encoder", 8)
+    op = HessianOperator(net, None, [(x, y)], dtype=torch.float64)
+    vs = torch.randn(2, op.num_params, dtype=torch.float64)
+
+    def gradient(flat):
+        params = {n: p.detach().requires_grad_() for n, p in op.unflatten(flat).items()}
+        with eval_mode(net):
+            loss = nn.functional.cross_entropy(torch.func.functional_call(net, params, (x,)), y)
+        return torch.cat([g.reshape(-1) for g in torch.autograd.grad(loss, list(params.values()))])
+    eps = 1e-5
+    want = torch.stack([(gradient(op.theta + eps * v) - gradient(op.theta - eps * v)) / (2 * eps) for v in vs])
+    torch.testing.assert_close(op.matvec(vs[0]), want[0], rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(op.matmat(vs), want, rtol=1e-5, atol=1e-7)
