@@ -2,7 +2,10 @@
 
 Same batch, same optimiser (SGD, momentum 0.9), measured side by side in one
 run (interleaved repetitions, median), for: a 3x1024 MLP on 784-d input
-(batch 256), the small CNN at 32x32 (batch 128) and VGG16 at 32x32 (batch 128).
+(batch 256), the small CNN at 32x32 (batch 128), VGG16 at 32x32 (batch 128),
+and the zoo transformers at their defaults on the embedded data: ``vit`` on
+8x8 digits (16 patches + class token) and ``gpt`` on ``majority`` sequences
+(16 tokens), batch 64 (the ``train`` default).
 Peak memory: each (model, mode) runs once more in a fresh subprocess and
 reports the growth of its peak resident set size over the size after imports
 (CPU; both endpoints are built in both modes) or max allocated (CUDA).
@@ -26,6 +29,8 @@ CONFIGS = {
     "mlp": ("mlp", dict(depth=3, width=1024), (1, 28, 28), 256),
     "cnn": ("convnet", dict(width=32), (3, 32, 32), 128),
     "vgg16": ("vgg16", dict(), (3, 32, 32), 128),
+    "vit": ("vit", dict(), (1, 8, 8), 64),
+    "gpt": ("gpt", dict(vocab=8), (16,), 64),
 }
 
 
@@ -34,7 +39,8 @@ def setup(name, device):
     torch.manual_seed(0)
     a = mc.create_model(arch, shape, 10, **kw).to(device)
     b = mc.create_model(arch, shape, 10, **kw).to(device)
-    x = torch.randn(batch, *shape, device=device)
+    x = (torch.randint(0, kw["vocab"], (batch, *shape), device=device) if "vocab" in kw
+         else torch.randn(batch, *shape, device=device))
     y = torch.randint(0, 10, (batch,), device=device)
     return a, b, x, y
 

@@ -15,6 +15,7 @@ from modeconn.data import TensorLoader, get_dataset
 from modeconn.models import create_model, list_models, register_model
 from modeconn.models.shipped import shipped_checkpoint
 from modeconn.evaluation.bn import has_batchnorm, recompute_bn
+from modeconn.evaluation.model import eager_attention
 from modeconn.evaluation.path import PathResult, barrier, evaluate_path, evaluate_points
 from modeconn.evaluation.ensembles import EnsembleResult, curve_ensemble, evaluate_ensemble, simplex_ensemble
 from modeconn.evaluation.simplex import SimplexResult, evaluate_simplex
@@ -36,7 +37,7 @@ __all__ = [
     "CheckpointError", "load_checkpoint", "save_checkpoint", "load_model", "save_model", "load_state_dict",
     "get_dataset", "TensorLoader",
     "create_model", "list_models", "register_model", "shipped_checkpoint",
-    "recompute_bn", "has_batchnorm",
+    "recompute_bn", "has_batchnorm", "eager_attention",
     "evaluate_path", "evaluate_points", "PathResult", "barrier",
     "evaluate_ensemble", "curve_ensemble", "EnsembleResult",
     "train_model", "fit_curve", "train_fge", "FGELR", "FGESnapshots", "cyclic_lr", "FGEResult", "SAM",

@@ -9,7 +9,7 @@ import torch
 
 from modeconn.cli.args import (add_data_args, add_optim_args, add_resume_args, add_run_args, add_sam_args,
                                add_scale_args, parser, sam_config)
-from modeconn.cli.data import data_source, dataset_record, load_dataset, train_loader
+from modeconn.cli.data import data_source, dataset_record, load_dataset, model_kwargs_for, train_loader
 from modeconn.cli.endpoints import untrained_reason
 from modeconn.cli.errors import CommandError, RunFailed, run_command
 from modeconn.cli.outputs import run_info
@@ -27,6 +27,7 @@ EXAMPLE = """  python -m modeconn.train --dataset digits --model mlp --seed 1 --
   python -m modeconn.train --dataset digits --model convnet --model-kwargs bn=true width=16 --seed 2 --out runs/cnn_b
   python -m modeconn.train --model mynet.py:build --model-kwargs width=48 --out runs/mine   (your own model)
   python -m modeconn.train --dataset digits --model mlp --sam 0.05 --out runs/mlp_sam       # SAM (ASAM: --sam-adaptive)
+  python -m modeconn.train --dataset majority --model gpt --seed 1 --out runs/gpt_a   # vocab from the data
 
 writes OUT/model.pt (self-describing checkpoint), OUT/history.json, OUT/history.png,
 and OUT/resume.pt (state after the last finished epoch, for --resume).
@@ -130,6 +131,7 @@ def main_(argv=None) -> int:
         with run.resumable():
             ds = load_dataset(args, args.dataset, args.seed)
             torch.manual_seed(args.seed)
+            kwargs = model_kwargs_for(args.model, ds, kwargs)  # e.g. a token dataset's vocab for gpt
             model = create_model(args.model, ds.input_shape, ds.num_classes, **kwargs).to(job.device)
             history = _fit(args, job, model, ds, run, state)
             if job.is_main:  # rank 0 evaluates and writes the results

@@ -158,6 +158,8 @@ ZOO = {  # small instances of every registered model: (input shape, kwargs)
     "vgg16_bn": ((3, 16, 16), dict(width_multiplier=0.0625)),
     "wide_resnet": ((3, 8, 8), dict(depth=10, widen_factor=1)),
     "cnn1d": ((2, 12), dict(width=3, bn=True)),
+    "vit": ((1, 8, 8), dict(hidden=8, mlp=12, patch=4)),
+    "gpt": ((6,), dict(vocab=5, dim=8, mlp=12)),
 }
 
 
@@ -179,7 +181,10 @@ def _zoo_model(name):
                 m.running_var.copy_(0.5 + torch.rand(n, generator=gen, dtype=torch.float64))
                 m.weight.copy_(1 + 0.5 * torch.randn(n, generator=gen, dtype=torch.float64))
                 m.bias.copy_(0.5 * torch.randn(n, generator=gen, dtype=torch.float64))
-    x = torch.randn(4, *shape, generator=gen, dtype=torch.float64)
+    if "vocab" in kwargs:  # token ids
+        x = torch.randint(0, kwargs["vocab"], (4, *shape), generator=gen)
+    else:
+        x = torch.randn(4, *shape, generator=gen, dtype=torch.float64)
     spec = mc.infer_permutation_spec(model, x[:1])
     return model, spec, x
 

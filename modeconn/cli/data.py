@@ -9,6 +9,7 @@ from typing import Mapping, Optional, Tuple
 from modeconn.cli.errors import CommandError
 from modeconn.data import Dataset, TensorLoader, get_dataset
 from modeconn.data.external import canonical_dataset_spec, is_spec
+from modeconn.models.registry import model_parameters
 from modeconn.runtime import distributed
 
 
@@ -65,7 +66,33 @@ def checkpoint_dataset(args: argparse.Namespace, meta: Mapping, source: str = "t
     if tuple(ds.input_shape) != expected:
         raise CommandError(f"dataset {name!r} has inputs of shape {tuple(ds.input_shape)}, the architecture "
                            f"in {source} expects {expected}")
+    if "arch" in meta:
+        model_kwargs_for(meta["arch"], ds, meta.get("arch_kwargs") or {}, source)
     return ds
+
+
+def model_kwargs_for(model: str, ds: Dataset, kwargs: Mapping, source: str = "--model-kwargs") -> dict:
+    """``kwargs`` plus what the data fix: a token dataset's vocabulary as ``vocab`` (unless given).
+
+    A :class:`CommandError` when model and data do not fit: token ids for a
+    model of float inputs or the reverse, or a ``vocab`` smaller than the
+    dataset's (the embedding would be indexed out of range).
+    """
+    params = model_parameters(model)
+    reads_tokens = params is not None and "vocab" in params
+    if ds.vocab_size is None:
+        if reads_tokens:
+            raise CommandError(f"model {model!r} reads token ids; dataset {ds.name!r} has float inputs of shape "
+                               f"{tuple(ds.input_shape)} (use a sequence dataset such as 'majority')")
+        return dict(kwargs)
+    if not reads_tokens:
+        raise CommandError(f"dataset {ds.name!r} holds token ids (vocab {ds.vocab_size}); model {model!r} takes "
+                           f"float inputs (use a sequence model such as 'gpt')")
+    vocab = kwargs.get("vocab", ds.vocab_size)
+    if not isinstance(vocab, int) or vocab < ds.vocab_size:
+        raise CommandError(f"vocab={vocab!r} in {source} does not cover dataset {ds.name!r}, whose token ids "
+                           f"run to {ds.vocab_size - 1}: need vocab >= {ds.vocab_size}")
+    return {**kwargs, "vocab": vocab}
 
 
 def train_loader(ds: Dataset, args: argparse.Namespace, info: distributed.DistInfo) -> TensorLoader:

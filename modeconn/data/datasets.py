@@ -2,7 +2,8 @@
 
 Embedded (no files needed): ``digits`` (scikit-learn's 8x8 handwritten digits,
 real data, the default), ``moons`` and ``spirals`` (synthetic, seeded),
-``mnist1d`` (procedural 1-D digits, :mod:`modeconn.data.mnist1d`).
+``mnist1d`` (procedural 1-D digits, :mod:`modeconn.data.mnist1d`), and
+``majority`` (token sequences for transformers, synthetic, seeded).
 Torchvision datasets (``mnist``, ``fashion_mnist``, ``cifar10``, ``cifar100``)
 are read from ``data_dir`` when their files are there; downloading (``download``) is
 an opt-in for machines with internet.
@@ -23,7 +24,7 @@ import torch
 
 Transform = Callable[[torch.Tensor, Optional[torch.Generator]], torch.Tensor]
 
-EMBEDDED = ("digits", "moons", "spirals", "mnist1d")
+EMBEDDED = ("digits", "moons", "spirals", "mnist1d", "majority")
 TORCHVISION = ("mnist", "fashion_mnist", "cifar10", "cifar100")
 DATASETS = EMBEDDED + TORCHVISION
 
@@ -160,6 +161,7 @@ class Dataset:
     train_transform: Optional[Transform] = None  # augmentation + normalisation
     eval_transform: Optional[Transform] = None   # normalisation only
     info: dict = field(default_factory=dict)
+    vocab_size: Optional[int] = None  # token datasets: inputs are ids in [0, vocab_size); None for float inputs
 
     def train_loader(self, batch_size: int = 128, seed: int = 0, shuffle: bool = True,
                      augment: bool = True, **kw) -> TensorLoader:
@@ -227,6 +229,32 @@ def _spirals(seed: int = 0, n_samples: int = 2000, noise: float = 0.3, turns: fl
     x = np.concatenate([arm, -arm]) + rng.randn(2 * n, 2) * noise
     y = np.concatenate([np.zeros(n), np.ones(n)])
     return _points("spirals", x, y, seed)
+
+
+def _majority(seed: int = 0, n_train: int = 4000, n_test: int = 1000, vocab: int = 8, length: int = 16,
+              **_) -> Dataset:
+    """Token sequences labelled by their most frequent token (a unique one: ties are never drawn).
+
+    ``x`` long ``[N, length]`` uniform in ``[0, vocab)``, ``y`` the token that
+    occurs most often (``vocab`` classes). The classifier must count across
+    the whole sequence, which a causal decoder does by attending from the
+    last position; two trainings from different seeds find solutions with a
+    high straight-line barrier between them.
+    """
+    rng = np.random.RandomState(seed)
+    xs, need = [], n_train + n_test
+    while need > 0:  # rejection: keep sequences whose most frequent token is unique
+        x = rng.randint(0, vocab, size=(2 * need + 16, length))
+        counts = np.sort(np.stack([(x == v).sum(1) for v in range(vocab)], 1), 1)
+        x = x[counts[:, -1] > counts[:, -2]][:need]
+        xs.append(x)
+        need -= len(x)
+    x = np.concatenate(xs).astype(np.int64)
+    y = np.stack([(x == v).sum(1) for v in range(vocab)], 1).argmax(1)
+    t = lambda a: torch.from_numpy(np.ascontiguousarray(a))
+    return Dataset("majority", t(x[:n_train]), t(y[:n_train]), t(x[n_train:]), t(y[n_train:]), vocab, (length,),
+                   info={"seed": seed, "n_train": n_train, "n_test": n_test, "vocab": vocab, "length": length},
+                   vocab_size=vocab)
 
 
 # ------------------------------------------------------------------ torchvision
@@ -308,7 +336,8 @@ def get_dataset(name: str = "digits", data_dir: Optional[str] = "data", download
     """Load a dataset by name as tensors.
 
     ``seed`` only matters for synthetic sets (their sampling and split); the
-    digits split is fixed.
+    digits split is fixed. Token datasets (``majority``) hold long ids and
+    name their ``vocab_size``; the others hold float inputs (``vocab_size`` None).
 
     Example:
         >>> data = get_dataset("digits")
@@ -319,6 +348,9 @@ def get_dataset(name: str = "digits", data_dir: Optional[str] = "data", download
         (torch.Size([32, 1, 8, 8]), torch.Size([32]))
         >>> get_dataset("moons", n_samples=200).input_shape   # synthetic 2-D points
         (2,)
+        >>> seq = get_dataset("majority", seed=1)   # token ids for transformers
+        >>> seq.x_train.dtype, seq.input_shape, seq.vocab_size, seq.num_classes
+        (torch.int64, (16,), 8, 8)
     """
     if ":" in name:  # a spec: imagefolder:PATH, pkg.module:factory, file.py:factory
         from modeconn.data.external import external_dataset
@@ -334,6 +366,8 @@ def get_dataset(name: str = "digits", data_dir: Optional[str] = "data", download
         from modeconn.data.mnist1d import mnist1d_dataset
 
         return mnist1d_dataset(seed, **kwargs)
+    if key == "majority":
+        return _majority(seed, **kwargs)
     if key in _TV:
         return _torchvision(key, data_dir or "data", download, **kwargs)
     raise ValueError(f"unknown dataset {name!r}; choose one of {list(DATASETS)}, or a spec: imagefolder:PATH, "

@@ -144,6 +144,7 @@ class StreamDataset:
     input_shape: Tuple[int, ...]
     num_workers: int = 0
     info: dict = field(default_factory=dict)
+    vocab_size: Optional[int] = None  # streamed data are float inputs (token data are held in memory)
 
     def train_loader(self, batch_size: int = 128, seed: int = 0, shuffle: bool = True, augment: bool = True,
                      **kw) -> StreamLoader:

@@ -17,7 +17,33 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["eval_mode", "MetricSums", "evaluate"]
+__all__ = ["eager_attention", "eval_mode", "MetricSums", "evaluate"]
+
+
+@contextlib.contextmanager
+def eager_attention() -> Iterator[None]:
+    """PyTorch's attention fast path off inside the block; the earlier setting is restored on exit.
+
+    In eval mode without gradients ``nn.MultiheadAttention`` and
+    ``nn.TransformerEncoderLayer`` switch to fused kernels
+    (``aten::_native_multi_head_attention``, ``_transformer_encoder_layer_fwd``)
+    that ``torch.func.vmap`` cannot batch and that differ from the training-mode
+    function in rounding. With the fast path off (``torch.backends.mha``)
+    every evaluation, BN pass and trace sees the function training saw.
+
+    Example:
+        >>> with eager_attention():
+        ...     torch.backends.mha.get_fastpath_enabled()
+        False
+        >>> torch.backends.mha.get_fastpath_enabled()
+        True
+    """
+    before = torch.backends.mha.get_fastpath_enabled()
+    torch.backends.mha.set_fastpath_enabled(False)
+    try:
+        yield
+    finally:
+        torch.backends.mha.set_fastpath_enabled(before)
 
 
 @contextlib.contextmanager
@@ -25,7 +51,8 @@ def eval_mode(*modules: nn.Module) -> Iterator[None]:
     """Every given module, and each of its submodules, in eval mode inside the block.
 
     On exit each submodule gets back its own earlier mode (not one flag for
-    the whole tree), also when the block raises.
+    the whole tree), also when the block raises. Inside the block attention
+    runs without PyTorch's fused fast path (:func:`eager_attention`).
 
     Example:
         >>> net = nn.Sequential(nn.Linear(2, 2), nn.Dropout(0.5))
@@ -41,7 +68,8 @@ def eval_mode(*modules: nn.Module) -> Iterator[None]:
     for module in modules:
         module.eval()
     try:
-        yield
+        with eager_attention():
+            yield
     finally:
         for m, flag in saved:
             m.training = flag

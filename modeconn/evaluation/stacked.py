@@ -4,9 +4,16 @@ The weights of K points are tensors ``[K, *shape]`` per parameter (and per
 buffer); :func:`batched_forward` runs the template on a batch for all K, either
 as one ``torch.func.vmap`` or as a loop of ``functional_call`` on views of the
 stacked tensors (so in-place BatchNorm updates land in the stacked buffers).
+
+Where an op has no vmap batching rule (PyTorch's CPU attention kernels,
+``aten::_scaled_dot_product_flash_attention_for_cpu``, and the fused
+``aten::_native_multi_head_attention``), vmap would loop inside the op with a
+"There is a performance drop" warning; the first such call marks the
+template, and from then on it is evaluated point by point, silently.
 """
 from __future__ import annotations
 
+import warnings
 import weakref
 from typing import Callable, Dict
 
@@ -18,12 +25,18 @@ __all__ = ["batched_forward", "vectorize_by_default", "compiled_forward"]
 
 Stacked = Dict[str, torch.Tensor]
 
+# templates on which vmap met an op without a batching rule (evaluated point by point from then on)
+_NO_BATCHING_RULE: "weakref.WeakSet[nn.Module]" = weakref.WeakSet()
+_FALLBACK_WARNING = "we have not yet implemented the batching rule"
+
 
 def batched_forward(net: nn.Module, vectorize: bool = True) -> Callable[[Stacked, Stacked, torch.Tensor], torch.Tensor]:
     """``f(params [K,...], buffers [K,...], x) -> [K, B, ...]``: K points on one batch.
 
     ``vectorize``: one ``vmap`` over the stacked weights; otherwise a loop
-    over the K points.
+    over the K points. A vmap call that meets an op without a batching rule
+    returns its (correct) result without the warning, and every later call
+    for ``net`` loops over the points (:func:`vectorize_by_default` then says no).
 
     Example:
         >>> net = nn.Linear(3, 2)
@@ -31,9 +44,29 @@ def batched_forward(net: nn.Module, vectorize: bool = True) -> Callable[[Stacked
         >>> batched_forward(net)(params, {}, torch.randn(5, 3)).shape
         torch.Size([4, 5, 2])
     """
-    if vectorize:
-        return vmap(lambda p, b, x: functional_call(net, {**p, **b}, (x,)), in_dims=(0, 0, None))
+    loop = _point_loop(net)
+    if not vectorize:
+        return loop
+    vmapped = vmap(lambda p, b, x: functional_call(net, {**p, **b}, (x,)), in_dims=(0, 0, None))
 
+    def forward(p: Stacked, b: Stacked, x: torch.Tensor) -> torch.Tensor:
+        """One vmap, unless ``net`` has shown an op vmap cannot batch."""
+        if net in _NO_BATCHING_RULE:
+            return loop(p, b, x)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            out = vmapped(p, b, x)
+        for w in caught:  # other warnings go on to the caller's filters
+            if _FALLBACK_WARNING in str(w.message):
+                _NO_BATCHING_RULE.add(net)
+            else:
+                warnings.warn_explicit(w.message, w.category, w.filename, w.lineno, source=w.source)
+        return out
+    return forward
+
+
+def _point_loop(net: nn.Module) -> Callable[[Stacked, Stacked, torch.Tensor], torch.Tensor]:
+    """The K points one after another (``functional_call`` on views of the stacked tensors)."""
     def loop(p: Stacked, b: Stacked, x: torch.Tensor) -> torch.Tensor:
         """The K points one after another."""
         K = next(iter(p.values())).shape[0]
@@ -53,8 +86,11 @@ def vectorize_by_default(net: nn.Module, device: torch.device) -> bool:
 
     On CPUs vmapped convolutions become grouped convolutions that run slower
     than one point after another (measured in experiments/bench_eval_path.py),
-    so CPU + convolutions -> loop over points.
+    so CPU + convolutions -> loop over points. A template on which vmap met
+    an op without a batching rule (see :func:`batched_forward`) -> loop.
     """
+    if net in _NO_BATCHING_RULE:
+        return False
     has_conv = any(isinstance(m, nn.modules.conv._ConvNd) for m in net.modules())
     return torch.device(device).type != "cpu" or not has_conv
 

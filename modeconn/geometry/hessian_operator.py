@@ -13,7 +13,11 @@ products: exactly the full-data Hessian times ``v``. θ is the model's
 
 Products are built with ``torch.func`` (forward-over-reverse,
 ``jvp(grad(L))``; ``mode="reverse"`` uses ``vjp`` of ``grad`` for models with
-an op that has no forward-mode derivative).
+an op that has no forward-mode derivative). Attention
+(``F.scaled_dot_product_attention``, also inside ``nn.MultiheadAttention``)
+runs on its math backend during products: the fused CPU kernel has neither a
+forward-mode nor a second derivative, nor a vmap batching rule; the math
+backend computes the same function from matmuls and a softmax.
 
 Mode and buffers. During every product the model is in **eval mode**
 (dropout off, BatchNorm normalising with its running statistics as they
@@ -40,6 +44,7 @@ import torch.nn.functional as F
 from scipy.sparse.linalg import LinearOperator
 from torch import nn
 from torch.func import functional_call, grad, grad_and_value, jvp, vjp, vmap
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from modeconn.core.layout import FlatLayout
 from modeconn.evaluation.model import eval_mode
@@ -214,7 +219,7 @@ class HessianOperator:
             def hvp(t):
                 return pullback(t)[0]
         try:
-            with warnings.catch_warnings():
+            with warnings.catch_warnings(), sdpa_kernel(SDPBackend.MATH):
                 # torch's first forward-AD call scripts its jvp decompositions and warns
                 # that torch.jit.script is deprecated: torch-internal, nothing a user can act on
                 warnings.filterwarnings("ignore", message=r".*torch\.jit\.script.* is deprecated",

@@ -5,10 +5,14 @@
 
 Every model:
 - takes a batch ``[B, *input_shape]`` and returns logits ``[B, num_classes]``;
-- is traceable by ``torch.fx.symbolic_trace`` (all sizes fixed at construction);
+- is traceable by ``torch.fx.symbolic_trace`` (all sizes fixed at construction; the
+  transformers read only the batch and sequence length from their input, ``x.size(i)``);
 - uses no in-place ops (safe under ``torch.func.functional_call`` / ``vmap``);
   residual adds are ``out = out + shortcut``, flattening is ``torch.flatten(x, 1)``;
 - has deterministic parameter names (``nn.Sequential`` / named submodules).
+
+``gpt`` reads token ids ``long [B, seq_len]`` (``input_shape = (seq_len,)``);
+its ``vocab`` comes from the dataset (``Dataset.vocab_size``).
 
 Register your own with ``@register_model("name")`` on a
 ``fn(input_shape, num_classes, **kwargs) -> nn.Module``.
@@ -23,6 +27,7 @@ from modeconn.models.cnn1d import CNN1d
 from modeconn.models.vgg import VGG
 from modeconn.models.preresnet import PreResNet
 from modeconn.models.wide_resnet import WideResNet
+from modeconn.models.transformer import GPT
 
 __all__ = [
     "register_model",
@@ -35,4 +40,5 @@ __all__ = [
     "VGG",
     "PreResNet",
     "WideResNet",
+    "GPT",
 ]

@@ -14,7 +14,7 @@ import torch.nn as nn
 
 from modeconn.models.external import external_builder, is_external
 
-__all__ = ["register_model", "create_model", "list_models"]
+__all__ = ["register_model", "create_model", "list_models", "model_parameters"]
 
 ModelBuilder = Callable[..., nn.Module]
 
@@ -67,6 +67,20 @@ def _accepted_kwargs(fn: ModelBuilder):
         for p in params[2:]
         if p.kind in (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
     ]
+
+
+def model_parameters(name: str):
+    """Keyword arguments the registered model ``name`` accepts (None: any), e.g. to see if it reads tokens.
+
+    Example:
+        >>> model_parameters("mlp"), "vocab" in model_parameters("gpt")
+        (['depth', 'width'], True)
+    """
+    if is_external(name):
+        return _accepted_kwargs(external_builder(name))
+    if name not in _REGISTRY:
+        raise ValueError(f"unknown model {name!r}; known models: {', '.join(list_models())}")
+    return _accepted_kwargs(_REGISTRY[name])
 
 
 def create_model(name: str, input_shape: Sequence[int], num_classes: int, **kwargs) -> nn.Module:
