@@ -9,7 +9,7 @@ from typing import Dict, Tuple
 
 from modeconn.alignment import align_models
 from modeconn.cli.args import add_data_args, add_run_args, at_least, parser, zero_or_at_least
-from modeconn.cli.data import checkpoint_dataset, sample_loader
+from modeconn.cli.data import bn_loader, checkpoint_dataset, sample_loader
 from modeconn.cli.errors import CommandError, run_command
 from modeconn.cli.outputs import run_info, write_json
 from modeconn.cli.session import Job, session
@@ -116,7 +116,8 @@ def _straight_lines(args, job: Job, ds, model_a, model_b, aligned_b) -> Dict[str
     results = {}
     for which, end in (("before", model_b), ("after", aligned_b)):
         path = linear_path(model_a, end).to(device)
-        results[which] = evaluate_path(path, train, test, args.num_points, hooks=Hooks(progress=bar.update),
+        bn = train if args.eval_samples else bn_loader(ds, args, device)  # --eval-samples: BN from the same subset
+        results[which] = evaluate_path(path, train, test, args.num_points, bn_loader=bn, hooks=Hooks(progress=bar.update),
                                        name=f"linear_{which}")
     bar.close()
     return results

@@ -6,7 +6,7 @@ from pathlib import Path
 from typing import Tuple
 
 from modeconn.cli.args import add_data_args, add_run_args, add_scale_args, at_least, parser
-from modeconn.cli.data import checkpoint_dataset, hessian_loader
+from modeconn.cli.data import bn_loader, checkpoint_dataset, hessian_loader
 from modeconn.cli.errors import CommandError, run_command
 from modeconn.cli.outputs import run_info, write_csv, write_json
 from modeconn.cli.session import Job, session
@@ -99,7 +99,7 @@ def path_sharpness(path, ds, device, args, job: Job) -> dict:
     from modeconn.geometry.hessian import sharpness_along
 
     data = hessian_loader(ds, args, device)
-    bn_data = ds.eval_loader("train", args.batch_size).to(device)
+    bn_data = bn_loader(ds, args, device)
     ts = np.linspace(0, 1, args.hessian_points)
     models = (recompute_bn(path.point(float(t)), bn_data) for t in ts)
     bar = job.progress(len(ts), "Hessian")
@@ -141,7 +141,8 @@ def _evaluate(args, job: Job, path, ds, name: str):
     test = ds.eval_loader("test", args.batch_size).to(device)
     total = points_of_this_rank(args.num_points, args.points_per_pass) * (2 if args.with_linear and args.ckpt else 1)
     bar = job.progress(total, "points")
-    result = evaluate_path(path, train, test, args.num_points, points_per_pass=args.points_per_pass,
+    result = evaluate_path(path, train, test, args.num_points, bn_loader=bn_loader(ds, args, device),
+                           points_per_pass=args.points_per_pass,
                            recompute_bn=not args.no_bn_recompute, with_linear=args.with_linear and bool(args.ckpt),
                            weight_decay=args.wd, name=name, runtime=Runtime(amp=args.amp, compile=args.compile),
                            hooks=Hooks(progress=bar.update))

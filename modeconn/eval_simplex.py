@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 
 from modeconn.cli.args import add_data_args, add_run_args, add_scale_args, at_least, parser
-from modeconn.cli.data import checkpoint_dataset
+from modeconn.cli.data import bn_loader as cli_bn_loader, checkpoint_dataset
 from modeconn.cli.errors import run_command
 from modeconn.cli.outputs import run_info, write_csv, write_json, write_npz
 from modeconn.cli.session import Job, session
@@ -71,7 +71,7 @@ def _ensembles(args, model: SimplexModel, ds, device) -> dict:
     """The ensemble sampled from the complex and the ensemble of the modes, on the test data."""
     if not args.ensemble_samples:
         return {}
-    bn = None if args.no_bn_recompute else ds.eval_loader("train", args.batch_size).to(device)
+    bn = None if args.no_bn_recompute else cli_bn_loader(ds, args, device)
     test = ds.eval_loader("test", args.batch_size).to(device)
     members = simplex_ensemble(model, args.ensemble_samples, args.ensemble_seed, bn_loader=bn)
     sampled = evaluate_ensemble(members, test)
@@ -138,7 +138,8 @@ def main_(argv=None) -> int:
         test = ds.eval_loader("test", args.batch_size).to(job.device)
         runtime = Runtime(amp=args.amp, compile=args.compile)
         bar = job.progress(_points(args, model, runtime), "points")
-        result = evaluate_simplex(model, train, test, args.resolution, points_per_pass=args.points_per_pass,
+        result = evaluate_simplex(model, train, test, args.resolution, bn_loader=cli_bn_loader(ds, args, job.device),
+                                  points_per_pass=args.points_per_pass,
                                   recompute_bn=not args.no_bn_recompute, num_path_points=args.num_path_points,
                                   with_linear=args.with_linear, runtime=runtime, hooks=Hooks(progress=bar.update))
         bar.close()

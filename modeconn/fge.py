@@ -8,7 +8,8 @@ from typing import List, Mapping, Optional
 from modeconn.plots.ensemble import plot_fge
 from modeconn.runtime import Hooks, Runtime
 from modeconn.cli import data as cli_data
-from modeconn.cli.args import add_data_args, add_resume_args, add_run_args, add_scale_args, at_least, parser
+from modeconn.cli.args import (add_bn_samples_arg, add_data_args, add_resume_args, add_run_args, add_scale_args,
+                               at_least, parser)
 from modeconn.cli.errors import CommandError, run_command
 from modeconn.cli.outputs import run_info, write_json
 from modeconn.cli.rundir import TrainingRun
@@ -72,6 +73,7 @@ def build_parser():
                    help="write each snapshot to OUT/snapshots as soon as it is taken instead of keeping it "
                         "in memory (for large models; the resume state then holds paths, not weights)")
     add_data_args(p, dataset_default=None)
+    add_bn_samples_arg(p)
     add_run_args(p)
     add_resume_args(p, "resume.pt", "epoch")
     add_scale_args(p)
@@ -112,14 +114,15 @@ def _config(args, dataset: str) -> dict:
     return {"ckpt": str(args.ckpt), "dataset": dataset, "cycles": args.cycles,
             "cycle_epochs": args.cycle_epochs, "cycle_iters": args.cycle_iters, "lr_max": args.lr_max,
             "lr_min": args.lr_min, "momentum": args.momentum, "wd": args.wd, "seed": args.seed,
-            "batch_size": args.batch_size, "keep_on_disk": args.keep_on_disk}
+            "batch_size": args.batch_size, "keep_on_disk": args.keep_on_disk,
+            "bn_samples": args.bn_samples}
 
 
 def _train(args, job: Job, start_model, meta: Mapping, ds, run: TrainingRun, state: Optional[dict]):
     """The FGE cycles from ``start_model`` (saving the state after every epoch) -> (FGEResult, arch record)."""
     device = job.device
     train_loader = cli_data.train_loader(ds, args, job.info)
-    bn_loader = ds.eval_loader("train").to(device)
+    bn_loader = cli_data.bn_loader(ds, args, device, batch_size=1024)
     C = cycle_length(len(train_loader), args.cycle_epochs, args.cycle_iters)
     snap_dir = run.out / "snapshots"
     if job.is_main and state is None:  # a fresh run (possibly --force): no stale snapshots of an earlier run

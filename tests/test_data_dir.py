@@ -70,3 +70,19 @@ def test_data_dir_overrides_the_recorded_one(tmp_path, monkeypatch, capsys):
     status = eval_curve.main(["--a", "m/model.pt", "--b", "m/model.pt", "--num-points", "2",
                               "--data-dir", str(tmp_path / "empty"), "--out", "line"])
     assert status == 2 and str((tmp_path / "empty").resolve()) in capsys.readouterr().err
+
+
+def test_bn_samples_covering_the_data_is_exact_and_fewer_is_an_estimate(tmp_path):
+    from conftest import CKPT
+
+    a, b = str(CKPT / "digits_cnn_a.pt"), str(CKPT / "digits_cnn_b.pt")   # a BatchNorm CNN pair
+    runs = {}
+    for label, extra in (("all", []), ("covering", ["--bn-samples", "100000"]), ("few", ["--bn-samples", "64"])):
+        out = tmp_path / label
+        assert eval_curve.main(["--a", a, "--b", b, "--num-points", "3", "--out", str(out), "--no-progress",
+                                *extra]) == 0
+        runs[label] = json.loads((out / "path.json").read_text())
+    assert runs["covering"]["test_loss"] == runs["all"]["test_loss"]        # every sample: the same numbers
+    mid_all, mid_few = runs["all"]["test_loss"][1], runs["few"]["test_loss"][1]
+    assert mid_few != mid_all and abs(mid_few - mid_all) < 0.5 * mid_all    # an estimate, not a different path
+    assert runs["few"]["test_loss"][0] == pytest.approx(runs["all"]["test_loss"][0], rel=0.2)

@@ -97,6 +97,13 @@ def zero_or_at_least(minimum: int) -> Callable[[str], int]:
     return parse
 
 
+def add_bn_samples_arg(g) -> None:
+    """--bn-samples: BatchNorm statistics from a seeded random subset of the training data."""
+    g.add_argument("--bn-samples", type=at_least(1), default=None, metavar="N",
+                   help="estimate BatchNorm statistics at every point from N random training samples "
+                        "(seeded; default: all of them, exact); ignored by models without BatchNorm")
+
+
 def add_data_args(p: argparse.ArgumentParser, dataset_default: Optional[str] = "digits",
                   evaluation: bool = False, split: bool = False, title: str = "data") -> None:
     """--dataset, --data-dir, --download, --batch-size (training or evaluation batches), optionally --split."""
@@ -125,6 +132,7 @@ def add_data_args(p: argparse.ArgumentParser, dataset_default: Optional[str] = "
         g.add_argument("--batch-size", type=at_least(1), default=1024,
                        help="evaluation batch size, also the batch of the BN-statistics pass "
                             "(default: %(default)s)")
+        add_bn_samples_arg(g)
     else:
         g.add_argument("--batch-size", type=at_least(1), default=64,
                        help="training mini-batch size; under torchrun the GLOBAL batch, split evenly over the "

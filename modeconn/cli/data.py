@@ -104,13 +104,21 @@ def train_loader(ds: Dataset, args: argparse.Namespace, info: distributed.DistIn
     return ds.train_loader(per_rank, seed=args.seed, rank=info.rank, world_size=info.world_size).to(info.device)
 
 
+def bn_loader(ds: Dataset, args: argparse.Namespace, device, batch_size: Optional[int] = None):
+    """The data of the BatchNorm statistics: all training samples, or ``--bn-samples`` random ones, in
+    batches of ``batch_size`` (default ``--batch-size``)."""
+    n = getattr(args, "bn_samples", None)
+    return ds.eval_loader("train", batch_size or args.batch_size, samples=n,
+                          seed=None if n is None else 0).to(device)
+
+
 def split_loaders(ds: Dataset, args: argparse.Namespace, device
                   ) -> Tuple[Optional[TensorLoader], Optional[TensorLoader], TensorLoader]:
     """(train or None, test or None, BN data) of ``--split``; BN statistics always come from training data."""
     train = ds.eval_loader("train", args.batch_size).to(device)
     test = ds.eval_loader("test", args.batch_size).to(device)
     return (train if args.split in ("train", "both") else None,
-            test if args.split in ("test", "both") else None, train)
+            test if args.split in ("test", "both") else None, bn_loader(ds, args, device))
 
 
 def sample_loader(ds: Dataset, split: str, samples: Optional[int], batch_size: int, device, seed: int = 0):
