@@ -19,6 +19,7 @@ from modeconn.evaluation.ensembles import EnsembleResult, curve_ensemble, evalua
 from modeconn.training.loop import fit_curve, train_model
 from modeconn.training.fge import FGEResult, FGESnapshots, train_fge
 from modeconn.training.schedules import FGELR, cyclic_lr
+from modeconn.training.spawn import SpawnResult, spawn_children
 from modeconn.alignment import (PermutationSpec, activation_matching, align_models, apply_permutation,
                                 infer_permutation_spec, weight_matching)
 
@@ -33,6 +34,7 @@ __all__ = [
     "evaluate_path", "evaluate_points", "PathResult", "barrier",
     "evaluate_ensemble", "curve_ensemble", "EnsembleResult",
     "train_model", "fit_curve", "train_fge", "FGELR", "FGESnapshots", "cyclic_lr", "FGEResult",
+    "spawn_children", "SpawnResult",
     "PermutationSpec", "infer_permutation_spec", "apply_permutation", "weight_matching", "activation_matching",
     "align_models",
 ]

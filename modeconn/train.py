@@ -3,20 +3,21 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
-from typing import List, Optional, Sequence
+from typing import List, Optional
 
 import torch
 
-from modeconn.cli.args import add_data_args, add_optim_args, add_resume_args, add_run_args, add_scale_args, parser
+from modeconn.cli.args import (add_data_args, add_model_args, add_optim_args, add_resume_args, add_run_args,
+                               add_scale_args, parse_kwargs, parser)
 from modeconn.cli.data import train_loader
-from modeconn.cli.errors import CommandError, run_command
+from modeconn.cli.errors import run_command
 from modeconn.cli.outputs import run_info
 from modeconn.cli.rundir import TrainingRun
 from modeconn.cli.session import Job, session
 from modeconn.data import get_dataset
 from modeconn.runtime.checkpoints import save_model
 from modeconn.evaluation.model import evaluate
-from modeconn.models import create_model, list_models
+from modeconn.models import create_model
 from modeconn.plots.history import plot_history
 from modeconn.runtime import Hooks, Runtime
 from modeconn.training.loop import train_model
@@ -30,38 +31,12 @@ Under torchrun (DDP) --batch-size is the global batch:
   torchrun --nproc_per_node 2 -m modeconn.train --model mlp --batch-size 128 --out runs/mlp_ddp"""
 
 
-def parse_kwargs(items: Optional[Sequence[str]]) -> dict:
-    """['depth=3', 'bn=true', 'width_multiplier=0.5'] -> {'depth': 3, 'bn': True, ...}."""
-    out = {}
-    for item in items or []:
-        key, sep, value = item.partition("=")
-        if not sep or not key:
-            raise CommandError(f"--model-kwargs: {item!r} is not KEY=VALUE")
-        low = value.lower()
-        if low in ("true", "false"):
-            out[key] = low == "true"
-            continue
-        for conv in (int, float):
-            try:
-                out[key] = conv(value)
-                break
-            except ValueError:
-                pass
-        else:
-            out[key] = value
-    return out
-
-
 def build_parser():
     """The parser of ``python -m modeconn.train``."""
     p = parser("train", "Train an endpoint network (SGD with momentum) and save a self-describing "
                "checkpoint.", EXAMPLE)
     add_data_args(p)
-    g = p.add_argument_group("model")
-    g.add_argument("--model", default="mlp", help=f"architecture, one of: {', '.join(list_models())} "
-                                                  "(default: %(default)s)")
-    g.add_argument("--model-kwargs", nargs="*", metavar="KEY=VALUE",
-                   help="architecture arguments, e.g. depth=3 width=256 bn=true")
+    add_model_args(p)
     add_optim_args(p, epochs=30, lr=0.05)
     add_run_args(p)
     add_resume_args(p, "resume.pt", "epoch")

@@ -23,6 +23,7 @@ COMMANDS = {
     "fge": "Fast Geometric Ensembling from a trained network",
     "plane": "loss surface in the plane of a curve",
     "landscape": "filter-normalised 1-D/2-D loss slices around a model",
+    "spawn": "children spawned from one parent at epoch k: their barrier vs k",
     "demo": "the main job on the embedded digits data",
 }
 

@@ -11,11 +11,13 @@ state alone; each writes one PNG atomically and returns its path.
                                                  :func:`plot_surface`, :func:`plot_curve_plane`,
                                                  :func:`plot_curvature`
   ensemble   Fast Geometric Ensembling           :func:`plot_fge`
+  spawn      barrier between children vs epoch   :func:`plot_spawn`
 """
 from modeconn.plots.ensemble import plot_fge
 from modeconn.plots.history import plot_history
 from modeconn.plots.landscape import plot_contours, plot_curvature, plot_curve_plane, plot_line, plot_surface
 from modeconn.plots.path import plot_path
+from modeconn.plots.spawn import plot_spawn
 
 __all__ = ["plot_history", "plot_path", "plot_line", "plot_contours", "plot_surface", "plot_curve_plane",
-           "plot_curvature", "plot_fge"]
+           "plot_curvature", "plot_fge", "plot_spawn"]
