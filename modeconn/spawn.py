@@ -21,8 +21,8 @@ from modeconn.models import create_model
 from modeconn.plots.spawn import plot_spawn
 from modeconn.runtime import Hooks, Runtime
 from modeconn.runtime.checkpoints import save_model
-from modeconn.training.spawn import (PARENT, SpawnResult, check_spawn_epochs, child_key, default_child_seeds,
-                                     spawn_children, spawn_key, spawn_steps)
+from modeconn.training.spawn import (PARENT, SpawnResult, check_spawn_arguments, child_key, spawn_children,
+                                     spawn_key, spawn_steps)
 
 EXAMPLE = """  python -m modeconn.spawn --dataset digits --model mlp --epochs 20 --spawn-at 0 1 2 4 8 \\
       --children 2 --seed 0 --out runs/spawn_mlp
@@ -85,13 +85,10 @@ def _config(args, kwargs: dict, spawn_at: List[int], seeds: List[int]) -> dict:
 def _checked(args) -> tuple:
     """(spawn epochs, child seeds) from the flags, or a one-line error naming the flag."""
     try:
-        spawn_at = check_spawn_epochs(args.spawn_at, args.epochs)
-    except ValueError as e:
-        raise CommandError(f"--spawn-at: {e}") from None
-    seeds = list(args.child_seeds) if args.child_seeds else default_child_seeds(args.seed, args.children)
-    if len(seeds) != args.children or len(set(seeds)) != len(seeds):
-        raise CommandError(f"--child-seeds: need {args.children} distinct seeds (one per child), got {seeds}")
-    return spawn_at, seeds
+        return check_spawn_arguments(args.spawn_at, args.epochs, args.children, args.seed, args.child_seeds)
+    except ValueError as e:  # the message starts with the argument's name: spawn_at, children, child_seeds
+        name, _, rest = str(e).partition(" ")
+        raise CommandError(f"--{name.replace('_', '-')} {rest}") from None
 
 
 def _spawn(args, job: Job, ds, kwargs: dict, spawn_at: List[int], seeds: List[int], store) -> SpawnResult:

@@ -50,7 +50,8 @@ from modeconn.runtime import Hooks, Runtime
 from modeconn.training.loop import train_model
 from modeconn.training.state import rng_state, set_rng_state
 
-__all__ = ["SpawnChild", "SpawnPair", "SpawnPoint", "SpawnResult", "spawn_children", "check_spawn_epochs",
+__all__ = ["SpawnChild", "SpawnPair", "SpawnPoint", "SpawnResult", "spawn_children", "check_spawn_arguments",
+           "check_spawn_epochs",
            "default_child_seeds", "spawn_steps", "PARENT", "spawn_key", "child_key"]
 
 PARENT = "parent"
@@ -291,6 +292,27 @@ def _parent_metrics(template: nn.Module, store: MutableMapping[str, Any], train_
 
 
 # ---------------------------------------------------------------------- API
+def check_spawn_arguments(spawn_at: Sequence[int], epochs: int, children: int, seed: int,
+                          child_seeds: Optional[Sequence[int]] = None, reference: str = "interp"
+                          ) -> Tuple[List[int], List[int]]:
+    """(sorted spawn epochs, child seeds) of :func:`spawn_children`, or a ``ValueError`` whose message
+    starts with the name of the argument at fault.
+
+    Example:
+        >>> check_spawn_arguments([2, 0], epochs=5, children=2, seed=0)
+        ([0, 2], [1000, 1001])
+    """
+    spawn_at = check_spawn_epochs(spawn_at, epochs)
+    if isinstance(children, bool) or int(children) != children or children < 2:
+        raise ValueError(f"children must be an integer >= 2 (a barrier needs two children), got {children}")
+    seeds = [int(s) for s in (default_child_seeds(seed, children) if child_seeds is None else child_seeds)]
+    if len(seeds) != children or len(set(seeds)) != len(seeds):
+        raise ValueError(f"child_seeds must be {children} distinct seeds, got {seeds}")
+    if reference not in BARRIER_REFERENCES:
+        raise ValueError(f"reference {reference!r} is not a barrier definition; choose one of {BARRIER_REFERENCES}")
+    return spawn_at, seeds
+
+
 def spawn_children(model: nn.Module, make_loader: Callable[[int], Iterable], train_eval: Iterable,
                    test_eval: Iterable, *, epochs: int, spawn_at: Sequence[int], children: int = 2, seed: int = 0,
                    child_seeds: Optional[Sequence[int]] = None, lr: float = 0.05, weight_decay: float = 5e-4,
@@ -300,39 +322,28 @@ def spawn_children(model: nn.Module, make_loader: Callable[[int], Iterable], tra
                    hooks: Optional[Hooks] = None) -> SpawnResult:
     """Train a parent, spawn children at each epoch of ``spawn_at``, measure the barrier between them.
 
-    Protocol of Frankle et al. 2020 (instability analysis) and Fort et al. 2020
-    (module docstring): the parent (a deep copy of ``model``, which is left
-    alone) is trained for ``epochs`` epochs with the data order of
-    ``make_loader(seed)``; ``children`` copies of its state at each spawn
-    epoch k are trained to ``epochs`` with ``make_loader(child_seeds[i])``.
-    Per k, the straight line between every two children is evaluated at
-    ``num_points`` points (BN statistics recomputed over ``train_eval`` at
-    every point) and the L2 distances (parameters) child–child and
-    child–spawn point are measured.
+    Protocol of the module docstring. The parent (a deep copy of ``model``;
+    ``model`` is left alone) trains with ``make_loader(seed)``, the children of
+    each spawn epoch k (0 <= k < ``epochs``) from its state at k with
+    ``make_loader(child_seeds[i])`` (default :func:`default_child_seeds`; the
+    same for every k). Per k, the line between every two children is evaluated
+    at ``num_points`` points (BN recomputed over ``train_eval``) and the L2
+    distances of the parameters child–child and child–spawn point measured.
 
     Args:
         model: the parent at initialisation (classification, cross-entropy).
-        make_loader: data seed -> training loader (shuffled by ``set_epoch``;
-            under DDP sharded for this rank).
+        make_loader: data seed -> training loader (under DDP sharded for this rank).
         train_eval, test_eval: evaluation data in fixed order, no augmentation.
-        epochs, lr, weight_decay, momentum, schedule: SGD of parent and children
-            (:func:`~modeconn.training.loop.train_model`).
-        spawn_at: epochs k with 0 <= k < epochs (:func:`check_spawn_epochs`).
-        children: children per spawn epoch (>= 2); every pair is measured.
-        seed: the parent's data seed and ``train_model`` seed.
-        child_seeds: data seeds of the children (the same for every k;
-            distinct), default :func:`default_child_seeds`.
+        epochs, lr, weight_decay, momentum, schedule, seed: SGD of parent and
+            children (:func:`~modeconn.training.loop.train_model`); ``seed`` is
+            also the parent's data seed.
+        children: per spawn epoch (>= 2); every pair is measured.
         num_points, points_per_pass: of :func:`~modeconn.evaluation.path.evaluate_path`.
-        reference: barrier definition of the summaries (``"interp"``,
-            ``"mean"``, ``"max"``); pairs keep all three.
-        store: where training states are kept (module docstring); a dict by default.
-        runtime: device, amp, compile, DDP (as ``train_model``); the points
-            of a line are shared among ranks.
+        reference: barrier definition of the summaries; pairs keep all three.
+        store: mapping for the training states (module docstring); a dict by default.
+        runtime: device, amp, compile, DDP; a line's points are shared among ranks.
         hooks: ``progress(n)`` per SGD step and evaluated point;
-            ``on_epoch_end(record, state)`` with ``record["run"]`` the run's name.
-
-    Returns:
-        A :class:`SpawnResult`.
+            ``on_epoch_end(record, state)`` with the run's name in ``record["run"]``.
 
     Example:
         >>> from modeconn.data import TensorLoader
@@ -344,14 +355,7 @@ def spawn_children(model: nn.Module, make_loader: Callable[[int], Iterable], tra
         >>> res.spawn_at, res.barriers("test_error").shape, len(res.points[1].children)
         ([0, 2], (2, 1), 2)
     """
-    spawn_at = check_spawn_epochs(spawn_at, epochs)
-    if isinstance(children, bool) or int(children) != children or children < 2:
-        raise ValueError(f"children must be an integer >= 2 (a barrier needs two children), got {children}")
-    seeds = list(default_child_seeds(seed, children) if child_seeds is None else child_seeds)
-    if len(seeds) != children or len(set(seeds)) != len(seeds):
-        raise ValueError(f"child_seeds must be {children} distinct seeds, got {seeds}")
-    if reference not in BARRIER_REFERENCES:
-        raise ValueError(f"unknown barrier reference {reference!r}; choose one of {BARRIER_REFERENCES}")
+    spawn_at, seeds = check_spawn_arguments(spawn_at, epochs, children, seed, child_seeds, reference)
     store = {} if store is None else store
     runtime, hooks = runtime or Runtime(), hooks or Hooks()
     train = {"epochs": int(epochs), "lr": lr, "weight_decay": weight_decay, "momentum": momentum,
@@ -366,6 +370,6 @@ def spawn_children(model: nn.Module, make_loader: Callable[[int], Iterable], tra
             _train_child(parent, make_loader, int(s), k, i, train, store, hooks)
         points.append(_measure(parent, k, seeds, store, (train_eval, test_eval), num_points, points_per_pass,
                                runtime, hooks))
-    return SpawnResult(int(epochs), int(seed), [int(s) for s in seeds], points,
+    return SpawnResult(int(epochs), int(seed), seeds, points,
                        _parent_metrics(parent, store, train_eval, test_eval), list(store[PARENT]["history"]),
                        reference, store)
