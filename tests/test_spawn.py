@@ -95,6 +95,12 @@ def test_a_child_with_the_parents_data_seed_is_the_parent(digits):
         assert all(torch.equal(same[n], want[n]) for n in want), f"child of epoch {k}"
         assert not torch.equal(other["4.weight"], want["4.weight"])
     assert result.points[1].pairs[0].distance > 0 and result.barriers("test_loss").shape == (2, 1)
+    # each child starts from the spawn state as it was kept: trained second (here) or first, the same child
+    torch.manual_seed(11)
+    swapped = spawn_children(make_net(), loader, eval_data, eval_data, spawn_at=[2], child_seeds=[8, 7],
+                             num_points=2, **settings)
+    first, second = swapped.store[child_key(2, 0)]["model"], result.store[child_key(2, 1)]["model"]
+    assert all(torch.equal(first[n], second[n]) for n in want)
 
 
 def test_resume_after_an_interruption_equals_the_uninterrupted_run(finished, tmp_path, monkeypatch):
