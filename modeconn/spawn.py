@@ -147,14 +147,13 @@ def _cell(values) -> str:
 
 def _print_table(result: SpawnResult) -> None:
     """One line per spawn epoch: barriers, accuracies and distances (means over pairs/children)."""
-    several = len(result.points[0].pairs) > 1
-    print(f"barrier = {result.reference}" + (", mean [min, max] over pairs / children" if several else ""))
+    print(f"barrier = {result.reference}; each cell: mean [min, max] over the pairs or the children of k")
     rows = [("k", "barrier test loss", "barrier test err", "children test acc", "dist child-child",
              "dist from spawn")]
     for pt in result.points:
-        rows.append((str(pt.epoch), *(_cell(list(pt.barriers(m, result.reference))) for m in ("test_loss", "test_error")),
-                     _cell([c.test_acc for c in pt.children]), _cell([p.distance for p in pt.pairs]),
-                     _cell([c.distance_from_spawn for c in pt.children])))
+        barriers = (_cell(list(pt.barriers(m, result.reference))) for m in ("test_loss", "test_error"))
+        rows.append((str(pt.epoch), *barriers, _cell([c.test_acc for c in pt.children]),
+                     _cell([p.distance for p in pt.pairs]), _cell([c.distance_from_spawn for c in pt.children])))
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     for r in rows:
         print("  ".join(cell.rjust(w) for cell, w in zip(r, widths)))
@@ -186,6 +185,9 @@ def main_(argv=None) -> int:
     with session(args) as job:
         run = StoreRun(Path(args.out), _config(args, kwargs, spawn_at, seeds), "spawn.json", job.is_main)
         store = run.start(args.resume, args.force)
+        if job.is_main and not args.resume:  # a fresh run (possibly --force): no checkpoints of an earlier one
+            for old in (run.out / "models").glob("*.pt"):
+                old.unlink()
         with run.resumable():
             ds = get_dataset(args.dataset, args.data_dir, args.download, seed=args.seed)
             result = _spawn(args, job, ds, kwargs, spawn_at, seeds, store)

@@ -11,7 +11,7 @@ import modeconn as mc
 from modeconn import spawn as spawn_command
 from modeconn.cli.rundir import StateStore
 from modeconn.evaluation.model import evaluate
-from modeconn.training.spawn import PARENT, child_key, spawn_children
+from modeconn.training.spawn import PARENT, child_key, spawn_children, spawn_steps
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -85,8 +85,9 @@ def test_a_child_with_the_parents_data_seed_is_the_parent(digits):
     reference = make_net()
     mc.train_model(reference, loader(7), **settings)
     torch.manual_seed(11)
+    first_steps = []
     result = spawn_children(make_net(), loader, eval_data, eval_data, spawn_at=[0, 2], child_seeds=[7, 8],
-                            num_points=2, **settings)
+                            num_points=2, hooks=mc.Hooks(progress=first_steps.append), **settings)
     want = reference.state_dict()
     parent = result.store[PARENT]["model"]
     assert all(torch.equal(parent[n], want[n]) for n in want)
@@ -95,6 +96,13 @@ def test_a_child_with_the_parents_data_seed_is_the_parent(digits):
         assert all(torch.equal(same[n], want[n]) for n in want), f"child of epoch {k}"
         assert not torch.equal(other["4.weight"], want["4.weight"])
     assert result.points[1].pairs[0].distance > 0 and result.barriers("test_loss").shape == (2, 1)
+    # a second call with the same store trains nothing and reports the same progress as a fresh run
+    steps, epochs_run = [], []
+    hooks = mc.Hooks(progress=steps.append, on_epoch_end=lambda record, state: epochs_run.append(record["run"]))
+    again = spawn_children(make_net(), loader, eval_data, eval_data, spawn_at=[0, 2], child_seeds=[7, 8],
+                           num_points=2, store=result.store, hooks=hooks, **settings)
+    assert epochs_run == [] and sum(steps) == sum(first_steps) == spawn_steps(3, [0, 2], 2, len(loader(7))) + 2 * 2
+    assert again.barriers("test_loss").tolist() == result.barriers("test_loss").tolist()
     # each child starts from the spawn state as it was kept: trained second (here) or first, the same child
     torch.manual_seed(11)
     swapped = spawn_children(make_net(), loader, eval_data, eval_data, spawn_at=[2], child_seeds=[8, 7],

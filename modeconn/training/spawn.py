@@ -102,8 +102,13 @@ def default_child_seeds(seed: int, children: int) -> List[int]:
 
 
 def spawn_steps(epochs: int, spawn_at: Sequence[int], children: int, steps_per_epoch: int) -> int:
-    """SGD steps of a whole spawn run (the parent's ``epochs`` plus every child's ``epochs - k``)."""
-    return int(steps_per_epoch) * (int(epochs) + int(children) * sum(int(epochs) - int(k) for k in spawn_at))
+    """The training steps :func:`spawn_children` reports to ``hooks.progress``: ``epochs`` per run.
+
+    A child counts all ``epochs`` epochs, the k it inherits from the parent
+    included (``train_model`` reports a resumed run's finished steps at its
+    start), so a resumed spawn run fills a progress bar like a fresh one.
+    """
+    return int(steps_per_epoch) * int(epochs) * (1 + int(children) * len(spawn_at))
 
 
 # ------------------------------------------------------------------ results
