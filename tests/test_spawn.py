@@ -160,3 +160,16 @@ def test_the_library_refuses_what_it_cannot_measure(digits):
         spawn_children(net, digits.train_loader, data, data, epochs=2, spawn_at=[5])
     with pytest.raises(ValueError, match="children must be"):
         spawn_children(net, digits.train_loader, data, data, epochs=2, spawn_at=[0], children=1)
+
+
+def test_a_store_from_other_spawn_epochs_is_refused():
+    x, y = torch.randn(32, 4), torch.randint(0, 3, (32,))
+    data = mc.TensorLoader(x, y, 32)
+
+    def loader(seed):
+        return mc.TensorLoader(x, y, 16, shuffle=True, seed=seed)
+
+    store = {}
+    spawn_children(nn.Linear(4, 3), loader, data, data, epochs=3, spawn_at=[1], store=store, num_points=2)
+    with pytest.raises(ValueError, match="no parent state of epoch 2"):
+        spawn_children(nn.Linear(4, 3), loader, data, data, epochs=3, spawn_at=[2], store=store, num_points=2)

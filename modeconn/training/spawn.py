@@ -237,7 +237,10 @@ def _train_child(template: nn.Module, make_loader: Callable[[int], Iterable], da
     net = copy.deepcopy(template)
     resume = store.get(key)
     if resume is None:
-        spawn = store[spawn_key(k)]
+        spawn = store.get(spawn_key(k))
+        if spawn is None:
+            raise ValueError(f"the store holds no parent state of epoch {k}: it comes from a run with other "
+                             "spawn epochs")
         if k == 0:  # the parent's start: its initial weights and global RNG, a fresh optimizer and schedule
             net.load_state_dict(spawn["model"])
             set_rng_state(spawn["rng"])
