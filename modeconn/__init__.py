@@ -25,6 +25,7 @@ from modeconn.training.simplex import fit_simplex
 from modeconn.training.schedules import FGELR, cyclic_lr
 from modeconn.training.sam import SAM
 from modeconn.geometry.sharpness import SharpnessReport, sharpness_report
+from modeconn.training.spawn import SpawnResult, spawn_children
 from modeconn.alignment import (PermutationSpec, activation_matching, align_models, apply_permutation,
                                 infer_permutation_spec, weight_matching)
 
@@ -42,6 +43,7 @@ __all__ = [
     "evaluate_ensemble", "curve_ensemble", "EnsembleResult",
     "train_model", "fit_curve", "train_fge", "FGELR", "FGESnapshots", "cyclic_lr", "FGEResult", "SAM",
     "sharpness_report", "SharpnessReport",
+    "spawn_children", "SpawnResult",
     "PermutationSpec", "infer_permutation_spec", "apply_permutation", "weight_matching", "activation_matching",
     "align_models",
 ]

@@ -3,21 +3,21 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
-from typing import List, Optional, Sequence
+from typing import List, Optional
 
 import torch
 
-from modeconn.cli.args import (add_data_args, add_optim_args, add_resume_args, add_run_args, add_sam_args,
-                               add_scale_args, parser, sam_config)
+from modeconn.cli.args import (add_data_args, add_model_args, add_optim_args, add_resume_args, add_run_args,
+                               add_sam_args, add_scale_args, parse_kwargs, parser, sam_config)
 from modeconn.cli.data import data_source, dataset_record, load_dataset, model_kwargs_for, train_loader
 from modeconn.cli.endpoints import untrained_reason
-from modeconn.cli.errors import CommandError, RunFailed, run_command
+from modeconn.cli.errors import RunFailed, run_command
 from modeconn.cli.outputs import run_info
 from modeconn.cli.rundir import TrainingRun
 from modeconn.cli.session import Job, session
 from modeconn.runtime.checkpoints import save_model
 from modeconn.evaluation.model import evaluate
-from modeconn.models import create_model, list_models
+from modeconn.models import create_model
 from modeconn.runtime.user_code import absolute_file_spec
 from modeconn.plots.history import plot_history
 from modeconn.runtime import Hooks, Runtime
@@ -35,39 +35,12 @@ Under torchrun (DDP) --batch-size is the global batch:
   torchrun --nproc_per_node 2 -m modeconn.train --model mlp --batch-size 128 --out runs/mlp_ddp"""
 
 
-def parse_kwargs(items: Optional[Sequence[str]]) -> dict:
-    """['depth=3', 'bn=true', 'width_multiplier=0.5'] -> {'depth': 3, 'bn': True, ...}."""
-    out = {}
-    for item in items or []:
-        key, sep, value = item.partition("=")
-        if not sep or not key:
-            raise CommandError(f"--model-kwargs: {item!r} is not KEY=VALUE")
-        low = value.lower()
-        if low in ("true", "false"):
-            out[key] = low == "true"
-            continue
-        for conv in (int, float):
-            try:
-                out[key] = conv(value)
-                break
-            except ValueError:
-                pass
-        else:
-            out[key] = value
-    return out
-
-
 def build_parser():
     """The parser of ``python -m modeconn.train``."""
     p = parser("train", "Train an endpoint network (SGD with momentum) and save a self-describing "
                "checkpoint.", EXAMPLE)
     add_data_args(p)
-    g = p.add_argument_group("model")
-    g.add_argument("--model", default="mlp", help=f"architecture: one of {', '.join(list_models())}, or your "
-                   "own: pkg.module:factory, path/file.py:factory (factory(input_shape, num_classes, **kwargs) "
-                   "-> nn.Module), torchvision:NAME, timm:NAME (default: %(default)s)")
-    g.add_argument("--model-kwargs", nargs="*", metavar="KEY=VALUE",
-                   help="architecture arguments, e.g. depth=3 width=256 bn=true")
+    add_model_args(p)
     add_optim_args(p, epochs=30, lr=0.05)
     add_sam_args(p)
     add_run_args(p)

@@ -4,6 +4,7 @@ Each test states a promise a user relies on: which grids have a barrier at
 all, which metrics have one, which resume states are refused, and that the
 write-error finder stops on an exception chain that loops.
 """
+import copy
 import numpy as np
 import pytest
 import torch
@@ -74,6 +75,24 @@ def test_a_setting_on_one_side_only_is_a_difference():
     state = capture_state(0, [], {"lr": 0.1, "momentum": 0.9}, model=net)
     with pytest.raises(ValueError, match="momentum"):
         restore_state(state, {"lr": 0.1}, model=net)
+
+
+def test_training_on_after_a_restore_leaves_the_state_as_it_was():
+    """Optimizer.load_state_dict keeps the momentum tensors it is given: without a copy, training on
+    would change the state, and a second restore (a second child of one spawn point) would differ."""
+    net = _part()
+    opt = torch.optim.SGD(net.parameters(), lr=0.1, momentum=0.9)
+    net(torch.ones(1, 2)).sum().backward()
+    opt.step()
+    state = capture_state(0, [], {}, model=net, optimizer=opt)
+    kept = copy.deepcopy(state["optimizer"])
+    for _ in range(2):
+        restore_state(state, {}, model=net, optimizer=opt)
+        opt.zero_grad()
+        net(torch.ones(1, 2)).sum().backward()
+        opt.step()
+    assert all(torch.equal(state["optimizer"]["state"][i]["momentum_buffer"], kept["state"][i]["momentum_buffer"])
+               for i in kept["state"])
 
 
 def test_the_write_error_finder_stops_on_a_looping_chain():

@@ -26,6 +26,7 @@ COMMANDS = {
     "plane": "loss surface in the plane of a curve",
     "landscape": "filter-normalised 1-D/2-D loss slices around a model",
     "sharpness": "Hessian, slice curvature and ε-sharpness of models side by side",
+    "spawn": "children spawned from one parent at epoch k: their barrier vs k",
     "demo": "the main job on the embedded digits data",
 }
 

@@ -9,6 +9,7 @@ from typing import Callable, List, Optional, Sequence, Tuple
 
 from modeconn.cli.errors import EXIT_STATUS, CommandError
 from modeconn.data import DATASETS
+from modeconn.models import list_models
 from modeconn.runtime import distributed
 
 _RANGE = re.compile(r"^\s*[-+]?[\d.eE+-]*\s*:\s*[-+]?[\d.eE+-]*\s*$")
@@ -137,6 +138,43 @@ def add_data_args(p: argparse.ArgumentParser, dataset_default: Optional[str] = "
         g.add_argument("--batch-size", type=at_least(1), default=64,
                        help="training mini-batch size; under torchrun the GLOBAL batch, split evenly over the "
                             "processes (must be divisible by their number) (default: %(default)s)")
+
+
+def add_model_args(p: argparse.ArgumentParser) -> None:
+    """--model and --model-kwargs (parsed by :func:`parse_kwargs`) of the commands that build a network."""
+    g = p.add_argument_group("model")
+    g.add_argument("--model", default="mlp", help=f"architecture: one of {', '.join(list_models())}, or your "
+                   "own: pkg.module:factory, path/file.py:factory (factory(input_shape, num_classes, **kwargs) "
+                   "-> nn.Module), torchvision:NAME, timm:NAME (default: %(default)s)")
+    g.add_argument("--model-kwargs", nargs="*", metavar="KEY=VALUE",
+                   help="architecture arguments, e.g. depth=3 width=256 bn=true")
+
+
+def parse_kwargs(items: Optional[Sequence[str]]) -> dict:
+    """--model-kwargs: ['depth=3', 'bn=true', 'width_multiplier=0.5'] -> {'depth': 3, 'bn': True, ...}.
+
+    Example:
+        >>> parse_kwargs(["depth=3", "bn=true", "width_multiplier=0.5", "act=relu"])
+        {'depth': 3, 'bn': True, 'width_multiplier': 0.5, 'act': 'relu'}
+    """
+    out = {}
+    for item in items or []:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise CommandError(f"--model-kwargs: {item!r} is not KEY=VALUE")
+        low = value.lower()
+        if low in ("true", "false"):
+            out[key] = low == "true"
+            continue
+        for conv in (int, float):
+            try:
+                out[key] = conv(value)
+                break
+            except ValueError:
+                pass
+        else:
+            out[key] = value
+    return out
 
 
 def add_optim_args(p: argparse.ArgumentParser, epochs: int, lr: float, wd: float = 5e-4) -> None:

@@ -95,13 +95,16 @@ def model_kwargs_for(model: str, ds: Dataset, kwargs: Mapping, source: str = "--
     return {**kwargs, "vocab": vocab}
 
 
-def train_loader(ds: Dataset, args: argparse.Namespace, info: distributed.DistInfo) -> TensorLoader:
-    """This rank's share of every global batch of ``--batch-size`` (the whole batch in one process)."""
+def train_loader(ds: Dataset, args: argparse.Namespace, info: distributed.DistInfo,
+                 seed: Optional[int] = None) -> TensorLoader:
+    """This rank's share of every global batch of ``--batch-size`` (the whole batch in one process),
+    in the data order of ``seed`` (default ``--seed``)."""
     try:
         per_rank = distributed.per_rank_batch(args.batch_size, info.world_size)
     except ValueError as e:
         raise CommandError(str(e)) from None
-    return ds.train_loader(per_rank, seed=args.seed, rank=info.rank, world_size=info.world_size).to(info.device)
+    seed = args.seed if seed is None else seed
+    return ds.train_loader(per_rank, seed=seed, rank=info.rank, world_size=info.world_size).to(info.device)
 
 
 def bn_loader(ds: Dataset, args: argparse.Namespace, device, batch_size: Optional[int] = None):

@@ -14,15 +14,18 @@ state after every finished unit. The same rules hold for all of them:
 :class:`TrainingRun` keeps a torch file (``resume.pt``, plus ``history.json``)
 for the epoch loops of ``train``, ``train_curve`` and ``fge``;
 :class:`GridRun` keeps the partial grid (``*.partial.npz``) of ``plane`` and
-``landscape``.
+``landscape``; :class:`StoreRun` keeps one training state per named run
+(``states/<name>.pt``) for commands that train many networks (``spawn``).
 """
 from __future__ import annotations
 
 import contextlib
 import json
+import re
+import shutil
 import signal
 from pathlib import Path
-from typing import Any, Callable, Iterator, Mapping, Optional, Tuple
+from typing import Any, Callable, Dict, Iterator, Mapping, MutableMapping, Optional, Set, Tuple
 
 import numpy as np
 
@@ -116,9 +119,12 @@ class RunDir:
         except KeyboardInterrupt as e:
             raise Interrupted(getattr(e, "signum", signal.SIGINT), self.kept()) from None
         except FloatingPointError as e:
-            saved = (f"the state after {self.unit} {self.done} is kept in {self.state_path}, pass --force to "
-                     "start over" if self.done else "nothing was saved")
-            raise Diverged(f"{e}; {saved}") from None
+            raise Diverged(f"{e}; {self.saved()}") from None
+
+    def saved(self) -> str:
+        """What a diverged run leaves behind."""
+        return (f"the state after {self.unit} {self.done} is kept in {self.state_path}, pass --force to start over"
+                if self.done else "nothing was saved")
 
 
 class TrainingRun(RunDir):
@@ -213,3 +219,102 @@ class GridRun(RunDir):
             return "no grid row had finished, nothing to resume"
         return (f"{self.done} of {self.rows} grid rows are in {self.state_path}; rerun with --resume to "
                 "continue")
+
+
+class StateStore(MutableMapping):
+    """Named training states as files ``<directory>/<name>.pt``: the ``store`` a multi-run command hands the
+    library (e.g. :func:`~modeconn.training.spawn.spawn_children`).
+
+    Rank 0 writes every state atomically (kind ``training_state``, with the
+    run's config); the other ranks keep what they are given in memory, so no
+    rank reads a file another is writing. Files left by an earlier run are
+    read only when ``resume`` is set (``--force`` removes them first).
+    """
+
+    _NAME = re.compile(r"^[A-Za-z0-9_]+$")
+
+    def __init__(self, directory: Path, config: Mapping[str, Any], is_main: bool, resume: bool):
+        """See the class docstring."""
+        self.directory, self.config, self.is_main, self.resume = Path(directory), dict(config), is_main, resume
+        self._memory: Dict[str, Any] = {}
+        self._written: Set[str] = set()
+
+    def _path(self, name: str) -> Path:
+        """The file of ``name`` (letters, digits, underscores only)."""
+        if not self._NAME.match(name):
+            raise ValueError(f"state name {name!r}: use letters, digits and underscores only")
+        return self.directory / f"{name}.pt"
+
+    def _on_disk(self, name: str) -> bool:
+        """Whether this process reads ``name`` from its file."""
+        return (self.resume or name in self._written) and self._path(name).exists()
+
+    def __getitem__(self, name: str) -> Any:
+        if name in self._memory:
+            return self._memory[name]
+        if self._on_disk(name):
+            return load_checkpoint(self._path(name), kind="training_state")
+        raise KeyError(name)
+
+    def __setitem__(self, name: str, state: Any) -> None:
+        if self.is_main:
+            atomic_save({"format": FORMAT, "format_version": FORMAT_VERSION, "kind": "training_state",
+                         "config": self.config, **state}, self._path(name))
+            self._written.add(name)
+        else:
+            self._memory[name] = state
+
+    def __delitem__(self, name: str) -> None:
+        self._memory.pop(name, None)
+        if self.is_main and self._path(name).exists():
+            self._path(name).unlink()
+        self._written.discard(name)
+
+    def __iter__(self) -> Iterator[str]:
+        names = set(self._memory) | {p.stem for p in self.directory.glob("*.pt") if self._on_disk(p.stem)}
+        return iter(sorted(names))
+
+    def __len__(self) -> int:
+        return sum(1 for _ in self)
+
+
+class StoreRun(RunDir):
+    """The run directory of a command that trains many networks: a :class:`StateStore` in ``OUT/states``."""
+
+    unit = "epoch"
+
+    def __init__(self, out: Path, config: Mapping[str, Any], final: str, is_main: bool = True):
+        """``final``: the file a finished run leaves (spawn.json)."""
+        super().__init__(out, config, final, "states", is_main)
+
+    def read_state(self) -> Tuple[Mapping[str, Any], None]:
+        """The arguments recorded in ``states/config.json`` (the states themselves are read on demand)."""
+        try:
+            return json.loads((self.state_path / "config.json").read_text()), None
+        except (OSError, ValueError) as e:
+            raise CommandError(f"--resume: {self.state_path / 'config.json'} is not readable: {e}") from None
+
+    def units_in(self, state: None) -> int:
+        """Training states kept so far."""
+        return len(list(self.state_path.glob("*.pt")))
+
+    def start(self, resume: bool, force: bool) -> StateStore:
+        """As :meth:`RunDir.start` (``--force`` removes ``OUT/states``); returns the store to train with."""
+        if force and not resume and self.is_main and self.state_path.is_dir():
+            shutil.rmtree(self.state_path)
+        super().start(resume, force)
+        if not resume and self.is_main:
+            make_directory(self.state_path)
+            write_json(self.state_path / "config.json", to_plain(self.config))
+        return StateStore(self.state_path, self.config, self.is_main, resume)
+
+    def saved(self) -> str:
+        """What a diverged run leaves behind."""
+        return f"the states of the finished epochs are kept in {self.state_path}, pass --force to start over"
+
+    def kept(self) -> str:
+        """Where the states are and that ``--resume`` continues from them."""
+        if not any(self.state_path.glob("*.pt")):
+            return "no epoch had finished, nothing to resume"
+        return (f"the states of the finished epochs are in {self.state_path}; rerun with --resume to continue "
+                "(finished runs are not trained again)")

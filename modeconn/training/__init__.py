@@ -1,2 +1,2 @@
-"""Training: loops (loop.py), schedules (schedules.py), Fast Geometric Ensembling (fge.py) and the one
-resume mechanism they share (state.py)."""
+"""Training: loops (loop.py), schedules (schedules.py), Fast Geometric Ensembling (fge.py), parent–child
+spawning (spawn.py) and the one resume mechanism they share (state.py)."""

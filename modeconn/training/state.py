@@ -102,7 +102,8 @@ def restore_state(state: Mapping[str, Any], settings: Mapping[str, Any], **parts
         state: the state (possibly after a ``torch.save`` / ``torch.load`` round trip).
         settings: this run's settings; they must equal the state's.
         **parts: the same stateful objects (same keywords) as when captured;
-            each gets ``load_state_dict(state[keyword])``.
+            each gets ``load_state_dict`` of a copy of ``state[keyword]``, so
+            ``state`` stays as it was and can be restored again.
 
     Returns:
         ``(first_epoch, history)``: the epoch to run next and the records so far.
@@ -119,7 +120,7 @@ def restore_state(state: Mapping[str, Any], settings: Mapping[str, Any], **parts
     if diff:
         raise ValueError("the resume state comes from a run with different settings: " + ", ".join(
             f"{k}={settings.get(k)!r} (was {old.get(k)!r})" for k in diff))
-    for name, part in parts.items():
-        part.load_state_dict(state[name])
+    for name, part in parts.items():  # a copy: Optimizer.load_state_dict keeps the tensors it is given
+        part.load_state_dict(copy.deepcopy(state[name]))  # (momentum), and training would change ``state``
     set_rng_state(state["rng"])
     return int(state["epoch"]) + 1, [dict(r) for r in state["history"]]
