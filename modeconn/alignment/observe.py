@@ -5,7 +5,9 @@ same places.  :class:`ActivationRecorder` returns the tensors at a spec's
 observation points (torch.fx node names, or module names read with forward
 hooks); :func:`unit_matrix` cuts a group's units out of such a tensor as a
 ``[samples, units]`` matrix, counting spatial positions and flattened blocks
-as extra samples.
+as extra samples.  (A forward hook also turns off PyTorch's fused eval path of
+``TransformerEncoderLayer``, which would skip the hooked submodule: PyTorch
+checks for hooks itself.)
 """
 from __future__ import annotations
 
@@ -88,12 +90,12 @@ def unit_matrix(t: torch.Tensor, p: ObservePoint, size: int, group: str) -> torc
     if not isinstance(t, torch.Tensor):
         raise ValueError(f"observe point '{p.node}' of group '{group}' is not a tensor")
     dim = p.dim % t.dim() if -t.dim() <= p.dim < t.dim() else None
-    if dim is None or p.offset + size * p.inner > t.shape[dim]:
+    if dim is None or p.offset + p.outer * size * p.inner > t.shape[dim]:
         raise ValueError(
             f"observe point '{p.node}' of group '{group}' has shape {tuple(t.shape)}, which does not "
-            f"hold {size} units (x{p.inner}) at dim {p.dim} from offset {p.offset}")
-    x = t.detach().movedim(dim, -1).narrow(-1, p.offset, size * p.inner)
-    x = x.reshape(*x.shape[:-1], size, p.inner).transpose(-1, -2)
+            f"hold {p.outer}x{size} units (x{p.inner}) at dim {p.dim} from offset {p.offset}")
+    x = t.detach().movedim(dim, -1).narrow(-1, p.offset, p.outer * size * p.inner)
+    x = x.reshape(*x.shape[:-1], p.outer, size, p.inner).transpose(-1, -2)
     return x.reshape(-1, size).to(torch.float64)
 
 
