@@ -10,6 +10,8 @@ matching it back must give the original parameters.
 import math
 
 import pytest
+from hypothesis import assume, given, settings
+from hypothesis import strategies as st
 import torch
 import torch.nn.functional as F
 import torchvision
@@ -365,3 +367,69 @@ def test_activation_matching_finds_hand_written_heads_by_their_attention_pattern
     observed = {"tok", "blocks.0.fc1", "blocks.1.fc1", "blocks.0.attn.heads", "blocks.1.attn.heads"}
     assert all(torch.equal(perm[k], torch.argsort(shuffle[k])) for k in observed)
     assert set(info.unobserved) == GPT_GROUPS - observed
+
+
+# ------------------------------------------- a hand-built block, both layouts
+class SelfAttentionBlock(nn.Module):
+    """RMSNorm, nn.MultiheadAttention (seq-first or batch-first) with a residual, a linear head."""
+
+    def __init__(self, batch_first):
+        super().__init__()
+        self.batch_first = batch_first
+        self.emb, self.norm = nn.Embedding(9, 12), nn.RMSNorm(12)
+        self.attn = nn.MultiheadAttention(12, 3, batch_first=batch_first)
+        self.head = nn.Linear(12, 4)
+
+    def forward(self, x):
+        h = self.emb(x if self.batch_first else x.t())
+        n = self.norm(h)
+        h = h + self.attn(n, n, n)[0]
+        return self.head(h.mean(1 if self.batch_first else 0))
+
+
+@pytest.mark.parametrize("batch_first", [True, False])
+def test_multihead_attention_module_in_a_hand_built_block(batch_first):
+    model = _jitter(SelfAttentionBlock(batch_first))
+    x = _tokens(5, 9, 4)
+    spec = infer_permutation_spec(model, x[:1])
+    assert list(spec.groups) == ["emb", "attn.heads", "attn.qk", "attn.v"]  # out_proj merged into the stream
+    assert {AxisRef("norm.weight", 0), AxisRef("attn.out_proj.weight", 0), AxisRef("attn.in_proj_weight", 1)} \
+        <= set(spec.groups["emb"].axes)
+    assert spec.fixed == ["head.bias"]
+    assert _check_equivalent(model, (x,), spec, seed=2)
+    shuffle = spec.random_permutation(7)
+    shuffled = apply_permutation(model, spec, shuffle)
+    perm, _ = weight_matching(model, shuffled, spec)
+    assert _same_state(apply_permutation(shuffled, spec, perm), model)
+
+
+@settings(max_examples=40, deadline=None)
+@given(h=st.integers(1, 4), d=st.integers(1, 5), offset=st.integers(0, 3), seed=st.integers(0, 10 ** 6))
+def test_head_and_dim_permutations_commute_and_match_a_reshape(h, d, offset, seed):
+    assume(h * d > 1)  # with one entry both refs are the same slice: nothing to permute
+    gen = torch.Generator().manual_seed(seed)
+    t = torch.randn(offset + h * d + 2, 3, generator=gen)
+    heads, dims = torch.randperm(h, generator=gen), torch.randperm(d, generator=gen)
+    spec = PermutationSpec({"heads": PermutationGroup(h, [AxisRef("w", 0, offset, d), AxisRef("u", 0, 0, d)]),
+                            "dims": PermutationGroup(d, [AxisRef("w", 0, offset, 1, h), AxisRef("e", 0)])})
+    full = {"u": torch.zeros(h * d), "e": torch.zeros(d)}  # full-length axes: validate reads the sizes there
+
+    def apply(w, perm):
+        return apply_permutation({"w": w, **full}, spec, perm)["w"]
+
+    both = apply(t, {"heads": heads, "dims": dims})
+    then = apply(apply(t, {"heads": heads}), {"dims": dims})
+    other_first = apply(apply(t, {"dims": dims}), {"heads": heads})
+    span = t[offset:offset + h * d].view(h, d, 3)[heads][:, dims].reshape(h * d, 3)
+    expected = torch.cat([t[:offset], span, t[offset + h * d:]])
+    assert torch.equal(both, expected) and torch.equal(then, expected) and torch.equal(other_first, expected)
+
+
+def test_one_head_opens_no_heads_group():
+    model = _jitter(CrossAttention(True, kdim=12, vdim=12))
+    model.attn = nn.MultiheadAttention(16, 1, batch_first=True, kdim=12, vdim=12).double()
+    args = (_tokens(2, 11, 4), torch.randn(2, 6, 5, dtype=torch.float64))
+    spec = infer_permutation_spec(model, args)
+    assert set(spec.groups) == {"emb", "mem", "attn.qk", "attn.v"}
+    assert spec.groups["attn.qk"].size == 16 and AxisRef("attn.q_proj_weight", 0, 0, 1, 1) in spec.groups["attn.qk"].axes
+    assert _check_equivalent(model, args, spec)

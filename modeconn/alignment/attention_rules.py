@@ -22,7 +22,7 @@ forward, so these rules only meet PyTorch's own classes.)
 """
 from __future__ import annotations
 
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch.nn.functional as F
 from torch import fx, nn
@@ -32,7 +32,7 @@ from modeconn.alignment.op_tables import ACTIVATION_FUNCTIONS, ACTIVATION_MODULE
 from modeconn.alignment.spec import AxisRef, ObservePoint
 from modeconn.alignment.walk_state import AttentionSite, NodeKind, WalkState, tensor_shape
 
-__all__ = ["ATTENTION_MODULE_RULES", "head_groups"]
+__all__ = ["ATTENTION_MODULE_RULES", "head_groups", "open_site"]
 
 
 def _last_dim(walk: WalkState, layout: Optional[ChannelLayout], desc: str) -> Optional[ChannelLayout]:
@@ -70,14 +70,27 @@ def head_groups(walk: WalkState, prefix: str, mod: nn.MultiheadAttention) -> Non
                 found.append(AxisRef(extra[r], 2, 0, inner, outer))
         return found
 
+    open_site(walk, prefix, [prefix], [("heads", h, refs("qkv", d, 1) + [AxisRef(out, 1, 0, d, 1)], None),
+                                       ("qk", d, refs("qk", 1, h), None),
+                                       ("v", d, refs("v", 1, h) + [AxisRef(out, 1, 0, 1, h)], None)])
+
+
+def open_site(walk: WalkState, name: str, layers: Sequence[str],
+              groups: Sequence[Tuple[str, int, List[AxisRef], Optional[ObservePoint]]]) -> None:
+    """Open an attention site's groups ``(suffix, size, axes, observe point)`` and register the site.
+
+    A group of one unit (one head, or heads of one dim) permutes nothing and
+    is not opened.
+    """
     ids = []
-    for suffix, size, axes in (("heads", h, refs("qkv", d, 1) + [AxisRef(out, 1, 0, d, 1)]),
-                               ("qk", d, refs("qk", 1, h)),
-                               ("v", d, refs("v", 1, h) + [AxisRef(out, 1, 0, 1, h)])):
-        g = walk.groups.open(f"{prefix}.{suffix}", size)
+    for suffix, size, axes, point in groups:
+        if size < 2:
+            continue
+        g = walk.groups.open(f"{name}.{suffix}", size)
         walk.groups[g].axes.extend(axes)
+        walk.groups[g].observe.extend([point] if point is not None else [])
         ids.append(g)
-    walk.sites.append(AttentionSite(prefix, [prefix], ids))
+    walk.sites.append(AttentionSite(name, list(layers), ids))
 
 
 def _consume_qkv(walk: WalkState, node: fx.Node, mod: nn.MultiheadAttention, q, k, v) -> None:

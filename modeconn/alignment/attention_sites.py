@@ -38,7 +38,8 @@ from modeconn.alignment.op_tables import (BINARY_FUNCTIONS, BINARY_METHODS, CAST
                                           SOFTMAX_METHODS, SOFTMAX_MODULES)
 from modeconn.alignment.permute import apply_permutation
 from modeconn.alignment.spec import AxisRef, ObservePoint, PermutationGroup, PermutationSpec
-from modeconn.alignment.walk_state import AttentionSite, WalkState, tensor_shape, value_users
+from modeconn.alignment.attention_rules import open_site
+from modeconn.alignment.walk_state import WalkState, tensor_shape, value_users
 
 __all__ = ["find_attention_sites", "verify_sites"]
 
@@ -201,17 +202,11 @@ def _open_site(walk: WalkState, out: fx.Node, projs: Sequence[Projection], o: fx
     weight = f"{o.target}.weight"
     layers = list(OrderedDict.fromkeys(str(n.target) for n in (q[0], k[0], v[0], o)))
     name = _site_name(layers, f"attention@{out.name}")
-    ids = []
-    for suffix, size, axes, point in (
-            ("heads", h, _rows(q, walk, d, 1) + _rows(k, walk, d, 1) + _rows(v, walk, dv, 1)
-             + [AxisRef(weight, 1, 0, dv, 1)], heads_at),
-            ("qk", d, _rows(q, walk, 1, h) + _rows(k, walk, 1, h), None),
-            ("v", dv, _rows(v, walk, 1, h) + [AxisRef(weight, 1, 0, 1, h)], None)):
-        g = walk.groups.open(f"{name}.{suffix}", size)
-        walk.groups[g].axes.extend(axes)
-        walk.groups[g].observe.extend([point] if point is not None else [])
-        ids.append(g)
-    walk.sites.append(AttentionSite(name, layers, ids))
+    open_site(walk, name, layers, [
+        ("heads", h, _rows(q, walk, d, 1) + _rows(k, walk, d, 1) + _rows(v, walk, dv, 1)
+         + [AxisRef(weight, 1, 0, dv, 1)], heads_at),
+        ("qk", d, _rows(q, walk, 1, h) + _rows(k, walk, 1, h), None),
+        ("v", dv, _rows(v, walk, 1, h) + [AxisRef(weight, 1, 0, 1, h)], None)])
     walk.site_projections.update({q[0], k[0], v[0]})
 
 
