@@ -433,3 +433,37 @@ def test_one_head_opens_no_heads_group():
     assert set(spec.groups) == {"emb", "mem", "attn.qk", "attn.v"}
     assert spec.groups["attn.qk"].size == 16 and AxisRef("attn.q_proj_weight", 0, 0, 1, 1) in spec.groups["attn.qk"].axes
     assert _check_equivalent(model, args, spec)
+
+
+def _every_fixed_entry_has_a_reason(spec):
+    """Each fixed entry's layer (or the entry itself) is named by some reason."""
+    return all(any(f"'{k.rsplit('.', 1)[0]}" in r or f"'{k}'" in r or f" {k.rsplit('.', 1)[0]}" in r
+                   for r in spec.reasons) for k in spec.fixed)
+
+
+def test_attention_whose_projections_cannot_be_traced_is_explained():
+    class Squashed(CausalSelfAttention):
+        def forward(self, x):
+            B, T, H, d = x.size(0), self.seq_len, self.heads, self.head_dim
+            q = torch.tanh(self.q(x)).view(B, T, H, d).transpose(1, 2)  # not a plain projection
+            k = self.k(x).view(B, T, H, d).transpose(1, 2)
+            v = self.v(x).view(B, T, H, d).transpose(1, 2)
+            y = (q @ k.transpose(-2, -1)).softmax(dim=-1) @ v
+            return self.proj(y.transpose(1, 2).reshape(B, T, H * d))
+
+    model = _jitter(GPT(depth=1))
+    model.blocks[0].attn = Squashed(32, 4, 6).double()
+    x = _tokens(3, 11, 6)
+    spec = infer_permutation_spec(model, x[:1])
+    assert set(spec.groups) == {"tok", "blocks.0.fc1"}  # the output projection's rows are on the stream
+    assert any("attention at node" in r and "could not be traced" in r for r in spec.reasons)
+    assert "blocks.0.attn.q.bias" in spec.fixed and _every_fixed_entry_has_a_reason(spec)
+    assert _check_equivalent(model, (x,), spec)
+
+
+def test_fixed_entries_of_negative_cases_all_have_reasons():
+    cross = _jitter(CrossAttention(False))
+    spec = infer_permutation_spec(cross, (_tokens(1, 11, 4), torch.randn(1, 6, 16, dtype=torch.float64)))
+    assert len(spec.fixed) == 4 and _every_fixed_entry_has_a_reason(spec)
+    wrong = infer_permutation_spec(_jitter(GPT(variant="wrong")), _tokens(1, 11, 6))
+    assert len(wrong.fixed) == 7 and _every_fixed_entry_has_a_reason(wrong)

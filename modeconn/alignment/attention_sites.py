@@ -158,27 +158,29 @@ def _site_name(layers: Sequence[str], fallback: str) -> str:
 
 
 def _candidate(walk: WalkState, node: fx.Node):
-    """``(Q, K, V, probabilities or None)`` if ``node`` computes attention, else None.
+    """``(Q, K, V, probabilities or None)`` if ``node`` computes multi-head attention, else None.
 
     ``K`` is the tensor whose transpose is multiplied (``Kᵀ`` for hand-written
-    attention); shapes must read ``[..., H, T, d]`` for Q and V.
+    attention).  Q, K, V and the output must read ``[..., H, T, d]`` (at least
+    4 dims, the same ``H``): a 3-dim ``[B*H, T, d]`` layout hides the heads.
     """
     if node.op == "call_function" and node.target is F.scaled_dot_product_attention:
-        q, k, v = (node.args + (None, None, None))[:3]
-        ks = tensor_shape(k)
-        return (q, k, v, None) if ks is not None and len(ks) >= 3 and ks[-3] == (tensor_shape(q) or (0,) * 3)[-3] \
-            else None
-    if not _is(node, MATMUL_FUNCTIONS, MATMUL_METHODS) or len(node.args) != 2:
+        q, k, v, probs = *(tuple(node.args) + (None,) * 3)[:3], None
+        k_dims = -1  # K is [..., H, S, d]
+    elif _is(node, MATMUL_FUNCTIONS, MATMUL_METHODS) and len(node.args) == 2:
+        probs, v = node.args
+        scores = _scores_matmul(walk, probs)
+        if scores is None or len(scores.args) != 2:
+            return None
+        q, k = scores.args
+        k_dims = -2  # Kᵀ is [..., H, d, S]
+    else:
         return None
-    probs, v = node.args
-    scores = _scores_matmul(walk, probs)
-    if scores is None or len(scores.args) != 2:
+    shapes = [tensor_shape(t) for t in (q, k, v, node)]
+    if any(s is None or len(s) < 4 for s in shapes) or len({s[-3] for s in shapes}) != 1 \
+            or shapes[1][k_dims] != shapes[0][-1]:
         return None
-    q, kt = scores.args
-    qs, ks = tensor_shape(q), tensor_shape(kt)
-    if qs is None or ks is None or len(qs) < 3 or len(ks) != len(qs) or ks[-3] != qs[-3] or ks[-2] != qs[-1]:
-        return None
-    return q, kt, v, probs
+    return q, k, v, probs
 
 
 def _rows(proj: Projection, walk: WalkState, inner: int, outer: int) -> List[AxisRef]:
