@@ -345,17 +345,25 @@ def test_unit_matrix_with_outer_counts_the_repetitions_as_samples():
 
 
 # ------------------------------------------------------ activation matching
-def test_activation_matching_reads_the_ffn_inside_encoder_layers():
-    """linear1 runs inside a leaf module: it is read with a forward hook (float32, eval mode)."""
+@pytest.mark.parametrize("kind", ["encoder", "vit"])
+def test_activation_matching_reads_ffn_and_heads_inside_pytorch_modules(kind):
+    """linear1 runs inside a leaf module and the heads inside nn.MultiheadAttention: both are read with
+    forward hooks (float32, eval mode: PyTorch's fused path would skip them, hooks turn it off)."""
     torch.manual_seed(0)
-    model = _jitter(Encoder(False)).float()
-    x = _tokens(32, 20, 7, seed=1)
+    if kind == "encoder":
+        model, x, heads = _jitter(Encoder(False)).float(), _tokens(32, 20, 7, seed=1), "enc.layers.{}.self_attn.heads"
+        observed = {"emb", "enc.layers.0.linear1", "enc.layers.1.linear1"}
+    else:
+        model, x = _jitter(vit()).float(), torch.randn(16, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+        heads = "encoder.layers.encoder_layer_{}.self_attention.heads"
+        observed = {"conv_proj", "encoder.layers.encoder_layer_0.mlp.0", "encoder.layers.encoder_layer_1.mlp.0"}
+    observed |= {heads.format(i) for i in range(2)}
     spec = infer_permutation_spec(model, x[:1])
     shuffle = spec.random_permutation(5)
     perm, info = activation_matching(model, apply_permutation(model, spec, shuffle), [x], spec)
-    for name in ("emb", "enc.layers.0.linear1", "enc.layers.1.linear1"):
-        assert torch.equal(perm[name], torch.argsort(shuffle[name]))
-    assert set(info.unobserved) == ENC_GROUPS - {"emb", "enc.layers.0.linear1", "enc.layers.1.linear1"}
+    assert all(torch.equal(perm[k], torch.argsort(shuffle[k])) for k in observed)
+    assert set(info.unobserved) == set(spec.groups) - observed  # the q/k and value dims
+    assert all(k.endswith((".qk", ".v")) for k in info.unobserved)
 
 
 def test_activation_matching_finds_hand_written_heads_by_their_attention_patterns():
@@ -467,3 +475,18 @@ def test_fixed_entries_of_negative_cases_all_have_reasons():
     assert len(spec.fixed) == 4 and _every_fixed_entry_has_a_reason(spec)
     wrong = infer_permutation_spec(_jitter(GPT(variant="wrong")), _tokens(1, 11, 6))
     assert len(wrong.fixed) == 7 and _every_fixed_entry_has_a_reason(wrong)
+
+
+@pytest.mark.parametrize("method", ["weight", "activation"])
+def test_align_models_on_a_shuffled_gpt(method):
+    """End to end: the spec is inferred from the first batch; the report lists the unobserved groups."""
+    from modeconn.alignment import align_models
+    a = _jitter(GPT()).float()
+    spec = infer_permutation_spec(a, _tokens(1, 11, 6))
+    shuffle = {k: v for k, v in spec.random_permutation(8).items() if method == "weight" or k.endswith(
+        ("tok", "fc1", ".heads"))}  # activation matching leaves the q/k and value dims alone
+    b = apply_permutation(a, spec, shuffle)
+    loader = [(_tokens(32, 11, 6, seed=2), torch.zeros(32, dtype=torch.long))]
+    aligned, perm, report = align_models(a, b, method=method, loader=loader)
+    assert _same_state(aligned, a)
+    assert report.mean_after > report.mean_before

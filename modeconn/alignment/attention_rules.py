@@ -70,7 +70,9 @@ def head_groups(walk: WalkState, prefix: str, mod: nn.MultiheadAttention) -> Non
                 found.append(AxisRef(extra[r], 2, 0, inner, outer))
         return found
 
-    open_site(walk, prefix, [prefix], [("heads", h, refs("qkv", d, 1) + [AxisRef(out, 1, 0, d, 1)], None),
+    # the heads are observed by their attention probabilities (a hook on the module, see observe.py)
+    open_site(walk, prefix, [prefix], [("heads", h, refs("qkv", d, 1) + [AxisRef(out, 1, 0, d, 1)],
+                                        ObservePoint(prefix, -3)),
                                        ("qk", d, refs("qk", 1, h), None),
                                        ("v", d, refs("v", 1, h) + [AxisRef(out, 1, 0, 1, h)], None)])
 

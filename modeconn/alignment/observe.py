@@ -5,12 +5,12 @@ same places.  :class:`ActivationRecorder` returns the tensors at a spec's
 observation points (torch.fx node names, or module names read with forward
 hooks); :func:`unit_matrix` cuts a group's units out of such a tensor as a
 ``[samples, units]`` matrix, counting spatial positions and flattened blocks
-as extra samples.  (A forward hook also turns off PyTorch's fused eval path of
-``TransformerEncoderLayer``, which would skip the hooked submodule: PyTorch
-checks for hooks itself.)
+as extra samples.  An ``nn.MultiheadAttention`` module observed by name gives
+its per-head attention probabilities (how its heads are told apart).
 """
 from __future__ import annotations
 
+import inspect
 from collections import OrderedDict
 from typing import Callable, Dict, Iterator, List, Optional
 
@@ -63,10 +63,7 @@ class ActivationRecorder:
     def __call__(self, x: torch.Tensor) -> Dict[str, torch.Tensor]:
         """Run the model on ``x``; the output of every observation point by name."""
         captured: Dict[str, List[torch.Tensor]] = {n: [] for n in self.hook_names}
-        handles = []
-        for n, m in self.hooked:
-            handles.append(m.register_forward_hook(
-                lambda mod, inp, out, n=n: captured[n].append(out)))
+        handles = [_capture(m, captured[n]) for n, m in self.hooked]
         try:
             res = self.runner(x)
         finally:
@@ -83,6 +80,32 @@ class ActivationRecorder:
                     f"use a torch.fx node name instead")
             acts[n] = lst[0]
         return acts
+
+
+def _capture(module: nn.Module, into: List[torch.Tensor]):
+    """Register a forward hook appending ``module``'s output to ``into``; return its handle.
+
+    An ``nn.MultiheadAttention`` gives its per-head attention probabilities
+    ``[..., H, T, S]`` instead (its output holds no group's units): the call is
+    repeated with ``need_weights=True, average_attn_weights=False``.  A hook also
+    makes PyTorch skip its fused eval path, which would bypass the submodules.
+    """
+    if not isinstance(module, nn.MultiheadAttention):
+        return module.register_forward_hook(lambda mod, inp, out: into.append(out))
+    busy: List[bool] = []
+
+    def per_head_weights(mod, args, kwargs, out):
+        """Recompute the call with per-head weights (the hook ignores its own recomputation)."""
+        if busy:
+            return
+        call = inspect.signature(mod.forward).bind(*args, **kwargs).arguments
+        call.update(need_weights=True, average_attn_weights=False)
+        busy.append(True)
+        try:
+            into.append(mod(**call)[1])
+        finally:
+            busy.clear()
+    return module.register_forward_hook(per_head_weights, with_kwargs=True)
 
 
 def unit_matrix(t: torch.Tensor, p: ObservePoint, size: int, group: str) -> torch.Tensor:
