@@ -8,8 +8,10 @@ the curves fitted by modeconn shorter and easier to find.
 
 * :func:`infer_permutation_spec` derives, with torch.fx, which parameter axes
   move together (Linear/Conv outputs, BatchNorm/LayerNorm, residual stages,
-  channel concatenations, flatten); what it cannot prove safe stays fixed,
-  with a reason.  A :class:`PermutationSpec` can also be written by hand.
+  channel concatenations, flatten, embeddings, attention heads and the dims
+  inside them, the residual stream of transformers); what it cannot prove
+  safe stays fixed, with a reason.  A :class:`PermutationSpec` can also be
+  written by hand.
 * :func:`apply_permutation` permutes a module or state dict (a copy).
 * :func:`weight_matching` (Git Re-Basin) and :func:`activation_matching`
   (correlation of activations) find the permutation; :func:`align_models` does it all.
@@ -18,7 +20,9 @@ Spec inference is split by concern: ``op_tables`` (what each torch op does to
 channels), ``channel_layout`` (where units sit in a tensor, through reshapes and
 concatenations), ``walk_state``/``layout_rules``/``module_rules``/``function_rules``/``graph_walk``
 (the walk over the fx graph, one rule per node from dispatch tables), and
-``spec_builder`` (groups and reasons into a :class:`PermutationSpec`).
+``spec_builder`` (groups and reasons into a :class:`PermutationSpec`);
+``attention_rules`` (PyTorch's attention modules) and ``attention_sites``
+(hand-written attention found by pattern and checked numerically).
 
 BN reset after interpolation (REPAIR's simple form: recompute BN statistics at the interpolated point) is what modeconn's path evaluation already does
 (``evaluate_path`` recomputes BN statistics at every point, see

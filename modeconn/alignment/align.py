@@ -23,6 +23,12 @@ __all__ = ["GroupAlignment", "AlignmentReport", "align_models"]
 METHODS = ("weight", "activation")
 
 
+def _finite_mean(values: List[float]) -> float:
+    """Mean of the non-NaN ``values`` (NaN when there are none)."""
+    vals = [v for v in values if v == v]
+    return sum(vals) / len(vals) if vals else float("nan")
+
+
 @dataclass
 class GroupAlignment:
     """How well one group's units match, before (identity) and after alignment."""
@@ -51,15 +57,13 @@ class AlignmentReport:
 
     @property
     def mean_before(self) -> float:
-        """Mean over groups of the identity's similarity (NaN without groups)."""
-        vals = [g.before for g in self.groups.values()]
-        return sum(vals) / len(vals) if vals else float("nan")
+        """Mean of the identity's similarity over the groups that have one (unobserved groups have none); NaN if none."""
+        return _finite_mean([g.before for g in self.groups.values()])
 
     @property
     def mean_after(self) -> float:
-        """Mean over groups of the found permutation's similarity (NaN without groups)."""
-        vals = [g.after for g in self.groups.values()]
-        return sum(vals) / len(vals) if vals else float("nan")
+        """Mean of the found permutation's similarity over the groups that have one; NaN if none."""
+        return _finite_mean([g.after for g in self.groups.values()])
 
     def as_dict(self) -> Dict[str, Any]:
         """The report as plain data (dicts, lists, floats, ints, strings, None).

@@ -45,8 +45,13 @@ def _attribute(walk: WalkState, node: fx.Node) -> None:
 
 
 def _getitem(walk: WalkState, node: fx.Node) -> None:
-    """``x[idx]``."""
-    rules.getitem(walk, node, walk.layout_of(main_input(node)))
+    """``x[idx]``; item ``i`` of a module's tuple output (``nn.MultiheadAttention``) has its own layout."""
+    x = main_input(node)
+    if x in walk.tuple_layouts:
+        walk.kind[node] = NodeKind.MOVE
+        walk.layout[node] = walk.tuple_layouts[x].get(node.args[1])
+        return
+    rules.getitem(walk, node, walk.layout_of(x))
 
 
 def _is_attr(value: Any) -> bool:

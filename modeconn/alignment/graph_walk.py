@@ -12,10 +12,11 @@ safety net, a layout that disagrees with the traced output shape is dropped.
 """
 from __future__ import annotations
 
-from typing import Callable, Dict
+from typing import Callable, Dict, Iterable, Optional
 
 from torch import fx
 
+from modeconn.alignment.attention_sites import find_attention_sites
 from modeconn.alignment.channel_layout import Unsupported
 from modeconn.alignment.function_rules import visit_call
 from modeconn.alignment.module_rules import visit_module
@@ -58,9 +59,16 @@ def _check_layout(walk: WalkState, node: fx.Node) -> None:
         walk.layout[node] = None
 
 
-def walk_graph(gm: fx.GraphModule) -> WalkState:
-    """Visit every node of ``gm`` (shapes already propagated) and return the final state."""
-    walk = WalkState(gm)
+def walk_graph(gm: fx.GraphModule, state_names: Optional[Iterable[str]] = None) -> WalkState:
+    """Visit every node of ``gm`` (shapes already propagated) and return the final state.
+
+    Hand-written attention is found first
+    (:func:`~modeconn.alignment.attention_sites.find_attention_sites`), so that
+    its q/k/v projections open no group of their own.  ``state_names``: the
+    model's state-dict names.
+    """
+    walk = WalkState(gm, state_names)
+    find_attention_sites(walk)
     for node in gm.graph.nodes:
         walk.kind[node] = NodeKind.OTHER
         rule = NODE_RULES.get(node.op, _unknown_op)

@@ -8,7 +8,10 @@ each layer's output units travel: a Linear or Conv output opens a group,
 per-channel ops pass it through, residual adds merge groups, ``torch.cat``
 and ``flatten`` move them (:mod:`~modeconn.alignment.channel_layout`).
 Whatever cannot be proven to commute with a permutation leaves the groups
-flowing into it fixed, with a reason.  The network input and output are never
+flowing into it fixed, with a reason.  Attention (PyTorch's modules, or
+hand-written and found by pattern) adds head groups; a pattern-matched site is
+kept only if permuting its heads leaves the output on the example input
+unchanged.  The network input and output are never
 permuted.  Finally :mod:`~modeconn.alignment.spec_builder` turns the groups
 into a validated spec.
 """
@@ -18,6 +21,7 @@ import torch
 from torch import fx, nn
 from torch.fx.passes.shape_prop import ShapeProp
 
+from modeconn.alignment.attention_sites import verify_sites
 from modeconn.alignment.graph_walk import walk_graph
 from modeconn.alignment.spec import PermutationSpec
 from modeconn.alignment.spec_builder import build_spec
@@ -89,4 +93,6 @@ def infer_permutation_spec(model: nn.Module, example_input) -> PermutationSpec:
         except Exception as e:
             raise ValueError(
                 f"running {type(model).__name__} on example_input failed ({type(e).__name__}: {e})") from e
-    return build_spec(walk_graph(gm), model)
+        walk = walk_graph(gm, model.state_dict().keys())
+        verify_sites(model, args, walk)  # attention found by pattern is kept only if it checks out
+    return build_spec(walk, model)

@@ -21,13 +21,14 @@ forms of an operation (``nn.Linear`` / ``F.linear``, ``nn.MaxPool2d`` /
 """
 from __future__ import annotations
 
+import operator
 from typing import List, Optional, Sequence, Tuple
 
 from torch import fx
 
 from modeconn.alignment.channel_layout import (ChannelLayout, Segment, Unsupported, indexed_dim, make_layout,
                                                reshaped)
-from modeconn.alignment.walk_state import NodeKind, WalkState, main_input, tensor_shape
+from modeconn.alignment.walk_state import NodeKind, WalkState, main_input, tensor_shape, value_users
 
 
 def merge_segments(walk: WalkState, layouts: Sequence[ChannelLayout], reason: str) -> List[Segment]:
@@ -52,12 +53,20 @@ def merge_segments(walk: WalkState, layouts: Sequence[ChannelLayout], reason: st
 # -------------------------------------------------------------------- layers
 def linear(walk: WalkState, node: fx.Node, layout: Optional[ChannelLayout], base: str, weight: str,
            bias: Optional[str], out_features: int) -> None:
-    """``y = x W^T + b`` over the last dimension: consumes the input's groups, opens ``base``."""
+    """``y = x W^T + b`` over the last dimension: consumes the input's groups, opens ``base``.
+
+    A q/k/v projection of an attention site opens no group: the site's head
+    groups permute its rows.
+    """
     if layout is not None and layout.dim != layout.ndim - 1:
         walk.groups.drop(layout.groups(), "Linear applied over a dimension other than the permuted one "
                                           f"at {walk.describe(node)}")
         layout = None
     walk.add_axes(layout, weight, 1)
+    if node in walk.site_projections:
+        walk.kind[node] = NodeKind.OTHER
+        walk.layout[node] = None
+        return
     entries = [(weight, 0)] + ([(bias, 0)] if bias is not None else [])
     walk.open_group(node, base, out_features, 1, entries)
 
@@ -143,16 +152,58 @@ def layer_norm(walk: WalkState, node: fx.Node, layout: Optional[ChannelLayout], 
     walk.layout[node] = layout.replace(post_act=False)
 
 
-def _broadcast_check(walk: WalkState, node: fx.Node, ins: List[fx.Node], channel_dim: int, ndim: int) -> None:
-    """Raise Unsupported if an unpermuted input varies along the (broadcast) channel dimension."""
+def _broadcast_check(walk: WalkState, node: fx.Node, ins: List[fx.Node], ref: ChannelLayout, channel_dim: int,
+                     ndim: int) -> None:
+    """Raise Unsupported if an unpermuted input varies along the (broadcast) channel dimension.
+
+    A parameter that varies along it (a position embedding, a per-channel
+    scale) joins the groups instead: :func:`join_parameter`.
+    """
     for n in ins:
         if walk.layout.get(n) is None:
             s = tensor_shape(n)
             pos = channel_dim - (ndim - len(s))
-            if pos >= 0 and s[pos] != 1:
+            if pos >= 0 and s[pos] != 1 and not (pos == len(s) - 1 and join_parameter(walk, n, ref)):
                 raise Unsupported(
                     f"elementwise op with the unpermuted tensor '{n.name}' (shape {tuple(s)}) "
                     f"varying along the permuted dimension")
+
+
+def _keeps_last_dim(n: fx.Node) -> bool:
+    """Whether ``n`` (a getitem/expand/copy) keeps its input's last dimension whole and last."""
+    src, shape = n.args[0], tensor_shape(n)
+    if not isinstance(src, fx.Node) or shape is None or tensor_shape(src) is None:
+        return False
+    if tensor_shape(src)[-1] != shape[-1]:
+        return False
+    if n.op == "call_function" and n.target is operator.getitem:
+        idx = n.args[1] if isinstance(n.args[1], tuple) else (n.args[1],)
+        if any(isinstance(i, fx.Node) for i in idx):
+            return False  # tensor indices may move dimensions
+        used = [i for i in idx if i is not None]
+        hits_last = Ellipsis in used or len(used) == len(tensor_shape(src))
+        return not hits_last or used[-1] == slice(None)
+    return n.op == "call_method" and n.target in ("expand", "contiguous", "clone")
+
+
+def join_parameter(walk: WalkState, n: fx.Node, layout: ChannelLayout) -> bool:
+    """Let a parameter combined with permuted units on its last axis move with them; True if it did.
+
+    ``n`` must be a state-dict entry (``get_attr``), possibly sliced on other
+    dims, expanded or copied, used by this op alone: a position embedding
+    added to the residual stream, ViT's class token concatenated to it.
+    Permuting the parameter's last axis with the units keeps the sum (or the
+    concatenation) a permutation of the original.
+    """
+    while n.op != "get_attr":
+        if len(value_users(n)) != 1 or not _keeps_last_dim(n):
+            return False
+        n = n.args[0]
+    shape = tensor_shape(n)
+    if len(value_users(n)) != 1 or n.target not in walk.state_names or shape is None or shape[-1] != layout.length():
+        return False
+    walk.add_axes(layout, n.target, len(shape) - 1)
+    return True
 
 
 def elementwise(walk: WalkState, node: fx.Node, act: Optional[bool]) -> None:
@@ -176,7 +227,7 @@ def elementwise(walk: WalkState, node: fx.Node, act: Optional[bool]) -> None:
     cdim = ref.dim + nd - ref.ndim  # broadcasting aligns trailing dims
     if any(layout.dim + nd - layout.ndim != cdim or layout.blocks() != ref.blocks() for layout in permuted[1:]):
         raise Unsupported("elementwise op combining tensors with different channel layouts")
-    _broadcast_check(walk, node, ins, cdim, nd)
+    _broadcast_check(walk, node, ins, ref, cdim, nd)
     segments = merge_segments(walk, permuted, f"added/multiplied with unpermuted channels at {desc}")
     post = ref.post_act if act is None and len(ins) == 1 else bool(act)
     walk.layout[node] = make_layout(cdim, nd, segments, post)
@@ -258,10 +309,17 @@ def _cat_channels(tensors: Sequence[object], layouts: List[Optional[ChannelLayou
 
 def _cat_other_dim(walk: WalkState, node: fx.Node, layouts: List[Optional[ChannelLayout]],
                    nd: int) -> Optional[ChannelLayout]:
-    """Concatenation along another dimension: every part must carry the same channel layout."""
-    if any(layout is None for layout in layouts):
-        raise Unsupported("cat along a non-permuted dimension with unpermuted tensors")
-    ref = layouts[0]
+    """Concatenation along another dimension: every part must carry the same channel layout.
+
+    An unpermuted part that is a parameter (ViT's class token) joins the
+    groups on its last axis (:func:`join_parameter`).
+    """
+    tensors = walk.arg(node, 0, "tensors")
+    ref = next(layout for layout in layouts if layout is not None)
+    for t, layout in zip(tensors, layouts):
+        if layout is None and not (ref.dim == nd - 1 and isinstance(t, fx.Node) and join_parameter(walk, t, ref)):
+            raise Unsupported("cat along a non-permuted dimension with unpermuted tensors")
+    layouts = [layout for layout in layouts if layout is not None]
     for layout in layouts[1:]:
         if layout.dim != ref.dim or layout.blocks() != ref.blocks():
             raise Unsupported("cat along a non-permuted dimension of tensors with different channel layouts")

@@ -156,8 +156,9 @@ class _WeightMatcher:
                        for g, refs in self.refs_of.items() for r in refs}
         self.deps = {(g, r): list(OrderedDict.fromkeys(h for h, r2 in self.entries[r.name] if r2 != r))
                      for g, refs in self.refs_of.items() for r in refs}
-        # linear in g: no parameter carries g on two axes, so a gain is a sum over moved rows
-        self.linear = {g: all(c == 1 for c in Counter(r.name for r in refs).values())
+        # linear in g: no parameter carries g on two axes (disjoint slices of one axis, such as
+        # packed q/k/v rows, are fine), so a gain is a sum over moved rows
+        self.linear = {g: all(c == 1 for c in Counter(name for name, _ in {(r.name, r.axis) for r in refs}).values())
                        for g, refs in self.refs_of.items()}
         self.version = {k: 0 for k in spec.groups}
         self.cache: Dict[Tuple[str, AxisRef], Tuple[tuple, torch.Tensor, torch.Tensor]] = {}

@@ -6,7 +6,8 @@ A module is matched by the first class of its MRO found in
 the layout of its main input and hands the work to
 :mod:`~modeconn.alignment.layout_rules`, naming the state-dict entries the
 module owns.  A module in no table is unsupported: the groups reaching it stay
-fixed (e.g. ``MultiheadAttention``, whose heads mix channels in blocks).
+fixed.  PyTorch's attention modules have their own rules
+(:mod:`~modeconn.alignment.attention_rules`).
 """
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ from typing import Callable, Dict, Iterable, List, Optional
 from torch import fx, nn
 
 from modeconn.alignment import layout_rules as rules
+from modeconn.alignment.attention_rules import ATTENTION_MODULE_RULES
 from modeconn.alignment.channel_layout import ChannelLayout, Unsupported
 from modeconn.alignment.op_tables import (ACTIVATION_MODULES, CONV_MODULES, CONV_TRANSPOSE_MODULES,
                                           IDENTITY_MODULES, INSTANCE_NORM_MODULES, SOFTMAX_MODULES,
@@ -79,6 +81,13 @@ def _layer_norm(walk: WalkState, node: fx.Node, mod: nn.LayerNorm, layout: Optio
     rules.layer_norm(walk, node, layout, tuple(mod.normalized_shape), params)
 
 
+def _embedding(walk: WalkState, node: fx.Node, mod: nn.Embedding, layout: Optional[ChannelLayout]) -> None:
+    """``nn.Embedding``: looks up rows of ``weight``; its columns open a group (the residual stream)."""
+    if layout is not None:
+        walk.groups.drop(layout.groups(), f"permuted values used as embedding indices at {walk.describe(node)}")
+    walk.open_group(node, node.target, mod.embedding_dim, 1, [(_entry(node, "weight"), 1)])
+
+
 def _prelu(walk: WalkState, node: fx.Node, mod: nn.PReLU, layout: Optional[ChannelLayout]) -> None:
     """PReLU: an activation; with one slope per channel, the slopes move with the channels."""
     if mod.num_parameters == 1:
@@ -125,6 +134,9 @@ MODULE_RULES: Dict[type, ModuleRule] = {
     **{cls: partial(_instance_norm, spatial=k) for cls, k in INSTANCE_NORM_MODULES.items()},
     nn.GroupNorm: _group_norm,
     nn.LayerNorm: _layer_norm,
+    nn.RMSNorm: _layer_norm,
+    nn.Embedding: _embedding,
+    **ATTENTION_MODULE_RULES,
     nn.PReLU: _prelu,
     **_each(ACTIVATION_MODULES, partial(_elementwise, act=True)),
     **_each(IDENTITY_MODULES, partial(_elementwise, act=None)),
@@ -149,9 +161,9 @@ def visit_module(walk: WalkState, node: fx.Node) -> None:
     """Apply the rule of the called module; groups reaching it through extra arguments are dropped."""
     mod = walk.modules[node.target]
     x = main_input(node)
-    if len(node.all_input_nodes) > 1:
-        walk.drop_secondary(node, x)
     rule = module_rule(mod)
+    if len(node.all_input_nodes) > 1 and not getattr(rule, "all_inputs", False):
+        walk.drop_secondary(node, x)  # attention rules read query, key and value themselves
     if rule is None:
         walk.unsupported(node, f"unsupported module {type(mod).__name__}")
         return

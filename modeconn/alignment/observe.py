@@ -5,10 +5,12 @@ same places.  :class:`ActivationRecorder` returns the tensors at a spec's
 observation points (torch.fx node names, or module names read with forward
 hooks); :func:`unit_matrix` cuts a group's units out of such a tensor as a
 ``[samples, units]`` matrix, counting spatial positions and flattened blocks
-as extra samples.
+as extra samples.  An ``nn.MultiheadAttention`` module observed by name gives
+its per-head attention probabilities (how its heads are told apart).
 """
 from __future__ import annotations
 
+import inspect
 from collections import OrderedDict
 from typing import Callable, Dict, Iterator, List, Optional
 
@@ -61,10 +63,7 @@ class ActivationRecorder:
     def __call__(self, x: torch.Tensor) -> Dict[str, torch.Tensor]:
         """Run the model on ``x``; the output of every observation point by name."""
         captured: Dict[str, List[torch.Tensor]] = {n: [] for n in self.hook_names}
-        handles = []
-        for n, m in self.hooked:
-            handles.append(m.register_forward_hook(
-                lambda mod, inp, out, n=n: captured[n].append(out)))
+        handles = [_capture(m, captured[n]) for n, m in self.hooked]
         try:
             res = self.runner(x)
         finally:
@@ -83,17 +82,43 @@ class ActivationRecorder:
         return acts
 
 
+def _capture(module: nn.Module, into: List[torch.Tensor]):
+    """Register a forward hook appending ``module``'s output to ``into``; return its handle.
+
+    An ``nn.MultiheadAttention`` gives its per-head attention probabilities
+    ``[..., H, T, S]`` instead (its output holds no group's units): the call is
+    repeated with ``need_weights=True, average_attn_weights=False``.  A hook also
+    makes PyTorch skip its fused eval path, which would bypass the submodules.
+    """
+    if not isinstance(module, nn.MultiheadAttention):
+        return module.register_forward_hook(lambda mod, inp, out: into.append(out))
+    busy: List[bool] = []
+
+    def per_head_weights(mod, args, kwargs, out):
+        """Recompute the call with per-head weights (the hook ignores its own recomputation)."""
+        if busy:
+            return
+        call = inspect.signature(mod.forward).bind(*args, **kwargs).arguments
+        call.update(need_weights=True, average_attn_weights=False)
+        busy.append(True)
+        try:
+            into.append(mod(**call)[1])
+        finally:
+            busy.clear()
+    return module.register_forward_hook(per_head_weights, with_kwargs=True)
+
+
 def unit_matrix(t: torch.Tensor, p: ObservePoint, size: int, group: str) -> torch.Tensor:
     """``[samples, size]`` float64 view of a group's units at one observation point."""
     if not isinstance(t, torch.Tensor):
         raise ValueError(f"observe point '{p.node}' of group '{group}' is not a tensor")
     dim = p.dim % t.dim() if -t.dim() <= p.dim < t.dim() else None
-    if dim is None or p.offset + size * p.inner > t.shape[dim]:
+    if dim is None or p.offset + p.outer * size * p.inner > t.shape[dim]:
         raise ValueError(
             f"observe point '{p.node}' of group '{group}' has shape {tuple(t.shape)}, which does not "
-            f"hold {size} units (x{p.inner}) at dim {p.dim} from offset {p.offset}")
-    x = t.detach().movedim(dim, -1).narrow(-1, p.offset, size * p.inner)
-    x = x.reshape(*x.shape[:-1], size, p.inner).transpose(-1, -2)
+            f"hold {p.outer}x{size} units (x{p.inner}) at dim {p.dim} from offset {p.offset}")
+    x = t.detach().movedim(dim, -1).narrow(-1, p.offset, p.outer * size * p.inner)
+    x = x.reshape(*x.shape[:-1], p.outer, size, p.inner).transpose(-1, -2)
     return x.reshape(-1, size).to(torch.float64)
 
 

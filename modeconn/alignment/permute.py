@@ -17,14 +17,21 @@ def _axis_index(length: int, refs: Iterable[Tuple[AxisRef, torch.Tensor, int]]) 
     """Index vector for one axis: identity except on the permuted slices.
 
     ``refs`` yields ``(AxisRef, perm, size)``; returns None if nothing moves.
+    Each ref's slice is viewed as ``[outer, size, inner]`` and its middle
+    dimension is indexed by ``perm``.  The refs' index vectors are composed
+    (``index_select`` by ``i1`` then by ``i2`` is ``index_select`` by
+    ``i1[i2]``): on disjoint slices this is each ref on its own slice, and refs
+    sharing a slice act on disjoint digits, so their order does not matter.
     """
     idx = None
     for ref, p, size in refs:
         if idx is None:
             idx = torch.arange(length)
-        span = size * ref.inner
-        block = (p.view(-1, 1) * ref.inner + torch.arange(ref.inner).view(1, -1)).reshape(-1)
-        idx[ref.offset:ref.offset + span] = block + ref.offset
+        span = ref.span(size)
+        local = torch.arange(span).view(ref.outer, size, ref.inner)[:, p, :].reshape(-1)
+        step = torch.arange(length)
+        step[ref.offset:ref.offset + span] = local + ref.offset
+        idx = idx[step]
     return idx
 
 
@@ -49,11 +56,11 @@ def permute_tensor(
 
 
 def segment_rows(t: torch.Tensor, ref: AxisRef, size: int) -> torch.Tensor:
-    """The group's slice of ``t`` as a ``[size, rest]`` matrix (one row per unit)."""
-    seg = t.narrow(ref.axis, ref.offset, size * ref.inner)
+    """The group's slice of ``t`` as a ``[size, rest]`` matrix (one row per unit, its ``outer`` copies included)."""
+    seg = t.narrow(ref.axis, ref.offset, ref.span(size))
     shape = list(seg.shape)
-    shape[ref.axis:ref.axis + 1] = [size, ref.inner]
-    seg = seg.reshape(shape).movedim(ref.axis, 0)
+    shape[ref.axis:ref.axis + 1] = [ref.outer, size, ref.inner]
+    seg = seg.reshape(shape).movedim(ref.axis + 1, 0)
     return seg.reshape(size, -1)
 
 

@@ -38,6 +38,7 @@ __all__ = [
     "PermutationSpec",
     "state_dict_of",
     "check_same_architecture",
+    "compatible_refs",
 ]
 
 NEVER_PERMUTED_SUFFIXES = ("num_batches_tracked",)
@@ -50,12 +51,42 @@ class AxisRef(NamedTuple):
     ``AxisRef("fc.weight", 1, 0, 64)`` is a flattened conv feature map with 64
     spatial positions per channel; ``AxisRef("conv3.weight", 1, 16)`` is the
     second half of a channel concatenation starting at channel 16.
+
+    ``outer``: the slice ``[offset, offset + outer*size*inner)`` is viewed as
+    ``[outer, size, inner]`` and the group permutes the middle dimension, the
+    same way in each of the ``outer`` blocks.  Attention with ``H`` heads of
+    ``d`` dims: the heads are ``AxisRef("q.weight", 0, 0, d)`` (blocks of d
+    rows) and the query/key dims shared by every head are
+    ``AxisRef("q.weight", 0, 0, 1, H)``.  Two refs on the same slice are
+    compatible when they permute disjoint mixed-radix digits of it (see
+    :func:`compatible_refs`); such permutations commute.
     """
 
     name: str
     axis: int
     offset: int = 0
     inner: int = 1
+    outer: int = 1
+
+    def span(self, size: int) -> int:
+        """Number of entries of the axis covered by a group of ``size`` units: ``outer*size*inner``."""
+        return self.outer * size * self.inner
+
+
+def compatible_refs(a: "AxisRef", size_a: int, b: "AxisRef", size_b: int) -> bool:
+    """Whether groups of ``size_a``/``size_b`` units on refs ``a``/``b`` of one axis can both be permuted.
+
+    True when their slices are disjoint, or when they cover the same slice and
+    act on disjoint digits of its mixed-radix index ``[outer, size, inner]``:
+    one's block ``size*inner`` divides the other's ``inner``.  Permutations of
+    disjoint digits commute, so the order of applying them does not matter.
+    """
+    ea, eb = a.offset + a.span(size_a), b.offset + b.span(size_b)
+    if ea <= b.offset or eb <= a.offset:
+        return True
+    if (a.offset, ea) != (b.offset, eb):
+        return False
+    return a.inner % (size_b * b.inner) == 0 or b.inner % (size_a * a.inner) == 0
 
 
 class ObservePoint(NamedTuple):
@@ -64,14 +95,15 @@ class ObservePoint(NamedTuple):
     ``node`` is a torch.fx node name of the traced model (or a module name, used
     with a forward hook); ``dim`` is the tensor dimension holding the units;
     ``offset``/``inner`` select the group's slice of that dimension the same
-    way as in :class:`AxisRef` (blocks of ``inner`` entries are treated as extra
-    samples).
+    way as in :class:`AxisRef` (blocks of ``inner`` entries, and the ``outer``
+    repetitions of the slice, are treated as extra samples).
     """
 
     node: str
     dim: int = 1
     offset: int = 0
     inner: int = 1
+    outer: int = 1
 
 
 AxisLike = Union[AxisRef, Tuple]
@@ -82,10 +114,10 @@ def _to_axis(item: AxisLike) -> AxisRef:
     """An :class:`AxisRef` from itself or a ``(name, axis[, offset, inner])`` tuple; ValueError otherwise."""
     if isinstance(item, AxisRef):
         return item
-    if isinstance(item, (tuple, list)) and 2 <= len(item) <= 4 and isinstance(item[0], str):
+    if isinstance(item, (tuple, list)) and 2 <= len(item) <= 5 and isinstance(item[0], str):
         return AxisRef(item[0], *[int(v) for v in item[1:]])
     raise ValueError(
-        f"axis entry {item!r} must be (name, axis) or (name, axis, offset, inner)"
+        f"axis entry {item!r} must be (name, axis) or (name, axis, offset, inner[, outer])"
     )
 
 
@@ -95,10 +127,10 @@ def _to_observe(item: ObserveLike) -> ObservePoint:
         return item
     if isinstance(item, str):
         return ObservePoint(item)
-    if isinstance(item, (tuple, list)) and 1 <= len(item) <= 4 and isinstance(item[0], str):
+    if isinstance(item, (tuple, list)) and 1 <= len(item) <= 5 and isinstance(item[0], str):
         return ObservePoint(item[0], *[int(v) for v in item[1:]])
     raise ValueError(
-        f"observe entry {item!r} must be a node name or (node, dim, offset, inner)"
+        f"observe entry {item!r} must be a node name or (node, dim, offset, inner[, outer])"
     )
 
 
@@ -153,18 +185,19 @@ def _check_axis(gname: str, size: int, a: AxisRef, sd: Mapping[str, torch.Tensor
             f"group '{gname}': axis {a.axis} is out of range for '{a.name}' "
             f"with shape {tuple(t.shape)}"
         )
-    if a.offset < 0 or a.inner < 1:
+    if a.offset < 0 or a.inner < 1 or a.outer < 1:
         raise ValueError(
             f"group '{gname}': '{a.name}' axis {a.axis} has invalid offset {a.offset} / inner {a.inner}"
+            f" / outer {a.outer}"
         )
     length = t.shape[a.axis]
-    end = a.offset + size * a.inner
+    end = a.offset + a.span(size)
     if end > length:
         raise ValueError(
             f"group '{gname}' has size {size} but '{a.name}' (shape {tuple(t.shape)}) "
             f"has length {length} on axis {a.axis}"
-            + (f" (needs {size}x{a.inner} entries from offset {a.offset})"
-               if (a.offset or a.inner != 1) else "")
+            + (f" (needs {a.outer}x{size}x{a.inner} entries from offset {a.offset})"
+               if (a.offset or a.inner != 1 or a.outer != 1) else "")
         )
     return end
 
@@ -313,17 +346,20 @@ class PermutationSpec:
         Checks: every name exists, is not ``num_batches_tracked``, each axis is
         in range, each group's slice ``offset + size*inner`` fits the axis
         length, no two groups (or two entries) overlap on an axis, and every
-        ``fixed`` name exists.
+        ``fixed`` name exists.  Two refs may share a slice only when they
+        permute disjoint digits of it (:func:`compatible_refs`); a group with
+        an ``outer`` ref need not cover a whole axis (packed q/k/v rows).
         """
         sd = state_dict_of(model_or_state_dict)
-        spans: Dict[Tuple[str, int], List[Tuple[int, int, str]]] = {}
+        spans: Dict[Tuple[str, int], List[Tuple[AxisRef, int, str]]] = {}
         for gname, g in self.groups.items():
             if not g.axes:
                 raise ValueError(f"group '{gname}' permutes no axes")
             for a in g.axes:
-                end = _check_axis(gname, g.size, a, sd)
-                spans.setdefault((a.name, a.axis), []).append((a.offset, end, gname))
-            if not any(a.offset == 0 and g.size * a.inner == sd[a.name].shape[a.axis] for a in g.axes):
+                _check_axis(gname, g.size, a, sd)
+                spans.setdefault((a.name, a.axis), []).append((a, g.size, gname))
+            if not any((a.offset == 0 and a.span(g.size) == sd[a.name].shape[a.axis]) or a.outer > 1
+                       for a in g.axes):
                 a = g.axes[0]
                 raise ValueError(
                     f"group '{gname}' has size {g.size} but none of its axes has that length "
@@ -331,13 +367,13 @@ class PermutationSpec:
                     f"{sd[a.name].shape[a.axis]} on axis {a.axis})"
                 )
         for (name, axis), lst in spans.items():
-            lst.sort()
-            for (s0, e0, g0), (s1, e1, g1) in zip(lst, lst[1:]):
-                if s1 < e0:
-                    raise ValueError(
-                        f"groups '{g0}' and '{g1}' overlap on '{name}' axis {axis} "
-                        f"([{s0}, {e0}) and [{s1}, {e1}))"
-                    )
+            for i, (a0, n0, g0) in enumerate(lst):
+                for a1, n1, g1 in lst[i + 1:]:
+                    if a0 == a1 or not compatible_refs(a0, n0, a1, n1):
+                        raise ValueError(
+                            f"groups '{g0}' and '{g1}' overlap on '{name}' axis {axis} "
+                            f"([{a0.offset}, {a0.offset + a0.span(n0)}) and [{a1.offset}, {a1.offset + a1.span(n1)}))"
+                        )
         for name in self.fixed:
             if name not in sd:
                 raise ValueError(f"fixed entry '{name}' is not a parameter or buffer of the model")

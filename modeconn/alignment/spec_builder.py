@@ -23,7 +23,8 @@ from typing import Dict, List, Set, Tuple
 
 from torch import nn
 
-from modeconn.alignment.spec import NEVER_PERMUTED_SUFFIXES, AxisRef, ObservePoint, PermutationGroup, PermutationSpec
+from modeconn.alignment.spec import (NEVER_PERMUTED_SUFFIXES, AxisRef, ObservePoint, PermutationGroup, PermutationSpec,
+                                    compatible_refs)
 from modeconn.alignment.walk_state import NodeKind, UnitGroups, WalkState
 
 Classes = Dict[int, List[int]]  # representative -> member group ids, in opening order
@@ -64,22 +65,26 @@ def _class_axes(groups: UnitGroups, members: List[int]) -> List[AxisRef]:
 
 
 def _drop_conflicts(groups: UnitGroups, classes: Classes, dropped: Set[int]) -> Dict[int, List[str]]:
-    """Add to ``dropped`` the classes whose slices of an axis overlap another's; return their reasons."""
+    """Add to ``dropped`` the classes whose slices of an axis overlap another's; return their reasons.
+
+    Refs of different classes on one slice that permute disjoint digits of it
+    (attention heads and the dims inside every head) do not conflict.
+    """
     reasons: Dict[int, List[str]] = {}
     changed = True
     while changed:
         changed = False
-        spans: Dict[Tuple[str, int], List[Tuple[int, int, int]]] = {}
+        spans: Dict[Tuple[str, int], List[Tuple[AxisRef, int, int]]] = {}
         for r in classes:
             if r in dropped:
                 continue
             for a in _class_axes(groups, classes[r]):
-                spans.setdefault((a.name, a.axis), []).append((a.offset, a.offset + groups[r].size * a.inner, r))
+                spans.setdefault((a.name, a.axis), []).append((a, groups[r].size, r))
         for (name, axis), lst in spans.items():
-            lst.sort()
-            for i, (s0, e0, r0) in enumerate(lst):
-                for s1, e1, r1 in lst[i + 1:]:
-                    if s1 < e0 and (r1 != r0 or (s1, e1) != (s0, e0)):
+            for i, (a0, n0, r0) in enumerate(lst):
+                for a1, n1, r1 in lst[i + 1:]:
+                    clash = (a1 != a0) if r1 == r0 else not compatible_refs(a0, n0, a1, n1)
+                    if clash and a0.offset < a1.offset + a1.span(n1) and a1.offset < a0.offset + a0.span(n0):
                         for r in {r0, r1}:
                             if r not in dropped:
                                 dropped.add(r)
@@ -150,7 +155,7 @@ def build_spec(walk: WalkState, model: nn.Module) -> PermutationSpec:
         if r in dropped:
             reasons.append(_dropped_reason(groups, r, ms, conflicts.get(r, [])))
             continue
-        pts = points.get(r, [])
+        pts = points.get(r, []) + [(True, p) for m in ms for p in groups[m].observe]
         best = [p for act, p in pts if act] or [p for _, p in pts]
         kept[groups[r].name] = PermutationGroup(groups[r].size, _class_axes(groups, ms),
                                                 list(OrderedDict.fromkeys(best)))

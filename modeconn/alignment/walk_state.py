@@ -18,13 +18,14 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass, field
-from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple
+from typing import Any, Dict, Iterable, List, Optional, Sequence, Set, Tuple
 
 from torch import fx
 from torch.fx.passes.shape_prop import TensorMetadata
 
 from modeconn.alignment.channel_layout import ChannelLayout, Segment, Unsupported
-from modeconn.alignment.spec import AxisRef
+from modeconn.alignment.op_tables import SIZE_METHODS
+from modeconn.alignment.spec import AxisRef, ObservePoint
 
 
 class NodeKind(enum.Enum):
@@ -43,6 +44,7 @@ class RawGroup:
     size: int
     axes: List[AxisRef] = field(default_factory=list)
     reasons: List[str] = field(default_factory=list)
+    observe: List[ObservePoint] = field(default_factory=list)  # points known to the rule that opened it
 
 
 class UnitGroups:
@@ -93,6 +95,20 @@ class UnitGroups:
                 self.groups[g].reasons.append(reason)
 
 
+@dataclass
+class AttentionSite:
+    """An attention layer whose heads (and the dims inside them) are candidate groups.
+
+    ``name`` names it in reasons (the common prefix of its layers), ``layers``
+    are its modules, ``groups`` the ids of its head / query-key / value groups.
+    Inference checks every site numerically before keeping its groups.
+    """
+
+    name: str
+    layers: List[str]
+    groups: List[int]
+
+
 def tensor_shape(node: Any) -> Optional[Tuple[int, ...]]:
     """The traced shape of a node's output, or None for non-nodes and non-tensor outputs."""
     if not isinstance(node, fx.Node):
@@ -101,6 +117,13 @@ def tensor_shape(node: Any) -> Optional[Tuple[int, ...]]:
     if isinstance(meta, TensorMetadata):
         return tuple(int(s) for s in meta.shape)
     return None
+
+
+def value_users(node: fx.Node) -> List[fx.Node]:
+    """Users of ``node`` that read its values (not ``x.size()``/``x.dim()``/``x.shape`` queries)."""
+    return [u for u in node.users
+            if not (u.op == "call_method" and u.target in SIZE_METHODS)
+            and not (u.op == "call_function" and u.target is getattr)]
 
 
 def main_input(node: fx.Node) -> Any:
@@ -119,10 +142,18 @@ def _target_name(node: fx.Node) -> str:
 class WalkState:
     """Layouts and kinds of the nodes visited so far, the groups, and notes for the spec's reasons."""
 
-    def __init__(self, gm: fx.GraphModule):
-        """Empty state for the traced module ``gm`` (shapes already propagated)."""
+    def __init__(self, gm: fx.GraphModule, state_names: Optional[Iterable[str]] = None):
+        """Empty state for the traced module ``gm`` (shapes already propagated).
+
+        ``state_names``: the model's state-dict names (default: ``gm``'s), the
+        entries a group may permute.
+        """
         self.gm = gm
         self.modules = dict(gm.named_modules())
+        self.state_names = set(state_names if state_names is not None else gm.state_dict())
+        self.tuple_layouts: Dict[fx.Node, Dict[int, ChannelLayout]] = {}  # layouts of a tuple output's items
+        self.sites: List[AttentionSite] = []
+        self.site_projections: Set[fx.Node] = set()  # q/k/v Linears of attention sites: open no group
         self.groups = UnitGroups()
         self.layout: Dict[fx.Node, Optional[ChannelLayout]] = {}
         self.kind: Dict[fx.Node, NodeKind] = {}
@@ -186,6 +217,10 @@ class WalkState:
         for off, s in layout.offsets():
             if s.group is not None:
                 self.groups[s.group].axes.append(AxisRef(name, axis, off, s.inner))
+
+    def present(self, names: Iterable[str]) -> List[str]:
+        """The ``names`` that are state-dict entries (a layer built with ``bias=False`` has no bias)."""
+        return [n for n in names if n in self.state_names]
 
     def open_group(self, node: fx.Node, base: str, size: int, dim_from_end: int,
                    entries: Sequence[Tuple[str, int]]) -> None:
