@@ -177,8 +177,8 @@ def parse_kwargs(items: Optional[Sequence[str]]) -> dict:
     return out
 
 
-def add_optim_args(p: argparse.ArgumentParser, epochs: int, lr: float, wd: float = 5e-4) -> None:
-    """--epochs, --lr, --wd, --momentum, --schedule, --seed of the SGD training commands."""
+def add_optim_args(p: argparse.ArgumentParser, epochs: int, lr: float, wd: float = 5e-4):
+    """--epochs, --lr, --wd, --momentum, --schedule, --seed of the SGD training commands; returns the group."""
     g = p.add_argument_group("optimisation")
     g.add_argument("--epochs", type=at_least(1), default=epochs, help="training epochs (default: %(default)s)")
     g.add_argument("--lr", type=float, default=lr, help="initial learning rate of SGD (default: %(default)s)")
@@ -190,6 +190,7 @@ def add_optim_args(p: argparse.ArgumentParser, epochs: int, lr: float, wd: float
                         "(default: %(default)s)")
     g.add_argument("--seed", type=int, default=0, help="seed of initialisation, batch order and t samples "
                                                        "(default: %(default)s)")
+    return g
 
 
 def add_run_args(p: argparse.ArgumentParser, out_default: Optional[str] = None, out_required: bool = True,

@@ -40,7 +40,7 @@ from modeconn.data import epoch_generator
 from modeconn.runtime import Hooks, Runtime
 from modeconn.runtime import distributed as _dist
 from modeconn.training.sam import SAM, sam_step_loss
-from modeconn.training.schedules import make_scheduler
+from modeconn.training.schedules import make_scheduler, warmup_scheduler
 from modeconn.training.state import capture_state, restore_state
 
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
@@ -237,9 +237,10 @@ def run_sgd(module: nn.Module, loader, epochs: int, step_loss: StepLoss, optimiz
 
 
 def _sgd(params: List[torch.Tensor], epochs: int, lr: float, momentum: float, weight_decay: float,
-         schedule: str, sam: Optional[float] = None, sam_adaptive: bool = False):
+         schedule: str, sam: Optional[float] = None, sam_adaptive: bool = False, warmup_steps: int = 0,
+         steps_per_epoch: int = 1):
     """Checked SGD optimizer (wrapped in :class:`~modeconn.training.sam.SAM` when ``sam`` is a radius)
-    and per-epoch scheduler of :func:`train_model` / :func:`fit_curve`."""
+    and scheduler of :func:`train_model` / :func:`fit_curve`: per epoch, or per step with a warm-up."""
     if isinstance(epochs, bool) or int(epochs) != epochs or epochs < 1:
         raise ValueError(f"epochs must be an integer >= 1, got {epochs}")
     if not math.isfinite(lr) or lr <= 0:
@@ -249,16 +250,21 @@ def _sgd(params: List[torch.Tensor], epochs: int, lr: float, momentum: float, we
     else:
         optimizer = SAM(params, torch.optim.SGD, rho=sam, adaptive=sam_adaptive, lr=lr, momentum=momentum,
                         weight_decay=weight_decay)
+    if warmup_steps:
+        return optimizer, warmup_scheduler(optimizer, schedule, int(epochs), steps_per_epoch, warmup_steps)
     return optimizer, make_scheduler(optimizer, schedule, int(epochs))
 
 
-def _settings(loop: str, epochs, lr, weight_decay, momentum, schedule, seed, sam=None, sam_adaptive=False) -> dict:
-    """What a resume state of :func:`train_model` / :func:`fit_curve` must agree on (SAM's keys only with SAM,
-    so states of earlier runs still resume)."""
+def _settings(loop: str, epochs, lr, weight_decay, momentum, schedule, seed, sam=None, sam_adaptive=False,
+              warmup_steps: int = 0) -> dict:
+    """What a resume state of :func:`train_model` / :func:`fit_curve` must agree on (SAM's and the warm-up's
+    keys only when used, so states of earlier runs still resume)."""
     out = {"loop": loop, "epochs": int(epochs), "lr": float(lr), "weight_decay": float(weight_decay),
            "momentum": float(momentum), "schedule": schedule, "seed": int(seed)}
     if sam is not None:
         out.update(sam=float(sam), sam_adaptive=bool(sam_adaptive))
+    if warmup_steps:
+        out.update(warmup_steps=int(warmup_steps))
     return out
 
 
@@ -267,31 +273,36 @@ def _with_sam(step: StepLoss, optimizer: torch.optim.Optimizer, module: nn.Modul
     return sam_step_loss(step, optimizer, module) if isinstance(optimizer, SAM) else step
 
 
+def _warmup_steps(warmup_epochs: float, loader: Iterable) -> int:
+    """``warmup_epochs`` of ``loader``'s steps, rounded (at least 1 when asked for); ValueError when negative."""
+    if not math.isfinite(warmup_epochs) or warmup_epochs < 0:
+        raise ValueError(f"warmup_epochs must be a number >= 0, got {warmup_epochs!r}")
+    return max(1, round(warmup_epochs * len(loader))) if warmup_epochs > 0 else 0
+
+
 def train_model(model: nn.Module, train_loader: Iterable, epochs: int = 20, lr: float = 0.05,
                 weight_decay: float = 5e-4, momentum: float = 0.9, schedule: str = "reference",
                 loss: Union[str, LossFn] = "cross_entropy", seed: int = 0, resume: Optional[Mapping] = None,
                 runtime: Optional[Runtime] = None, hooks: Optional[Hooks] = None, sam: Optional[float] = None,
-                sam_adaptive: bool = False) -> List[dict]:
+                sam_adaptive: bool = False, warmup_epochs: float = 0.0) -> List[dict]:
     """Train an endpoint network in place with SGD (momentum, weight decay); returns the per-epoch history.
 
     Args:
         model: the network (trained in place; moved to ``runtime.device`` when given).
         train_loader: batches ``(x, y)``, reshuffled per epoch by ``set_epoch`` when it has it.
         epochs, lr, weight_decay, momentum: of the SGD run.
-        schedule: per-epoch rate: ``"reference"`` (Garipov et al.'s, see
-            :func:`~modeconn.training.schedules.reference_lr_factor`),
-            ``"cosine"`` or ``"constant"``.
+        schedule: per-epoch rate: ``"reference"`` (Garipov et al.'s, ``reference_lr_factor``), ``"cosine"``
+            or ``"constant"``.
         loss: ``"cross_entropy"``, ``"mse"`` or ``f(output, y) -> scalar``.
         seed: batch order (with the loader's own seed) and DDP's per-rank
             dropout seeds. Single-process dropout draws from the global RNG.
         resume: a ``state`` from ``hooks.on_epoch_end`` of an interrupted run
             with the same settings; the run continues after its epoch.
-        runtime: device, amp, compile, distributed. Under DDP the loader must
-            be sharded for this rank; BatchNorm normalises with each rank's
-            share of the batch (plain DDP; running statistics broadcast from rank 0).
+        runtime: device, amp, compile, distributed. Under DDP the loader must be sharded for this rank;
+            BatchNorm normalises each rank's share (running statistics broadcast from rank 0).
         hooks: ``progress(n)`` per finished step, ``on_epoch_end(record, state)``.
-        sam, sam_adaptive: SAM radius ρ (Foret et al. 2021; ASAM with
-            ``sam_adaptive``, :mod:`modeconn.training.sam`): two passes per step.
+        sam, sam_adaptive: SAM radius ρ (Foret et al. 2021; ASAM with ``sam_adaptive``): two passes per step.
+        warmup_epochs: linear warm-up over this many epochs' steps (``warmup_scheduler``); 0: none.
 
     Returns:
         History records ``epoch, loss, acc, lr, seconds`` (loss without the
@@ -315,7 +326,9 @@ def train_model(model: nn.Module, train_loader: Iterable, epochs: int = 20, lr: 
     if runtime.device is not None:
         model.to(runtime.device)
     params = [p for p in model.parameters() if p.requires_grad]
-    optimizer, scheduler = _sgd(params, epochs, lr, momentum, weight_decay, schedule, sam, sam_adaptive)
+    warmup = _warmup_steps(warmup_epochs, train_loader)
+    optimizer, scheduler = _sgd(params, epochs, lr, momentum, weight_decay, schedule, sam, sam_adaptive, warmup,
+                                len(train_loader))
     device = params[0].device
     ddp = runtime.use_ddp(train_loader)
     net = _dist.wrap_ddp(model) if ddp else model
@@ -324,8 +337,9 @@ def train_model(model: nn.Module, train_loader: Iterable, epochs: int = 20, lr: 
     step = _with_sam(model_step(net, loss, runtime, device), optimizer, model)
     return run_sgd(model, train_loader, int(epochs), step, optimizer, scheduler, seed=seed,
                    settings=_settings("train_model", epochs, lr, weight_decay, momentum, schedule, seed, sam,
-                                      sam_adaptive),
-                   hooks=hooks, resume=resume, ddp=ddp, advice=f"lower the learning rate (lr={lr})")
+                                      sam_adaptive, warmup),
+                   hooks=hooks, resume=resume, ddp=ddp, per_step=bool(warmup),
+                   advice=f"lower the learning rate (lr={lr}) or warm it up longer")
 
 
 class _CurveStep(nn.Module):

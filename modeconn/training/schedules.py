@@ -18,7 +18,7 @@ from typing import List, Optional
 import torch
 from torch.optim.lr_scheduler import LRScheduler
 
-__all__ = ["SCHEDULES", "reference_lr_factor", "make_scheduler", "cyclic_lr", "snapshot_iterations",
+__all__ = ["SCHEDULES", "reference_lr_factor", "make_scheduler", "epoch_factor", "warmup_scheduler", "cyclic_lr", "snapshot_iterations",
            "cycle_length", "FGELR"]
 
 SCHEDULES = ("reference", "cosine", "constant")
@@ -57,6 +57,40 @@ def make_scheduler(optimizer: torch.optim.Optimizer, schedule: str, epochs: int)
     if schedule == "constant":
         return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda e: 1.0)
     raise ValueError(f"unknown schedule {schedule!r}; choose one of {SCHEDULES}")
+
+
+def epoch_factor(schedule: str, epoch: int, epochs: int) -> float:
+    """The factor on the base rate in epoch ``epoch`` (0-based) of the named schedule, in closed form."""
+    if schedule == "reference":
+        return reference_lr_factor(epoch, epochs)
+    if schedule == "cosine":  # CosineAnnealingLR(T_max=epochs) with eta_min 0
+        return 0.5 * (1.0 + math.cos(math.pi * epoch / epochs))
+    if schedule == "constant":
+        return 1.0
+    raise ValueError(f"unknown schedule {schedule!r}; choose one of {SCHEDULES}")
+
+
+def warmup_scheduler(optimizer: torch.optim.Optimizer, schedule: str, epochs: int, steps_per_epoch: int,
+                     warmup_steps: int) -> LRScheduler:
+    """A per-step scheduler: a linear warm-up from ``1/warmup_steps`` of the rate over the first
+    ``warmup_steps`` steps (Goyal et al. 2017), times the named per-epoch schedule.
+
+    Step ``i`` (0-based) runs at ``lr * min(1, (i + 1) / warmup_steps) * epoch_factor(i // steps_per_epoch)``.
+
+    Example:
+        >>> opt = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=1.0)
+        >>> sched = warmup_scheduler(opt, "constant", epochs=2, steps_per_epoch=3, warmup_steps=4)
+        >>> rates = []
+        >>> for _ in range(6):
+        ...     rates.append(opt.param_groups[0]["lr"]); opt.step(); sched.step()
+        >>> rates
+        [0.25, 0.5, 0.75, 1.0, 1.0, 1.0]
+    """
+    if isinstance(warmup_steps, bool) or int(warmup_steps) != warmup_steps or warmup_steps < 1:
+        raise ValueError(f"warmup_steps must be an integer >= 1, got {warmup_steps!r}")
+    per_epoch = max(int(steps_per_epoch), 1)
+    return torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda i: min(1.0, (i + 1) / warmup_steps) * epoch_factor(schedule, i // per_epoch, epochs))
 
 
 # ------------------------------------------------------------- FGE, per step
