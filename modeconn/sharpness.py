@@ -6,14 +6,15 @@ import sys
 from pathlib import Path
 
 from modeconn.cli.args import add_data_args, add_run_args, at_least, join_negative_values, parse_range, parser
-from modeconn.cli.data import checkpoint_dataset, hessian_loader
+from modeconn.cli.data import bn_loader, checkpoint_dataset, hessian_loader
+from modeconn.cli.endpoints import load_endpoint_model
 from modeconn.cli.errors import CommandError, run_command
 from modeconn.cli.outputs import run_info, write_csv, write_json
 from modeconn.cli.session import Job, session
 from modeconn.geometry.grid import axis
 from modeconn.geometry.sharpness import sharpness_report
 from modeconn.runtime import Hooks
-from modeconn.runtime.checkpoints import load_model, make_directory
+from modeconn.runtime.checkpoints import make_directory
 
 EXAMPLE = """  python -m modeconn.sharpness --ckpt runs/mlp_b32/model.pt runs/mlp_full/model.pt --out runs/sharpness
   python -m modeconn.sharpness --ckpt runs/mlp_sgd/model.pt runs/mlp_sam/model.pt --labels SGD SAM \\
@@ -89,7 +90,7 @@ def _check(args) -> None:
 
 def _measure(args, job: Job, ckpt: str, label: str, xs):
     """(report, dataset name, architecture) of one checkpoint."""
-    model, meta = load_model(ckpt)
+    model, meta = load_endpoint_model(ckpt, "--ckpt")
     model = model.to(job.device)
     ds = checkpoint_dataset(args, meta, ckpt)
     train = ds.eval_loader("train", args.batch_size).to(job.device)
@@ -98,7 +99,8 @@ def _measure(args, job: Job, ckpt: str, label: str, xs):
         report = sharpness_report(model, train, test, hessian_data=hessian_loader(ds, args, job.device),
                                   tol=args.hessian_tol, trace_samples=args.trace_samples, epsilon=args.epsilon,
                                   ascent_steps=args.ascent_steps, slice_xs=xs, fit_radius=args.fit_radius,
-                                  seed=args.seed, hooks=Hooks(progress=bar.update))
+                                  seed=args.seed, bn_data=bn_loader(ds, args, job.device),
+                                  hooks=Hooks(progress=bar.update))
     return report, ds.name, meta["arch"]
 
 

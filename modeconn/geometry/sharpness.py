@@ -141,7 +141,7 @@ def sharpness_report(model: nn.Module, train_data: Iterable, test_data: Optional
                      maxiter: Optional[int] = None, trace_samples: int = 100, epsilon: float = 1e-3,
                      ascent_steps: int = 20, slice_xs: Sequence[float] = tuple(np.linspace(-1, 1, 21)),
                      fit_radius: float = 0.2, seed: int = 0, dtype: Optional[torch.dtype] = None,
-                     hooks: Optional[Hooks] = None) -> SharpnessReport:
+                     bn_data: Optional[Iterable] = None, hooks: Optional[Hooks] = None) -> SharpnessReport:
     """Every sharpness measure of a classifier ``model`` (see the module docstring) in one :class:`SharpnessReport`.
 
     Every loss is the mean cross-entropy (the slice's and the metrics' are).
@@ -149,7 +149,7 @@ def sharpness_report(model: nn.Module, train_data: Iterable, test_data: Optional
     Args:
         model: the trained network (only read; put it on its device first).
         train_data, test_data: batches for the losses, accuracies and the slice
-            (BN statistics of slice points from ``train_data``).
+            (BN statistics of slice points from ``bn_data``, default ``train_data``).
         hessian_data: batches for the Hessian and ε-sharpness (default
             ``train_data``); must yield the same samples every time.
         tol, maxiter: Lanczos settings; ``trace_samples``: Hutchinson vectors.
@@ -168,7 +168,7 @@ def sharpness_report(model: nn.Module, train_data: Iterable, test_data: Optional
     eps = epsilon_sharpness(op, epsilon, ascent_steps, seed, hooks)
     origin = flatten_parameters(model)
     line = random_plane(origin, model, dims=1, norm="filter", ignore_1d=True, seed=seed)
-    grid = evaluate_grid(model, line, np.asarray(slice_xs, float), None, train_data, test_data, hooks=hooks)
+    grid = evaluate_grid(model, line, np.asarray(slice_xs, float), None, train_data, test_data, bn_data, hooks=hooks)
     train = evaluate(model, train_data)
     test = evaluate(model, test_data) if test_data is not None else {"loss": math.nan, "acc": math.nan}
     return SharpnessReport(lambda_max=eig.lambda_max, lambda_min=eig.lambda_min, ratio=eig.ratio, trace=trace,
