@@ -25,6 +25,10 @@ from modeconn.training.simplex import fit_simplex
 from modeconn.training.schedules import FGELR, cyclic_lr
 from modeconn.training.sam import SAM
 from modeconn.geometry.sharpness import SharpnessReport, sharpness_report
+from modeconn.core.param_groups import parameter_groups
+from modeconn.evaluation.layerwise import LayerwiseResult, layerwise_barriers
+from modeconn.geometry.sharpness import ModuleCurvature, module_curvature
+from modeconn.alignment.repair import Repair, RepairReport, evaluate_repaired_path, repair
 from modeconn.alignment import (PermutationSpec, activation_matching, align_models, apply_permutation,
                                 infer_permutation_spec, weight_matching)
 
@@ -44,4 +48,6 @@ __all__ = [
     "sharpness_report", "SharpnessReport",
     "PermutationSpec", "infer_permutation_spec", "apply_permutation", "weight_matching", "activation_matching",
     "align_models",
+    "repair", "Repair", "RepairReport", "evaluate_repaired_path",
+    "layerwise_barriers", "LayerwiseResult", "parameter_groups", "module_curvature", "ModuleCurvature",
 ]
