@@ -118,3 +118,21 @@ def test_eval_curve_per_layer_and_repair(tmp_path):
     assert "layer-wise test-loss barriers" in proc.stdout
     curve_err = _run("--ckpt", str(out / "path.json"), "--repair")
     assert curve_err.returncode == 2 and "--a A.pt --b B.pt" in curve_err.stderr
+
+
+def test_why_barrier_experiment_quick(tmp_path):
+    """The experiment's smoke mode: every number written, consistent between the JSON and the markdown."""
+    proc = subprocess.run([sys.executable, "experiments/why_barrier.py", "--quick", "--out", str(tmp_path)],
+                          capture_output=True, text=True, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr
+    res = json.loads((tmp_path / "why_barrier.json").read_text())
+    assert sorted(res["runs"]) == ["convnet_1_2", "mlp_1_2"]
+    for run in res["runs"].values():
+        assert set(run["barriers"]) == {"unaligned", "aligned", "aligned+REPAIR"}
+        # the last cumulative layer-wise path is the straight line itself
+        for which in ("unaligned", "aligned"):
+            last = list(run["layerwise"][which]["cumulative"].values())[-1]
+            assert last == pytest.approx(run["barriers"][which]["test_loss"], abs=1e-5)
+    md = (tmp_path / "why_barrier.md").read_text()
+    assert f"{res['runs']['mlp_1_2']['barriers']['aligned']['test_loss']:.3f}" in md
+    assert (tmp_path / "why_barrier.png").stat().st_size > 0
