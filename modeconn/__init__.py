@@ -26,6 +26,10 @@ from modeconn.training.schedules import FGELR, cyclic_lr
 from modeconn.training.sam import SAM
 from modeconn.geometry.sharpness import SharpnessReport, sharpness_report
 from modeconn.training.spawn import SpawnResult, spawn_children
+from modeconn.core.param_groups import parameter_groups
+from modeconn.evaluation.layerwise import LayerwiseResult, layerwise_barriers
+from modeconn.geometry.sharpness import ModuleCurvature, module_curvature
+from modeconn.alignment.repair import Repair, RepairReport, evaluate_repaired_path, repair
 from modeconn.alignment import (PermutationSpec, activation_matching, align_models, apply_permutation,
                                 infer_permutation_spec, weight_matching)
 
@@ -46,4 +50,6 @@ __all__ = [
     "spawn_children", "SpawnResult",
     "PermutationSpec", "infer_permutation_spec", "apply_permutation", "weight_matching", "activation_matching",
     "align_models",
+    "repair", "Repair", "RepairReport", "evaluate_repaired_path",
+    "layerwise_barriers", "LayerwiseResult", "parameter_groups", "module_curvature", "ModuleCurvature",
 ]
