@@ -63,7 +63,8 @@ def _fit(args, job: Job, model, ds, run: TrainingRun, state: Optional[dict]) -> 
     history = train_model(model, loader, args.epochs, args.lr, args.wd, args.momentum, args.schedule,
                           seed=args.seed, resume=state, runtime=Runtime(job.device, args.amp, args.compile),
                           hooks=Hooks(progress=bar.update, on_epoch_end=run.epoch_saver(bar)), sam=args.sam,
-                          sam_adaptive=args.sam_adaptive, warmup_epochs=args.warmup)
+                          sam_adaptive=args.sam_adaptive, sam_sparsity=args.sam_sparsity, sam_mask=args.sam_mask,
+                          warmup_epochs=args.warmup)
     bar.close()
     return history
 
