@@ -307,33 +307,27 @@ def train_model(model: nn.Module, train_loader: Iterable, epochs: int = 20, lr: 
         model: the network (trained in place; moved to ``runtime.device`` when given).
         train_loader: batches ``(x, y)``, reshuffled per epoch by ``set_epoch`` when it has it.
         epochs, lr, weight_decay, momentum: of the SGD run.
-        schedule: per-epoch rate: ``"reference"`` (Garipov et al.'s, ``reference_lr_factor``), ``"cosine"``
-            or ``"constant"``.
+        schedule: per-epoch rate: ``"reference"`` (Garipov et al.'s), ``"cosine"`` or ``"constant"``.
         loss: ``"cross_entropy"``, ``"mse"`` or ``f(output, y) -> scalar``.
-        seed: batch order (with the loader's own seed) and DDP's per-rank
-            dropout seeds. Single-process dropout draws from the global RNG.
-        resume: a ``state`` from ``hooks.on_epoch_end`` of an interrupted run
-            with the same settings; the run continues after its epoch.
+        seed: batch order (with the loader's seed), DDP's per-rank dropout seeds (else: the global RNG).
+        resume: a ``state`` of ``hooks.on_epoch_end`` (same settings); the run continues after its epoch.
         runtime: device, amp, compile, distributed. Under DDP the loader must be sharded for this rank;
             BatchNorm normalises each rank's share (running statistics broadcast from rank 0).
         hooks: ``progress(n)`` per finished step, ``on_epoch_end(record, state)``.
-        sam, sam_adaptive: SAM radius ρ (Foret et al. 2021; ASAM with ``sam_adaptive``): two passes per step.
+        sam, sam_adaptive, sam_sparsity, sam_mask: SAM radius ρ (Foret et al. 2021; ASAM with ``sam_adaptive``;
+            SSAM, Mi et al. 2022, perturbing a ``"fisher"``/``"random"`` mask of ``1 − sam_sparsity`` of the
+            parameters renewed every epoch: :class:`~modeconn.training.sam.SAM`): two passes per step.
         warmup_epochs: linear warm-up over this many epochs' steps (``warmup_scheduler``); 0: none.
-        sam_sparsity, sam_mask: SSAM (Mi et al. 2022): perturb only a ``"fisher"`` or ``"random"`` mask of
-            ``1 − sam_sparsity`` of the parameters, renewed every epoch (:class:`~modeconn.training.sam.SAM`).
-        epoch_fields: ``f() -> dict`` merged into every epoch's record (e.g. an
-            :class:`~modeconn.geometry.ntk.NTKTracker`; with ``state_dict`` it is part of the resume state).
+        epoch_fields: ``f() -> dict`` merged into every epoch's record (an ``NTKTracker``; its ``state_dict``
+            joins the resume state).
 
     Returns:
         History records ``epoch, loss, acc, lr, seconds`` (loss without the
         weight-decay term; acc NaN for non-classification outputs).
 
     Example:
-        >>> import torch
-        >>> from torch import nn
         >>> from modeconn.data import TensorLoader
         >>> from modeconn.runtime import Hooks
-        >>> from modeconn.training.loop import train_model
         >>> _ = torch.manual_seed(0)
         >>> net = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 3))
         >>> loader = TensorLoader(torch.randn(32, 4), torch.randint(0, 3, (32,)), batch_size=8, shuffle=True)
@@ -350,12 +344,11 @@ def train_model(model: nn.Module, train_loader: Iterable, epochs: int = 20, lr: 
     ssam = _ssam(sam, sam_sparsity, sam_mask, train_loader, seed)
     optimizer, scheduler = _sgd(params, epochs, lr, momentum, weight_decay, schedule, sam, sam_adaptive, warmup,
                                 len(train_loader), ssam)
-    device = params[0].device
     ddp = runtime.use_ddp(train_loader)
     net = _dist.wrap_ddp(model) if ddp else model
     if runtime.compile:
         net = torch.compile(net)
-    step = _with_sam(model_step(net, loss, runtime, device), optimizer, model)
+    step = _with_sam(model_step(net, loss, runtime, params[0].device), optimizer, model)
     return run_sgd(model, train_loader, int(epochs), step, optimizer, scheduler, seed=seed,
                    settings=_settings("train_model", epochs, lr, weight_decay, momentum, schedule, seed, sam,
                                       sam_adaptive, warmup, ssam),
