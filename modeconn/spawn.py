@@ -68,6 +68,10 @@ def build_parser():
     g.add_argument("--barrier", default="interp", choices=BARRIER_REFERENCES,
                    help="barrier definition of the table and the plot (README: Barriers); spawn.json holds "
                         "all three (default: %(default)s)")
+    g.add_argument("--track-ntk", type=at_least(2), default=None, metavar="N",
+                   help="track every run's empirical NTK (trace over outputs) on the first N training samples "
+                        "(Fort et al. 2020): distance from the initial kernel and velocity per epoch in the "
+                        "histories, kernel distance between children and from the spawn point")
     add_run_args(p)
     add_resume_args(p, "states/", "epoch of the parent or of a child")
     add_scale_args(p)
@@ -79,7 +83,8 @@ def _config(args, kwargs: dict, spawn_at: List[int], seeds: List[int]) -> dict:
     return {"dataset": args.dataset, "model": args.model, "model_kwargs": kwargs, "seed": args.seed,
             "epochs": args.epochs, "lr": args.lr, "wd": args.wd, "momentum": args.momentum,
             "schedule": args.schedule, "batch_size": args.batch_size, "spawn_at": spawn_at,
-            "children": args.children, "child_seeds": seeds}
+            "children": args.children, "child_seeds": seeds,
+            **({"track_ntk": args.track_ntk} if args.track_ntk else {})}
 
 
 def _checked(args) -> tuple:
@@ -98,6 +103,10 @@ def _spawn(args, job: Job, ds, kwargs: dict, spawn_at: List[int], seeds: List[in
     loaders = [ds.eval_loader(split).to(job.device) for split in ("train", "test")]
     steps = len(train_loader(ds, args, job.info))
     pairs = args.children * (args.children - 1) // 2
+    ntk = {}
+    if args.track_ntk:
+        x, y = next(iter(ds.eval_loader("train", batch_size=args.track_ntk, samples=args.track_ntk)))
+        ntk = {"ntk_inputs": x, "ntk_labels": y}
     bar = job.progress(spawn_steps(args.epochs, spawn_at, args.children, steps) +
                        len(spawn_at) * pairs * points_of_this_rank(args.num_points, args.points_per_pass),
                        f"spawn {args.model}")
@@ -106,7 +115,7 @@ def _spawn(args, job: Job, ds, kwargs: dict, spawn_at: List[int], seeds: List[in
         spawn_at=spawn_at, children=args.children, seed=args.seed, child_seeds=seeds, lr=args.lr,
         weight_decay=args.wd, momentum=args.momentum, schedule=args.schedule, num_points=args.num_points,
         points_per_pass=args.points_per_pass, reference=args.barrier, store=store,
-        runtime=Runtime(job.device, args.amp, args.compile), hooks=Hooks(progress=bar.update))
+        runtime=Runtime(job.device, args.amp, args.compile), hooks=Hooks(progress=bar.update), **ntk)
     bar.close()
     return result
 

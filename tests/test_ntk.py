@@ -99,3 +99,34 @@ def test_train_command_tracks_the_ntk(tmp_path):
     assert all(0 < r["ntk_distance"] < 2 and r["ntk_velocity"] > 0 for r in records)
     assert (out / "ntk.png").read_bytes()[:4] == b"\x89PNG"
     assert mc.load_checkpoint(out / "model.pt")["config"]["track_ntk"] == 16
+
+
+def test_spawning_tracks_the_ntk_of_parent_and_children():
+    from modeconn.data import TensorLoader
+    from modeconn.training.spawn import PARENT, child_key, spawn_key, spawn_children
+
+    torch.manual_seed(0)
+    x, y = torch.randn(64, 4), torch.randint(0, 3, (64,))
+    data = TensorLoader(x, y, batch_size=64)
+    net = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 3))
+    res = spawn_children(net, lambda s: TensorLoader(x, y, 16, shuffle=True, seed=s), data, data, epochs=3,
+                         spawn_at=[0, 1], num_points=3, ntk_inputs=x[:10], ntk_labels=y[:10])
+    parent = res.store[PARENT]["history"]
+    assert [r["epoch"] for r in parent] == [1, 2, 3] and all(r["ntk_velocity"] > 0 for r in parent)
+
+    def kernel(key):
+        m = copy.deepcopy(net)
+        m.load_state_dict(res.store[key]["model"])
+        return empirical_ntk(m, x[:10])
+
+    k0 = empirical_ntk(net, x[:10])
+    for k in (0, 1):
+        child = res.store[child_key(k, 0)]["history"]
+        assert child[:k] == parent[:k]  # a child spawned at k continues the parent's series
+        assert child[-1]["ntk_distance"] == pytest.approx(kernel_distance(k0, kernel(child_key(k, 0))), abs=1e-6)
+        pair = res.points[k].pairs[0]
+        assert pair.ntk_distance == pytest.approx(kernel_distance(kernel(child_key(k, 0)), kernel(child_key(k, 1))),
+                                                  abs=1e-6)
+        assert res.points[k].children[1].ntk_distance_from_spawn == pytest.approx(
+            kernel_distance(kernel(spawn_key(k)), kernel(child_key(k, 1))), abs=1e-6)
+    assert "ntk_distance" in res.to_dict()["spawn"][0]["mean"]
