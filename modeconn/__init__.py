@@ -26,6 +26,8 @@ from modeconn.training.schedules import FGELR, cyclic_lr
 from modeconn.training.sam import SAM
 from modeconn.geometry.sharpness import SharpnessReport, sharpness_report
 from modeconn.training.spawn import SpawnResult, spawn_children
+from modeconn.geometry.ntk import NTKTracker, empirical_ntk, kernel_alignment, kernel_distance, kernel_velocity
+from modeconn.alignment.rescale import canonical_scale
 from modeconn.alignment import (PermutationSpec, activation_matching, align_models, apply_permutation,
                                 infer_permutation_spec, weight_matching)
 
@@ -44,6 +46,7 @@ __all__ = [
     "train_model", "fit_curve", "train_fge", "FGELR", "FGESnapshots", "cyclic_lr", "FGEResult", "SAM",
     "sharpness_report", "SharpnessReport",
     "spawn_children", "SpawnResult",
+    "empirical_ntk", "kernel_distance", "kernel_velocity", "kernel_alignment", "NTKTracker",
     "PermutationSpec", "infer_permutation_spec", "apply_permutation", "weight_matching", "activation_matching",
-    "align_models",
+    "align_models", "canonical_scale",
 ]
