@@ -29,7 +29,6 @@ import json
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 from scipy.stats import spearmanr
 

@@ -68,7 +68,8 @@ def run(ds, cfg: dict, seed: int, name: str, sam_kwargs: dict) -> dict:
     test, train = evaluate(model, ds.eval_loader("test")), evaluate(model, ds.eval_loader("train"))
     return {"method": name, "seed": seed, "test_acc": test["acc"], "test_loss": test["loss"],
             "train_loss": train["loss"], "lambda_max": lam, "hessian_trace": float(trace),
-            "seconds_per_step": sum(h["seconds"] for h in timed) / (len(timed) * len(loader)), "final_epoch_loss": history[-1]["loss"]}
+            "seconds_per_step": sum(h["seconds"] for h in timed) / (len(timed) * len(loader)),
+            "final_epoch_loss": history[-1]["loss"]}
 
 
 def summary(rows: list) -> dict:

@@ -100,7 +100,9 @@ def rescalable_groups(model: nn.Module, spec: PermutationSpec, example_input: to
         for g in roles:
             factor = 0.5 + 1.5 * torch.rand(spec.groups[g].size, generator=gen, dtype=torch.float64)
             moved = _outputs(net, scale_units(sd, spec, g, factor, roles), x)
-            if all(torch.allclose(a, b, rtol=1e-9, atol=1e-9 * (1 + float(a.abs().max()))) for a, b in zip(ref, moved)):
+            same = all(torch.allclose(a, b, rtol=1e-9, atol=1e-9 * (1 + float(a.abs().max())))
+                       for a, b in zip(ref, moved))
+            if same:
                 found.append(g)
     order = {name: i for i, name in enumerate(sd)}
     return sorted(found, key=lambda g: min(order[r.name] for r in roles[g][0]))

@@ -409,10 +409,10 @@ def fit_curve(curve: CurveModel, train_loader: Iterable, epochs: int = 20, lr: f
 
     One t per mini-batch, drawn from the ``(seed, epoch)`` generator; the
     penalty ``0.5 * weight_decay * ||θ(t)||²`` applies at the sampled point,
-    not to the bends. Arguments, resume, hooks, SAM and SSAM (on the free bends, one t for
-    both passes; an SSAM mask chooses entries of the free bends) as :func:`train_model`. Under DDP only ``free_bends`` is data
-    parallel and every rank draws the same t; with ``runtime.amp`` θ(t) stays
-    float32. Raises ValueError when every bend is fixed.
+    not to the bends. Arguments, resume, hooks, SAM and SSAM (on the free bends, one
+    t for both passes; an SSAM mask picks entries of the free bends) as :func:`train_model`.
+    Under DDP only ``free_bends`` is data parallel and every rank draws the same t;
+    with ``runtime.amp`` θ(t) stays float32. Raises ValueError when every bend is fixed.
 
     Example:
         >>> from modeconn import Bezier, CurveModel
