@@ -163,6 +163,10 @@ def _print_table(result: SpawnResult) -> None:
         barriers = (_cell(list(pt.barriers(m, result.reference))) for m in ("test_loss", "test_error"))
         rows.append((str(pt.epoch), *barriers, _cell([c.test_acc for c in pt.children]),
                      _cell([p.distance for p in pt.pairs]), _cell([c.distance_from_spawn for c in pt.children])))
+    if result.points[0].pairs[0].ntk_distance is not None:  # --track-ntk: the kernels' distances too
+        rows = [rows[0] + ("NTK dist child-child", "NTK dist from spawn")] + [
+            row + (_cell([p.ntk_distance for p in pt.pairs]), _cell([c.ntk_distance_from_spawn for c in pt.children]))
+            for row, pt in zip(rows[1:], result.points)]
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     for r in rows:
         print("  ".join(cell.rjust(w) for cell, w in zip(r, widths)))

@@ -130,3 +130,22 @@ def test_spawning_tracks_the_ntk_of_parent_and_children():
         assert res.points[k].children[1].ntk_distance_from_spawn == pytest.approx(
             kernel_distance(kernel(spawn_key(k)), kernel(child_key(k, 1))), abs=1e-6)
     assert "ntk_distance" in res.to_dict()["spawn"][0]["mean"]
+
+
+def test_spawn_command_tracks_the_ntk(tmp_path, capsys):
+    from modeconn import spawn
+
+    out = tmp_path / "s"
+    assert spawn.main(["--model", "mlp", "--model-kwargs", "width=16", "depth=1", "--epochs", "2", "--spawn-at", "0",
+                       "1", "--track-ntk", "8", "--num-points", "3", "--out", str(out), "--no-progress"]) == 0
+    assert "NTK dist child-child" in capsys.readouterr().out
+    data = json.loads((out / "spawn.json").read_text())
+    assert data["config"]["track_ntk"] == 8
+    assert all(r["ntk_velocity"] > 0 for r in data["parent_history"])
+    for point in data["spawn"]:
+        for child in point["children"]:
+            assert [r["epoch"] for r in child["ntk_history"]] == [1, 2]
+            assert child["ntk_history"][:point["epoch"]] == [
+                {k: v for k, v in r.items() if k == "epoch" or k.startswith("ntk_")}
+                for r in data["parent_history"][:point["epoch"]]]
+        assert 0 <= point["pairs"][0]["ntk_distance"] <= 2

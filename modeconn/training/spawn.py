@@ -133,6 +133,7 @@ class SpawnChild:
     test_acc: float
     distance_from_spawn: float
     ntk_distance_from_spawn: Optional[float] = None
+    ntk_history: List[dict] = field(default_factory=list)  # per epoch: epoch, ntk_distance, ntk_velocity, ...
 
 
 @dataclass
@@ -277,6 +278,12 @@ def _net(template: nn.Module, state_dict: Dict[str, torch.Tensor]) -> nn.Module:
     return net
 
 
+def _ntk_records(history: List[dict]) -> List[dict]:
+    """The NTK entries (and the epoch) of a run's history records that have them."""
+    return [{key: v for key, v in r.items() if key == "epoch" or key.startswith("ntk_")}
+            for r in history if "ntk_distance" in r]
+
+
 def _endpoint(pairs: List[SpawnPair], child: int) -> Tuple[PathResult, int]:
     """A path with ``child`` at one end, and that end's index (0 or -1)."""
     for p in pairs:
@@ -312,7 +319,8 @@ def _measure(template: nn.Module, k: int, seeds: Sequence[int], store: MutableMa
         children.append(SpawnChild(k, i, int(s), float(path.train_loss[end]), float(path.train_acc[end]),
                                    float(path.test_loss[end]), float(path.test_acc[end]),
                                    float((flats[i] - start).norm()),
-                                   None if kernels is None else kernel_distance(kernels[i], kernels[-1])))
+                                   None if kernels is None else kernel_distance(kernels[i], kernels[-1]),
+                                   _ntk_records(store[child_key(k, i)]["history"])))
     return SpawnPoint(k, children, pairs)
 
 
