@@ -30,6 +30,8 @@ from modeconn.core.param_groups import parameter_groups
 from modeconn.evaluation.layerwise import LayerwiseResult, layerwise_barriers
 from modeconn.geometry.sharpness import ModuleCurvature, module_curvature
 from modeconn.alignment.repair import Repair, RepairReport, evaluate_repaired_path, repair
+from modeconn.geometry.ntk import NTKTracker, empirical_ntk, kernel_alignment, kernel_distance, kernel_velocity
+from modeconn.alignment.rescale import canonical_scale
 from modeconn.alignment import (PermutationSpec, activation_matching, align_models, apply_permutation,
                                 infer_permutation_spec, weight_matching)
 
@@ -48,8 +50,10 @@ __all__ = [
     "train_model", "fit_curve", "train_fge", "FGELR", "FGESnapshots", "cyclic_lr", "FGEResult", "SAM",
     "sharpness_report", "SharpnessReport",
     "spawn_children", "SpawnResult",
+    "empirical_ntk", "kernel_distance", "kernel_velocity", "kernel_alignment", "NTKTracker",
     "PermutationSpec", "infer_permutation_spec", "apply_permutation", "weight_matching", "activation_matching",
-    "align_models",
+    "align_models", "canonical_scale",
     "repair", "Repair", "RepairReport", "evaluate_repaired_path",
     "layerwise_barriers", "LayerwiseResult", "parameter_groups", "module_curvature", "ModuleCurvature",
+    "empirical_ntk", "kernel_distance", "kernel_velocity", "kernel_alignment", "NTKTracker",
 ]

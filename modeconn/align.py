@@ -54,6 +54,10 @@ def build_parser():
                    help="seed of the weight-matching visiting order (default: %(default)s)")
     g.add_argument("--max-iter", type=at_least(1), default=100,
                    help="weight matching: at most this many sweeps over the groups (default: %(default)s)")
+    g.add_argument("--rescale", action="store_true",
+                   help="weight matching: first give every ReLU-like unit unit incoming norm in both models, "
+                        "compensated in its outgoing weights (the function is unchanged; only where no "
+                        "normalisation follows), so a rescaled copy of A still matches A")
     g.add_argument("--report", action="store_true",
                    help="print the per-group table (units, similarity before -> after, what stays fixed)")
     g = p.add_argument_group("barrier report (three straight lines, a BN pass per point: the slow part)")
@@ -106,7 +110,7 @@ def _align(args, ds, model_a, model_b, device):
     t0 = time.perf_counter()
     aligned_b, _, report = align_models(model_a, model_b, method=args.method,
                                   loader=ds.eval_loader("train", args.batch_size), seed=args.seed,
-                                  max_iter=args.max_iter, device=device)
+                                  max_iter=args.max_iter, device=device, rescale=args.rescale)
     align_seconds = time.perf_counter() - t0
     return aligned_b, report, align_seconds
 

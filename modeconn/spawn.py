@@ -67,6 +67,10 @@ def build_parser():
     g.add_argument("--barrier", default="interp", choices=BARRIER_REFERENCES,
                    help="barrier definition of the table and the plot (README: Barriers); spawn.json holds "
                         "all three (default: %(default)s)")
+    g.add_argument("--track-ntk", type=at_least(2), default=None, metavar="N",
+                   help="track every run's empirical NTK (trace over outputs) on the first N training samples "
+                        "(Fort et al. 2020): distance from the initial kernel and velocity per epoch in the "
+                        "histories, kernel distance between children and from the spawn point")
     add_run_args(p)
     add_resume_args(p, "states/", "epoch of the parent or of a child")
     add_scale_args(p)
@@ -78,7 +82,8 @@ def _config(args, kwargs: dict, spawn_at: List[int], seeds: List[int]) -> dict:
     return {"dataset": args.dataset, "model": args.model, "model_kwargs": kwargs, "seed": args.seed,
             "epochs": args.epochs, "lr": args.lr, "wd": args.wd, "momentum": args.momentum,
             "schedule": args.schedule, "batch_size": args.batch_size, "spawn_at": spawn_at,
-            "children": args.children, "child_seeds": seeds}
+            "children": args.children, "child_seeds": seeds,
+            **({"track_ntk": args.track_ntk} if args.track_ntk else {})}
 
 
 def _checked(args) -> tuple:
@@ -97,6 +102,10 @@ def _spawn(args, job: Job, ds, kwargs: dict, spawn_at: List[int], seeds: List[in
     loaders = [ds.eval_loader(split).to(job.device) for split in ("train", "test")]
     steps = len(train_loader(ds, args, job.info))
     pairs = args.children * (args.children - 1) // 2
+    ntk = {}
+    if args.track_ntk:
+        x, y = next(iter(ds.eval_loader("train", batch_size=args.track_ntk, samples=args.track_ntk)))
+        ntk = {"ntk_inputs": x, "ntk_labels": y}
     bar = job.progress(spawn_steps(args.epochs, spawn_at, args.children, steps) +
                        len(spawn_at) * pairs * points_of_this_rank(args.num_points, args.points_per_pass),
                        f"spawn {args.model}")
@@ -105,7 +114,7 @@ def _spawn(args, job: Job, ds, kwargs: dict, spawn_at: List[int], seeds: List[in
         spawn_at=spawn_at, children=args.children, seed=args.seed, child_seeds=seeds, lr=args.lr,
         weight_decay=args.wd, momentum=args.momentum, schedule=args.schedule, num_points=args.num_points,
         points_per_pass=args.points_per_pass, reference=args.barrier, store=store,
-        runtime=Runtime(job.device, args.amp, args.compile), hooks=Hooks(progress=bar.update))
+        runtime=Runtime(job.device, args.amp, args.compile), hooks=Hooks(progress=bar.update), **ntk)
     bar.close()
     return result
 
@@ -154,6 +163,10 @@ def _print_table(result: SpawnResult) -> None:
         barriers = (_cell(list(pt.barriers(m, result.reference))) for m in ("test_loss", "test_error"))
         rows.append((str(pt.epoch), *barriers, _cell([c.test_acc for c in pt.children]),
                      _cell([p.distance for p in pt.pairs]), _cell([c.distance_from_spawn for c in pt.children])))
+    if result.points[0].pairs[0].ntk_distance is not None:  # --track-ntk: the kernels' distances too
+        rows = [rows[0] + ("NTK dist child-child", "NTK dist from spawn")] + [
+            row + (_cell([p.ntk_distance for p in pt.pairs]), _cell([c.ntk_distance_from_spawn for c in pt.children]))
+            for row, pt in zip(rows[1:], result.points)]
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     for r in rows:
         print("  ".join(cell.rjust(w) for cell, w in zip(r, widths)))

@@ -7,7 +7,7 @@ from typing import List, Optional
 
 import torch
 
-from modeconn.cli.args import (add_data_args, add_model_args, add_optim_args, add_resume_args, add_run_args,
+from modeconn.cli.args import (at_least, add_data_args, add_model_args, add_optim_args, add_resume_args, add_run_args,
                                add_sam_args, add_scale_args, parse_kwargs, parser, sam_config)
 from modeconn.cli.data import canonical_specs, data_fields, load_dataset, model_kwargs_for, train_loader
 from modeconn.cli.endpoints import untrained_reason
@@ -17,8 +17,10 @@ from modeconn.cli.rundir import TrainingRun
 from modeconn.cli.session import Job, session
 from modeconn.runtime.checkpoints import save_model
 from modeconn.evaluation.model import evaluate
+from modeconn.geometry.ntk import NTK_KINDS, NTKTracker
 from modeconn.models import create_model
 from modeconn.plots.history import plot_history
+from modeconn.plots.ntk import plot_ntk
 from modeconn.runtime import Hooks, Runtime
 from modeconn.training.loop import train_model
 
@@ -27,9 +29,10 @@ EXAMPLE = """  python -m modeconn.train --dataset digits --model mlp --seed 1 --
   python -m modeconn.train --model mynet.py:build --model-kwargs width=48 --out runs/mine   (your own model)
   python -m modeconn.train --dataset digits --model mlp --sam 0.05 --out runs/mlp_sam       # SAM (ASAM: --sam-adaptive)
   python -m modeconn.train --dataset majority --model gpt --seed 1 --out runs/gpt_a   # vocab from the data
+  python -m modeconn.train --model mlp --track-ntk 100 --out runs/mlp_ntk   # NTK distance/velocity per epoch
 
 writes OUT/model.pt (self-describing checkpoint), OUT/history.json, OUT/history.png,
-and OUT/resume.pt (state after the last finished epoch, for --resume).
+and OUT/resume.pt (state after the last finished epoch, for --resume); with --track-ntk also OUT/ntk.png.
 Under torchrun (DDP) --batch-size is the global batch:
   torchrun --nproc_per_node 2 -m modeconn.train --model mlp --batch-size 128 --out runs/mlp_ddp"""
 
@@ -46,6 +49,13 @@ def build_parser():
                         "it a BatchNorm CNN at lr 0.05 blew up in its first steps for 2 of 8 seeds (README) "
                         "(default: %(default)s)")
     add_sam_args(p)
+    n = p.add_argument_group("NTK tracking (Fort et al. 2020)")
+    n.add_argument("--track-ntk", type=at_least(2), default=None, metavar="N",
+                   help="after every epoch, the empirical NTK on the first N training samples: kernel distance "
+                        "from the initial kernel, velocity, label alignment (history.json, ntk.png)")
+    n.add_argument("--ntk-kind", choices=list(NTK_KINDS), default="trace",
+                   help="trace over outputs, logit sum (cheap for many classes) or the full [N,N,K,K] kernel "
+                        "(default: %(default)s)")
     add_run_args(p)
     p.add_argument("--strict", action="store_true",
                    help="exit with status 1 (the checkpoint is still written) when the trained model looks "
@@ -59,10 +69,15 @@ def _fit(args, job: Job, model, ds, run: TrainingRun, state: Optional[dict]) -> 
     """Train ``model`` for the remaining epochs, saving the state after each; returns the history."""
     loader = train_loader(ds, args, job.info)
     bar = job.progress(args.epochs * len(loader), f"train {args.model}")
+    tracker = None
+    if args.track_ntk:  # the kernel of the initial weights first: before any step (also when resuming)
+        x, y = next(iter(ds.eval_loader("train", batch_size=args.track_ntk, samples=args.track_ntk)))
+        tracker = NTKTracker(model, x.to(job.device), y, kind=args.ntk_kind)
     history = train_model(model, loader, args.epochs, args.lr, args.wd, args.momentum, args.schedule,
                           seed=args.seed, resume=state, runtime=Runtime(job.device, args.amp, args.compile),
                           hooks=Hooks(progress=bar.update, on_epoch_end=run.epoch_saver(bar)), sam=args.sam,
-                          sam_adaptive=args.sam_adaptive, warmup_epochs=args.warmup)
+                          sam_adaptive=args.sam_adaptive, sam_sparsity=args.sam_sparsity, sam_mask=args.sam_mask,
+                          warmup_epochs=args.warmup, epoch_fields=tracker)
     bar.close()
     return history
 
@@ -81,6 +96,10 @@ def _write_results(args, argv, model, ds, kwargs: dict, config: dict, history: L
                       **data_fields(args, ds),
                       config=config, run=run_info(argv))
     plot_history(history, out / "history.png", f"{args.model} on {args.dataset}, seed {args.seed}")
+    if args.track_ntk:
+        plot_ntk(history, out / "ntk.png", f"NTK of {args.model} on {args.dataset}, {args.track_ntk} samples")
+        last = history[-1]
+        print(f"NTK: distance from init {last['ntk_distance']:.4f}, last velocity {last['ntk_velocity']:.4f}")
     print(f"train loss {train['loss']:.4f} acc {train['acc']:.4f} | "
           f"test loss {test['loss']:.4f} acc {test['acc']:.4f}")
     print(f"wrote {ckpt}, {out / 'history.json'}, {out / 'history.png'}")
@@ -99,7 +118,8 @@ def main_(argv=None) -> int:
     config = {"dataset": args.dataset, "model": args.model, "model_kwargs": kwargs, "seed": args.seed,
               "epochs": args.epochs, "lr": args.lr, "wd": args.wd, "momentum": args.momentum,
               "schedule": args.schedule, "batch_size": args.batch_size, **sam_config(args),
-              **({"warmup": args.warmup} if args.warmup else {})}
+              **({"warmup": args.warmup} if args.warmup else {}),
+              **({"track_ntk": args.track_ntk, "ntk_kind": args.ntk_kind} if args.track_ntk else {})}
     with session(args) as job:
         run = TrainingRun(Path(args.out), config, "model.pt", job.is_main)
         state = run.start(args.resume, args.force)

@@ -120,7 +120,7 @@ def _fit(args, job: Job, curve, ds, run: TrainingRun, state: Optional[dict]) -> 
     history = fit_curve(curve, loader, args.epochs, args.lr, args.wd, args.momentum, args.schedule,
                         seed=args.seed, resume=state, runtime=Runtime(job.device, args.amp, args.compile),
                         hooks=Hooks(progress=bar.update, on_epoch_end=run.epoch_saver(bar)), sam=args.sam,
-                        sam_adaptive=args.sam_adaptive)
+                        sam_adaptive=args.sam_adaptive, sam_sparsity=args.sam_sparsity, sam_mask=args.sam_mask)
     bar.close()
     return history
 

@@ -15,6 +15,7 @@ from modeconn.alignment.matching import (ActivationMatchingInfo, WeightMatchingI
                                          weight_matching, weight_similarity)
 from modeconn.alignment.observe import batch_input
 from modeconn.alignment.permute import apply_permutation
+from modeconn.alignment.rescale import canonical_scale
 from modeconn.alignment.spec import PermutationSpec, check_same_architecture, state_dict_of
 from modeconn.runtime.plain import to_plain
 
@@ -54,6 +55,7 @@ class AlignmentReport:
     reasons: List[str] = field(default_factory=list)
     fixed: List[str] = field(default_factory=list)
     info: Optional[Union[WeightMatchingInfo, ActivationMatchingInfo]] = None
+    rescaled: List[str] = field(default_factory=list)  # groups brought to unit incoming norm before matching
 
     @property
     def mean_before(self) -> float:
@@ -83,6 +85,7 @@ class AlignmentReport:
             "reasons": [str(r) for r in self.reasons],
             "fixed": [str(f) for f in self.fixed],
             "info": to_plain(dataclasses.asdict(self.info)) if self.info is not None else None,
+            "rescaled": list(self.rescaled),
         }
 
     def summary(self) -> str:
@@ -91,9 +94,18 @@ class AlignmentReport:
                  f"mean {self.metric} {self.mean_before:.3f} -> {self.mean_after:.3f}"]
         for k, g in self.groups.items():
             lines.append(f"  {k:<32s} {g.size:5d} units  {g.before:7.3f} -> {g.after:7.3f}")
+        if self.rescaled:
+            lines.append(f"  canonical neuron scale (unit incoming norm) before matching: {', '.join(self.rescaled)}")
         for r in self.reasons:
             lines.append(f"  fixed: {r}")
         return "\n".join(lines)
+
+
+def _first_input(loader):
+    """The model input of ``loader``'s first batch (ValueError without a loader)."""
+    if loader is None:
+        raise ValueError("rescale=True needs example_input or a loader (a batch to check the rescaling on)")
+    return batch_input(next(iter(loader)))
 
 
 def _resolve_spec(model_a, spec: Optional[PermutationSpec], example_input, loader):
@@ -124,9 +136,24 @@ def _resolve_spec(model_a, spec: Optional[PermutationSpec], example_input, loade
     return infer_permutation_spec(model_a, example_input), loader
 
 
+def _weight_method(model_a, model_b, spec: PermutationSpec, seed: int, max_iter: int, rescale_input=None):
+    """Weight matching (on both models' canonical scale when ``rescale_input`` is a batch):
+    ``(perm, info, similarity before, after, rescaled groups)``."""
+    rescaled: List[str] = []
+    if rescale_input is not None:
+        if not isinstance(model_a, nn.Module) or not isinstance(model_b, nn.Module):
+            raise ValueError("rescale=True needs nn.Module models, not state dicts")
+        model_a, _, rescaled = canonical_scale(model_a, spec, rescale_input)
+        model_b, _, _ = canonical_scale(model_b, spec, groups=rescaled)
+    perm, info = weight_matching(model_a, model_b, spec, seed=seed, max_iter=max_iter)
+    before = weight_similarity(model_a, model_b, spec, None)
+    after = weight_similarity(model_a, model_b, spec, perm)
+    return perm, info, before, after, rescaled
+
+
 def align_models(model_a, model_b, method: str = "weight", loader=None, spec: Optional[PermutationSpec] = None,
                  example_input=None, seed: int = 0, *, max_iter: int = 100, max_batches: Optional[int] = None,
-                 device=None):
+                 device=None, rescale: bool = False):
     """Permute the hidden units of ``model_b`` to line up with ``model_a``.
 
     Args:
@@ -138,6 +165,8 @@ def align_models(model_a, model_b, method: str = "weight", loader=None, spec: Op
         spec: the permutable units; None infers it from ``model_a`` with
             ``example_input`` (default: the first batch of ``loader``).
         seed, max_iter, max_batches, device: passed to the matching function.
+        rescale: weight matching on both models' canonical neuron scale (:func:`~modeconn.alignment.rescale.
+            canonical_scale`, checked on ``example_input`` or the first batch): a rescaled copy still matches.
 
     Returns:
         ``(aligned_b, perm, report)``: a copy of ``model_b`` computing the same
@@ -156,8 +185,8 @@ def align_models(model_a, model_b, method: str = "weight", loader=None, spec: Op
         >>> all(torch.equal(p, q) for p, q in zip(aligned.parameters(), a.parameters()))
         True
     """
-    if method not in METHODS:
-        raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+    if method not in METHODS or (rescale and method != "weight"):
+        raise ValueError(f"method must be one of {METHODS} (rescale=True: 'weight'), got {method!r}")
     check_same_architecture(model_a, model_b)
     if method == "activation":
         if loader is None:
@@ -167,10 +196,10 @@ def align_models(model_a, model_b, method: str = "weight", loader=None, spec: Op
     spec, loader = _resolve_spec(model_a, spec, example_input, loader)
     spec.validate(state_dict_of(model_a))
 
+    rescaled: List[str] = []
     if method == "weight":
-        perm, info = weight_matching(model_a, model_b, spec, seed=seed, max_iter=max_iter)
-        before = weight_similarity(model_a, model_b, spec, None)
-        after = weight_similarity(model_a, model_b, spec, perm)
+        x = None if not rescale else example_input if example_input is not None else _first_input(loader)
+        perm, info, before, after, rescaled = _weight_method(model_a, model_b, spec, seed, max_iter, x)
         metric = "cosine"
     else:
         perm, info = activation_matching(model_a, model_b, loader, spec, device=device,
@@ -180,5 +209,5 @@ def align_models(model_a, model_b, method: str = "weight", loader=None, spec: Op
         metric = "correlation"
     aligned_b = apply_permutation(model_b, spec, perm)
     groups = OrderedDict((k, GroupAlignment(g.size, before[k], after[k])) for k, g in spec.groups.items())
-    report = AlignmentReport(method, metric, groups, list(spec.reasons), list(spec.fixed), info)
+    report = AlignmentReport(method, metric, groups, list(spec.reasons), list(spec.fixed), info, rescaled)
     return aligned_b, perm, report

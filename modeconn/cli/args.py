@@ -294,15 +294,28 @@ def add_sam_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--sam-adaptive", action="store_true",
                    help="ASAM (Kwon et al. 2021): the ascent scaled by |w| + 0.01 per weight, invariant to "
                         "rescaling a layer (typical RHO 0.5 to 2; needs --sam)")
+    g.add_argument("--sam-sparsity", type=float, default=0.0, metavar="S",
+                   help="SSAM (Mi et al. 2022): perturb only 1-S of the parameters, chosen by --sam-mask and "
+                        "renewed every epoch (Mi et al.: S=0.5 keeps SAM's accuracy; needs --sam; default: 0)")
+    g.add_argument("--sam-mask", choices=["fisher", "random"], default=None,
+                   help="SSAM's mask: the parameters of largest Fisher information (mean squared gradient over "
+                        "the last epoch's steps) or a random one (default: fisher when --sam-sparsity > 0)")
 
 
 def sam_config(args: argparse.Namespace) -> dict:
     """``{"sam": RHO, "sam_adaptive": bool}`` for a run's config when --sam is given, else ``{}`` (runs without
     SAM keep the config of earlier versions, so they still resume); a bad combination is a CommandError."""
+    sparse = args.sam_sparsity != 0 or args.sam_mask is not None
     if args.sam is None:
-        if args.sam_adaptive:
-            raise CommandError("--sam-adaptive needs --sam RHO")
+        if args.sam_adaptive or sparse:
+            raise CommandError(f"{'--sam-adaptive' if args.sam_adaptive else '--sam-sparsity/--sam-mask'} "
+                               "needs --sam RHO")
         return {}
     if not (args.sam > 0 and math.isfinite(args.sam)):
         raise CommandError(f"--sam {args.sam}: the radius must be a finite number > 0")
-    return {"sam": args.sam, "sam_adaptive": args.sam_adaptive}
+    if not 0 <= args.sam_sparsity < 1:
+        raise CommandError(f"--sam-sparsity {args.sam_sparsity}: the share left unperturbed must be in [0, 1)")
+    if sparse and args.sam_mask is None:
+        args.sam_mask = "fisher"
+    out = {"sam": args.sam, "sam_adaptive": args.sam_adaptive}
+    return {**out, "sam_sparsity": args.sam_sparsity, "sam_mask": args.sam_mask} if sparse else out

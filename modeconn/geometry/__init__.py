@@ -17,10 +17,12 @@ from modeconn.geometry.sharpness import (EpsilonSharpness, SharpnessReport, epsi
                                          slice_curvature)
 from modeconn.geometry.directions import (NORMS, Plane, flatten_parameters, model_direction, normalize_direction,
                                           orthogonalize, plane_through, random_direction, random_plane)
+from modeconn.geometry.ntk import NTKTracker, empirical_ntk, kernel_alignment, kernel_distance, kernel_velocity
 from modeconn.geometry.grid import (CurvePlane, GridResult, axis, curve_plane, curve_plane_geometry, evaluate_grid,
                                     evaluator_for, plane_checksum)
 
 __all__ = ["NORMS", "Plane", "flatten_parameters", "model_direction", "normalize_direction", "orthogonalize",
            "plane_through", "random_direction", "random_plane", "CurvePlane", "GridResult", "axis", "curve_plane",
            "curve_plane_geometry", "evaluate_grid", "evaluator_for", "plane_checksum", "curvature_metrics",
-           "EpsilonSharpness", "SharpnessReport", "epsilon_sharpness", "sharpness_report", "slice_curvature"]
+           "EpsilonSharpness", "SharpnessReport", "epsilon_sharpness", "sharpness_report", "slice_curvature",
+           "empirical_ntk", "kernel_distance", "kernel_velocity", "kernel_alignment", "NTKTracker"]

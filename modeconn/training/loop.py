@@ -240,9 +240,10 @@ def run_sgd(module: nn.Module, loader, epochs: int, step_loss: StepLoss, optimiz
 
 def _sgd(params: List[torch.Tensor], epochs: int, lr: float, momentum: float, weight_decay: float,
          schedule: str, sam: Optional[float] = None, sam_adaptive: bool = False, warmup_steps: int = 0,
-         steps_per_epoch: int = 1):
-    """Checked SGD optimizer (wrapped in :class:`~modeconn.training.sam.SAM` when ``sam`` is a radius)
-    and scheduler of :func:`train_model` / :func:`fit_curve`: per epoch, or per step with a warm-up."""
+         steps_per_epoch: int = 1, ssam: Optional[dict] = None):
+    """Checked SGD optimizer (wrapped in :class:`~modeconn.training.sam.SAM` when ``sam`` is a radius, SSAM
+    with ``ssam`` = SAM's sparsity/mask keywords) and scheduler of :func:`train_model` / :func:`fit_curve`:
+    per epoch, or per step with a warm-up."""
     if isinstance(epochs, bool) or int(epochs) != epochs or epochs < 1:
         raise ValueError(f"epochs must be an integer >= 1, got {epochs}")
     if not math.isfinite(lr) or lr <= 0:
@@ -251,20 +252,22 @@ def _sgd(params: List[torch.Tensor], epochs: int, lr: float, momentum: float, we
         optimizer = torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=weight_decay)
     else:
         optimizer = SAM(params, torch.optim.SGD, rho=sam, adaptive=sam_adaptive, lr=lr, momentum=momentum,
-                        weight_decay=weight_decay)
+                        weight_decay=weight_decay, **(ssam or {}))
     if warmup_steps:
         return optimizer, warmup_scheduler(optimizer, schedule, int(epochs), steps_per_epoch, warmup_steps)
     return optimizer, make_scheduler(optimizer, schedule, int(epochs))
 
 
 def _settings(loop: str, epochs, lr, weight_decay, momentum, schedule, seed, sam=None, sam_adaptive=False,
-              warmup_steps: int = 0) -> dict:
+              warmup_steps: int = 0, ssam: Optional[dict] = None) -> dict:
     """What a resume state of :func:`train_model` / :func:`fit_curve` must agree on (SAM's and the warm-up's
     keys only when used, so states of earlier runs still resume)."""
     out = {"loop": loop, "epochs": int(epochs), "lr": float(lr), "weight_decay": float(weight_decay),
            "momentum": float(momentum), "schedule": schedule, "seed": int(seed)}
     if sam is not None:
         out.update(sam=float(sam), sam_adaptive=bool(sam_adaptive))
+    if sam is not None and ssam:
+        out.update(sam_sparsity=ssam["sparsity"], sam_mask=ssam["mask"])
     if warmup_steps:
         out.update(warmup_steps=int(warmup_steps))
     return out
@@ -273,6 +276,18 @@ def _settings(loop: str, epochs, lr, weight_decay, momentum, schedule, seed, sam
 def _with_sam(step: StepLoss, optimizer: torch.optim.Optimizer, module: nn.Module) -> StepLoss:
     """``step`` made a SAM step (:func:`~modeconn.training.sam.sam_step_loss`) when ``optimizer`` is SAM."""
     return sam_step_loss(step, optimizer, module) if isinstance(optimizer, SAM) else step
+
+
+def _ssam(sam: Optional[float], sparsity: float, mask: Optional[str], loader: Iterable, seed: int
+          ) -> Optional[dict]:
+    """SAM's SSAM keywords (mask renewed once per epoch, random masks seeded by the run's seed), None without a
+    mask; ValueError when a mask or sparsity is asked for without ``sam``."""
+    if mask is None and not sparsity:
+        return None
+    if sam is None:
+        raise ValueError(f"sam_sparsity={sparsity} / sam_mask={mask!r} need sam (the SAM radius)")
+    return {"sparsity": float(sparsity), "mask": mask, "mask_interval": max(1, len(loader)),
+            "mask_seed": int(seed)}
 
 
 def _warmup_steps(warmup_epochs: float, loader: Iterable) -> int:
@@ -286,36 +301,35 @@ def train_model(model: nn.Module, train_loader: Iterable, epochs: int = 20, lr: 
                 weight_decay: float = 5e-4, momentum: float = 0.9, schedule: str = "reference",
                 loss: Union[str, LossFn] = "cross_entropy", seed: int = 0, resume: Optional[Mapping] = None,
                 runtime: Optional[Runtime] = None, hooks: Optional[Hooks] = None, sam: Optional[float] = None,
-                sam_adaptive: bool = False, warmup_epochs: float = 0.0) -> List[dict]:
+                sam_adaptive: bool = False, warmup_epochs: float = 0.0, sam_sparsity: float = 0.0,
+                sam_mask: Optional[str] = None, epoch_fields: Optional[Callable[[], dict]] = None) -> List[dict]:
     """Train an endpoint network in place with SGD (momentum, weight decay); returns the per-epoch history.
 
     Args:
         model: the network (trained in place; moved to ``runtime.device`` when given).
         train_loader: batches ``(x, y)``, reshuffled per epoch by ``set_epoch`` when it has it.
         epochs, lr, weight_decay, momentum: of the SGD run.
-        schedule: per-epoch rate: ``"reference"`` (Garipov et al.'s, ``reference_lr_factor``), ``"cosine"``
-            or ``"constant"``.
+        schedule: per-epoch rate: ``"reference"`` (Garipov et al.'s), ``"cosine"`` or ``"constant"``.
         loss: ``"cross_entropy"``, ``"mse"`` or ``f(output, y) -> scalar``.
-        seed: batch order (with the loader's own seed) and DDP's per-rank
-            dropout seeds. Single-process dropout draws from the global RNG.
-        resume: a ``state`` from ``hooks.on_epoch_end`` of an interrupted run
-            with the same settings; the run continues after its epoch.
+        seed: batch order (with the loader's seed), DDP's per-rank dropout seeds (else: the global RNG).
+        resume: a ``state`` of ``hooks.on_epoch_end`` (same settings); the run continues after its epoch.
         runtime: device, amp, compile, distributed. Under DDP the loader must be sharded for this rank;
             BatchNorm normalises each rank's share (running statistics broadcast from rank 0).
         hooks: ``progress(n)`` per finished step, ``on_epoch_end(record, state)``.
-        sam, sam_adaptive: SAM radius ρ (Foret et al. 2021; ASAM with ``sam_adaptive``): two passes per step.
+        sam, sam_adaptive, sam_sparsity, sam_mask: SAM radius ρ (Foret et al. 2021; ASAM with ``sam_adaptive``;
+            SSAM, Mi et al. 2022, perturbing a ``"fisher"``/``"random"`` mask of ``1 − sam_sparsity`` of the
+            parameters renewed every epoch: :class:`~modeconn.training.sam.SAM`): two passes per step.
         warmup_epochs: linear warm-up over this many epochs' steps (``warmup_scheduler``); 0: none.
+        epoch_fields: ``f() -> dict`` merged into every epoch's record (an ``NTKTracker``; its ``state_dict``
+            joins the resume state).
 
     Returns:
         History records ``epoch, loss, acc, lr, seconds`` (loss without the
         weight-decay term; acc NaN for non-classification outputs).
 
     Example:
-        >>> import torch
-        >>> from torch import nn
         >>> from modeconn.data import TensorLoader
         >>> from modeconn.runtime import Hooks
-        >>> from modeconn.training.loop import train_model
         >>> _ = torch.manual_seed(0)
         >>> net = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 3))
         >>> loader = TensorLoader(torch.randn(32, 4), torch.randint(0, 3, (32,)), batch_size=8, shuffle=True)
@@ -329,18 +343,19 @@ def train_model(model: nn.Module, train_loader: Iterable, epochs: int = 20, lr: 
         model.to(runtime.device)
     params = [p for p in model.parameters() if p.requires_grad]
     warmup = _warmup_steps(warmup_epochs, train_loader)
+    ssam = _ssam(sam, sam_sparsity, sam_mask, train_loader, seed)
     optimizer, scheduler = _sgd(params, epochs, lr, momentum, weight_decay, schedule, sam, sam_adaptive, warmup,
-                                len(train_loader))
-    device = params[0].device
+                                len(train_loader), ssam)
     ddp = runtime.use_ddp(train_loader)
     net = _dist.wrap_ddp(model) if ddp else model
     if runtime.compile:
         net = torch.compile(net)
-    step = _with_sam(model_step(net, loss, runtime, device), optimizer, model)
+    step = _with_sam(model_step(net, loss, runtime, params[0].device), optimizer, model)
     return run_sgd(model, train_loader, int(epochs), step, optimizer, scheduler, seed=seed,
                    settings=_settings("train_model", epochs, lr, weight_decay, momentum, schedule, seed, sam,
-                                      sam_adaptive, warmup),
-                   hooks=hooks, resume=resume, ddp=ddp, per_step=bool(warmup),
+                                      sam_adaptive, warmup, ssam),
+                   hooks=hooks, resume=resume, ddp=ddp, per_step=bool(warmup), epoch_fields=epoch_fields,
+                   extra_parts={"epoch_fields": epoch_fields} if hasattr(epoch_fields, "state_dict") else None,
                    advice=f"lower the learning rate (lr={lr}) or warm it up longer")
 
 
@@ -365,7 +380,8 @@ class _CurveStep(nn.Module):
 
 
 def curve_training(model, train_loader, epochs: int, lr: float, momentum: float, schedule: str,
-                   weight_decay: float, runtime: Runtime, sam: Optional[float] = None, sam_adaptive: bool = False):
+                   weight_decay: float, runtime: Runtime, sam: Optional[float] = None, sam_adaptive: bool = False,
+                   ssam: Optional[dict] = None):
     """What :func:`fit_curve` (and ``fit_simplex``) set up: (optimizer, scheduler, step module, ddp).
 
     The model moves to ``runtime.device``; SGD runs on its ``free_bends``
@@ -375,7 +391,8 @@ def curve_training(model, train_loader, epochs: int, lr: float, momentum: float,
     """
     if runtime.device is not None:
         model.to(runtime.device)
-    optimizer, scheduler = _sgd([model.free_bends], epochs, lr, momentum, 0.0, schedule, sam, sam_adaptive)
+    optimizer, scheduler = _sgd([model.free_bends], epochs, lr, momentum, 0.0, schedule, sam, sam_adaptive,
+                                ssam=ssam)
     ddp = runtime.use_ddp(train_loader)
     stepper: nn.Module = _CurveStep(model, runtime, weight_decay)
     if ddp:  # bends and buffers copied from rank 0 once, buffers not re-broadcast every step
@@ -389,15 +406,15 @@ def fit_curve(curve: CurveModel, train_loader: Iterable, epochs: int = 20, lr: f
               weight_decay: float = 5e-4, momentum: float = 0.9, schedule: str = "reference",
               loss: Union[str, LossFn] = "cross_entropy", seed: int = 0, resume: Optional[Mapping] = None,
               runtime: Optional[Runtime] = None, hooks: Optional[Hooks] = None, sam: Optional[float] = None,
-              sam_adaptive: bool = False) -> List[dict]:
+              sam_adaptive: bool = False, sam_sparsity: float = 0.0, sam_mask: Optional[str] = None) -> List[dict]:
     """Train the free bends of ``curve`` to minimise E_{t~U(0,1)} L(θ(t)) (Garipov et al. 2018, Eq. 2).
 
     One t per mini-batch, drawn from the ``(seed, epoch)`` generator; the
     penalty ``0.5 * weight_decay * ||θ(t)||²`` applies at the sampled point,
-    not to the bends. Arguments, resume, hooks, SAM (on the free bends, one t for
-    both passes) as :func:`train_model`. Under DDP only ``free_bends`` is data
-    parallel and every rank draws the same t; with ``runtime.amp`` θ(t) stays
-    float32. Raises ValueError when every bend is fixed.
+    not to the bends. Arguments, resume, hooks, SAM and SSAM (on the free bends, one
+    t for both passes; an SSAM mask picks entries of the free bends) as :func:`train_model`.
+    Under DDP only ``free_bends`` is data parallel and every rank draws the same t;
+    with ``runtime.amp`` θ(t) stays float32. Raises ValueError when every bend is fixed.
 
     Example:
         >>> from modeconn import Bezier, CurveModel
@@ -414,8 +431,9 @@ def fit_curve(curve: CurveModel, train_loader: Iterable, epochs: int = 20, lr: f
     if not curve.free_idx:
         raise ValueError("the curve has no free bends to train (every bend is fixed)")
     runtime, hooks = runtime or Runtime(), hooks or Hooks()
+    ssam = _ssam(sam, sam_sparsity, sam_mask, train_loader, seed)
     optimizer, scheduler, stepper, ddp = curve_training(curve, train_loader, epochs, lr, momentum, schedule,
-                                                        weight_decay, runtime, sam, sam_adaptive)
+                                                        weight_decay, runtime, sam, sam_adaptive, ssam)
     loss_fn = get_loss(loss)
     device = curve.fixed_bends.device
     drawn = {"t_sum": 0.0}
@@ -434,7 +452,8 @@ def fit_curve(curve: CurveModel, train_loader: Iterable, epochs: int = 20, lr: f
         value, drawn["t_sum"] = drawn["t_sum"], 0.0
         return value
 
-    settings = _settings("fit_curve", epochs, lr, weight_decay, momentum, schedule, seed, sam, sam_adaptive)
+    settings = _settings("fit_curve", epochs, lr, weight_decay, momentum, schedule, seed, sam, sam_adaptive,
+                         ssam=ssam)
     return run_sgd(curve, train_loader, int(epochs), _with_sam(step, optimizer, curve), optimizer, scheduler,
                    seed=seed, settings=settings,
                    hooks=hooks, resume=resume, ddp=ddp, advice=f"lower the learning rate (lr={lr})",

@@ -28,6 +28,13 @@ Every training state goes into ``store``, a mutable mapping from names
 process (the ``spawn`` command keeps one file per name), a second call
 continues where the first stopped: a finished child is not trained again, an
 unfinished one resumes from its last epoch.
+
+With ``ntk_inputs`` every run also tracks its empirical NTK on those inputs
+(Fort et al. 2020; :class:`~modeconn.geometry.ntk.NTKTracker`): the parent's
+and each child's history records hold the kernel distance from the parent's
+initial kernel and the velocity per epoch (a child spawned at k continues the
+parent's series), each child its kernel distance from the spawn point's
+kernel, and each pair the kernel distance between its two children.
 """
 from __future__ import annotations
 
@@ -46,6 +53,7 @@ from modeconn.evaluation.barriers import BARRIER_REFERENCES
 from modeconn.evaluation.bn import recompute_bn
 from modeconn.evaluation.model import evaluate
 from modeconn.evaluation.path import PathResult, evaluate_path
+from modeconn.geometry.ntk import NTKTracker, empirical_ntk, kernel_distance
 from modeconn.runtime import Hooks, Runtime
 from modeconn.training.loop import train_model
 from modeconn.training.state import rng_state, set_rng_state
@@ -124,6 +132,8 @@ class SpawnChild:
     test_loss: float
     test_acc: float
     distance_from_spawn: float
+    ntk_distance_from_spawn: Optional[float] = None
+    ntk_history: List[dict] = field(default_factory=list)  # per epoch: epoch, ntk_distance, ntk_velocity, ...
 
 
 @dataclass
@@ -134,6 +144,7 @@ class SpawnPair:
     children: Tuple[int, int]
     distance: float
     path: PathResult
+    ntk_distance: Optional[float] = None
 
     def barrier(self, metric: str = "test_loss", reference: str = "interp") -> float:
         """The line's barrier of a loss or error (:meth:`~modeconn.evaluation.path.PathResult.barrier`)."""
@@ -141,7 +152,7 @@ class SpawnPair:
 
     def to_dict(self) -> dict:
         """Plain data: children, distance, barriers (every metric and reference) and the metrics along t."""
-        return {"children": list(self.children), "distance": self.distance,
+        return {"children": list(self.children), "distance": self.distance, "ntk_distance": self.ntk_distance,
                 "barriers": {m: {r: self.barrier(m, r) for r in BARRIER_REFERENCES} for m in BARRIER_METRICS},
                 "ts": self.path.ts.tolist(), **{m: self.path.values(m).tolist() for m in BARRIER_METRICS}}
 
@@ -164,6 +175,9 @@ class SpawnPoint:
         mean["distance"] = float(np.mean([p.distance for p in self.pairs]))
         for name in ("test_acc", "test_loss", "distance_from_spawn"):
             mean[name] = float(np.mean([getattr(c, name) for c in self.children]))
+        if self.pairs[0].ntk_distance is not None:
+            mean["ntk_distance"] = float(np.mean([p.ntk_distance for p in self.pairs]))
+            mean["ntk_distance_from_spawn"] = float(np.mean([c.ntk_distance_from_spawn for c in self.children]))
         return {"epoch": self.epoch, "children": [vars(c).copy() for c in self.children],
                 "pairs": [p.to_dict() for p in self.pairs], "mean": mean}
 
@@ -219,18 +233,24 @@ def _relay(hooks: Hooks, store: MutableMapping[str, Any], key: str, also: Sequen
     return on_epoch_end
 
 
+def _tracker(net: nn.Module, ntk: Optional[tuple]) -> Optional[NTKTracker]:
+    """An NTK tracker of ``net`` on ``ntk = (inputs, labels, kind)``, None without."""
+    return None if ntk is None else NTKTracker(net, ntk[0].to(next(net.parameters()).device), ntk[1], ntk[2])
+
+
 def _train_parent(parent: nn.Module, make_loader: Callable[[int], Iterable], train: dict,
-                  spawn_at: List[int], store: MutableMapping[str, Any], hooks: Hooks) -> None:
+                  spawn_at: List[int], store: MutableMapping[str, Any], hooks: Hooks,
+                  ntk: Optional[tuple] = None) -> None:
     """Train (or resume, or skip when finished) the parent, keeping its state at every spawn epoch."""
     if 0 in spawn_at and spawn_key(0) not in store:  # before the first step: weights and global RNG
         store[spawn_key(0)] = {"epoch": -1, "model": copy.deepcopy(parent.state_dict()), "rng": rng_state()}
     also = [(k, spawn_key(k)) for k in spawn_at if k > 0]
-    train_model(parent, make_loader(train["seed"]), resume=store.get(PARENT),
+    train_model(parent, make_loader(train["seed"]), resume=store.get(PARENT), epoch_fields=_tracker(parent, ntk),
                 hooks=Hooks(progress=hooks.progress, on_epoch_end=_relay(hooks, store, PARENT, also)), **train)
 
 
 def _train_child(template: nn.Module, make_loader: Callable[[int], Iterable], data_seed: int, k: int, i: int,
-                 train: dict, store: MutableMapping[str, Any], hooks: Hooks) -> None:
+                 train: dict, store: MutableMapping[str, Any], hooks: Hooks, ntk: Optional[tuple] = None) -> None:
     """Train child ``i`` of spawn epoch ``k`` to the end: from the parent's state of epoch k, or from its own
     last state; a finished child only reports its steps as done."""
     key = child_key(k, i)
@@ -246,7 +266,7 @@ def _train_child(template: nn.Module, make_loader: Callable[[int], Iterable], da
             set_rng_state(spawn["rng"])
         else:
             resume = spawn
-    train_model(net, make_loader(data_seed), resume=resume,
+    train_model(net, make_loader(data_seed), resume=resume, epoch_fields=_tracker(net, ntk),
                 hooks=Hooks(progress=hooks.progress, on_epoch_end=_relay(hooks, store, key)), **train)
 
 
@@ -256,6 +276,12 @@ def _net(template: nn.Module, state_dict: Dict[str, torch.Tensor]) -> nn.Module:
     net = copy.deepcopy(template)
     net.load_state_dict(state_dict)
     return net
+
+
+def _ntk_records(history: List[dict]) -> List[dict]:
+    """The NTK entries (and the epoch) of a run's history records that have them."""
+    return [{key: v for key, v in r.items() if key == "epoch" or key.startswith("ntk_")}
+            for r in history if "ntk_distance" in r]
 
 
 def _endpoint(pairs: List[SpawnPair], child: int) -> Tuple[PathResult, int]:
@@ -268,25 +294,33 @@ def _endpoint(pairs: List[SpawnPair], child: int) -> Tuple[PathResult, int]:
 
 def _measure(template: nn.Module, k: int, seeds: Sequence[int], store: MutableMapping[str, Any],
              loaders: Tuple[Iterable, Iterable], num_points: int, points_per_pass: int, runtime: Runtime,
-             hooks: Hooks) -> SpawnPoint:
+             hooks: Hooks, ntk: Optional[tuple] = None) -> SpawnPoint:
     """The straight line between every two children of spawn epoch ``k`` (BN recomputed per point),
-    their distances, and each child's metrics (the lines' ends) and distance from the spawn point."""
+    their distances, and each child's metrics (the lines' ends) and distance from the spawn point
+    (and NTK distances with ``ntk``)."""
     layout = FlatLayout.of(template)
     nets = [_net(template, store[child_key(k, i)]["model"]) for i in range(len(seeds))]
     flats = [layout.flatten(n, dtype=torch.float64) for n in nets]
     start = layout.flatten(store[spawn_key(k)]["model"], dtype=torch.float64, device=flats[0].device)
+    kernels = None  # the children's NTKs, then the spawn point's
+    if ntk is not None:
+        at_spawn = _net(template, store[spawn_key(k)]["model"])
+        kernels = [empirical_ntk(n, ntk[0].to(flats[0].device), ntk[2]) for n in [*nets, at_spawn]]
     pairs = []
     for i, j in itertools.combinations(range(len(nets)), 2):
         path = evaluate_path(linear_path(nets[i], nets[j]), *loaders, num_points=num_points,
                              points_per_pass=points_per_pass, name=f"k={k} children {i}-{j}", runtime=runtime,
                              hooks=hooks)
-        pairs.append(SpawnPair(k, (i, j), float((flats[i] - flats[j]).norm()), path))
+        pairs.append(SpawnPair(k, (i, j), float((flats[i] - flats[j]).norm()), path,
+                               None if kernels is None else kernel_distance(kernels[i], kernels[j])))
     children = []
     for i, s in enumerate(seeds):
         path, end = _endpoint(pairs, i)
         children.append(SpawnChild(k, i, int(s), float(path.train_loss[end]), float(path.train_acc[end]),
                                    float(path.test_loss[end]), float(path.test_acc[end]),
-                                   float((flats[i] - start).norm())))
+                                   float((flats[i] - start).norm()),
+                                   None if kernels is None else kernel_distance(kernels[i], kernels[-1]),
+                                   _ntk_records(store[child_key(k, i)]["history"])))
     return SpawnPoint(k, children, pairs)
 
 
@@ -327,7 +361,8 @@ def spawn_children(model: nn.Module, make_loader: Callable[[int], Iterable], tra
                    momentum: float = 0.9, schedule: str = "reference", num_points: int = 21,
                    points_per_pass: int = 8, reference: str = "interp",
                    store: Optional[MutableMapping[str, Any]] = None, runtime: Optional[Runtime] = None,
-                   hooks: Optional[Hooks] = None) -> SpawnResult:
+                   hooks: Optional[Hooks] = None, ntk_inputs: Optional[torch.Tensor] = None,
+                   ntk_labels: Optional[torch.Tensor] = None, ntk_kind: str = "trace") -> SpawnResult:
     """Train a parent, spawn children at each epoch of ``spawn_at``, measure the barrier between them.
 
     Protocol of the module docstring. The parent (a deep copy of ``model``;
@@ -342,16 +377,14 @@ def spawn_children(model: nn.Module, make_loader: Callable[[int], Iterable], tra
         model: the parent at initialisation (classification, cross-entropy).
         make_loader: data seed -> training loader (under DDP sharded for this rank).
         train_eval, test_eval: evaluation data in fixed order, no augmentation.
-        epochs, lr, weight_decay, momentum, schedule, seed: SGD of parent and
-            children (:func:`~modeconn.training.loop.train_model`); ``seed`` is
-            also the parent's data seed.
-        children: per spawn epoch (>= 2); every pair is measured.
-        num_points, points_per_pass: of :func:`~modeconn.evaluation.path.evaluate_path`.
-        reference: barrier definition of the summaries; pairs keep all three.
-        store: mapping for the training states (module docstring); a dict by default.
+        epochs, lr, weight_decay, momentum, schedule, seed: SGD of parent and children
+            (:func:`~modeconn.training.loop.train_model`); ``seed`` is also the parent's data seed.
+        children: per spawn epoch (>= 2); every pair is measured. num_points, points_per_pass: of
+            :func:`~modeconn.evaluation.path.evaluate_path`. reference: barrier definition of the summaries
+            (pairs keep all three). store: mapping for the training states (module docstring; a dict by default).
         runtime: device, amp, compile, DDP; a line's points are shared among ranks.
-        hooks: ``progress(n)`` per SGD step and evaluated point;
-            ``on_epoch_end(record, state)`` with the run's name in ``record["run"]``.
+        hooks: ``progress(n)`` per SGD step and point; ``on_epoch_end(record, state)``, ``record["run"]`` its run.
+        ntk_inputs, ntk_labels, ntk_kind: track the NTK on these inputs (module docstring).
 
     Example:
         >>> from modeconn.data import TensorLoader
@@ -371,13 +404,14 @@ def spawn_children(model: nn.Module, make_loader: Callable[[int], Iterable], tra
     parent = copy.deepcopy(model)
     if runtime.device is not None:
         parent.to(runtime.device)
-    _train_parent(parent, make_loader, train, spawn_at, store, hooks)
+    ntk = None if ntk_inputs is None else (ntk_inputs, ntk_labels, ntk_kind)
+    _train_parent(parent, make_loader, train, spawn_at, store, hooks, ntk)
     points = []
     for k in spawn_at:
         for i, s in enumerate(seeds):
-            _train_child(parent, make_loader, int(s), k, i, train, store, hooks)
+            _train_child(parent, make_loader, int(s), k, i, train, store, hooks, ntk)
         points.append(_measure(parent, k, seeds, store, (train_eval, test_eval), num_points, points_per_pass,
-                               runtime, hooks))
+                               runtime, hooks, ntk))
     return SpawnResult(int(epochs), int(seed), seeds, points,
                        _parent_metrics(parent, store, train_eval, test_eval), list(store[PARENT]["history"]),
                        reference, store)
