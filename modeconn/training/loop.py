@@ -284,7 +284,7 @@ def train_model(model: nn.Module, train_loader: Iterable, epochs: int = 20, lr: 
                 weight_decay: float = 5e-4, momentum: float = 0.9, schedule: str = "reference",
                 loss: Union[str, LossFn] = "cross_entropy", seed: int = 0, resume: Optional[Mapping] = None,
                 runtime: Optional[Runtime] = None, hooks: Optional[Hooks] = None, sam: Optional[float] = None,
-                sam_adaptive: bool = False, warmup_epochs: float = 0.0) -> List[dict]:
+                sam_adaptive: bool = False, warmup_epochs: float = 0.0, adversarial=None) -> List[dict]:
     """Train an endpoint network in place with SGD (momentum, weight decay); returns the per-epoch history.
 
     Args:
@@ -303,6 +303,8 @@ def train_model(model: nn.Module, train_loader: Iterable, epochs: int = 20, lr: 
         hooks: ``progress(n)`` per finished step, ``on_epoch_end(record, state)``.
         sam, sam_adaptive: SAM radius ρ (Foret et al. 2021; ASAM with ``sam_adaptive``): two passes per step.
         warmup_epochs: linear warm-up over this many epochs' steps (``warmup_scheduler``); 0: none.
+        adversarial: a :class:`~modeconn.evaluation.adversarial.PGD` attack: adversarial training
+            (Madry et al. 2018), every batch replaced by its PGD examples before the step.
 
     Returns:
         History records ``epoch, loss, acc, lr, seconds`` (loss without the
@@ -334,10 +336,16 @@ def train_model(model: nn.Module, train_loader: Iterable, epochs: int = 20, lr: 
     net = _dist.wrap_ddp(model) if ddp else model
     if runtime.compile:
         net = torch.compile(net)
-    step = _with_sam(model_step(net, loss, runtime, device), optimizer, model)
-    return run_sgd(model, train_loader, int(epochs), step, optimizer, scheduler, seed=seed,
-                   settings=_settings("train_model", epochs, lr, weight_decay, momentum, schedule, seed, sam,
-                                      sam_adaptive, warmup),
+    step = model_step(net, loss, runtime, device)
+    settings = _settings("train_model", epochs, lr, weight_decay, momentum, schedule, seed, sam, sam_adaptive,
+                         warmup)
+    if adversarial is not None:  # the attack on the unwrapped model: no DDP hooks in its passes
+        from modeconn.evaluation.adversarial import adversarial_step_loss
+
+        step = adversarial_step_loss(step, adversarial, model)
+        settings["adversarial"] = adversarial.as_dict()
+    step = _with_sam(step, optimizer, model)
+    return run_sgd(model, train_loader, int(epochs), step, optimizer, scheduler, seed=seed, settings=settings,
                    hooks=hooks, resume=resume, ddp=ddp, per_step=bool(warmup),
                    advice=f"lower the learning rate (lr={lr}) or warm it up longer")
 
