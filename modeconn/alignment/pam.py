@@ -141,11 +141,13 @@ class PAMRound:
 
 @dataclass
 class PAMResult:
-    """Every round of :func:`pam_fit`, the final permutation (group -> LongTensor) and the curve history."""
+    """Every round of :func:`pam_fit`, the final permutation (group -> LongTensor), the curve history and
+    the permutation after each round (``perms[r]``)."""
 
     rounds: List[PAMRound]
     perm: Dict[str, torch.Tensor]
     history: List[dict] = field(default_factory=list)
+    perms: List[Dict[str, torch.Tensor]] = field(default_factory=list)
 
     def as_dict(self) -> Dict[str, Any]:
         """Plain data for JSON."""
@@ -186,6 +188,7 @@ def pam_fit(curve: CurveModel, end_state: Mapping[str, torch.Tensor], spec: Perm
 
     out: List[PAMRound] = []
     history: List[dict] = []
+    perms: List[Dict[str, torch.Tensor]] = []
     for r in range(int(rounds)):
         hist = fit_curve(curve, train_loader, epochs_per_round, seed=seed + r, hooks=hooks, **(fit_kwargs or {}))
         history.extend({**h, "epoch": r * epochs_per_round + h["epoch"], "round": r + 1} for h in hist)
@@ -193,6 +196,7 @@ def pam_fit(curve: CurveModel, end_state: Mapping[str, torch.Tensor], spec: Perm
         new, info = permutation_update(curve, end_state, spec, perm, proximal, seed)
         moved = moved_fraction(perm, new)
         perm = new
+        perms.append(new)
         set_end(curve, apply_permutation(end_state, spec, perm))
         out.append(PAMRound(r + 1, hist[-1]["loss"], before, moved, info.objectives[-1], barrier_now()))
-    return PAMResult(out, perm, history)
+    return PAMResult(out, perm, history, perms)
