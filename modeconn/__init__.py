@@ -26,6 +26,8 @@ from modeconn.training.schedules import FGELR, cyclic_lr
 from modeconn.training.sam import SAM
 from modeconn.geometry.sharpness import SharpnessReport, sharpness_report
 from modeconn.training.spawn import SpawnResult, spawn_children
+from modeconn.evaluation.adversarial import PGD, pgd_attack, robust_evaluate, robust_path
+from modeconn.alignment.pam import PAMResult, pam_fit, permutation_update, proximal_weight_matching
 from modeconn.alignment import (PermutationSpec, activation_matching, align_models, apply_permutation,
                                 infer_permutation_spec, weight_matching)
 
@@ -46,4 +48,6 @@ __all__ = [
     "spawn_children", "SpawnResult",
     "PermutationSpec", "infer_permutation_spec", "apply_permutation", "weight_matching", "activation_matching",
     "align_models",
+    "PGD", "pgd_attack", "robust_evaluate", "robust_path",
+    "pam_fit", "PAMResult", "permutation_update", "proximal_weight_matching",
 ]
