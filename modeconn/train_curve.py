@@ -7,8 +7,8 @@ import sys
 from pathlib import Path
 from typing import List, Optional, Tuple
 
-from modeconn.cli.args import (add_data_args, add_optim_args, add_resume_args, add_run_args, add_sam_args,
-                               add_scale_args, at_least, parser, sam_config)
+from modeconn.cli.args import (add_attack_args, add_data_args, add_optim_args, add_resume_args, add_run_args,
+                               add_sam_args, add_scale_args, at_least, attack_config, parser, sam_config)
 from modeconn.cli.data import bn_loader, checkpoint_dataset, data_source, dataset_name, dataset_seed, train_loader
 from modeconn.cli.errors import CommandError, run_command
 from modeconn.cli.outputs import run_info, write_json
@@ -27,6 +27,8 @@ EXAMPLE = """  python -m modeconn.train_curve --a checkpoints/digits_mlp_a.pt --
   (add --sam 0.05 to fit the free bends with SAM, --sam-adaptive for ASAM)
   python -m modeconn.train_curve --a A.pt --b B.pt --align pam --pam-rounds 3 --epochs 10 --out runs/pam
   (PAM: OUT/pam.json holds, per round, the barrier and the fraction of units the permutation moved)
+  python -m modeconn.train_curve --a A_adv.pt --b B_adv.pt --adv pgd --eps 0.3 --steps 7 --out runs/robust_curve
+  (the robust curve objective: every batch attacked by PGD at the sampled point θ(t))
 
 writes OUT/curve.pt (self-describing: architecture, curve type, bends, which are fixed,
 dataset, seed, history), OUT/history.json, OUT/history.png and OUT/resume.pt.
@@ -68,6 +70,7 @@ def build_parser():
     add_data_args(p, dataset_default=None)
     add_optim_args(p, epochs=30, lr=0.03)
     add_sam_args(p)
+    add_attack_args(p, "--adv", training=True)
     add_run_args(p)
     add_resume_args(p, "resume.pt", "epoch")
     add_scale_args(p)
@@ -91,7 +94,13 @@ def _config(args, dataset: str) -> dict:
             "fix_start": args.fix_start, "fix_end": args.fix_end, "init": args.init, "align": args.align,
             "dataset": dataset, "epochs": args.epochs, "lr": args.lr, "wd": args.wd,
             "momentum": args.momentum, "schedule": args.schedule, "seed": args.seed,
-            "batch_size": args.batch_size, **sam_config(args), **_pam_config(args)}
+            "batch_size": args.batch_size, **sam_config(args), **_pam_config(args), **_attack(args)}
+
+
+def _attack(args) -> dict:
+    """``{"adv": PGD settings}`` with --adv pgd (the robust curve objective, ``args.attack_settings``), else ``{}``."""
+    attack = args.attack_settings
+    return {"adv": attack.as_dict()} if attack is not None else {}
 
 
 def _pam_config(args) -> dict:
@@ -147,7 +156,7 @@ def _fit(args, job: Job, curve, ds, run: TrainingRun, state: Optional[dict]) -> 
     history = fit_curve(curve, loader, args.epochs, args.lr, args.wd, args.momentum, args.schedule,
                         seed=args.seed, resume=state, runtime=Runtime(job.device, args.amp, args.compile),
                         hooks=Hooks(progress=bar.update, on_epoch_end=run.epoch_saver(bar)), sam=args.sam,
-                        sam_adaptive=args.sam_adaptive)
+                        sam_adaptive=args.sam_adaptive, adversarial=args.attack_settings)
     bar.close()
     return history
 
@@ -170,7 +179,8 @@ def _fit_pam(args, job: Job, ds, start_meta: dict, end_meta: dict) -> Tuple[Curv
              bn_loader(ds, args, device))
     bar = job.progress(args.pam_rounds * args.epochs * len(loader), "PAM")
     fit = dict(lr=args.lr, weight_decay=args.wd, momentum=args.momentum, schedule=args.schedule,
-               runtime=Runtime(device, args.amp, args.compile), sam=args.sam, sam_adaptive=args.sam_adaptive)
+               runtime=Runtime(device, args.amp, args.compile), sam=args.sam, sam_adaptive=args.sam_adaptive,
+               adversarial=args.attack_settings)
     result = pam_fit(curve, end_meta["state_dict"], spec, loader, evals, args.pam_rounds, args.epochs,
                      args.pam_proximal, initial=perm, num_points=args.pam_points, seed=args.seed, fit_kwargs=fit,
                      hooks=Hooks(progress=bar.update))
@@ -209,6 +219,7 @@ def main_(argv=None) -> int:
     with session(args) as job:
         start_meta, end_meta = _endpoints(args)
         dataset = dataset_name(args, start_meta, "the endpoint checkpoints")
+        args.attack_settings = attack_config(args)  # None without --adv
         run = TrainingRun(Path(args.out), _config(args, dataset), "curve.pt", job.is_main)
         state = run.start(args.resume, args.force)
         with run.resumable():

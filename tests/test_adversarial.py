@@ -123,3 +123,33 @@ def test_robust_path_recomputes_bn_on_clean_data_and_matches_endpoints():
     d = clean.to_dict()
     assert d["barriers"]["robust_test_loss"]["interp"]["barrier"] == pytest.approx(
         clean.barrier("robust_test_loss"))
+
+
+def test_adversarial_curve_step_attacks_the_network_at_the_sampled_t():
+    """fit_curve(adversarial=FGSM) takes SGD steps on the bends with x + ε sign(∇ₓL(θ(t), x)) at its own t."""
+    from modeconn import Bezier, CurveModel
+    from modeconn.data import epoch_generator
+    from modeconn.training.loop import fit_curve
+
+    torch.manual_seed(0)
+    a, b = nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, 3)), nn.Sequential(nn.Linear(4, 6), nn.Tanh(),
+                                                                                      nn.Linear(6, 3))
+    curve = CurveModel(a, a, b, Bezier(3))
+    ref = copy.deepcopy(curve)
+    x, y = torch.randn(24, 4), torch.randint(0, 3, (24,))
+    loader = TensorLoader(x, y, batch_size=8)
+    attack = PGD(eps=0.2, steps=1, step_size=0.2, random_start=False)
+    fit_curve(curve, loader, epochs=1, lr=0.1, momentum=0.0, weight_decay=0.0, schedule="constant",
+              adversarial=attack)
+    opt = torch.optim.SGD([ref.free_bends], lr=0.1)
+    gen = epoch_generator(0, 0, stream=1000)
+    for xb, yb in loader:
+        t = torch.rand((), generator=gen)
+        fixed = ref.flat_weights_at(t).detach()
+        xa = xb.clone().requires_grad_(True)
+        (g,) = torch.autograd.grad(F.cross_entropy(ref.forward_flat(xa, fixed), yb, reduction="sum"), xa)
+        opt.zero_grad()
+        F.cross_entropy(ref.forward_flat(xb + 0.2 * g.sign(), ref.flat_weights_at(t)), yb).backward()
+        opt.step()
+    assert not torch.allclose(curve.free_bends, CurveModel(a, a, b, Bezier(3)).free_bends)
+    assert torch.allclose(curve.free_bends, ref.free_bends, atol=1e-6)

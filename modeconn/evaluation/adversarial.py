@@ -42,7 +42,7 @@ from modeconn.evaluation.model import MetricSums, eval_mode
 from modeconn.training.sam import frozen_bn_statistics
 
 __all__ = ["PGD", "pgd_step", "pgd_attack", "robust_evaluate", "robust_path", "adversarial_step_loss",
-           "ROBUST_METRICS"]
+           "curve_attack", "ROBUST_METRICS"]
 
 NORMS = ("linf", "l2")
 ROBUST_METRICS = ("robust_test_loss", "robust_test_error", "robust_test_acc")
@@ -230,3 +230,17 @@ def adversarial_step_loss(step_loss: Callable, attack: PGD, module: nn.Module) -
         return step_loss(pgd_attack(module, x, y, attack, generator=generator), y, generator)
 
     return step
+
+
+def curve_attack(curve, x: torch.Tensor, y: torch.Tensor, t: torch.Tensor, attack: PGD,
+                 generator: Optional[torch.Generator] = None) -> torch.Tensor:
+    """PGD examples of the network at θ(t) of ``curve`` (a CurveModel) for one curve-training step.
+
+    The robust curve objective E_t max_δ L(θ(t), x + δ) (Tatro et al. 2020 train curves between robust
+    endpoints on adversarial examples): the attack runs on θ(t) detached, in the curve's mode, with its
+    BatchNorm statistics frozen.
+    """
+    with torch.no_grad():
+        flat = curve.flat_weights_at(t, check=False)
+    with frozen_bn_statistics(curve):
+        return pgd_attack(lambda z: curve.forward_flat(z, flat), x, y, attack, generator=generator)

@@ -37,6 +37,7 @@ from torch import nn
 
 from modeconn.core.curve_model import CurveModel
 from modeconn.data import epoch_generator
+from modeconn.evaluation.adversarial import adversarial_step_loss, curve_attack
 from modeconn.runtime import Hooks, Runtime
 from modeconn.runtime import distributed as _dist
 from modeconn.training.sam import SAM, sam_step_loss
@@ -340,8 +341,6 @@ def train_model(model: nn.Module, train_loader: Iterable, epochs: int = 20, lr: 
     settings = _settings("train_model", epochs, lr, weight_decay, momentum, schedule, seed, sam, sam_adaptive,
                          warmup)
     if adversarial is not None:  # the attack on the unwrapped model: no DDP hooks in its passes
-        from modeconn.evaluation.adversarial import adversarial_step_loss
-
         step = adversarial_step_loss(step, adversarial, model)
         settings["adversarial"] = adversarial.as_dict()
     step = _with_sam(step, optimizer, model)
@@ -395,7 +394,7 @@ def fit_curve(curve: CurveModel, train_loader: Iterable, epochs: int = 20, lr: f
               weight_decay: float = 5e-4, momentum: float = 0.9, schedule: str = "reference",
               loss: Union[str, LossFn] = "cross_entropy", seed: int = 0, resume: Optional[Mapping] = None,
               runtime: Optional[Runtime] = None, hooks: Optional[Hooks] = None, sam: Optional[float] = None,
-              sam_adaptive: bool = False) -> List[dict]:
+              sam_adaptive: bool = False, adversarial=None) -> List[dict]:
     """Train the free bends of ``curve`` to minimise E_{t~U(0,1)} L(θ(t)) (Garipov et al. 2018, Eq. 2).
 
     One t per mini-batch, drawn from the ``(seed, epoch)`` generator; the
@@ -403,7 +402,9 @@ def fit_curve(curve: CurveModel, train_loader: Iterable, epochs: int = 20, lr: f
     not to the bends. Arguments, resume, hooks, SAM (on the free bends, one t for
     both passes) as :func:`train_model`. Under DDP only ``free_bends`` is data
     parallel and every rank draws the same t; with ``runtime.amp`` θ(t) stays
-    float32. Raises ValueError when every bend is fixed.
+    float32. ``adversarial`` (a :class:`~modeconn.evaluation.adversarial.PGD`): every batch replaced by its
+    PGD examples at θ(t) (:func:`~modeconn.evaluation.adversarial.curve_attack`), the robust curve
+    objective. Raises ValueError when every bend is fixed.
 
     Example:
         >>> from modeconn import Bezier, CurveModel
@@ -431,6 +432,8 @@ def fit_curve(curve: CurveModel, train_loader: Iterable, epochs: int = 20, lr: f
         t = torch.rand((), generator=gen)
         drawn["t_sum"] += float(t)  # a CPU number: no device synchronisation (SAM adds each t twice)
         x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+        if adversarial is not None:
+            x = curve_attack(curve, x, y, t.to(device), adversarial, gen)
         out, _ = stepper(x, t.to(device))  # the weight-decay gradient comes from training_point's backward
         value = loss_fn(out, y)
         return out, value, value
@@ -441,6 +444,8 @@ def fit_curve(curve: CurveModel, train_loader: Iterable, epochs: int = 20, lr: f
         return value
 
     settings = _settings("fit_curve", epochs, lr, weight_decay, momentum, schedule, seed, sam, sam_adaptive)
+    if adversarial is not None:
+        settings["adversarial"] = adversarial.as_dict()
     return run_sgd(curve, train_loader, int(epochs), _with_sam(step, optimizer, curve), optimizer, scheduler,
                    seed=seed, settings=settings,
                    hooks=hooks, resume=resume, ddp=ddp, advice=f"lower the learning rate (lr={lr})",
