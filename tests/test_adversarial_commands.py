@@ -62,3 +62,12 @@ def test_train_curve_align_pam_writes_rounds(tmp_path, capsys):
         assert torch.allclose(curve.point(1.0).eval()(x), b.eval()(x), atol=1e-5)
     assert train_curve.main(["--a", str(CKPT / "digits_mlp_a.pt"), "--b", str(CKPT / "digits_mlp_b.pt"),
                              "--align", "pam", "--out", str(out), "--resume", "--no-progress"]) == 2
+
+
+def test_train_curve_adv_records_the_attack(tmp_path):
+    out = tmp_path / "rc"
+    assert train_curve.main(["--a", str(CKPT / "digits_mlp_a.pt"), "--b", str(CKPT / "digits_mlp_b.pt"),
+                             "--epochs", "1", "--adv", "pgd", "--eps", "0.2", "--steps", "1",
+                             "--out", str(out), "--no-progress"]) == 0
+    _, meta = mc.load_curve(out / "curve.pt")
+    assert meta["config"]["adv"] == PGD(0.2, 1).as_dict()

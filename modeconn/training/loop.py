@@ -257,7 +257,7 @@ def _sgd(params: List[torch.Tensor], epochs: int, lr: float, momentum: float, we
 
 
 def _settings(loop: str, epochs, lr, weight_decay, momentum, schedule, seed, sam=None, sam_adaptive=False,
-              warmup_steps: int = 0) -> dict:
+              warmup_steps: int = 0, adversarial=None) -> dict:
     """What a resume state of :func:`train_model` / :func:`fit_curve` must agree on (SAM's and the warm-up's
     keys only when used, so states of earlier runs still resume)."""
     out = {"loop": loop, "epochs": int(epochs), "lr": float(lr), "weight_decay": float(weight_decay),
@@ -266,7 +266,16 @@ def _settings(loop: str, epochs, lr, weight_decay, momentum, schedule, seed, sam
         out.update(sam=float(sam), sam_adaptive=bool(sam_adaptive))
     if warmup_steps:
         out.update(warmup_steps=int(warmup_steps))
+    if adversarial is not None:
+        out.update(adversarial=adversarial.as_dict())
     return out
+
+
+def _with_attack(step: StepLoss, adversarial, module: nn.Module) -> StepLoss:
+    """``step`` on PGD examples of ``module`` (:func:`~modeconn.evaluation.adversarial.adversarial_step_loss`)
+    when ``adversarial`` is a PGD attack, else ``step`` itself. The attack runs on ``module`` unwrapped (no
+    DDP hooks in its passes)."""
+    return step if adversarial is None else adversarial_step_loss(step, adversarial, module)
 
 
 def _with_sam(step: StepLoss, optimizer: torch.optim.Optimizer, module: nn.Module) -> StepLoss:
@@ -304,8 +313,7 @@ def train_model(model: nn.Module, train_loader: Iterable, epochs: int = 20, lr: 
         hooks: ``progress(n)`` per finished step, ``on_epoch_end(record, state)``.
         sam, sam_adaptive: SAM radius ρ (Foret et al. 2021; ASAM with ``sam_adaptive``): two passes per step.
         warmup_epochs: linear warm-up over this many epochs' steps (``warmup_scheduler``); 0: none.
-        adversarial: a :class:`~modeconn.evaluation.adversarial.PGD` attack: adversarial training
-            (Madry et al. 2018), every batch replaced by its PGD examples before the step.
+        adversarial: a :class:`~modeconn.evaluation.adversarial.PGD`: train on PGD examples (Madry et al. 2018).
 
     Returns:
         History records ``epoch, loss, acc, lr, seconds`` (loss without the
@@ -335,15 +343,10 @@ def train_model(model: nn.Module, train_loader: Iterable, epochs: int = 20, lr: 
     device = params[0].device
     ddp = runtime.use_ddp(train_loader)
     net = _dist.wrap_ddp(model) if ddp else model
-    if runtime.compile:
-        net = torch.compile(net)
-    step = model_step(net, loss, runtime, device)
+    net = torch.compile(net) if runtime.compile else net
+    step = _with_sam(_with_attack(model_step(net, loss, runtime, device), adversarial, model), optimizer, model)
     settings = _settings("train_model", epochs, lr, weight_decay, momentum, schedule, seed, sam, sam_adaptive,
-                         warmup)
-    if adversarial is not None:  # the attack on the unwrapped model: no DDP hooks in its passes
-        step = adversarial_step_loss(step, adversarial, model)
-        settings["adversarial"] = adversarial.as_dict()
-    step = _with_sam(step, optimizer, model)
+                         warmup, adversarial)
     return run_sgd(model, train_loader, int(epochs), step, optimizer, scheduler, seed=seed, settings=settings,
                    hooks=hooks, resume=resume, ddp=ddp, per_step=bool(warmup),
                    advice=f"lower the learning rate (lr={lr}) or warm it up longer")
@@ -443,9 +446,8 @@ def fit_curve(curve: CurveModel, train_loader: Iterable, epochs: int = 20, lr: f
         value, drawn["t_sum"] = drawn["t_sum"], 0.0
         return value
 
-    settings = _settings("fit_curve", epochs, lr, weight_decay, momentum, schedule, seed, sam, sam_adaptive)
-    if adversarial is not None:
-        settings["adversarial"] = adversarial.as_dict()
+    settings = _settings("fit_curve", epochs, lr, weight_decay, momentum, schedule, seed, sam, sam_adaptive,
+                         adversarial=adversarial)
     return run_sgd(curve, train_loader, int(epochs), _with_sam(step, optimizer, curve), optimizer, scheduler,
                    seed=seed, settings=settings,
                    hooks=hooks, resume=resume, ddp=ddp, advice=f"lower the learning rate (lr={lr})",
