@@ -28,6 +28,10 @@ from modeconn.geometry.sharpness import SharpnessReport, sharpness_report
 from modeconn.training.spawn import SpawnResult, spawn_children
 from modeconn.evaluation.adversarial import PGD, pgd_attack, robust_evaluate, robust_path
 from modeconn.alignment.pam import PAMResult, pam_fit, permutation_update, proximal_weight_matching
+from modeconn.core.param_groups import parameter_groups
+from modeconn.evaluation.layerwise import LayerwiseResult, layerwise_barriers
+from modeconn.geometry.sharpness import ModuleCurvature, module_curvature
+from modeconn.alignment.repair import Repair, RepairReport, evaluate_repaired_path, repair
 from modeconn.alignment import (PermutationSpec, activation_matching, align_models, apply_permutation,
                                 infer_permutation_spec, weight_matching)
 
@@ -50,4 +54,6 @@ __all__ = [
     "align_models",
     "PGD", "pgd_attack", "robust_evaluate", "robust_path",
     "pam_fit", "PAMResult", "permutation_update", "proximal_weight_matching",
+    "repair", "Repair", "RepairReport", "evaluate_repaired_path",
+    "layerwise_barriers", "LayerwiseResult", "parameter_groups", "module_curvature", "ModuleCurvature",
 ]

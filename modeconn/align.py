@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Dict, Tuple
 
 from modeconn.alignment import align_models
+from modeconn.alignment.repair import evaluate_repaired_path
 from modeconn.cli.args import add_data_args, add_run_args, at_least, parser, zero_or_at_least
 from modeconn.cli.data import bn_loader, checkpoint_dataset, sample_loader
 from modeconn.cli.errors import CommandError, run_command
@@ -25,8 +26,10 @@ EXAMPLE = """  python -m modeconn.align --a checkpoints/digits_mlp_a.pt --b chec
 
 writes OUT (B with its hidden units permuted to match A: the same function as B, a model
 checkpoint with B's metadata plus an 'alignment' field) and OUT with suffix .json (the report,
-the straight-line barriers A->B before and after alignment, both paths in full, command line)
-and OUT with suffix .png (train loss and test error along both straight lines).
+the straight-line barriers A->B before alignment, after, and after alignment + REPAIR (Jordan et
+al. 2023: every point's hidden channels renormalised to the endpoints' interpolated statistics),
+the paths in full, command line) and OUT with suffix .png (train loss and test error along the
+straight lines before and after alignment).
 Then, e.g.: python -m modeconn.train_curve --a A.pt --b OUT --out runs/curve_aligned"""
 
 ARCH_KEYS = ("arch", "arch_kwargs", "input_shape", "num_classes")
@@ -38,7 +41,8 @@ def build_parser():
     p = parser("align", "Align model B to model A: find the permutation of B's hidden units that best "
                "matches A (Git Re-Basin weight matching, or correlation of activations on A's training "
                "data), write the permuted B, and report the straight-line loss barrier between A and B "
-               "before and after (BatchNorm statistics recomputed at every point).", EXAMPLE)
+               "before alignment, after it and after alignment + REPAIR (BatchNorm statistics recomputed at "
+               "every point).", EXAMPLE)
     g = p.add_argument_group("alignment")
     g.add_argument("--a", required=True, metavar="A.pt", help="reference model checkpoint (kept as it is)")
     g.add_argument("--b", required=True, metavar="B.pt", help="model checkpoint to permute (same architecture)")
@@ -52,7 +56,7 @@ def build_parser():
                    help="weight matching: at most this many sweeps over the groups (default: %(default)s)")
     g.add_argument("--report", action="store_true",
                    help="print the per-group table (units, similarity before -> after, what stays fixed)")
-    g = p.add_argument_group("barrier report (two straight lines, a BN pass per point: the slow part)")
+    g = p.add_argument_group("barrier report (three straight lines, a BN pass per point: the slow part)")
     g.add_argument("--num-points", type=zero_or_at_least(2), default=21,
                    help="evenly spaced t in [0, 1] on each straight line; 0 skips the report "
                         "(default: %(default)s)")
@@ -112,13 +116,15 @@ def _straight_lines(args, job: Job, ds, model_a, model_b, aligned_b) -> Dict[str
     device = job.device
     train = sample_loader(ds, "train", args.eval_samples, args.batch_size, device)
     test = sample_loader(ds, "test", args.eval_samples, args.batch_size, device)
-    bar = job.progress(2 * args.num_points, "straight lines")
+    bar = job.progress(3 * args.num_points, "straight lines")
     results = {}
     for which, end in (("before", model_b), ("after", aligned_b)):
         path = linear_path(model_a, end).to(device)
         bn = train if args.eval_samples else bn_loader(ds, args, device)  # --eval-samples: BN from the same subset
         results[which] = evaluate_path(path, train, test, args.num_points, bn_loader=bn, hooks=Hooks(progress=bar.update),
                                        name=f"linear_{which}")
+    results["repair"] = evaluate_repaired_path(model_a.to(device), aligned_b.to(device), train, test,
+                                               args.num_points, hooks=Hooks(progress=bar.update))
     bar.close()
     return results
 
@@ -126,8 +132,7 @@ def _straight_lines(args, job: Job, ds, model_a, model_b, aligned_b) -> Dict[str
 def _write_outputs(args, argv, out: Path, out_json: Path, aligned_b, meta_b: dict, report, results: dict,
                    align_seconds: float, dataset: str) -> Tuple[Path, dict]:
     """The aligned checkpoint, its JSON report and the picture; returns (checkpoint path, barriers)."""
-    barriers = {"reference": "interp", "before": _barriers(results["before"]),
-                "after": _barriers(results["after"])} if results else None
+    barriers = {"reference": "interp", **{k: _barriers(r) for k, r in results.items()}} if results else None
     report_data = report.as_dict()
     alignment = {"method": args.method, "reference": str(args.a), "source": str(args.b), "seed": args.seed,
                  "dataset": dataset, "seconds": align_seconds, "report": report_data, "barriers": barriers,
@@ -165,10 +170,11 @@ def _print_summary(args, report, align_seconds: float, dataset: str, barriers: d
     samples = f", {args.eval_samples} samples per split" if args.eval_samples else ""
     print(f"straight line A -> B on {dataset} ({args.num_points} points{samples}, barrier = max_t L(t) - "
           f"[(1-t) L(0) + t L(1)]):")
-    print(f"  {'':18s} {'before':>9s} {'after':>9s}")
-    b, a = barriers["before"], barriers["after"]
-    print(f"  {'test loss barrier':18s} {b['test_loss']:9.4f} {a['test_loss']:9.4f}")
-    print(f"  {'test error barrier':18s} {100 * b['test_error']:8.2f}% {100 * a['test_error']:8.2f}%")
+    print(f"  {'':18s} {'before':>9s} {'after':>9s} {'+REPAIR':>9s}")
+    b, a, r = barriers["before"], barriers["after"], barriers["repair"]
+    print(f"  {'test loss barrier':18s} {b['test_loss']:9.4f} {a['test_loss']:9.4f} {r['test_loss']:9.4f}")
+    print(f"  {'test error barrier':18s} {100 * b['test_error']:8.2f}% {100 * a['test_error']:8.2f}% "
+          f"{100 * r['test_error']:8.2f}%")
     print("wrote " + ", ".join(str(f) for f in files))
 
 

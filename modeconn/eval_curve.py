@@ -18,11 +18,18 @@ from modeconn.evaluation.adversarial import ROBUST_METRICS
 from modeconn.evaluation.path import evaluate_path, points_of_this_rank
 from modeconn.runtime import Hooks, Runtime
 from modeconn.plots.path import plot_path
+from modeconn.core.param_groups import GROUPINGS
 
 EXAMPLE = """  python -m modeconn.eval_curve --ckpt runs/curve_mlp/curve.pt --with-linear --out runs/eval_mlp
   python -m modeconn.eval_curve --a checkpoints/digits_mlp_a.pt --b checkpoints/digits_mlp_b.pt
   python -m modeconn.eval_curve --ckpt runs/curve_adv/curve.pt --with-linear --adversarial pgd --eps 0.3 \
       --steps 10 --num-points 11      (robust loss/error and barriers beside the clean ones)
+  python -m modeconn.eval_curve --a A.pt --b B_aligned.pt --repair --per-layer module --out runs/why
+
+--repair (a line only): every point corrected by REPAIR (Jordan et al. 2023) before it is
+evaluated; path.json/csv/png then hold the repaired line and, as 'linear', the plain one.
+--per-layer (a line only) also writes OUT/layers.json (the layer-wise and cumulative paths,
+Adilova et al. 2024) and OUT/layers.png (their barriers, one bar per layer in network order).
 
 writes OUT/path.json (every array, summaries, the barrier table, command line, versions),
 OUT/path.csv (one row per t) and OUT/path.png (train loss and test error vs t).
@@ -60,6 +67,19 @@ def build_parser():
                    help="evenly spaced t for the Hessian, fewer than --num-points as it is costly "
                         "(default: %(default)s)")
     add_attack_args(p, "--adversarial", training=False)
+    g = p.add_argument_group("why is there a barrier (a straight line --a/--b only)")
+    g.add_argument("--repair", action="store_true",
+                   help="REPAIR every point: rescale each hidden channel's pre-activation mean and std over the "
+                        "training data to the endpoints' interpolated ones (needs B aligned to A, e.g. by "
+                        "modeconn.align; BN networks: equal to the BN recompute)")
+    g.add_argument("--per-layer", nargs="?", const="module", default=None, choices=GROUPINGS,
+                   help="layer-wise barriers: interpolate one group of parameters at a time (parameter, "
+                        "module [the default] or top-level block), the others at --layer-base, and the first k "
+                        "groups together; writes layers.json and layers.png")
+    g.add_argument("--layer-base", choices=("a", "b"), default="a",
+                   help="where the parameters not interpolated stay (default: %(default)s)")
+    g.add_argument("--layer-points", type=at_least(2), default=11,
+                   help="evenly spaced t on every layer-wise path (default: %(default)s)")
     add_data_args(p, dataset_default=None, evaluation=True)
     add_run_args(p, out_required=False, out_help="output directory (default: next to the checkpoint)")
     add_scale_args(p, training=False)
@@ -137,6 +157,10 @@ def path_robustness(result, path, ds, attack, args, job: Job) -> None:
 
 def _load_path(args) -> Tuple[object, dict, Path, str]:
     """(path, metadata, output directory, name): the curve of --ckpt or the line from --a to --b."""
+    if args.ckpt and (args.repair or args.per_layer):
+        raise CommandError("--repair and --per-layer need the two endpoints --a A.pt --b B.pt, not --ckpt: "
+                           "REPAIR's targets and the layer-wise paths interpolate the endpoints; for the points "
+                           "of a curve use mc.repair(a, b, t, loader, point=curve.point(t)) in Python")
     if args.ckpt:
         meta = load_checkpoint(args.ckpt)
         if meta.get("kind") != "curve":
@@ -155,7 +179,7 @@ def _load_path(args) -> Tuple[object, dict, Path, str]:
         template.load_state_dict(meta["state_dict"])
         path = linear_path(template, end_meta["state_dict"])
         out = Path(args.out) if args.out else Path(args.a).parent / "eval_linear"
-        name = "linear"
+        name = "repair" if args.repair else "linear"
     else:
         raise CommandError("give --ckpt CURVE.pt, or --a A.pt and --b B.pt for a straight line")
     return path, meta, out, name
@@ -168,6 +192,8 @@ def _evaluate(args, job: Job, path, ds, name: str):
     test = ds.eval_loader("test", args.batch_size).to(device)
     total = points_of_this_rank(args.num_points, args.points_per_pass) * (2 if args.with_linear and args.ckpt else 1)
     bar = job.progress(total, "points")
+    if args.repair:
+        return _evaluate_repaired(args, job, path, ds, train, test, bar)
     result = evaluate_path(path, train, test, args.num_points, bn_loader=bn_loader(ds, args, device),
                            points_per_pass=args.points_per_pass,
                            recompute_bn=not args.no_bn_recompute, with_linear=args.with_linear and bool(args.ckpt),
@@ -175,6 +201,42 @@ def _evaluate(args, job: Job, path, ds, name: str):
                            hooks=Hooks(progress=bar.update))
     bar.close()
     return result
+
+
+def _evaluate_repaired(args, job: Job, path, ds, train, test, bar):
+    """The line with REPAIR at every point; the plain line as its ``linear`` companion."""
+    from modeconn.alignment.repair import evaluate_repaired_path
+
+    a, b = path.point(0.0), path.point(1.0)
+    runtime = Runtime(amp=args.amp, compile=args.compile)
+    result = evaluate_repaired_path(a, b, train, test, args.num_points, points_per_pass=args.points_per_pass,
+                                    runtime=runtime, hooks=Hooks(progress=bar.update))
+    result.linear = evaluate_path(path, train, test, args.num_points, bn_loader=bn_loader(ds, args, job.device),
+                                  points_per_pass=args.points_per_pass, recompute_bn=not args.no_bn_recompute,
+                                  name="linear", runtime=runtime)
+    bar.close()
+    return result
+
+
+def per_layer(args, job: Job, path, ds, out: Path) -> dict:
+    """Layer-wise and cumulative barriers of the line: layers.json, layers.png; returns the test-loss barriers."""
+    from modeconn.evaluation.layerwise import layerwise_barriers
+    from modeconn.plots.layers import plot_group_bars
+
+    train = ds.eval_loader("train", args.batch_size).to(job.device)
+    test = ds.eval_loader("test", args.batch_size).to(job.device)
+    a, b = path.point(0.0), path.point(1.0)
+    bar = job.progress(None, "layer-wise paths")
+    res = layerwise_barriers(a, b, train, test, args.per_layer, base=args.layer_base, num_points=args.layer_points,
+                             points_per_pass=args.points_per_pass, hooks=Hooks(progress=bar.update))
+    bar.close()
+    write_json(out / "layers.json", {**res.to_dict(), "grouping": args.per_layer, "dataset": ds.name,
+                                     "source": {"start": args.a, "end": args.b}})
+    barriers = {"this group alone": res.barriers("test_loss"),
+                "first k groups": res.barriers("test_loss", cumulative=True)}
+    plot_group_bars(barriers, out / "layers.png", "test-loss barrier",
+                    f"layer-wise barriers on {ds.name} (others at {args.layer_base.upper()})")
+    return barriers
 
 
 def _print_summary(result, name: str, out: Path) -> None:
@@ -195,6 +257,9 @@ def main_(argv=None) -> int:
     args = build_parser().parse_args(argv)
     with session(args) as job:
         attack = attack_config(args)
+        if attack is not None and args.repair:
+            raise CommandError("--adversarial and --repair together are not supported: the robust loss would be "
+                               "that of the plain line, not of the repaired one")
         path, meta, out, name = _load_path(args)
         ds = checkpoint_dataset(args, meta)
         if job.is_main:
@@ -213,6 +278,13 @@ def main_(argv=None) -> int:
                             **({"attack": attack.as_dict(), "attack_samples": args.adv_samples}
                                if attack is not None else {})})
         _print_summary(result, name, out)
+        if args.per_layer:
+            barriers = per_layer(args, job, path, ds, out)
+            print(f"layer-wise test-loss barriers ({args.per_layer}s, others at {args.layer_base.upper()}):  "
+                  f"{'alone':>9s} {'first k':>9s}")
+            for g, v in barriers["this group alone"].items():
+                print(f"  {g:40s} {v:9.4f} {barriers['first k groups'][g]:9.4f}")
+            print(f"wrote {out / 'layers.json'}, {out / 'layers.png'}")
     return 0
 
 

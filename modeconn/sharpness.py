@@ -6,14 +6,16 @@ import sys
 from pathlib import Path
 
 from modeconn.cli.args import add_data_args, add_run_args, at_least, join_negative_values, parse_range, parser
-from modeconn.cli.data import checkpoint_dataset, hessian_loader
+from modeconn.cli.data import bn_loader, checkpoint_dataset, hessian_loader
+from modeconn.cli.endpoints import load_endpoint_model
 from modeconn.cli.errors import CommandError, run_command
 from modeconn.cli.outputs import run_info, write_csv, write_json
 from modeconn.cli.session import Job, session
 from modeconn.geometry.grid import axis
-from modeconn.geometry.sharpness import sharpness_report
+from modeconn.core.param_groups import GROUPINGS
+from modeconn.geometry.sharpness import module_curvature, sharpness_report
 from modeconn.runtime import Hooks
-from modeconn.runtime.checkpoints import load_model, make_directory
+from modeconn.runtime.checkpoints import make_directory
 
 EXAMPLE = """  python -m modeconn.sharpness --ckpt runs/mlp_b32/model.pt runs/mlp_full/model.pt --out runs/sharpness
   python -m modeconn.sharpness --ckpt runs/mlp_sgd/model.pt runs/mlp_sam/model.pt --labels SGD SAM \\
@@ -27,7 +29,9 @@ loss, accuracy and their gap. The Hessian and ε-sharpness use the first --hessi
 training samples, the network in eval mode; the slice recomputes BN statistics per point.
 
 writes OUT/sharpness.json (every number, the slices, the settings), OUT/sharpness.csv (one row
-per model) and OUT/sharpness.png (the slices of all models overlaid, Li et al. Figure 3 style)."""
+per model) and OUT/sharpness.png (the slices of all models overlaid, Li et al. Figure 3 style).
+--per-module [parameter|module|block] adds the Hessian restricted to each group of parameters
+(λmax, λmin, trace of the diagonal block): OUT/modules.csv, OUT/modules.png and 'modules' in the JSON."""
 
 COLUMNS = ("label", "lambda_max", "lambda_min", "ratio", "trace", "trace_stderr", "slice_curvature",
            "epsilon_increase", "epsilon_sharpness", "train_loss", "test_loss", "train_acc", "test_acc",
@@ -60,6 +64,9 @@ def build_parser():
     h.add_argument("--seed", type=int, default=0,
                    help="seed of the slice direction, Lanczos start, Hutchinson vectors, ascent start "
                         "(default: %(default)s)")
+    h.add_argument("--per-module", nargs="?", const="module", default=None, choices=GROUPINGS,
+                   help="also the curvature of each module (or parameter, or top-level block): λmax, λmin and "
+                        "trace of its block of the Hessian, the other parameters fixed")
     add_run_args(p)
     p.add_argument("--force", action="store_true", help="replace the results of an earlier run in OUT")
     return p
@@ -89,7 +96,7 @@ def _check(args) -> None:
 
 def _measure(args, job: Job, ckpt: str, label: str, xs):
     """(report, dataset name, architecture) of one checkpoint."""
-    model, meta = load_model(ckpt)
+    model, meta = load_endpoint_model(ckpt, "--ckpt")
     model = model.to(job.device)
     ds = checkpoint_dataset(args, meta, ckpt)
     train = ds.eval_loader("train", args.batch_size).to(job.device)
@@ -98,8 +105,31 @@ def _measure(args, job: Job, ckpt: str, label: str, xs):
         report = sharpness_report(model, train, test, hessian_data=hessian_loader(ds, args, job.device),
                                   tol=args.hessian_tol, trace_samples=args.trace_samples, epsilon=args.epsilon,
                                   ascent_steps=args.ascent_steps, slice_xs=xs, fit_radius=args.fit_radius,
-                                  seed=args.seed, hooks=Hooks(progress=bar.update))
-    return report, ds.name, meta["arch"]
+                                  seed=args.seed, bn_data=bn_loader(ds, args, job.device),
+                                  hooks=Hooks(progress=bar.update))
+        modules = module_curvature(model, hessian_loader(ds, args, job.device), args.per_module,
+                                   tol=args.hessian_tol, trace_samples=args.trace_samples, seed=args.seed,
+                                   hooks=Hooks(progress=bar.update)) if args.per_module else []
+    return report, ds.name, meta["arch"], modules
+
+
+def _write_modules(out: Path, per_model: dict) -> None:
+    """modules.csv (one row per model and group), modules.png (λmax per group, one bar per model) and the table."""
+    from dataclasses import asdict
+
+    from modeconn.plots.layers import plot_group_bars
+
+    rows = [{"label": label, **asdict(m)} for label, mods in per_model.items() for m in mods]
+    write_csv(out / "modules.csv", {c: [r[c] if c != "params" else " ".join(r[c]) for r in rows]
+                                    for c in ("label", "group", "params", "num_params", "lambda_max", "lambda_min",
+                                              "trace", "trace_stderr")})
+    plot_group_bars({label: {m.group: m.lambda_max for m in mods} for label, mods in per_model.items()},
+                    out / "modules.png", "λmax of the module's Hessian block", "per-module curvature")
+    print(f"{'model':12s} {'group':28s} {'params':>8s} {'λmax':>10s} {'λmin':>10s} {'trace':>10s}")
+    for r in rows:
+        print(f"{r['label'][:12]:12s} {r['group'][:28]:28s} {r['num_params']:8d} {r['lambda_max']:10.4g} "
+              f"{r['lambda_min']:10.3g} {r['trace']:10.4g}")
+    print(f"wrote {out / 'modules.csv'}, {out / 'modules.png'}")
 
 
 def _table(rows: list) -> str:
@@ -126,9 +156,9 @@ def main_(argv=None) -> int:
         raise CommandError(f"{out} already holds sharpness results; pass --force to replace them")
     with session(args, join=False) as job:
         make_directory(out)
-        rows, slices = [], {}
+        rows, slices, modules = [], {}, {}
         for ckpt, label in zip(args.ckpt, labels):
-            report, dataset, arch = _measure(args, job, ckpt, label, xs)
+            report, dataset, arch, modules[label] = _measure(args, job, ckpt, label, xs)
             rows.append({"label": label, "checkpoint": ckpt, "dataset": dataset, "arch": arch, **report.row()})
             slices[label] = report.slice
         from modeconn.plots.sharpness import plot_sharpness_slices
@@ -136,10 +166,13 @@ def main_(argv=None) -> int:
         config = {k: v for k, v in vars(args).items() if k not in ("no_progress", "force")}
         write_json(out / "sharpness.json", {"kind": "sharpness", "models": rows, "config": config,
                                             "slices": {k: g.arrays | {"xs": g.xs} for k, g in slices.items()},
+                                            "modules": {k: [m.__dict__ for m in v] for k, v in modules.items()},
                                             "run": run_info(argv)})
         write_csv(out / "sharpness.csv", {c: [r[c] for r in rows] for c in COLUMNS})
         plot_sharpness_slices(slices, out / "sharpness.png", f"filter-normalised slices, seed {args.seed}")
         print(_table(rows))
+        if args.per_module:
+            _write_modules(out, modules)
         print(f"ε = {args.epsilon}, {args.ascent_steps} ascent steps; Hessian over {args.hessian_samples} samples")
         print(f"wrote {out / 'sharpness.json'}, {out / 'sharpness.csv'}, {out / 'sharpness.png'}")
     return 0

@@ -9,12 +9,11 @@ import torch
 
 from modeconn.cli.args import (add_data_args, add_model_args, add_optim_args, add_resume_args, add_run_args,
                                add_scale_args, at_least, parse_kwargs, parser)
-from modeconn.cli.data import train_loader
+from modeconn.cli.data import canonical_specs, data_fields, load_dataset, model_kwargs_for, train_loader
 from modeconn.cli.errors import CommandError, run_command
 from modeconn.cli.outputs import run_info, write_csv, write_json
 from modeconn.cli.rundir import StoreRun
 from modeconn.cli.session import Job, session
-from modeconn.data import get_dataset
 from modeconn.evaluation.barriers import BARRIER_REFERENCES
 from modeconn.evaluation.path import points_of_this_rank
 from modeconn.models import create_model
@@ -121,7 +120,8 @@ def _save_models(args, ds, kwargs: dict, result: SpawnResult, out: Path) -> None
         state = result.store[key]
         model.load_state_dict(state["model"])
         save_model(out / f"{name}.pt", model, args.model, kwargs, ds.input_shape, ds.num_classes,
-                   dataset=args.dataset, seed=args.seed, spawn={"run": key, "epochs_trained": int(state["epoch"]) + 1})
+                   dataset=args.dataset, seed=args.seed, spawn={"run": key, "epochs_trained": int(state["epoch"]) + 1},
+                   **data_fields(args, ds))
 
 
 def _csv_columns(result: SpawnResult) -> dict:
@@ -181,6 +181,7 @@ def main_(argv=None) -> int:
     """The command body (see :func:`main`)."""
     args = build_parser().parse_args(argv)
     kwargs = parse_kwargs(args.model_kwargs)
+    canonical_specs(args)
     spawn_at, seeds = _checked(args)
     with session(args) as job:
         run = StoreRun(Path(args.out), _config(args, kwargs, spawn_at, seeds), "spawn.json", job.is_main)
@@ -189,7 +190,8 @@ def main_(argv=None) -> int:
             for old in (run.out / "models").glob("*.pt"):
                 old.unlink()
         with run.resumable():
-            ds = get_dataset(args.dataset, args.data_dir, args.download, seed=args.seed)
+            ds = load_dataset(args, args.dataset, args.seed)
+            kwargs = model_kwargs_for(args.model, ds, kwargs)  # e.g. a token dataset's vocab for gpt
             result = _spawn(args, job, ds, kwargs, spawn_at, seeds, store)
             if job.is_main:  # rank 0 writes the results
                 _write_results(args, argv, run, ds, kwargs, result)

@@ -10,7 +10,7 @@ import torch
 from modeconn.cli.args import (add_attack_args, add_data_args, add_model_args, add_optim_args, add_resume_args,
                                add_run_args, add_sam_args, add_scale_args, attack_config, parse_kwargs, parser,
                                sam_config)
-from modeconn.cli.data import data_source, dataset_record, load_dataset, model_kwargs_for, train_loader
+from modeconn.cli.data import canonical_specs, data_fields, load_dataset, model_kwargs_for, train_loader
 from modeconn.cli.endpoints import untrained_reason
 from modeconn.cli.errors import RunFailed, run_command
 from modeconn.cli.outputs import run_info
@@ -19,7 +19,6 @@ from modeconn.cli.session import Job, session
 from modeconn.runtime.checkpoints import save_model
 from modeconn.evaluation.model import evaluate
 from modeconn.models import create_model
-from modeconn.runtime.user_code import absolute_file_spec
 from modeconn.plots.history import plot_history
 from modeconn.runtime import Hooks, Runtime
 from modeconn.training.loop import train_model
@@ -82,7 +81,7 @@ def _write_results(args, argv, model, ds, kwargs: dict, config: dict, history: L
                "test_loss": test["loss"], "test_acc": test["acc"]}
     ckpt = save_model(out / "model.pt", model, args.model, kwargs, ds.input_shape, ds.num_classes,
                       dataset=args.dataset, dataset_seed=args.seed, seed=args.seed, metrics=metrics, history=history,
-                      dataset_kwargs=dataset_record(args)["dataset_kwargs"], **data_source(ds),
+                      **data_fields(args, ds),
                       config=config, run=run_info(argv))
     plot_history(history, out / "history.png", f"{args.model} on {args.dataset}, seed {args.seed}")
     print(f"train loss {train['loss']:.4f} acc {train['acc']:.4f} | "
@@ -99,10 +98,8 @@ def main_(argv=None) -> int:
     """The command body (see :func:`main`)."""
     args = build_parser().parse_args(argv)
     kwargs = parse_kwargs(args.model_kwargs)
-    args.model = absolute_file_spec(args.model)  # a file spec made absolute: checkpoints rebuild from anywhere
-    record = dataset_record(args)
     attack = attack_config(args)
-    args.dataset = record["dataset"]
+    canonical_specs(args)  # file and folder paths absolute: checkpoints rebuild from anywhere
     config = {"dataset": args.dataset, "model": args.model, "model_kwargs": kwargs, "seed": args.seed,
               "epochs": args.epochs, "lr": args.lr, "wd": args.wd, "momentum": args.momentum,
               "schedule": args.schedule, "batch_size": args.batch_size, **sam_config(args),

@@ -9,6 +9,7 @@ from typing import Mapping, Optional, Tuple
 from modeconn.cli.errors import CommandError
 from modeconn.data import Dataset, TensorLoader, get_dataset
 from modeconn.data.external import canonical_dataset_spec, is_spec
+from modeconn.runtime.user_code import absolute_file_spec
 from modeconn.models.registry import model_parameters
 from modeconn.runtime import distributed
 
@@ -56,6 +57,18 @@ def dataset_record(args: argparse.Namespace) -> dict:
     name = canonical_dataset_spec(args.dataset) if is_spec(args.dataset) else args.dataset
     return {"dataset": name, "dataset_kwargs": ({"image_size": args.image_size}
                                                 if name.startswith("imagefolder:") else {})}
+
+
+def canonical_specs(args: argparse.Namespace) -> None:
+    """``--model`` and ``--dataset`` as checkpoints store them, in place: file and folder paths absolute."""
+    args.model = absolute_file_spec(args.model)
+    args.dataset = dataset_record(args)["dataset"]
+
+
+def data_fields(args: argparse.Namespace, ds: Dataset) -> dict:
+    """What a model checkpoint trained on ``--dataset`` records besides its name: the image size of an image
+    folder and the directory the data were read from."""
+    return {"dataset_kwargs": dataset_record(args)["dataset_kwargs"], **data_source(ds)}
 
 
 def checkpoint_dataset(args: argparse.Namespace, meta: Mapping, source: str = "the checkpoint") -> Dataset:

@@ -33,7 +33,7 @@ from modeconn.evaluation.points import evaluate_points
 from modeconn.runtime import Hooks, Runtime
 from modeconn.runtime import distributed as _dist
 
-__all__ = ["METRICS", "PathResult", "evaluate_path", "endpoint_line", "points_of_this_rank", "barrier"]
+__all__ = ["METRICS", "PathResult", "evaluate_path", "endpoint_line", "points_of_this_rank", "path_result", "barrier"]
 
 METRICS = ("train_loss", "train_nll", "train_acc", "train_error",
            "test_loss", "test_nll", "test_acc", "test_error")
@@ -182,7 +182,7 @@ def _evaluate_chunks(path: CurveModel, ts: np.ndarray, loaders: tuple, use_bn: b
     return {k: np.concatenate([c[k] for c in chunks]) for k in chunks[0]}, torch.cat(flats_all)
 
 
-def _path_result(ts: np.ndarray, arr: Dict[str, np.ndarray], flats: torch.Tensor, weight_decay: float,
+def path_result(ts: np.ndarray, arr: Dict[str, np.ndarray], flats: torch.Tensor, weight_decay: float,
                  name: str, use_bn: bool) -> PathResult:
     """A :class:`PathResult` from the NLL/accuracy arrays and the points θ(ts)."""
     penalty = (0.5 * weight_decay * flats.double().pow(2).sum(1)).cpu().numpy() if weight_decay else 0.0
@@ -244,7 +244,7 @@ def evaluate_path(path: CurveModel, train_loader: Iterable, test_loader: Iterabl
     use_bn = recompute_bn and bool(batchnorm_modules(path.net))
     arr, flats = _evaluate_chunks(path, ts_arr, (train_loader, test_loader, bn_loader), use_bn,
                                   points_per_pass, runtime, hooks)
-    result = _path_result(ts_arr, arr, flats, weight_decay, name, use_bn)
+    result = path_result(ts_arr, arr, flats, weight_decay, name, use_bn)
     if with_linear:
         result.linear = evaluate_path(endpoint_line(path), train_loader, test_loader, ts=ts_arr,
                                       bn_loader=bn_loader, points_per_pass=points_per_pass,

@@ -27,19 +27,21 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass
-from typing import Any, Dict, Iterable, Optional, Sequence
+from typing import Any, Dict, Iterable, List, Optional, Sequence
 
 import numpy as np
 import torch
 from torch import nn
 
+from modeconn.core.param_groups import GroupsLike, parameter_groups
 from modeconn.evaluation.model import evaluate
 from modeconn.geometry.directions import flatten_parameters, random_plane
 from modeconn.geometry.grid import GridResult, evaluate_grid
 from modeconn.geometry.hessian import HessianOperator, hessian_extreme_eigenvalues, hessian_trace
 from modeconn.runtime import Hooks
 
-__all__ = ["EpsilonSharpness", "SharpnessReport", "epsilon_sharpness", "slice_curvature", "sharpness_report"]
+__all__ = ["EpsilonSharpness", "SharpnessReport", "epsilon_sharpness", "slice_curvature", "sharpness_report",
+           "ModuleCurvature", "module_curvature"]
 
 
 @dataclass
@@ -141,7 +143,7 @@ def sharpness_report(model: nn.Module, train_data: Iterable, test_data: Optional
                      maxiter: Optional[int] = None, trace_samples: int = 100, epsilon: float = 1e-3,
                      ascent_steps: int = 20, slice_xs: Sequence[float] = tuple(np.linspace(-1, 1, 21)),
                      fit_radius: float = 0.2, seed: int = 0, dtype: Optional[torch.dtype] = None,
-                     hooks: Optional[Hooks] = None) -> SharpnessReport:
+                     bn_data: Optional[Iterable] = None, hooks: Optional[Hooks] = None) -> SharpnessReport:
     """Every sharpness measure of a classifier ``model`` (see the module docstring) in one :class:`SharpnessReport`.
 
     Every loss is the mean cross-entropy (the slice's and the metrics' are).
@@ -149,7 +151,7 @@ def sharpness_report(model: nn.Module, train_data: Iterable, test_data: Optional
     Args:
         model: the trained network (only read; put it on its device first).
         train_data, test_data: batches for the losses, accuracies and the slice
-            (BN statistics of slice points from ``train_data``).
+            (BN statistics of slice points from ``bn_data``, default ``train_data``).
         hessian_data: batches for the Hessian and ε-sharpness (default
             ``train_data``); must yield the same samples every time.
         tol, maxiter: Lanczos settings; ``trace_samples``: Hutchinson vectors.
@@ -168,7 +170,7 @@ def sharpness_report(model: nn.Module, train_data: Iterable, test_data: Optional
     eps = epsilon_sharpness(op, epsilon, ascent_steps, seed, hooks)
     origin = flatten_parameters(model)
     line = random_plane(origin, model, dims=1, norm="filter", ignore_1d=True, seed=seed)
-    grid = evaluate_grid(model, line, np.asarray(slice_xs, float), None, train_data, test_data, hooks=hooks)
+    grid = evaluate_grid(model, line, np.asarray(slice_xs, float), None, train_data, test_data, bn_data, hooks=hooks)
     train = evaluate(model, train_data)
     test = evaluate(model, test_data) if test_data is not None else {"loss": math.nan, "acc": math.nan}
     return SharpnessReport(lambda_max=eig.lambda_max, lambda_min=eig.lambda_min, ratio=eig.ratio, trace=trace,
@@ -176,3 +178,40 @@ def sharpness_report(model: nn.Module, train_data: Iterable, test_data: Optional
                            slice_curvature=slice_curvature(grid.xs, grid.arrays["train_loss"], fit_radius),
                            epsilon=eps, train_loss=train["loss"], train_acc=train["acc"], test_loss=test["loss"],
                            test_acc=test["acc"], num_params=op.num_params, slice=grid)
+
+
+@dataclass
+class ModuleCurvature:
+    """The Hessian restricted to one group of parameters: its extreme eigenvalues and trace."""
+    group: str
+    params: List[str]
+    num_params: int
+    lambda_max: float
+    lambda_min: float
+    trace: float
+    trace_stderr: float
+
+
+def module_curvature(model: nn.Module, data: Iterable, groups: GroupsLike = "module", *, tol: float = 1e-3,
+                     maxiter: Optional[int] = None, trace_samples: int = 100, seed: int = 0,
+                     dtype: Optional[torch.dtype] = None, hooks: Optional[Hooks] = None) -> List[ModuleCurvature]:
+    """Per-module curvature: λmax, λmin and the Hutchinson trace of each diagonal block ``H_GG`` of the Hessian.
+
+    ``H_GG`` is the Hessian of the mean loss over ``data`` with respect to the
+    parameters of group G only, the others fixed (the products of
+    :class:`~modeconn.geometry.hessian_operator.HessianOperator` with
+    ``param_names``): which layers are sharp (PyHessian's per-module
+    eigenvalues, stage-wise trace). The blocks' traces sum to ``tr H``;
+    ``λmax(H_GG) ≤ λmax(H)`` (a block of a symmetric matrix). ``groups`` as in
+    :func:`~modeconn.core.param_groups.parameter_groups`; conventions (eval
+    mode, BN running statistics) those of the operator. Cross-entropy loss.
+    """
+    out = []
+    for g, names in parameter_groups(model, groups).items():
+        eig = hessian_extreme_eigenvalues(model, None, data, tol, maxiter, seed, param_names=names, dtype=dtype,
+                                          hooks=hooks)
+        trace, stderr = hessian_trace(model, None, data, trace_samples, seed, param_names=names, dtype=dtype,
+                                      hooks=hooks)
+        numel = sum(model.get_parameter(n).numel() for n in names)
+        out.append(ModuleCurvature(g, list(names), numel, eig.lambda_max, eig.lambda_min, trace, stderr))
+    return out

@@ -15,9 +15,12 @@ state alone; each writes one PNG atomically and returns its path.
   sharpness  1-D slices of several models        :func:`plot_sharpness_slices`
   spawn      barrier between children vs epoch   :func:`plot_spawn`
   robustness clean vs robust loss along paths    :func:`plot_robust_paths`
+  layers     one bar per layer (layer-wise
+             barriers, per-module curvature)     :func:`plot_group_bars`
 """
 from modeconn.plots.ensemble import plot_fge
 from modeconn.plots.history import plot_history
+from modeconn.plots.layers import plot_group_bars
 from modeconn.plots.landscape import plot_contours, plot_curvature, plot_curve_plane, plot_line, plot_surface
 from modeconn.plots.path import plot_path
 from modeconn.plots.robustness import plot_robust_paths
@@ -27,4 +30,4 @@ from modeconn.plots.spawn import plot_spawn
 
 __all__ = ["plot_history", "plot_path", "plot_line", "plot_contours", "plot_surface", "plot_curve_plane",
            "plot_curvature", "plot_fge", "plot_simplex", "plot_sharpness_slices", "plot_spawn",
-           "plot_robust_paths"]
+           "plot_robust_paths", "plot_group_bars"]

@@ -109,8 +109,10 @@ class _EpochTally:
         self.count += len(y)
 
     def record(self, epoch: int, lr: float, ddp: bool) -> dict:
-        """The epoch's record (sums over ranks with ``ddp``); see :func:`run_epoch`."""
+        """The epoch's record (sums over ranks with ``ddp``; ``lr``: the last step's, else the given one);
+        see :func:`run_epoch`."""
         loss_sum, correct, count = self.loss_sum, self.correct, self.count
+        lr = self.lrs[-1] if self.lrs else lr
         if ddp:
             sums = _dist.all_reduce_sum(torch.stack([loss_sum, correct.double(),
                                                      torch.tensor(float(count), dtype=torch.float64)]))
