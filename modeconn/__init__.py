@@ -26,6 +26,8 @@ from modeconn.training.schedules import FGELR, cyclic_lr
 from modeconn.training.sam import SAM
 from modeconn.geometry.sharpness import SharpnessReport, sharpness_report
 from modeconn.training.spawn import SpawnResult, spawn_children
+from modeconn.evaluation.adversarial import PGD, pgd_attack, robust_evaluate, robust_path
+from modeconn.alignment.pam import PAMResult, pam_fit, permutation_update, proximal_weight_matching
 from modeconn.core.param_groups import parameter_groups
 from modeconn.evaluation.layerwise import LayerwiseResult, layerwise_barriers
 from modeconn.geometry.sharpness import ModuleCurvature, module_curvature
@@ -53,6 +55,8 @@ __all__ = [
     "empirical_ntk", "kernel_distance", "kernel_velocity", "kernel_alignment", "NTKTracker",
     "PermutationSpec", "infer_permutation_spec", "apply_permutation", "weight_matching", "activation_matching",
     "align_models", "canonical_scale",
+    "PGD", "pgd_attack", "robust_evaluate", "robust_path",
+    "pam_fit", "PAMResult", "permutation_update", "proximal_weight_matching",
     "repair", "Repair", "RepairReport", "evaluate_repaired_path",
     "layerwise_barriers", "LayerwiseResult", "parameter_groups", "module_curvature", "ModuleCurvature",
     "empirical_ntk", "kernel_distance", "kernel_velocity", "kernel_alignment", "NTKTracker",

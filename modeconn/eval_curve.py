@@ -5,7 +5,8 @@ import sys
 from pathlib import Path
 from typing import Tuple
 
-from modeconn.cli.args import add_data_args, add_run_args, add_scale_args, at_least, parser
+from modeconn.cli.args import (add_attack_args, add_data_args, add_run_args, add_scale_args, at_least,
+                               attack_config, parser)
 from modeconn.cli.data import bn_loader, checkpoint_dataset, hessian_loader
 from modeconn.cli.errors import CommandError, run_command
 from modeconn.cli.outputs import run_info, write_csv, write_json
@@ -13,6 +14,7 @@ from modeconn.cli.session import Job, session
 from modeconn.core.curve_model import linear_path, load_curve
 from modeconn.cli.endpoints import load_endpoint
 from modeconn.runtime.checkpoints import build_model, load_checkpoint, make_directory
+from modeconn.evaluation.adversarial import ROBUST_METRICS
 from modeconn.evaluation.path import evaluate_path, points_of_this_rank
 from modeconn.runtime import Hooks, Runtime
 from modeconn.plots.path import plot_path
@@ -20,6 +22,8 @@ from modeconn.core.param_groups import GROUPINGS
 
 EXAMPLE = """  python -m modeconn.eval_curve --ckpt runs/curve_mlp/curve.pt --with-linear --out runs/eval_mlp
   python -m modeconn.eval_curve --a checkpoints/digits_mlp_a.pt --b checkpoints/digits_mlp_b.pt
+  python -m modeconn.eval_curve --ckpt runs/curve_adv/curve.pt --with-linear --adversarial pgd --eps 0.3 \
+      --steps 10 --num-points 11      (robust loss/error and barriers beside the clean ones)
   python -m modeconn.eval_curve --a A.pt --b B_aligned.pt --repair --per-layer module --out runs/why
 
 --repair (a line only): every point corrected by REPAIR (Jordan et al. 2023) before it is
@@ -62,6 +66,7 @@ def build_parser():
     g.add_argument("--hessian-points", type=at_least(2), default=11,
                    help="evenly spaced t for the Hessian, fewer than --num-points as it is costly "
                         "(default: %(default)s)")
+    add_attack_args(p, "--adversarial", training=False)
     g = p.add_argument_group("why is there a barrier (a straight line --a/--b only)")
     g.add_argument("--repair", action="store_true",
                    help="REPAIR every point: rescale each hidden channel's pre-activation mean and std over the "
@@ -83,14 +88,15 @@ def build_parser():
 
 def barrier_lines(result) -> list:
     """The barrier table of a path result as aligned text lines (test loss and error, three references)."""
-    rows = result.barrier_table(("test_loss", "test_error"))
-    lines = [f"{'path':8s} {'metric':11s} {'interp':>16s} {'mean':>16s} {'max':>16s}"]
+    robust = [m for m in ("robust_test_loss", "robust_test_error") if m in result.extra]
+    rows = result.barrier_table(("test_loss", "test_error", *robust))
+    lines = [f"{'path':8s} {'metric':17s} {'interp':>16s} {'mean':>16s} {'max':>16s}"]
     by = {}
     for r in rows:
         by.setdefault((r["path"], r["metric"]), {})[r["reference"]] = r
     for (name, metric), refs in by.items():
         cells = [f"{refs[k]['barrier']:9.4f} @t={refs[k]['t']:.2f}" for k in ("interp", "mean", "max")]
-        lines.append(f"{name:8s} {metric:11s} " + " ".join(f"{c:>16s}" for c in cells))
+        lines.append(f"{name:8s} {metric:17s} " + " ".join(f"{c:>16s}" for c in cells))
     return lines
 
 
@@ -106,6 +112,9 @@ def write_path_outputs(result, out: Path, title: str, extra: dict) -> None:
         columns[m] = result.values(m)
         if result.linear is not None:
             columns[f"linear_{m}"] = result.linear.values(m)
+    for res, prefix in ((result, ""), (result.linear, "linear_")):
+        for m in (m for m in ROBUST_METRICS if res is not None and m in res.extra):
+            columns[prefix + m] = res.extra[m]
     columns["arc_length"] = result.arc_length
     write_csv(out / "path.csv", columns)
     plot_path(result, out / "path.png", title)
@@ -126,6 +135,24 @@ def path_sharpness(path, ds, device, args, job: Job) -> dict:
     s = sharpness_along(models, "cross_entropy", data, ts=ts, hooks=Hooks(progress=bar.update))
     bar.close()
     return {"hessian_ts": ts, "lambda_max": s.lambda_max, "lambda_min": s.lambda_min, "curvature_ratio": s.ratio}
+
+
+def path_robustness(result, path, ds, attack, args, job: Job) -> None:
+    """Robust test loss/error/accuracy at the result's ts (and its linear companion's) into ``extra``: PGD
+    on the first --adv-samples test samples, BN statistics recomputed on clean training data first."""
+    from modeconn.evaluation.adversarial import robust_path
+    from modeconn.evaluation.path import endpoint_line
+
+    device = job.device
+    test = ds.eval_loader("test", args.batch_size, samples=args.adv_samples).to(device)
+    bn_data = None if args.no_bn_recompute else bn_loader(ds, args, device)
+    for res, p in ((result, path), (result.linear, endpoint_line(path) if result.linear is not None else None)):
+        if res is None:
+            continue
+        bar = job.progress(len(res.ts), f"PGD {res.name}")
+        res.extra.update(robust_path(p, test, attack, res.ts, bn_loader=bn_data, seed=0,
+                                     progress=bar.update))
+        bar.close()
 
 
 def _load_path(args) -> Tuple[object, dict, Path, str]:
@@ -229,6 +256,10 @@ def main_(argv=None) -> int:
     """The command body (see :func:`main`)."""
     args = build_parser().parse_args(argv)
     with session(args) as job:
+        attack = attack_config(args)
+        if attack is not None and args.repair:
+            raise CommandError("--adversarial and --repair together are not supported: the robust loss would be "
+                               "that of the plain line, not of the repaired one")
         path, meta, out, name = _load_path(args)
         ds = checkpoint_dataset(args, meta)
         if job.is_main:
@@ -237,11 +268,15 @@ def main_(argv=None) -> int:
         result = _evaluate(args, job, path, ds, name)
         if not job.is_main:  # every rank holds the gathered result; rank 0 writes it
             return 0
+        if attack is not None:
+            path_robustness(result, path, ds, attack, args, job)
         if args.hessian:
             result.extra.update(path_sharpness(path, ds, job.device, args, job))
         write_path_outputs(result, out, f"{name} on {ds.name}",
                            {"dataset": ds.name, "source": {"ckpt": args.ckpt, "start": args.a, "end": args.b},
-                            "run": run_info(argv)})
+                            "run": run_info(argv),
+                            **({"attack": attack.as_dict(), "attack_samples": args.adv_samples}
+                               if attack is not None else {})})
         _print_summary(result, name, out)
         if args.per_layer:
             barriers = per_layer(args, job, path, ds, out)

@@ -7,8 +7,9 @@ from typing import List, Optional
 
 import torch
 
-from modeconn.cli.args import (at_least, add_data_args, add_model_args, add_optim_args, add_resume_args, add_run_args,
-                               add_sam_args, add_scale_args, parse_kwargs, parser, sam_config)
+from modeconn.cli.args import (add_attack_args, add_data_args, add_model_args, add_optim_args, add_resume_args,
+                               add_run_args, add_sam_args, add_scale_args, at_least, attack_config, parse_kwargs,
+                               parser, sam_config)
 from modeconn.cli.data import canonical_specs, data_fields, load_dataset, model_kwargs_for, train_loader
 from modeconn.cli.endpoints import untrained_reason
 from modeconn.cli.errors import RunFailed, run_command
@@ -28,6 +29,7 @@ EXAMPLE = """  python -m modeconn.train --dataset digits --model mlp --seed 1 --
   python -m modeconn.train --dataset digits --model convnet --model-kwargs bn=true width=16 --seed 2 --out runs/cnn_b
   python -m modeconn.train --model mynet.py:build --model-kwargs width=48 --out runs/mine   (your own model)
   python -m modeconn.train --dataset digits --model mlp --sam 0.05 --out runs/mlp_sam       # SAM (ASAM: --sam-adaptive)
+  python -m modeconn.train --dataset digits --model mlp --adv pgd --eps 0.3 --steps 7 --out runs/mlp_adv
   python -m modeconn.train --dataset majority --model gpt --seed 1 --out runs/gpt_a   # vocab from the data
   python -m modeconn.train --model mlp --track-ntk 100 --out runs/mlp_ntk   # NTK distance/velocity per epoch
 
@@ -56,6 +58,7 @@ def build_parser():
     n.add_argument("--ntk-kind", choices=list(NTK_KINDS), default="trace",
                    help="trace over outputs, logit sum (cheap for many classes) or the full [N,N,K,K] kernel "
                         "(default: %(default)s)")
+    add_attack_args(p, "--adv", training=True)
     add_run_args(p)
     p.add_argument("--strict", action="store_true",
                    help="exit with status 1 (the checkpoint is still written) when the trained model looks "
@@ -65,7 +68,7 @@ def build_parser():
     return p
 
 
-def _fit(args, job: Job, model, ds, run: TrainingRun, state: Optional[dict]) -> List[dict]:
+def _fit(args, job: Job, model, ds, run: TrainingRun, state: Optional[dict], attack=None) -> List[dict]:
     """Train ``model`` for the remaining epochs, saving the state after each; returns the history."""
     loader = train_loader(ds, args, job.info)
     bar = job.progress(args.epochs * len(loader), f"train {args.model}")
@@ -77,7 +80,7 @@ def _fit(args, job: Job, model, ds, run: TrainingRun, state: Optional[dict]) -> 
                           seed=args.seed, resume=state, runtime=Runtime(job.device, args.amp, args.compile),
                           hooks=Hooks(progress=bar.update, on_epoch_end=run.epoch_saver(bar)), sam=args.sam,
                           sam_adaptive=args.sam_adaptive, sam_sparsity=args.sam_sparsity, sam_mask=args.sam_mask,
-                          warmup_epochs=args.warmup, epoch_fields=tracker)
+                          warmup_epochs=args.warmup, epoch_fields=tracker, adversarial=attack)
     bar.close()
     return history
 
@@ -114,12 +117,14 @@ def main_(argv=None) -> int:
     """The command body (see :func:`main`)."""
     args = build_parser().parse_args(argv)
     kwargs = parse_kwargs(args.model_kwargs)
+    attack = attack_config(args)
     canonical_specs(args)  # file and folder paths absolute: checkpoints rebuild from anywhere
     config = {"dataset": args.dataset, "model": args.model, "model_kwargs": kwargs, "seed": args.seed,
               "epochs": args.epochs, "lr": args.lr, "wd": args.wd, "momentum": args.momentum,
               "schedule": args.schedule, "batch_size": args.batch_size, **sam_config(args),
               **({"warmup": args.warmup} if args.warmup else {}),
-              **({"track_ntk": args.track_ntk, "ntk_kind": args.ntk_kind} if args.track_ntk else {})}
+              **({"track_ntk": args.track_ntk, "ntk_kind": args.ntk_kind} if args.track_ntk else {}),
+              **({"adv": attack.as_dict()} if attack is not None else {})}
     with session(args) as job:
         run = TrainingRun(Path(args.out), config, "model.pt", job.is_main)
         state = run.start(args.resume, args.force)
@@ -128,7 +133,7 @@ def main_(argv=None) -> int:
             torch.manual_seed(args.seed)
             kwargs = model_kwargs_for(args.model, ds, kwargs)  # e.g. a token dataset's vocab for gpt
             model = create_model(args.model, ds.input_shape, ds.num_classes, **kwargs).to(job.device)
-            history = _fit(args, job, model, ds, run, state)
+            history = _fit(args, job, model, ds, run, state, attack)
             if job.is_main:  # rank 0 evaluates and writes the results
                 why = _write_results(args, argv, model, ds, kwargs, config, history, job.device)
                 if why and args.strict:

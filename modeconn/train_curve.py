@@ -2,15 +2,16 @@
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 from pathlib import Path
 from typing import List, Optional, Tuple
 
-from modeconn.cli.args import (add_data_args, add_optim_args, add_resume_args, add_run_args, add_sam_args,
-                               add_scale_args, parser, sam_config)
-from modeconn.cli.data import checkpoint_dataset, data_source, dataset_name, dataset_seed, train_loader
+from modeconn.cli.args import (add_attack_args, add_data_args, add_optim_args, add_resume_args, add_run_args,
+                               add_sam_args, add_scale_args, at_least, attack_config, parser, sam_config)
+from modeconn.cli.data import bn_loader, checkpoint_dataset, data_source, dataset_name, dataset_seed, train_loader
 from modeconn.cli.errors import CommandError, run_command
-from modeconn.cli.outputs import run_info
+from modeconn.cli.outputs import run_info, write_json
 from modeconn.cli.rundir import TrainingRun
 from modeconn.cli.session import Job, session
 from modeconn.cli.endpoints import load_endpoint
@@ -24,6 +25,10 @@ from modeconn.training.loop import fit_curve
 EXAMPLE = """  python -m modeconn.train_curve --a checkpoints/digits_mlp_a.pt --b checkpoints/digits_mlp_b.pt \\
       --curve bezier --num-bends 3 --epochs 30 --out runs/curve_mlp
   (add --sam 0.05 to fit the free bends with SAM, --sam-adaptive for ASAM)
+  python -m modeconn.train_curve --a A.pt --b B.pt --align pam --pam-rounds 3 --epochs 10 --out runs/pam
+  (PAM: OUT/pam.json holds, per round, the barrier and the fraction of units the permutation moved)
+  python -m modeconn.train_curve --a A_adv.pt --b B_adv.pt --adv pgd --eps 0.3 --steps 7 --out runs/robust_curve
+  (the robust curve objective: every batch attacked by PGD at the sampled point θ(t))
 
 writes OUT/curve.pt (self-describing: architecture, curve type, bends, which are fixed,
 dataset, seed, history), OUT/history.json, OUT/history.png and OUT/resume.pt.
@@ -51,11 +56,21 @@ def build_parser():
     g.add_argument("--init", default="linear", choices=("linear", "random"),
                    help="middle bends start on the straight segment or from a fresh initialisation "
                         "(default: %(default)s)")
-    g.add_argument("--align", default=None, choices=("weight", "activation"),
-                   help="permute the end's neurons to match the start before fitting")
+    g.add_argument("--align", default=None, choices=("weight", "activation", "pam"),
+                   help="permute the end's neurons to match the start before fitting; pam: start from weight "
+                        "matching, then --pam-rounds rounds of --epochs curve epochs and one permutation update "
+                        "of the end (weight matching to the bend next to it, proximal term --pam-proximal; "
+                        "Tatro et al. 2020), reporting per round how many units moved and the barrier")
+    g.add_argument("--pam-rounds", type=at_least(1), default=3, help="PAM rounds (default: %(default)s)")
+    g.add_argument("--pam-proximal", type=float, default=0.0, metavar="LAMBDA",
+                   help="PAM's proximal weight: reward per unit left where the previous round put it, in the "
+                        "units of the weights' inner products (default: %(default)s)")
+    g.add_argument("--pam-points", type=at_least(2), default=11,
+                   help="evenly spaced t of each round's barrier (default: %(default)s)")
     add_data_args(p, dataset_default=None)
     add_optim_args(p, epochs=30, lr=0.03)
     add_sam_args(p)
+    add_attack_args(p, "--adv", training=True)
     add_run_args(p)
     add_resume_args(p, "resume.pt", "epoch")
     add_scale_args(p)
@@ -79,14 +94,31 @@ def _config(args, dataset: str) -> dict:
             "fix_start": args.fix_start, "fix_end": args.fix_end, "init": args.init, "align": args.align,
             "dataset": dataset, "epochs": args.epochs, "lr": args.lr, "wd": args.wd,
             "momentum": args.momentum, "schedule": args.schedule, "seed": args.seed,
-            "batch_size": args.batch_size, **sam_config(args)}
+            "batch_size": args.batch_size, **sam_config(args), **_pam_config(args), **_attack(args)}
+
+
+def _attack(args) -> dict:
+    """``{"adv": PGD settings}`` with --adv pgd (the robust curve objective, ``args.attack_settings``), else ``{}``."""
+    attack = args.attack_settings
+    return {"adv": attack.as_dict()} if attack is not None else {}
+
+
+def _pam_config(args) -> dict:
+    """PAM's settings for the run config (none without --align pam, so older runs still resume)."""
+    if args.align != "pam":
+        return {}
+    if args.resume:
+        raise CommandError("--align pam cannot --resume (its rounds are not checkpointed); use --force to rerun")
+    if not (math.isfinite(args.pam_proximal) and args.pam_proximal >= 0):
+        raise CommandError(f"--pam-proximal {args.pam_proximal}: must be a finite number >= 0")
+    return {"pam_rounds": args.pam_rounds, "pam_proximal": args.pam_proximal, "pam_points": args.pam_points}
 
 
 def _end_state(args, ds, start_meta: dict, end_meta: dict, device) -> Tuple[dict, Optional[dict]]:
     """The end bend's weights: the --b checkpoint's, or (--align) permuted to match --a."""
     end_state = end_meta["state_dict"]
     alignment = None
-    if args.align:
+    if args.align in ("weight", "activation"):  # pam sets the end itself (_fit_pam)
         from modeconn.alignment import align_models
 
         start_model, end_model = build_model(start_meta), build_model(end_meta)
@@ -106,11 +138,15 @@ def _end_state(args, ds, start_meta: dict, end_meta: dict, device) -> Tuple[dict
 
 def _build_curve(args, ds, start_meta: dict, end_meta: dict, device) -> Tuple[CurveModel, Optional[dict]]:
     """(the curve to fit between --a and the (aligned) --b, the alignment record or None)."""
-    template = build_model(start_meta)
     end_state, alignment = _end_state(args, ds, start_meta, end_meta, device)
-    curve = CurveModel(template, start_meta["state_dict"], end_state, make_curve(args.curve, args.num_bends),
-                       fix_start=args.fix_start, fix_end=args.fix_end, init=args.init, seed=args.seed).to(device)
-    return curve, alignment
+    return _new_curve(args, start_meta, end_state, device), alignment
+
+
+def _new_curve(args, start_meta: dict, end_state: dict, device) -> CurveModel:
+    """The curve of the command's flags from --a to ``end_state``, on ``device``."""
+    return CurveModel(build_model(start_meta), start_meta["state_dict"], end_state,
+                      make_curve(args.curve, args.num_bends), fix_start=args.fix_start, fix_end=args.fix_end,
+                      init=args.init, seed=args.seed).to(device)
 
 
 def _fit(args, job: Job, curve, ds, run: TrainingRun, state: Optional[dict]) -> List[dict]:
@@ -120,9 +156,45 @@ def _fit(args, job: Job, curve, ds, run: TrainingRun, state: Optional[dict]) -> 
     history = fit_curve(curve, loader, args.epochs, args.lr, args.wd, args.momentum, args.schedule,
                         seed=args.seed, resume=state, runtime=Runtime(job.device, args.amp, args.compile),
                         hooks=Hooks(progress=bar.update, on_epoch_end=run.epoch_saver(bar)), sam=args.sam,
-                        sam_adaptive=args.sam_adaptive, sam_sparsity=args.sam_sparsity, sam_mask=args.sam_mask)
+                        sam_adaptive=args.sam_adaptive, sam_sparsity=args.sam_sparsity, sam_mask=args.sam_mask,
+                        adversarial=args.attack_settings)
     bar.close()
     return history
+
+
+def _fit_pam(args, job: Job, ds, start_meta: dict, end_meta: dict) -> Tuple[CurveModel, List[dict], dict]:
+    """--align pam: weight matching of --b to --a, the curve to the aligned --b, then alternating curve and
+    permutation steps; returns (curve, history, alignment record)."""
+    from modeconn.alignment import align_models, apply_permutation, infer_permutation_spec
+    from modeconn.alignment.pam import pam_fit
+
+    start_model, end_model = build_model(start_meta), build_model(end_meta)
+    start_model.load_state_dict(start_meta["state_dict"])
+    end_model.load_state_dict(end_meta["state_dict"])
+    spec = infer_permutation_spec(start_model, next(iter(ds.eval_loader("train")))[0][:1])
+    _, perm, report = align_models(start_model, end_model, "weight", spec=spec, seed=args.seed)
+    device = job.device
+    curve = _new_curve(args, start_meta, apply_permutation(end_meta["state_dict"], spec, perm), device)
+    loader = train_loader(ds, args, job.info)
+    evals = (ds.eval_loader("train", args.batch_size).to(device), ds.eval_loader("test", args.batch_size).to(device),
+             bn_loader(ds, args, device))
+    bar = job.progress(args.pam_rounds * args.epochs * len(loader), "PAM")
+    fit = dict(lr=args.lr, weight_decay=args.wd, momentum=args.momentum, schedule=args.schedule,
+               runtime=Runtime(device, args.amp, args.compile), sam=args.sam, sam_adaptive=args.sam_adaptive,
+               adversarial=args.attack_settings)
+    result = pam_fit(curve, end_meta["state_dict"], spec, loader, evals, args.pam_rounds, args.epochs,
+                     args.pam_proximal, initial=perm, num_points=args.pam_points, seed=args.seed, fit_kwargs=fit,
+                     hooks=Hooks(progress=bar.update))
+    bar.close()
+    for r in result.rounds:
+        print(f"PAM round {r.round}: curve test-loss barrier {r.barrier:.4f}; permutation moved "
+              f"{100 * r.moved['total']:.1f}% of units; barrier with the new permutation {r.barrier_after:.4f}")
+    alignment = {"method": "pam", "aligned": "end", "reference": str(args.a), "report": report.as_dict(),
+                 "pam": result.as_dict()}
+    if job.is_main:
+        write_json(Path(args.out) / "pam.json", alignment["pam"])
+        write_json(Path(args.out) / "history.json", result.history)
+    return curve, result.history, alignment
 
 
 def _write_results(args, argv, curve, start_meta: dict, end_meta: dict, run: TrainingRun, history: List[dict],
@@ -148,13 +220,17 @@ def main_(argv=None) -> int:
     with session(args) as job:
         start_meta, end_meta = _endpoints(args)
         dataset = dataset_name(args, start_meta, "the endpoint checkpoints")
+        args.attack_settings = attack_config(args)  # None without --adv
         run = TrainingRun(Path(args.out), _config(args, dataset), "curve.pt", job.is_main)
         state = run.start(args.resume, args.force)
         with run.resumable():
             ds = checkpoint_dataset(args, start_meta, "the endpoint checkpoints")
             start_meta = {**start_meta, "data_dir": data_source(ds).get("data_dir")}  # the one read
-            curve, alignment = _build_curve(args, ds, start_meta, end_meta, job.device)
-            history = _fit(args, job, curve, ds, run, state)
+            if args.align == "pam":
+                curve, history, alignment = _fit_pam(args, job, ds, start_meta, end_meta)
+            else:
+                curve, alignment = _build_curve(args, ds, start_meta, end_meta, job.device)
+                history = _fit(args, job, curve, ds, run, state)
             if job.is_main:  # rank 0 writes the results
                 _write_results(args, argv, curve, start_meta, end_meta, run, history, alignment)
     return 0

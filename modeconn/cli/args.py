@@ -319,3 +319,41 @@ def sam_config(args: argparse.Namespace) -> dict:
         args.sam_mask = "fisher"
     out = {"sam": args.sam, "sam_adaptive": args.sam_adaptive}
     return {**out, "sam_sparsity": args.sam_sparsity, "sam_mask": args.sam_mask} if sparse else out
+
+
+def add_attack_args(p: argparse.ArgumentParser, flag: str, training: bool) -> None:
+    """``flag`` (``--adv`` for training, ``--adversarial`` for evaluation) ``pgd`` with --eps, --steps,
+    --adv-norm, --adv-step-size (and --adv-samples when evaluating): a
+    :class:`~modeconn.evaluation.adversarial.PGD` attack, read back by :func:`attack_config`."""
+    g = p.add_argument_group("adversarial (PGD, Madry et al. 2018)")
+    what = ("train on PGD examples of every batch (adversarial training)" if training else
+            "also the robust test loss/error along the path: PGD examples of each point's network, BN "
+            "statistics recomputed on clean data first (Tatro et al. 2020)")
+    g.add_argument(flag, choices=("pgd",), default=None, dest="attack", help=what)
+    g.add_argument("--eps", type=float, default=None,
+                   help="radius of the attack's ball, in the units of the normalised inputs (needs " + flag + ")")
+    g.add_argument("--steps", type=at_least(1), default=10, help="PGD steps (default: %(default)s)")
+    g.add_argument("--adv-norm", choices=("linf", "l2"), default="linf", help="ball (default: %(default)s)")
+    g.add_argument("--adv-step-size", type=float, default=None,
+                   help="step size α (default: 2.5·eps/steps)")
+    if not training:
+        g.add_argument("--adv-samples", type=at_least(1), default=None, metavar="N",
+                       help="attack only the first N test samples (PGD costs steps+1 passes per point; "
+                            "default: all)")
+
+
+def attack_config(args: argparse.Namespace):
+    """The ``PGD`` of :func:`add_attack_args`'s flags, or None without the attack flag; a bad or missing
+    value is a CommandError naming the flag."""
+    from modeconn.evaluation.adversarial import PGD
+
+    if args.attack is None:
+        if args.eps is not None:
+            raise CommandError("--eps is the radius of a PGD attack; give --adv pgd / --adversarial pgd too")
+        return None
+    if args.eps is None:
+        raise CommandError(f"--{args.attack} attack needs --eps (its radius)")
+    try:
+        return PGD(eps=args.eps, steps=args.steps, norm=args.adv_norm, step_size=args.adv_step_size)
+    except ValueError as e:
+        raise CommandError(f"--eps/--steps/--adv-step-size: {e}") from None

@@ -104,6 +104,11 @@ class PathResult:
                     rows.append({"path": res.name, "metric": m, "reference": ref, "barrier": h, "t": t})
         return rows
 
+    def _extra_curves(self) -> List[str]:
+        """Keys of ``extra`` holding a loss or error at every t (e.g. the robust metrics): barriers apply."""
+        return [k for k, v in self.extra.items() if k.endswith(("_loss", "_error")) and np.ndim(v) == 1
+                and len(v) == len(self.ts)]
+
     def to_dict(self) -> dict:
         """Plain data: every array, summaries, and barriers of the loss/error metrics (when ts has 0 and 1)."""
         d = {"name": self.name, "bn_recomputed": self.bn_recomputed, "ts": self.ts.tolist(),
@@ -115,7 +120,7 @@ class PathResult:
         d["summary"] = {m: self.summary(m) for m in METRICS}
         if has_endpoints(self.ts):
             d["barriers"] = {}
-            for m in (m for m in METRICS if not m.endswith("_acc")):
+            for m in (m for m in METRICS + tuple(self._extra_curves()) if not m.endswith("_acc")):
                 hts = {r: barrier(self.ts, self.values(m), r) for r in BARRIER_REFERENCES}
                 d["barriers"][m] = {r: {"barrier": h, "t": t} for r, (h, t) in hts.items()}
         if self.linear is not None:

@@ -19,7 +19,9 @@ def plot_path(result, path: Union[str, os.PathLike], title: str = "") -> Path:
     percent of ``result``, a :class:`~modeconn.evaluation.path.PathResult`
     (``ts``, ``train_loss``, ``test_error``, ``name``). When ``result.linear``
     holds the straight line between the same endpoints it is drawn dashed in
-    grey; the endpoints are marked with black dots. The picture is a
+    grey; the endpoints are marked with black dots. A robust test error in
+    ``result.extra["robust_test_error"]`` (PGD, :mod:`modeconn.evaluation.adversarial`)
+    is drawn in orange beside the clean one. The picture is a
     1100 x 418 pixel PNG written atomically to ``path``.
 
     Args:
@@ -38,6 +40,9 @@ def plot_path(result, path: Union[str, os.PathLike], title: str = "") -> Path:
     for res, style, label in paths:
         ax1.plot(res.ts, res.train_loss, style, color="C0" if style == "-" else "C7", label=label)
         ax2.plot(res.ts, 100 * res.test_error, style, color="C3" if style == "-" else "C7", label=label)
+        if "robust_test_error" in res.extra:  # the PGD error beside the clean one (Tatro et al. 2020)
+            ax2.plot(res.ts, 100 * res.extra["robust_test_error"], style, color="C1" if style == "-" else "C8",
+                     label=f"{label}, robust")
     for ax, key, scale in ((ax1, "train_loss", 1), (ax2, "test_error", 100)):
         v = getattr(result, key)
         ax.plot([result.ts[0], result.ts[-1]], [scale * v[0], scale * v[-1]], "ko", ms=6, label="endpoints")

@@ -37,6 +37,7 @@ from torch import nn
 
 from modeconn.core.curve_model import CurveModel
 from modeconn.data import epoch_generator
+from modeconn.evaluation.adversarial import adversarial_step_loss, curve_attack
 from modeconn.runtime import Hooks, Runtime
 from modeconn.runtime import distributed as _dist
 from modeconn.training.sam import SAM, sam_step_loss
@@ -259,7 +260,7 @@ def _sgd(params: List[torch.Tensor], epochs: int, lr: float, momentum: float, we
 
 
 def _settings(loop: str, epochs, lr, weight_decay, momentum, schedule, seed, sam=None, sam_adaptive=False,
-              warmup_steps: int = 0, ssam: Optional[dict] = None) -> dict:
+              warmup_steps: int = 0, ssam: Optional[dict] = None, adversarial=None) -> dict:
     """What a resume state of :func:`train_model` / :func:`fit_curve` must agree on (SAM's and the warm-up's
     keys only when used, so states of earlier runs still resume)."""
     out = {"loop": loop, "epochs": int(epochs), "lr": float(lr), "weight_decay": float(weight_decay),
@@ -270,7 +271,16 @@ def _settings(loop: str, epochs, lr, weight_decay, momentum, schedule, seed, sam
         out.update(sam_sparsity=ssam["sparsity"], sam_mask=ssam["mask"])
     if warmup_steps:
         out.update(warmup_steps=int(warmup_steps))
+    if adversarial is not None:
+        out.update(adversarial=adversarial.as_dict())
     return out
+
+
+def _with_attack(step: StepLoss, adversarial, module: nn.Module) -> StepLoss:
+    """``step`` on PGD examples of ``module`` (:func:`~modeconn.evaluation.adversarial.adversarial_step_loss`)
+    when ``adversarial`` is a PGD attack, else ``step`` itself. The attack runs on ``module`` unwrapped (no
+    DDP hooks in its passes)."""
+    return step if adversarial is None else adversarial_step_loss(step, adversarial, module)
 
 
 def _with_sam(step: StepLoss, optimizer: torch.optim.Optimizer, module: nn.Module) -> StepLoss:
@@ -302,7 +312,8 @@ def train_model(model: nn.Module, train_loader: Iterable, epochs: int = 20, lr: 
                 loss: Union[str, LossFn] = "cross_entropy", seed: int = 0, resume: Optional[Mapping] = None,
                 runtime: Optional[Runtime] = None, hooks: Optional[Hooks] = None, sam: Optional[float] = None,
                 sam_adaptive: bool = False, warmup_epochs: float = 0.0, sam_sparsity: float = 0.0,
-                sam_mask: Optional[str] = None, epoch_fields: Optional[Callable[[], dict]] = None) -> List[dict]:
+                sam_mask: Optional[str] = None, epoch_fields: Optional[Callable[[], dict]] = None,
+                adversarial=None) -> List[dict]:
     """Train an endpoint network in place with SGD (momentum, weight decay); returns the per-epoch history.
 
     Args:
@@ -320,12 +331,11 @@ def train_model(model: nn.Module, train_loader: Iterable, epochs: int = 20, lr: 
             SSAM, Mi et al. 2022, perturbing a ``"fisher"``/``"random"`` mask of ``1 − sam_sparsity`` of the
             parameters renewed every epoch: :class:`~modeconn.training.sam.SAM`): two passes per step.
         warmup_epochs: linear warm-up over this many epochs' steps (``warmup_scheduler``); 0: none.
-        epoch_fields: ``f() -> dict`` merged into every epoch's record (an ``NTKTracker``; its ``state_dict``
-            joins the resume state).
+        epoch_fields: ``f() -> dict`` joins each epoch's record (an ``NTKTracker``: also its resume state).
+        adversarial: a :class:`~modeconn.evaluation.adversarial.PGD`: train on PGD examples (Madry et al. 2018).
 
     Returns:
-        History records ``epoch, loss, acc, lr, seconds`` (loss without the
-        weight-decay term; acc NaN for non-classification outputs).
+        History records ``epoch, loss, acc, lr, seconds`` (loss without weight decay; acc NaN if not classifying).
 
     Example:
         >>> from modeconn.data import TensorLoader
@@ -348,12 +358,12 @@ def train_model(model: nn.Module, train_loader: Iterable, epochs: int = 20, lr: 
                                 len(train_loader), ssam)
     ddp = runtime.use_ddp(train_loader)
     net = _dist.wrap_ddp(model) if ddp else model
-    if runtime.compile:
-        net = torch.compile(net)
-    step = _with_sam(model_step(net, loss, runtime, params[0].device), optimizer, model)
-    return run_sgd(model, train_loader, int(epochs), step, optimizer, scheduler, seed=seed,
-                   settings=_settings("train_model", epochs, lr, weight_decay, momentum, schedule, seed, sam,
-                                      sam_adaptive, warmup, ssam),
+    net = torch.compile(net) if runtime.compile else net
+    step = _with_sam(_with_attack(model_step(net, loss, runtime, params[0].device), adversarial, model), optimizer,
+                     model)
+    settings = _settings("train_model", epochs, lr, weight_decay, momentum, schedule, seed, sam, sam_adaptive,
+                         warmup, ssam, adversarial)
+    return run_sgd(model, train_loader, int(epochs), step, optimizer, scheduler, seed=seed, settings=settings,
                    hooks=hooks, resume=resume, ddp=ddp, per_step=bool(warmup), epoch_fields=epoch_fields,
                    extra_parts={"epoch_fields": epoch_fields} if hasattr(epoch_fields, "state_dict") else None,
                    advice=f"lower the learning rate (lr={lr}) or warm it up longer")
@@ -406,15 +416,16 @@ def fit_curve(curve: CurveModel, train_loader: Iterable, epochs: int = 20, lr: f
               weight_decay: float = 5e-4, momentum: float = 0.9, schedule: str = "reference",
               loss: Union[str, LossFn] = "cross_entropy", seed: int = 0, resume: Optional[Mapping] = None,
               runtime: Optional[Runtime] = None, hooks: Optional[Hooks] = None, sam: Optional[float] = None,
-              sam_adaptive: bool = False, sam_sparsity: float = 0.0, sam_mask: Optional[str] = None) -> List[dict]:
+              sam_adaptive: bool = False, sam_sparsity: float = 0.0, sam_mask: Optional[str] = None,
+              adversarial=None) -> List[dict]:
     """Train the free bends of ``curve`` to minimise E_{t~U(0,1)} L(θ(t)) (Garipov et al. 2018, Eq. 2).
 
     One t per mini-batch, drawn from the ``(seed, epoch)`` generator; the
     penalty ``0.5 * weight_decay * ||θ(t)||²`` applies at the sampled point,
-    not to the bends. Arguments, resume, hooks, SAM and SSAM (on the free bends, one
-    t for both passes; an SSAM mask picks entries of the free bends) as :func:`train_model`.
-    Under DDP only ``free_bends`` is data parallel and every rank draws the same t;
-    with ``runtime.amp`` θ(t) stays float32. Raises ValueError when every bend is fixed.
+    not to the bends. Arguments, resume, hooks, SAM and SSAM (on the free bends, one t for both
+    passes) as :func:`train_model`. Under DDP only ``free_bends`` is data parallel, every rank draws
+    the same t; with ``runtime.amp`` θ(t) stays float32. ``adversarial`` (a ``PGD``): each batch
+    replaced by its PGD examples at θ(t) (``curve_attack``). ValueError when every bend is fixed.
 
     Example:
         >>> from modeconn import Bezier, CurveModel
@@ -443,6 +454,8 @@ def fit_curve(curve: CurveModel, train_loader: Iterable, epochs: int = 20, lr: f
         t = torch.rand((), generator=gen)
         drawn["t_sum"] += float(t)  # a CPU number: no device synchronisation (SAM adds each t twice)
         x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+        if adversarial is not None:
+            x = curve_attack(curve, x, y, t.to(device), adversarial, gen)
         out, _ = stepper(x, t.to(device))  # the weight-decay gradient comes from training_point's backward
         value = loss_fn(out, y)
         return out, value, value
@@ -453,7 +466,7 @@ def fit_curve(curve: CurveModel, train_loader: Iterable, epochs: int = 20, lr: f
         return value
 
     settings = _settings("fit_curve", epochs, lr, weight_decay, momentum, schedule, seed, sam, sam_adaptive,
-                         ssam=ssam)
+                         ssam=ssam, adversarial=adversarial)
     return run_sgd(curve, train_loader, int(epochs), _with_sam(step, optimizer, curve), optimizer, scheduler,
                    seed=seed, settings=settings,
                    hooks=hooks, resume=resume, ddp=ddp, advice=f"lower the learning rate (lr={lr})",
