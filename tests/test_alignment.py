@@ -320,11 +320,14 @@ def test_flatten_and_cat_are_blockwise():
 
 
 # ----------------------------------------------------------------- unsafe parts fixed
-def test_grouped_conv_is_left_fixed():
+def test_grouped_conv_keeps_its_input_fixed_and_permutes_within_blocks():
     model, x = _build("grouped_conv")
     spec = infer_permutation_spec(model, x[:1])
-    assert list(spec.groups) == ["conv3"]
-    for k in ("conv1.weight", "conv1.bias", "conv2.weight", "conv2.bias"):
+    assert list(spec.groups) == ["conv2", "conv3"]
+    # 8 outputs in 2 blocks of 4: one permutation of 4 units, the same in both blocks
+    assert spec.groups["conv2"].size == 4
+    assert AxisRef("conv2.weight", 0, 0, 1, 2) in spec.groups["conv2"].axes
+    for k in ("conv1.weight", "conv1.bias"):
         assert k in spec.fixed
     assert any("conv1" in r and "groups=2" in r for r in spec.reasons), spec.reasons
     _assert_same_function(model, apply_permutation(model, spec, spec.random_permutation(3)), x)
