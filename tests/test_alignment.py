@@ -206,7 +206,7 @@ MODELS = {
     "residual_ln": (ResidualLNNet, (12,), 2),
     "self_loop": (SelfLoopNet, (12,), 1),
     "resnet18": (_resnet18, (3, 32, 32), 12),
-    "grouped_conv": (GroupedConvNet, (3, 8, 8), 1),
+    "grouped_conv": (GroupedConvNet, (3, 8, 8), 2),
     "channel_last": (ChannelLastNet, (3, 8, 8), 1),
     "mixer": (MixerNet, (3, 8, 8), 3),
     "functional": (FunctionalNet, (3, 8, 8), 2),
