@@ -60,6 +60,9 @@ def linear(walk: WalkState, node: fx.Node, layout: Optional[ChannelLayout], base
     A q/k/v projection of an attention site opens no group: the site's head
     groups permute its rows.
     """
+    if layout is not None and layout.dim != layout.ndim - 1 and node not in walk.site_projections:
+        linear_over_other_dim(walk, node, layout)
+        return
     if layout is not None and layout.dim != layout.ndim - 1:
         walk.groups.drop(layout.groups(), "Linear applied over a dimension other than the permuted one "
                                           f"at {walk.describe(node)}")
@@ -71,6 +74,40 @@ def linear(walk: WalkState, node: fx.Node, layout: Optional[ChannelLayout], base
         return
     entries = [(weight, 0)] + ([(bias, 0)] if bias is not None else [])
     walk.open_group(node, base, out_features, 1, entries)
+
+
+def _restrict_to_blocks(walk: WalkState, layout: ChannelLayout, groups: int, weight: str) -> bool:
+    """Let one whole group reach a grouped convolution as a permutation that is the same in every block.
+
+    Input channel ``k*w + j`` (block ``k`` of ``groups``, ``w`` channels each)
+    is the weight's input ``j`` of block ``k``: permuting ``j`` by the same
+    ``sigma`` in every block keeps each channel in its block, and moves the
+    weight's axis 1 by ``sigma``.  The group is restricted to such
+    permutations (:func:`~modeconn.alignment.spec_builder.build_spec`).
+    Returns False (nothing recorded) unless the layout is one group, unit by unit.
+    """
+    if len(layout.segments) != 1 or layout.segments[0].inner != 1 or layout.segments[0].group is None:
+        return False
+    g = walk.groups[layout.segments[0].group]
+    if g.size % groups or g.blocks not in (1, groups):
+        return False
+    g.blocks = groups
+    g.block_axes.append((AxisRef(weight, 1), g.size // groups))
+    return True
+
+
+def linear_over_other_dim(walk: WalkState, node: fx.Node, layout: ChannelLayout) -> None:
+    """A Linear over the last dimension while the permuted units sit at another (MLP-Mixer's token MLP).
+
+    ``y[..., c, :] = x[..., c, :] W^T + b`` for every unit ``c``: the map acts
+    on each unit's slice alike, so it commutes with permuting the units, which
+    keep their place.  Its own outputs would be a second permuted dimension,
+    which a layout cannot hold: they open no group (its rows stay fixed).
+    """
+    walk.kind[node] = NodeKind.OTHER
+    walk.notes.append(f"{walk.describe(node)}: applied over a dimension other than the permuted units, which "
+                      f"pass through; its own output units are left unpermuted")
+    walk.layout[node] = layout.replace(post_act=False)
 
 
 def conv(walk: WalkState, node: fx.Node, layout: Optional[ChannelLayout], base: str, spatial: int,
@@ -103,7 +140,9 @@ def grouped_conv(walk: WalkState, node: fx.Node, layout: Optional[ChannelLayout]
     bias') rows the same way.  Otherwise, a permutation of the input channels
     would move channels across blocks, so the input's groups stay fixed; the
     outputs of every block may still be permuted, the same way in each block:
-    one group of ``out/groups`` units laid out ``groups`` times.
+    one group of ``out/groups`` units laid out ``groups`` times.  When the
+    input is one whole group, it is kept instead, restricted to permutations
+    that are the same in every block (:func:`_restrict_to_blocks`).
     """
     desc = walk.describe(node)
     xs = tensor_shape(main_input(node))
@@ -113,6 +152,8 @@ def grouped_conv(walk: WalkState, node: fx.Node, layout: Optional[ChannelLayout]
         walk.layout[node] = None
         return
     in_channels = xs[len(xs) - spatial - 1]
+    if groups < in_channels and layout is not None and _restrict_to_blocks(walk, layout, groups, weight):
+        layout = None
     if groups == in_channels and layout is not None:
         m = out_channels // in_channels
         walk.kind[node] = NodeKind.PER_CHANNEL if m == 1 else NodeKind.OTHER
@@ -268,6 +309,36 @@ def join_reshaped_parameter(walk: WalkState, n: fx.Node, layout: ChannelLayout, 
     return True
 
 
+def blockwise_layouts(walk: WalkState, layouts: Sequence[ChannelLayout]) -> List[ChannelLayout]:
+    """Line up one-group layouts with a layout of ``k`` equal segments, as ``k`` blocks of that group.
+
+    GhostNet adds ``cat([x1, dw(x1)])`` (two segments of x1's group) to a
+    shortcut conv's output (one group of twice the units): unit ``j*c + i`` of
+    the shortcut meets unit ``i`` of segment ``j``.  The shortcut's group is
+    restricted to permutations equal in each of its ``k`` blocks (recorded in
+    its ``blocks``, applied by :func:`~modeconn.alignment.spec_builder.build_spec`),
+    and merges with each segment's group.  The finest layout comes first (its
+    segments are the output's).  Raises Unsupported for other shapes.
+    """
+    fine = max(layouts, key=lambda layout: len(layout.segments))
+    k, (c, i) = len(fine.segments), fine.blocks()[0]
+    if any(b != (c, i) for b in fine.blocks()):
+        raise Unsupported("elementwise op combining tensors with different channel layouts")
+    out = [fine]
+    for layout in layouts:
+        if layout is fine:
+            continue
+        if layout.blocks() != fine.blocks():
+            s = layout.segments[0]
+            if len(layout.segments) != 1 or (s.count, s.inner) != (k * c, i) or s.group is None \
+                    or walk.groups[s.group].blocks not in (1, k):
+                raise Unsupported("elementwise op combining tensors with different channel layouts")
+            walk.groups[s.group].blocks = k
+            layout = layout.replace(segments=(Segment(s.group, c, i),) * k)
+        out.append(layout)
+    return out
+
+
 def elementwise(walk: WalkState, node: fx.Node, act: Optional[bool]) -> None:
     """Elementwise op over broadcast tensors: the permuted inputs must share a layout and merge.
 
@@ -287,8 +358,11 @@ def elementwise(walk: WalkState, node: fx.Node, act: Optional[bool]) -> None:
     nd = len(out)
     ref = permuted[0]
     cdim = ref.dim + nd - ref.ndim  # broadcasting aligns trailing dims
-    if any(layout.dim + nd - layout.ndim != cdim or layout.blocks() != ref.blocks() for layout in permuted[1:]):
+    if any(layout.dim + nd - layout.ndim != cdim for layout in permuted[1:]):
         raise Unsupported("elementwise op combining tensors with different channel layouts")
+    if any(layout.blocks() != ref.blocks() for layout in permuted[1:]):
+        permuted = blockwise_layouts(walk, permuted)
+        ref = permuted[0]
     _broadcast_check(walk, node, ins, ref, cdim, nd)
     segments = merge_segments(walk, permuted, f"added/multiplied with unpermuted channels at {desc}")
     post = ref.post_act if act is None and len(ins) == 1 else bool(act)
