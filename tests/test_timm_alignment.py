@@ -253,17 +253,19 @@ import sys  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from experiments.timm_coverage import build, permuted_share  # noqa: E402
+from experiments.timm_coverage import build, check_permutation, permuted_share  # noqa: E402
 
-# model -> least % of parameter elements whose channel axes are all permuted (measured, minus a margin);
+# model -> least % of parameter elements whose channel axes are all permuted (measured, minus a margin;
+# resnet18/50 are in the table of experiments/timm_coverage.py, left out here for time);
 # MLP-Mixer's token-MLP rows stay fixed (a second permuted dimension)
 TIMM_MODELS = {
-    "resnet10t": 99, "resnet18": 99, "densenet121": 99, "efficientnet_b0": 99, "mobilenetv2_050": 99,
+    "resnet10t": 99, "densenet121": 99, "efficientnet_b0": 99, "mobilenetv2_050": 99,
     "mobilenetv3_small_050": 99, "regnetx_002": 99, "convnext_atto": 99, "ghostnet_050": 99, "repvgg_a0": 99,
     "poolformer_s12": 99, "mixer_s16_224": 95,
 }
-# coordinate-descent weight matching stops in a local optimum on these (the spec is safe: the function is kept)
-MATCHING_NOT_EXACT = {"convnext_atto", "poolformer_s12", "mixer_s16_224"}
+# from timm's initialisation (constant norm weights and layer scales, weights of std 0.02), weight matching's
+# coordinate descent stops in a local optimum on these; with N(0, 1/fan_in) weights it recovers the permutation
+TIMM_INIT_LOCAL_OPTIMUM = {"convnext_atto", "poolformer_s12", "mixer_s16_224"}
 
 
 @pytest.mark.parametrize("name", list(TIMM_MODELS))
@@ -271,12 +273,8 @@ def test_timm_model_is_permuted_safely(name):
     model, x = build(name, 32)
     spec = infer_permutation_spec(model, x[:1])
     assert 100 * permuted_share(model, spec) >= TIMM_MODELS[name], spec.reasons
-    perm = spec.random_permutation(seed=1)
-    permuted = apply_permutation(model, spec, perm)
-    with torch.no_grad():
-        y, yp = model(x), permuted(x)
-    assert (y - yp).abs().max() <= 1e-5 * y.abs().max()
-    found, _ = weight_matching(permuted, model, spec, seed=0)
-    back = apply_permutation(model, spec, found).state_dict()
-    exact = all(torch.equal(v, back[k]) for k, v in permuted.state_dict().items())
-    assert exact == (name not in MATCHING_NOT_EXACT)
+    if name in TIMM_INIT_LOCAL_OPTIMUM:  # the same architecture (and spec) with generic weights
+        model, x = build(name, 32, generic=True)
+    rel, exact = check_permutation(model, spec, x)
+    assert rel <= 1e-5
+    assert exact
