@@ -4,7 +4,7 @@ Each rule test builds a tiny network using one construct, checks the axes the
 inferred spec permutes against the hand-derived ones, and checks that a random
 permutation keeps the function (float64, 1e-10 relative).  The timm test runs
 every listed architecture at a small input: share of weights permuted, function
-kept (1e-5 relative), weight matching recovers a random permutation.
+kept (1e-5 relative), weight matching recovers a random permutation (timm comes with the test extra).
 """
 from __future__ import annotations
 
@@ -15,7 +15,6 @@ from torch import nn
 
 from modeconn.alignment import AxisRef, apply_permutation, infer_permutation_spec, weight_matching
 
-timm = pytest.importorskip("timm")  # a test extra: `pip install modeconn[test]` installs it
 
 
 def _same_function(model, spec, x, seed=1):
