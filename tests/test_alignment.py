@@ -206,7 +206,7 @@ MODELS = {
     "residual_ln": (ResidualLNNet, (12,), 2),
     "self_loop": (SelfLoopNet, (12,), 1),
     "resnet18": (_resnet18, (3, 32, 32), 12),
-    "grouped_conv": (GroupedConvNet, (3, 8, 8), 1),
+    "grouped_conv": (GroupedConvNet, (3, 8, 8), 3),
     "channel_last": (ChannelLastNet, (3, 8, 8), 1),
     "mixer": (MixerNet, (3, 8, 8), 3),
     "functional": (FunctionalNet, (3, 8, 8), 2),
@@ -320,13 +320,15 @@ def test_flatten_and_cat_are_blockwise():
 
 
 # ----------------------------------------------------------------- unsafe parts fixed
-def test_grouped_conv_is_left_fixed():
+def test_grouped_conv_permutes_within_blocks():
     model, x = _build("grouped_conv")
     spec = infer_permutation_spec(model, x[:1])
-    assert list(spec.groups) == ["conv3"]
-    for k in ("conv1.weight", "conv1.bias", "conv2.weight", "conv2.bias"):
-        assert k in spec.fixed
-    assert any("conv1" in r and "groups=2" in r for r in spec.reasons), spec.reasons
+    assert list(spec.groups) == ["conv1", "conv2", "conv3"]
+    # 8 channels in 2 blocks of 4, on both sides: one permutation of 4 units, the same in both blocks
+    assert spec.groups["conv1"].size == spec.groups["conv2"].size == 4
+    assert AxisRef("conv1.weight", 0, 0, 1, 2) in spec.groups["conv1"].axes
+    assert AxisRef("conv2.weight", 1) in spec.groups["conv1"].axes
+    assert AxisRef("conv2.weight", 0, 0, 1, 2) in spec.groups["conv2"].axes
     _assert_same_function(model, apply_permutation(model, spec, spec.random_permutation(3)), x)
 
 
@@ -349,14 +351,16 @@ def test_groupnorm_is_left_fixed_and_attention_is_followed():
     assert any("'conv1'" in r and "GroupNorm with 2 groups" in r for r in spec.reasons), spec.reasons
 
 
-def test_linear_over_another_dim_is_left_fixed():
+def test_linear_over_another_dim_passes_the_units_through():
     model, x = _build("mixer")
     spec = infer_permutation_spec(model, x[:1])
-    # patch channels survive flatten(2) + transpose(1, 2); fc2's channels then reach a
-    # Linear applied over the token dimension, which is not proven safe
-    assert list(spec.groups) == ["patch", "fc1", "token"]
-    assert "fc2.bias" in spec.fixed
-    assert any("'fc2'" in r and "other than the permuted one" in r for r in spec.reasons)
+    # patch channels survive flatten(2) + transpose(1, 2); fc2's channels then pass through a
+    # Linear applied over the token dimension (the same map on every channel), whose own
+    # output units (tokens) would be a second permuted dimension: they stay fixed
+    assert list(spec.groups) == ["patch", "fc1", "fc2"]
+    assert "token.weight" in spec.fixed and "token.bias" in spec.fixed
+    assert any("'token'" in r and "other than the permuted units" in r for r in spec.reasons)
+    _assert_same_function(model, apply_permutation(model, spec, spec.random_permutation(2)), x)
 
 
 # ----------------------------------------------------------------------- self-recovery

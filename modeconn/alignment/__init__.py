@@ -7,8 +7,9 @@ loss barrier.  Aligning B to A first (Tatro et al. 2020; Ainsworth et al. 2023
 the curves fitted by modeconn shorter and easier to find.
 
 * :func:`infer_permutation_spec` derives, with torch.fx, which parameter axes
-  move together (Linear/Conv outputs, BatchNorm/LayerNorm, residual stages,
-  channel concatenations, flatten, embeddings, attention heads and the dims
+  move together (Linear/Conv outputs, BatchNorm/LayerNorm/GroupNorm as modules
+  or functions, depthwise and grouped convolutions, gating, residual stages,
+  channel concatenations and slices, flatten, embeddings, attention heads and the dims
   inside them, the residual stream of transformers); what it cannot prove
   safe stays fixed, with a reason.  A :class:`PermutationSpec` can also be
   written by hand.

@@ -193,13 +193,8 @@ def _check_static_index(idx: Tuple[Any, ...]) -> None:
             raise Unsupported("slicing with dynamic bounds")
 
 
-def indexed_dim(idx: Any, dim: int, ndim: int) -> int:
-    """Where dimension ``dim`` of an ``ndim``-dim tensor lands in ``tensor[idx]``.
-
-    Only a full slice ``:`` may touch the channel dimension (units cannot be
-    picked or reordered), and every index must be a constant, not a traced
-    value.  Raises Unsupported otherwise.
-    """
+def _expand_index(idx: Any, ndim: int) -> List[Any]:
+    """``idx`` as a list with the Ellipsis replaced by full slices (checked to be static)."""
     if not isinstance(idx, tuple):
         idx = (idx,)
     _check_static_index(idx)
@@ -210,6 +205,60 @@ def indexed_dim(idx: Any, dim: int, ndim: int) -> int:
             expanded.extend([slice(None)] * (ndim - consuming))
         else:
             expanded.append(i)
+    return expanded
+
+
+def channel_slice(idx: Any, dim: int, ndim: int) -> Tuple[Any, Optional[slice]]:
+    """Split ``idx`` into the index with ``:`` on channel dimension ``dim``, and the slice taken there.
+
+    The slice is None when the channel dimension is indexed by ``:`` (or not at
+    all); raises Unsupported for an int index, a stepped slice or tensors.
+    """
+    expanded = _expand_index(idx, ndim)
+    in_d = 0
+    for pos, i in enumerate(expanded):
+        if i is None:
+            continue
+        if in_d == dim:
+            if isinstance(i, slice) and i != slice(None) and i.step in (None, 1):
+                return tuple(expanded[:pos] + [slice(None)] + expanded[pos + 1:]), i
+            return idx, None
+        in_d += 1
+    return idx, None
+
+
+def sliced_segments(layout: ChannelLayout, cut: slice) -> Tuple[List[Segment], List[int]]:
+    """Segments of ``layout`` left by ``cut`` on its channel dim, and the groups cut in part.
+
+    A segment kept whole keeps its group; a segment cut in part keeps its
+    entries unpermuted and its group is returned (to be left fixed: a part of a
+    permuted group is not a permutation); segments cut off entirely vanish
+    (their units are not read here).
+    """
+    start, stop, _ = cut.indices(layout.length())
+    kept: List[Segment] = []
+    partial: List[int] = []
+    for off, s in layout.offsets():
+        lo, hi = max(off, start), min(off + s.count * s.inner, stop)
+        if hi <= lo:
+            continue
+        if (lo, hi) == (off, off + s.count * s.inner):
+            kept.append(s)
+        else:
+            if s.group is not None:
+                partial.append(s.group)
+            kept.append(Segment(None, hi - lo, 1))
+    return kept, partial
+
+
+def indexed_dim(idx: Any, dim: int, ndim: int) -> int:
+    """Where dimension ``dim`` of an ``ndim``-dim tensor lands in ``tensor[idx]``.
+
+    Only a full slice ``:`` may touch the channel dimension (units cannot be
+    picked or reordered), and every index must be a constant, not a traced
+    value.  Raises Unsupported otherwise.
+    """
+    expanded = _expand_index(idx, ndim)
     in_d = out_d = 0
     new_dim = None
     for i in expanded:

@@ -85,6 +85,49 @@ def _f_conv(walk: WalkState, node: fx.Node, spatial: int) -> None:
                w.target, b.target if b is not None else None)
 
 
+def _attr_entries(walk: WalkState, node: fx.Node, tensors: Iterable[Any], what: str) -> list:
+    """State-dict names of the optional per-channel ``tensors`` of a functional norm (None skipped).
+
+    Each must be a module attribute (``get_attr``) that is a state-dict entry,
+    the module's own parameter or running statistic; otherwise Unsupported.
+    """
+    names = []
+    for t in tensors:
+        if t is None:
+            continue
+        if not _is_attr(t) or t.target not in walk.state_names:
+            raise Unsupported(f"{what} with statistics or affine parameters that are not module attributes")
+        names.append(t.target)
+    walk.drop_secondary(node, main_input(node))
+    return names
+
+
+def _f_batch_norm(walk: WalkState, node: fx.Node) -> None:
+    """``F.batch_norm(x, running_mean, running_var, weight, bias, ...)`` (timm's ``BatchNormAct2d``)."""
+    tensors = [walk.arg(node, i, kw) for i, kw in ((1, "running_mean"), (2, "running_var"), (3, "weight"),
+                                                   (4, "bias"))]
+    rules.norm(walk, node, walk.layout_of(main_input(node)), 1, _attr_entries(walk, node, tensors, "F.batch_norm"))
+
+
+def _f_layer_norm(walk: WalkState, node: fx.Node) -> None:
+    """``F.layer_norm(x, normalized_shape, weight, bias, eps)`` (timm's ``LayerNorm2d`` after a permute)."""
+    shape = walk.arg(node, 1, "normalized_shape")
+    if not isinstance(shape, (list, tuple)) or not all(isinstance(d, int) for d in shape):
+        raise Unsupported("F.layer_norm with a non-constant normalized_shape")
+    entries = _attr_entries(walk, node, [walk.arg(node, 2, "weight"), walk.arg(node, 3, "bias")], "F.layer_norm")
+    rules.layer_norm(walk, node, walk.layout_of(main_input(node)), tuple(shape), entries)
+
+
+def _f_group_norm(walk: WalkState, node: fx.Node) -> None:
+    """``F.group_norm(x, num_groups, weight, bias, eps)``: per-channel with 1 group or 1 channel per group."""
+    x = main_input(node)
+    num_groups, xs = walk.arg(node, 1, "num_groups"), tensor_shape(x)
+    entries = _attr_entries(walk, node, [walk.arg(node, 2, "weight"), walk.arg(node, 3, "bias")], "F.group_norm")
+    if walk.layout_of(x) is not None and (xs is None or num_groups not in (1, xs[1])):
+        raise Unsupported(f"group_norm with {num_groups} groups (statistics mix a subset of channels)")
+    rules.norm(walk, node, walk.layout_of(x), 1, entries)
+
+
 def _elementwise(walk: WalkState, node: fx.Node, act) -> None:
     """An elementwise function or method (see :func:`layout_rules.elementwise` for ``act``)."""
     rules.elementwise(walk, node, act)
@@ -176,6 +219,9 @@ FUNCTION_RULES: Dict[Callable, CallRule] = {
     operator.getitem: _getitem,
     F.linear: _f_linear,
     **{f: partial(_f_conv, spatial=k) for f, k in CONV_FUNCTIONS.items()},
+    F.batch_norm: _f_batch_norm,
+    F.layer_norm: _f_layer_norm,
+    F.group_norm: _f_group_norm,
     **_each(ACTIVATION_FUNCTIONS, partial(_elementwise, act=True)),
     **_each(UNARY_FUNCTIONS, partial(_elementwise, act=False)),
     **_each(BINARY_FUNCTIONS, partial(_elementwise, act=False)),

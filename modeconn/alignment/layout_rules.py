@@ -8,8 +8,8 @@ forms of an operation (``nn.Linear`` / ``F.linear``, ``nn.MaxPool2d`` /
 * A layer (Linear, Conv) consumes its input's groups on the weight's input
   axis and opens a new group for its outputs.  It is proven safe only when it
   contracts exactly the channel dimension; otherwise the incoming groups stay
-  fixed.  Grouped convolutions tie input and output channel blocks, so
-  neither side is permuted.
+  fixed.  A depthwise convolution passes its input's groups through; a
+  grouped one keeps its inputs fixed and permutes the outputs within blocks.
 * Per-channel ops (activations, norms, pooling) keep the layout; norms add
   their per-channel parameters and buffers to the group.
 * Elementwise ops on several tensors line unit ``i`` of each input up with
@@ -24,10 +24,12 @@ from __future__ import annotations
 import operator
 from typing import List, Optional, Sequence, Tuple
 
+import torch
 from torch import fx
 
-from modeconn.alignment.channel_layout import (ChannelLayout, Segment, Unsupported, indexed_dim, make_layout,
-                                               reshaped)
+from modeconn.alignment.channel_layout import (ChannelLayout, Segment, Unsupported, channel_slice, indexed_dim,
+                                               make_layout, reshaped, sliced_segments)
+from modeconn.alignment.spec import AxisRef
 from modeconn.alignment.walk_state import NodeKind, WalkState, main_input, tensor_shape, value_users
 
 
@@ -58,6 +60,9 @@ def linear(walk: WalkState, node: fx.Node, layout: Optional[ChannelLayout], base
     A q/k/v projection of an attention site opens no group: the site's head
     groups permute its rows.
     """
+    if layout is not None and layout.dim != layout.ndim - 1 and node not in walk.site_projections:
+        linear_over_other_dim(walk, node, layout)
+        return
     if layout is not None and layout.dim != layout.ndim - 1:
         walk.groups.drop(layout.groups(), "Linear applied over a dimension other than the permuted one "
                                           f"at {walk.describe(node)}")
@@ -71,30 +76,104 @@ def linear(walk: WalkState, node: fx.Node, layout: Optional[ChannelLayout], base
     walk.open_group(node, base, out_features, 1, entries)
 
 
+def _restrict_to_blocks(walk: WalkState, layout: ChannelLayout, groups: int, weight: str) -> bool:
+    """Let one whole group reach a grouped convolution as a permutation that is the same in every block.
+
+    Input channel ``k*w + j`` (block ``k`` of ``groups``, ``w`` channels each)
+    is the weight's input ``j`` of block ``k``: permuting ``j`` by the same
+    ``sigma`` in every block keeps each channel in its block, and moves the
+    weight's axis 1 by ``sigma``.  The group is restricted to such
+    permutations (:func:`~modeconn.alignment.spec_builder.build_spec`).
+    Returns False (nothing recorded) unless the layout is one group, unit by unit.
+    """
+    if len(layout.segments) != 1 or layout.segments[0].inner != 1 or layout.segments[0].group is None:
+        return False
+    g = walk.groups[layout.segments[0].group]
+    if g.size % groups or g.blocks not in (1, groups):
+        return False
+    g.blocks = groups
+    g.block_axes.append((AxisRef(weight, 1), g.size // groups))
+    return True
+
+
+def linear_over_other_dim(walk: WalkState, node: fx.Node, layout: ChannelLayout) -> None:
+    """A Linear over the last dimension while the permuted units sit at another (MLP-Mixer's token MLP).
+
+    ``y[..., c, :] = x[..., c, :] W^T + b`` for every unit ``c``: the map acts
+    on each unit's slice alike, so it commutes with permuting the units, which
+    keep their place.  Its own outputs would be a second permuted dimension,
+    which a layout cannot hold: they open no group (its rows stay fixed).
+    """
+    walk.kind[node] = NodeKind.OTHER
+    walk.notes.append(f"{walk.describe(node)}: applied over a dimension other than the permuted units, which "
+                      f"pass through; its own output units are left unpermuted")
+    walk.layout[node] = layout.replace(post_act=False)
+
+
 def conv(walk: WalkState, node: fx.Node, layout: Optional[ChannelLayout], base: str, spatial: int,
          transposed: bool, groups: int, out_channels: int, weight: str, bias: Optional[str]) -> None:
     """A convolution with ``spatial`` kernel dims: consumes the channel groups, opens ``base``.
 
     The weight is ``[out, in, ...]`` (``[in, out, ...]`` when ``transposed``).
-    A grouped convolution (``groups != 1``) is left fixed on both sides: its
-    weight blocks pair input channel block ``k`` with output block ``k``.
+    Grouped and depthwise convolutions (``groups != 1``): :func:`grouped_conv`.
     """
     desc = walk.describe(node)
-    if groups != 1:
-        walk.kind[node] = NodeKind.OTHER
-        if layout is not None:
-            walk.groups.drop(layout.groups(), f"grouped/depthwise convolution (groups={groups}) at {desc}")
-        walk.notes.append(f"{desc}: grouped/depthwise convolution (groups={groups}); its output channels "
-                          f"are left unpermuted")
-        walk.layout[node] = None
-        return
     xs = tensor_shape(main_input(node))
+    if groups != 1:
+        grouped_conv(walk, node, layout, base, spatial, transposed, groups, out_channels, weight, bias)
+        return
     if layout is not None and xs is not None and layout.dim != len(xs) - spatial - 1:
         walk.groups.drop(layout.groups(), f"convolution over a permuted spatial dimension at {desc}")
         layout = None
     walk.add_axes(layout, weight, 0 if transposed else 1)
     entries = [(weight, 1 if transposed else 0)] + ([(bias, 0)] if bias else [])
     walk.open_group(node, base, out_channels, spatial + 1, entries)
+
+
+def grouped_conv(walk: WalkState, node: fx.Node, layout: Optional[ChannelLayout], base: str, spatial: int,
+                 transposed: bool, groups: int, out_channels: int, weight: str, bias: Optional[str]) -> None:
+    """A convolution with ``groups > 1``: output block ``k`` reads only input block ``k``.
+
+    Depthwise (one input channel per group, ``m = out/in`` filters each): input
+    channel ``c`` feeds outputs ``[c*m, (c+1)*m)``, so the input's groups pass
+    through with blocks ``m`` times larger and permute the weight's (and
+    bias') rows the same way.  Otherwise, a permutation of the input channels
+    would move channels across blocks, so the input's groups stay fixed; the
+    outputs of every block may still be permuted, the same way in each block:
+    one group of ``out/groups`` units laid out ``groups`` times.  When the
+    input is one whole group, it is kept instead, restricted to permutations
+    that are the same in every block (:func:`_restrict_to_blocks`).
+    """
+    desc = walk.describe(node)
+    xs = tensor_shape(main_input(node))
+    if transposed or xs is None or (layout is not None and layout.dim != len(xs) - spatial - 1):
+        walk.kind[node] = NodeKind.OTHER
+        walk.drop_layouts([layout], f"transposed grouped convolution or over a permuted spatial dimension at {desc}")
+        walk.layout[node] = None
+        return
+    in_channels = xs[len(xs) - spatial - 1]
+    if groups < in_channels and layout is not None and _restrict_to_blocks(walk, layout, groups, weight):
+        layout = None
+    if groups == in_channels and layout is not None:
+        m = out_channels // in_channels
+        walk.kind[node] = NodeKind.PER_CHANNEL if m == 1 else NodeKind.OTHER
+        out = layout.replace(segments=tuple(Segment(s.group, s.count, s.inner * m) for s in layout.segments),
+                             post_act=False)
+        for name in [weight] + ([bias] if bias else []):
+            walk.add_axes(out, name, 0)
+        walk.layout[node] = out
+        return
+    walk.kind[node] = NodeKind.OTHER
+    walk.drop_layouts([layout], f"grouped convolution (groups={groups}) mixes channels within blocks at {desc}")
+    per_block = out_channels // groups
+    if per_block == 1:
+        walk.layout[node] = None
+        return
+    walk.open_group(node, base, per_block, spatial + 1, [])
+    g = walk.layout[node].segments[0].group
+    for name in [weight] + ([bias] if bias else []):
+        walk.groups[g].axes.append(AxisRef(name, 0, 0, 1, groups))
+    walk.layout[node] = walk.layout[node].replace(segments=(Segment(g, per_block, 1),) * groups)
 
 
 # --------------------------------------------------------------- per channel
@@ -163,7 +242,8 @@ def _broadcast_check(walk: WalkState, node: fx.Node, ins: List[fx.Node], ref: Ch
         if walk.layout.get(n) is None:
             s = tensor_shape(n)
             pos = channel_dim - (ndim - len(s))
-            if pos >= 0 and s[pos] != 1 and not (pos == len(s) - 1 and join_parameter(walk, n, ref)):
+            if pos >= 0 and s[pos] != 1 and not (pos == len(s) - 1 and join_parameter(walk, n, ref)) \
+                    and not join_reshaped_parameter(walk, n, ref, pos):
                 raise Unsupported(
                     f"elementwise op with the unpermuted tensor '{n.name}' (shape {tuple(s)}) "
                     f"varying along the permuted dimension")
@@ -206,6 +286,59 @@ def join_parameter(walk: WalkState, n: fx.Node, layout: ChannelLayout) -> bool:
     return True
 
 
+def join_reshaped_parameter(walk: WalkState, n: fx.Node, layout: ChannelLayout, pos: int) -> bool:
+    """Let a 1-D parameter reshaped to vary only along dimension ``pos`` move with the units; True if it did.
+
+    ``n`` is ``p.reshape(...)``/``p.view(...)`` of a state-dict entry ``p`` of
+    one value per channel, used by this op alone: ConvNeXt's and PoolFormer's
+    layer scale ``x * gamma.reshape(1, -1, 1, 1)``.  Entry ``c`` of ``p`` then
+    multiplies channel ``c``, so permuting ``p`` with the channels keeps the
+    product a permutation of the original.
+    """
+    if n.op not in ("call_method", "call_function") or n.target not in ("view", "reshape", torch.reshape):
+        return False
+    p, shape = n.args[0], tensor_shape(n)
+    if not isinstance(p, fx.Node) or p.op != "get_attr" or p.target not in walk.state_names:
+        return False
+    ps = tensor_shape(p)
+    if ps is None or len(ps) != 1 or ps[0] != layout.length() or shape[pos] != ps[0]:
+        return False
+    if len(value_users(n)) != 1 or len(value_users(p)) != 1:
+        return False
+    walk.add_axes(layout, p.target, 0)
+    return True
+
+
+def blockwise_layouts(walk: WalkState, layouts: Sequence[ChannelLayout]) -> List[ChannelLayout]:
+    """Line up one-group layouts with a layout of ``k`` equal segments, as ``k`` blocks of that group.
+
+    GhostNet adds ``cat([x1, dw(x1)])`` (two segments of x1's group) to a
+    shortcut conv's output (one group of twice the units): unit ``j*c + i`` of
+    the shortcut meets unit ``i`` of segment ``j``.  The shortcut's group is
+    restricted to permutations equal in each of its ``k`` blocks (recorded in
+    its ``blocks``, applied by :func:`~modeconn.alignment.spec_builder.build_spec`),
+    and merges with each segment's group.  The finest layout comes first (its
+    segments are the output's).  Raises Unsupported for other shapes.
+    """
+    fine = max(layouts, key=lambda layout: len(layout.segments))
+    k, (c, i) = len(fine.segments), fine.blocks()[0]
+    if any(b != (c, i) for b in fine.blocks()):
+        raise Unsupported("elementwise op combining tensors with different channel layouts")
+    out = [fine]
+    for layout in layouts:
+        if layout is fine:
+            continue
+        if layout.blocks() != fine.blocks():
+            s = layout.segments[0]
+            if len(layout.segments) != 1 or (s.count, s.inner) != (k * c, i) or s.group is None \
+                    or walk.groups[s.group].blocks not in (1, k):
+                raise Unsupported("elementwise op combining tensors with different channel layouts")
+            walk.groups[s.group].blocks = k
+            layout = layout.replace(segments=(Segment(s.group, c, i),) * k)
+        out.append(layout)
+    return out
+
+
 def elementwise(walk: WalkState, node: fx.Node, act: Optional[bool]) -> None:
     """Elementwise op over broadcast tensors: the permuted inputs must share a layout and merge.
 
@@ -225,8 +358,11 @@ def elementwise(walk: WalkState, node: fx.Node, act: Optional[bool]) -> None:
     nd = len(out)
     ref = permuted[0]
     cdim = ref.dim + nd - ref.ndim  # broadcasting aligns trailing dims
-    if any(layout.dim + nd - layout.ndim != cdim or layout.blocks() != ref.blocks() for layout in permuted[1:]):
+    if any(layout.dim + nd - layout.ndim != cdim for layout in permuted[1:]):
         raise Unsupported("elementwise op combining tensors with different channel layouts")
+    if any(layout.blocks() != ref.blocks() for layout in permuted[1:]):
+        permuted = blockwise_layouts(walk, permuted)
+        ref = permuted[0]
     _broadcast_check(walk, node, ins, ref, cdim, nd)
     segments = merge_segments(walk, permuted, f"added/multiplied with unpermuted channels at {desc}")
     post = ref.post_act if act is None and len(ins) == 1 else bool(act)
@@ -255,16 +391,25 @@ def reorder_dims(walk: WalkState, node: fx.Node, layout: Optional[ChannelLayout]
 
 
 def getitem(walk: WalkState, node: fx.Node, layout: Optional[ChannelLayout]) -> None:
-    """``x[idx]`` with constant indices that keep every unit (``:`` on the channel dimension)."""
+    """``x[idx]`` with constant indices: ``:`` on the channel dimension, or a contiguous slice of it.
+
+    A slice keeps the segments it covers whole; a group it cuts in part is left fixed.
+    """
     walk.kind[node] = NodeKind.MOVE
     if layout is None:
         walk.layout[node] = None
         return
-    new_dim = indexed_dim(node.args[1], layout.dim, layout.ndim)
+    idx, cut = channel_slice(node.args[1], layout.dim, layout.ndim)
+    new_dim = indexed_dim(idx, layout.dim, layout.ndim)
     out = tensor_shape(node)
     if out is None:
         raise Unsupported("indexing without a tensor output")
-    walk.layout[node] = layout.replace(dim=new_dim, ndim=len(out))
+    if cut is None:
+        walk.layout[node] = layout.replace(dim=new_dim, ndim=len(out))
+        return
+    segments, partial = sliced_segments(layout, cut)
+    walk.groups.drop(partial, f"channels sliced through the middle of the group at {walk.describe(node)}")
+    walk.layout[node] = make_layout(new_dim, len(out), segments, layout.post_act)
 
 
 def cat(walk: WalkState, node: fx.Node) -> None:

@@ -46,6 +46,38 @@ def _merge_shared_axes(groups: UnitGroups) -> None:
                 by_key[a] = gid
 
 
+def _restrict_blocks(groups: UnitGroups, classes: Classes, dropped: Set[int]) -> Dict[int, int]:
+    """Restrict every class with blocked members to permutations equal in each block.
+
+    A member of ``n`` units in ``b`` blocks (read by a grouped convolution, or
+    added blockwise to another layer's units) only allows a permutation that
+    is the same in each block.  The class's unit is ``u = min(n/b)`` over its
+    members; a member of ``n`` units then has ``f = n/u`` blocks, and its refs
+    cover the same slice viewed as ``[outer*f, u, inner]``; a grouped
+    convolution's own refs (``w`` units each) repeat ``w/u`` times.  Classes
+    whose members do not divide into such blocks are dropped.  Returns each
+    member's ``f`` (1 when not restricted).
+    """
+    factors: Dict[int, int] = {}
+    for r, ms in classes.items():
+        if all(groups[m].blocks == 1 for m in ms) or r in dropped:
+            continue
+        u = min(groups[m].size // groups[m].blocks for m in ms)
+        sizes = [(groups[m].size, groups[m].blocks) for m in ms]
+        if any(n % b or n % u or (n // u) % b for n, b in sizes):
+            groups.drop([r], f"its units are read in incompatible blocks (units, blocks): {sorted(set(sizes))}")
+            dropped.add(r)
+            continue
+        for m in ms:
+            g = groups[m]
+            f = factors[m] = g.size // u
+            g.axes = [a._replace(outer=a.outer * f) for a in g.axes] + \
+                [a._replace(outer=a.outer * (units // u)) for a, units in g.block_axes]
+            g.observe = [p._replace(outer=p.outer * f) for p in g.observe]
+            g.size, g.block_axes = u, []
+    return factors
+
+
 def _classes(groups: UnitGroups) -> Classes:
     """Members of every class, keyed by representative (the earliest member), in opening order."""
     members: Classes = OrderedDict()
@@ -95,8 +127,12 @@ def _drop_conflicts(groups: UnitGroups, classes: Classes, dropped: Set[int]) -> 
     return reasons
 
 
-def _observe_points(walk: WalkState, dropped: Set[int]) -> Dict[int, List[Tuple[bool, ObservePoint]]]:
-    """Per kept class, ``(post_act, point)`` for every node where its units can be read."""
+def _observe_points(walk: WalkState, dropped: Set[int],
+                    blocks: Dict[int, int]) -> Dict[int, List[Tuple[bool, ObservePoint]]]:
+    """Per kept class, ``(post_act, point)`` for every node where its units can be read.
+
+    ``blocks``: members restricted to the same permutation in each of ``f`` blocks (:func:`_restrict_blocks`).
+    """
     points: Dict[int, List[Tuple[bool, ObservePoint]]] = {}
     for node, layout in walk.layout.items():
         if layout is None or walk.kind.get(node) is NodeKind.MOVE or node.op == "output":
@@ -110,7 +146,8 @@ def _observe_points(walk: WalkState, dropped: Set[int]) -> Dict[int, List[Tuple[
             r = walk.groups.find(s.group)
             if r in dropped:
                 continue
-            points.setdefault(r, []).append((layout.post_act, ObservePoint(node.name, layout.dim, off, s.inner)))
+            point = ObservePoint(node.name, layout.dim, off, s.inner, blocks.get(s.group, 1))
+            points.setdefault(r, []).append((layout.post_act, point))
     return points
 
 
@@ -147,8 +184,9 @@ def build_spec(walk: WalkState, model: nn.Module) -> PermutationSpec:
     _merge_shared_axes(groups)
     classes = _classes(groups)
     dropped = {r for r, ms in classes.items() if any(groups[m].reasons for m in ms)}
+    blocks = _restrict_blocks(groups, classes, dropped)
     conflicts = _drop_conflicts(groups, classes, dropped)
-    points = _observe_points(walk, dropped)
+    points = _observe_points(walk, dropped, blocks)
     kept: Dict[str, PermutationGroup] = OrderedDict()
     reasons: List[str] = []
     for r, ms in classes.items():  # representatives in opening order

@@ -45,6 +45,10 @@ class RawGroup:
     axes: List[AxisRef] = field(default_factory=list)
     reasons: List[str] = field(default_factory=list)
     observe: List[ObservePoint] = field(default_factory=list)  # points known to the rule that opened it
+    # a grouped convolution reading this group's units in ``blocks`` blocks: only a permutation that
+    # is the same in every block keeps them in their block; ``block_axes`` are (ref, units per ref)
+    blocks: int = 1
+    block_axes: List[Tuple[AxisRef, int]] = field(default_factory=list)
 
 
 class UnitGroups:

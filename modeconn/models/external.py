@@ -75,7 +75,7 @@ def _timm(name: str) -> Callable[..., nn.Module]:
     try:
         timm = importlib.import_module("timm")
     except ImportError:
-        raise ValueError(f"model 'timm:{name}' needs timm, which is not installed (pip install timm)") from None
+        raise ValueError(f"model 'timm:{name}' needs timm, which is not installed (pip install 'modeconn[timm]')") from None
 
     def build(input_shape: Sequence[int], num_classes: int, **kwargs) -> nn.Module:
         """timm's model, untrained, with ``in_chans`` from the sample shape."""
