@@ -94,6 +94,30 @@ def sigterm_interrupts() -> Iterator[None]:
         signal.signal(signal.SIGTERM, signal.SIG_DFL if previous is None else previous)
 
 
+@contextlib.contextmanager
+def signals_held() -> Iterator[None]:
+    """Within the block SIGINT and SIGTERM are held, and delivered again when it ends.
+
+    A state file and the count of what it holds (which the interruption's
+    message reports) then always change together: a signal arriving between
+    the file's rename and the count's update would report the epoch before.
+    Outside the main thread nothing changes.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    pending = []
+    held = (signal.SIGINT, signal.SIGTERM)
+    previous = {s: signal.signal(s, lambda signum, frame: pending.append(signum)) for s in held}
+    try:
+        yield
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+        if pending:
+            signal.raise_signal(pending[0])  # to the handler in force again (Ctrl-C, or SIGTERM's Interrupted)
+
+
 def one_line(text: str) -> str:
     r"""A message on one line: its lines joined with single spaces.
 

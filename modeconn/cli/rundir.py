@@ -29,7 +29,7 @@ from typing import Any, Callable, Dict, Iterator, Mapping, MutableMapping, Optio
 
 import numpy as np
 
-from modeconn.cli.errors import CommandError, Diverged, Interrupted
+from modeconn.cli.errors import CommandError, Diverged, Interrupted, signals_held
 from modeconn.cli.outputs import write_json, write_npz
 from modeconn.geometry.grid import GridResult
 from modeconn.runtime.checkpoints import FORMAT, FORMAT_VERSION, atomic_save, load_checkpoint, make_directory
@@ -147,10 +147,11 @@ class TrainingRun(RunDir):
 
     def save_state(self, state: Mapping) -> None:
         """Write ``resume.pt`` (the state of the finished epoch), then ``history.json``."""
-        if self.is_main:
-            atomic_save({"format": FORMAT, "format_version": FORMAT_VERSION, "kind": "training_state",
-                         "config": self.config, **state}, self.state_path)
-        self.done = self.units_in(state)  # before the history: resume.pt alone decides what --resume continues
+        with signals_held():  # the file and the epoch count reported on interruption change together
+            if self.is_main:
+                atomic_save({"format": FORMAT, "format_version": FORMAT_VERSION, "kind": "training_state",
+                             "config": self.config, **state}, self.state_path)
+            self.done = self.units_in(state)  # before the history: resume.pt alone decides what --resume continues
         if self.is_main:
             write_json(self.out / "history.json", state["history"])
 
@@ -198,11 +199,12 @@ class GridRun(RunDir):
 
     def save_state(self, grid: GridResult) -> None:
         """Write the partial grid with the arguments it belongs to."""
-        if self.is_main:
-            arrays = grid.to_arrays()
-            arrays["config_json"] = np.array(json.dumps(to_plain(self.config), sort_keys=True))
-            write_npz(self.state_path, arrays)
-        self.done = self.units_in(grid)
+        with signals_held():  # the file and the row count reported on interruption change together
+            if self.is_main:
+                arrays = grid.to_arrays()
+                arrays["config_json"] = np.array(json.dumps(to_plain(self.config), sort_keys=True))
+                write_npz(self.state_path, arrays)
+            self.done = self.units_in(grid)
 
     def row_saver(self) -> Callable[[int, GridResult], None]:
         """``on_row(row, grid)``: save the partial grid after every finished row."""
