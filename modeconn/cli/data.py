@@ -47,6 +47,10 @@ def load_dataset(args: argparse.Namespace, name: str, seed: int, meta: Optional[
     if is_spec(name):
         recorded = (meta or {}).get("dataset_kwargs") or {}
         kwargs = {"image_size": recorded.get("image_size", args.image_size), "workers": args.workers}
+        if name.startswith("text:"):  # the tokenizer of the endpoints' model directory, when it has one
+            from modeconn.hf.text import text_kwargs
+
+            kwargs.update(text_kwargs(recorded, meta))
     return get_dataset(name, data_dir(args, meta), getattr(args, "download", False), seed=seed, **kwargs)
 
 
@@ -63,6 +67,9 @@ def checkpoint_dataset(args: argparse.Namespace, meta: Mapping, source: str = "t
     name = dataset_name(args, meta, source)
     ds = load_dataset(args, name, dataset_seed(meta), meta)
     expected = tuple(meta.get("input_shape", ds.input_shape))
+    if str(meta.get("arch", "")).startswith("hf:") and len(ds.input_shape) == 1:
+        # a model directory's input_shape is its context length: any shorter sequence fits
+        expected = (min(ds.input_shape[0], expected[0]),)
     if tuple(ds.input_shape) != expected:
         raise CommandError(f"dataset {name!r} has inputs of shape {tuple(ds.input_shape)}, the architecture "
                            f"in {source} expects {expected}")
