@@ -41,6 +41,22 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_ma
                    "merges.txt", "vocab.txt", "tokenizer.model", "generation_config.json")
 
 
+class _SharedWeight:
+    """A forward pre-hook giving a module the current ``weight`` of ``source`` (a tied output head).
+
+    An object rather than a closure, so that ``copy.deepcopy`` of the model points the copy's head at
+    the copy's embedding.
+    """
+
+    def __init__(self, source: nn.Module):
+        """``source``: the module whose weight is shared (the input embedding)."""
+        self.source = source
+
+    def __call__(self, module: nn.Module, args) -> None:
+        """Point ``module.weight`` at the source's weight of this call (a plain attribute, not registered)."""
+        object.__setattr__(module, "weight", self.source.weight)
+
+
 class LMLogits(nn.Module):
     """A ``transformers`` language model as a function of token ids: ``[B, T]`` -> logits ``[B, T, V]``.
 
@@ -67,11 +83,7 @@ class LMLogits(nn.Module):
         if head is None or emb is None or head._parameters.get("weight") is not emb._parameters.get("weight"):
             return
         del head._parameters["weight"]
-
-        def share(module, args):
-            """Point the head at the embedding's weight of this call."""
-            object.__setattr__(module, "weight", emb.weight)  # a plain attribute: not registered again
-
+        share = _SharedWeight(emb)
         head.register_forward_pre_hook(share)
         share(head, ())
 
