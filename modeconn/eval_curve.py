@@ -150,9 +150,31 @@ def _evaluate(args, job: Job, path, ds, name: str):
     return result
 
 
+def perplexity_extra(result) -> dict:
+    """Per-token perplexity exp(NLL) along a language model's path, and its straight-line barrier.
+
+    The barrier of the perplexity is taken like the loss's (height above the chord between the
+    ends); for text data the NLL is the mean over every predicted token.
+    """
+    import numpy as np
+
+    from modeconn.evaluation.barriers import barrier
+
+    out = {}
+    for split in ("train", "test"):
+        ppl = np.exp(np.asarray(result.values(f"{split}_nll"), dtype=float))
+        out[f"{split}_perplexity"] = ppl
+        out[f"{split}_perplexity_barrier"] = barrier(result.ts, ppl)[0]
+    return out
+
+
 def _print_summary(result, name: str, out: Path) -> None:
     """The barrier table, the test error along the path, the sharpness (--hessian), the files written."""
     print("\n".join(barrier_lines(result)))
+    if "test_perplexity" in result.extra:
+        ppl = result.extra["test_perplexity"]
+        print(f"test perplexity along the {name}: ends {ppl[0]:.3f} / {ppl[-1]:.3f}, max {max(ppl):.3f}, "
+              f"barrier {result.extra['test_perplexity_barrier']:.3f}")
     s = result.summary("test_error")
     print(f"test error along the {name}: min {100 * s['min']:.2f}%  max {100 * s['max']:.2f}%  "
           f"arc-weighted mean {100 * s['weighted_mean']:.2f}%")
@@ -177,6 +199,8 @@ def main_(argv=None) -> int:
             return 0
         if args.hessian:
             result.extra.update(path_sharpness(path, ds, job.device, args, job))
+        if str(ds.name).startswith("text:"):
+            result.extra.update(perplexity_extra(result))
         write_path_outputs(result, out, f"{name} on {ds.name}",
                            {"dataset": ds.name, "source": {"ckpt": args.ckpt, "start": args.a, "end": args.b},
                             "run": run_info(argv)})

@@ -8,7 +8,8 @@ from typing import List, Optional, Tuple
 
 from modeconn.cli.args import (add_data_args, add_optim_args, add_resume_args, add_run_args, add_sam_args,
                                add_scale_args, parser, sam_config)
-from modeconn.cli.data import checkpoint_dataset, data_source, dataset_name, dataset_seed, train_loader
+from modeconn.cli.data import (checkpoint_dataset, data_source, dataset_name, dataset_seed, text_record,
+                               train_loader)
 from modeconn.cli.errors import CommandError, run_command
 from modeconn.cli.outputs import run_info
 from modeconn.cli.rundir import TrainingRun
@@ -152,7 +153,8 @@ def main_(argv=None) -> int:
         state = run.start(args.resume, args.force)
         with run.resumable():
             ds = checkpoint_dataset(args, start_meta, "the endpoint checkpoints")
-            start_meta = {**start_meta, "data_dir": data_source(ds).get("data_dir")}  # the one read
+            start_meta = {**start_meta, "data_dir": data_source(ds).get("data_dir"),  # the one read
+                          "dataset_kwargs": text_record(ds) or start_meta.get("dataset_kwargs")}
             curve, alignment = _build_curve(args, ds, start_meta, end_meta, job.device)
             history = _fit(args, job, curve, ds, run, state)
             if job.is_main:  # rank 0 writes the results

@@ -51,7 +51,18 @@ def load_dataset(args: argparse.Namespace, name: str, seed: int, meta: Optional[
             from modeconn.hf.text import text_kwargs
 
             kwargs.update(text_kwargs(recorded, meta))
+            if getattr(args, "block_size", None):
+                kwargs["block_size"] = args.block_size
     return get_dataset(name, data_dir(args, meta), getattr(args, "download", False), seed=seed, **kwargs)
+
+
+def text_record(ds: Dataset) -> dict:
+    """The ``dataset_kwargs`` a checkpoint records for a ``text:`` dataset (its tokenizer and block size),
+    so that later commands cut the same blocks; empty for other datasets."""
+    if not str(ds.name).startswith("text:"):
+        return {}
+    tokenizer = ds.info.get("tokenizer")
+    return {"block_size": ds.info["block_size"], "tokenizer": None if tokenizer == "bytes" else tokenizer}
 
 
 def dataset_record(args: argparse.Namespace) -> dict:
