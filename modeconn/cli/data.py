@@ -81,6 +81,9 @@ def checkpoint_dataset(args: argparse.Namespace, meta: Mapping, source: str = "t
     if str(meta.get("arch", "")).startswith("hf:") and len(ds.input_shape) == 1:
         # a model directory's input_shape is its context length: any shorter sequence fits
         expected = (min(ds.input_shape[0], expected[0]),)
+        if (ds.vocab_size or 0) > meta["num_classes"]:
+            raise CommandError(f"dataset {name!r} has token ids up to {ds.vocab_size - 1} but the model in "
+                               f"{source} has a vocabulary of {meta['num_classes']}")
     if tuple(ds.input_shape) != expected:
         raise CommandError(f"dataset {name!r} has inputs of shape {tuple(ds.input_shape)}, the architecture "
                            f"in {source} expects {expected}")

@@ -199,7 +199,9 @@ def load_model_dir(path) -> Tuple[LMLogits, dict]:
 def build_model_of(arch_config: Mapping) -> LMLogits:
     """The architecture :func:`architecture` describes, with fresh weights (float32)."""
     config = config_from(arch_config)
-    return LMLogits(_model_class(config)._from_config(config, attn_implementation="eager", dtype=torch.float32))
+    cls = _model_class(config)
+    make = getattr(cls, "_from_config", None) or cls.from_config  # a concrete class, or an auto class
+    return LMLogits(make(config, attn_implementation="eager", dtype=torch.float32))
 
 
 def hf_builder(model_type: str) -> Callable[..., nn.Module]:
