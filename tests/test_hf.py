@@ -200,3 +200,31 @@ def test_without_transformers_one_line_names_the_extra(tmp_path, text_file, monk
     code = eval_cmd.main(["--a", str(a), "--b", str(a), "--dataset", f"text:{text_file}", "--no-progress"])
     err = capsys.readouterr().err.strip()
     assert code == 2 and len(err.splitlines()) == 1 and "pip install modeconn[hf]" in err
+
+
+def test_safetensors_checkpoints_hold_models_and_curves_without_pickle(tmp_path, mlp_pair):
+    from modeconn.runtime.checkpoints import CheckpointError, load_checkpoint, load_model, load_state_dict, save_model
+    from modeconn.core.curve_model import load_curve, save_curve
+
+    a, b = mlp_pair
+    path = save_model(tmp_path / "a.safetensors", a, "mlp", {"width": a.layers[0].out_features}, (1, 8, 8), 10,
+                      dataset="digits", seed=0, metrics={"acc": 0.9})
+    assert path.read_bytes()[8:9] == b"{"  # a safetensors header, not a zip/pickle file
+    model, meta = load_model(path)
+    x = torch.randn(5, 1, 8, 8)
+    assert torch.equal(model(x), a(x)) and meta["metrics"] == {"acc": 0.9}
+    curve = linear_path(a, b)
+    cpath = save_curve(tmp_path / "c.safetensors", curve, {**{k: meta[k] for k in ("arch", "arch_kwargs",
+                                                                                   "num_classes")},
+                                                        "input_shape": [1, 8, 8]}, dataset="digits")
+    back, _ = load_curve(cpath)
+    assert torch.equal(back(x, t=0.3), curve(x, t=0.3))
+    plain = tmp_path / "plain.safetensors"
+    from safetensors.torch import save_file
+    save_file({k: v.contiguous() for k, v in a.state_dict().items()}, str(plain))
+    assert sorted(load_state_dict(plain)) == sorted(a.state_dict())
+    with pytest.raises(CheckpointError, match="not a modeconn checkpoint"):
+        load_checkpoint(plain)
+    (tmp_path / "bad.safetensors").write_bytes(b"garbage")
+    with pytest.raises(CheckpointError, match="bad.safetensors"):
+        load_checkpoint(tmp_path / "bad.safetensors")
