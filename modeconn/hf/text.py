@@ -37,15 +37,25 @@ BYTE_VOCAB = 256
 TOKENIZER_MARKERS = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "tokenizer.model", "vocab.txt")
 
 
+def _is_text(file: Path, root: Path) -> bool:
+    """A visible file outside caches whose first 8 KiB hold no NUL byte (compiled or binary files do)."""
+    parts = file.relative_to(root).parts
+    if any(p.startswith(".") or p == "__pycache__" for p in parts) or not file.is_file():
+        return False
+    with open(file, "rb") as f:
+        return b"\0" not in f.read(8192)
+
+
 def text_files(path: Path) -> List[Path]:
-    """``path`` itself, or every regular file under the directory ``path`` in sorted order."""
+    """``path`` itself, or every text file under the directory ``path`` in sorted order (hidden files,
+    ``__pycache__`` and binary files left out)."""
     if path.is_file():
         return [path]
     if path.is_dir():
-        files = sorted(p for p in path.rglob("*") if p.is_file() and not p.name.startswith("."))
+        files = sorted(p for p in path.rglob("*") if _is_text(p, path))
         if files:
             return files
-        raise ValueError(f"dataset 'text:{path}': the directory holds no files")
+        raise ValueError(f"dataset 'text:{path}': the directory holds no text files")
     raise FileNotFoundError(f"dataset 'text:{path}': no such file or directory")
 
 
