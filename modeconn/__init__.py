@@ -26,6 +26,8 @@ from modeconn.training.schedules import FGELR, cyclic_lr
 from modeconn.training.sam import SAM
 from modeconn.geometry.sharpness import SharpnessReport, sharpness_report
 from modeconn.training.spawn import SpawnResult, spawn_children
+from modeconn.hf.models import LMLogits, load_model_dir, save_model_dir
+from modeconn.hf.text import text_dataset
 from modeconn.alignment import (PermutationSpec, activation_matching, align_models, apply_permutation,
                                 infer_permutation_spec, weight_matching)
 
@@ -46,4 +48,5 @@ __all__ = [
     "spawn_children", "SpawnResult",
     "PermutationSpec", "infer_permutation_spec", "apply_permutation", "weight_matching", "activation_matching",
     "align_models",
+    "LMLogits", "load_model_dir", "save_model_dir", "text_dataset",
 ]

@@ -228,3 +228,28 @@ def test_safetensors_checkpoints_hold_models_and_curves_without_pickle(tmp_path,
     (tmp_path / "bad.safetensors").write_bytes(b"garbage")
     with pytest.raises(CheckpointError, match="bad.safetensors"):
         load_checkpoint(tmp_path / "bad.safetensors")
+
+
+def test_a_curve_point_written_as_a_directory_loads_with_from_pretrained(tmp_path):
+    a, b = _net("gpt2", 0), _net("gpt2", 1)
+    meta = {"arch_kwargs": {"config": architecture(a.model.config)}, "hf_dtype": "float32"}
+    curve = CurveModel(build_model_of(meta["arch_kwargs"]["config"]), a, b, Bezier(3)).eval()
+    out = save_model_dir(curve.weights_at(0.3), meta, tmp_path / "point")
+    point = transformers.AutoModelForCausalLM.from_pretrained(str(out), local_files_only=True).eval()
+    x = torch.randint(0, VOCAB, (2, 10))
+    with torch.no_grad():
+        assert (point(x).logits - curve(x, t=0.3)).abs().max() < 1e-5
+
+
+def test_ensembles_of_language_models_count_tokens(text_file):
+    from modeconn.evaluation.ensembles import evaluate_ensemble
+
+    ds = get_dataset(f"text:{text_file}", block_size=16)
+    nets = [_net("gpt2", s, vocab=256) for s in (0, 1)]
+    loader = ds.eval_loader("test", 32)
+    res = evaluate_ensemble(nets, loader)
+    assert res.n == ds.y_test.numel()
+    assert res.member_nll[1] == pytest.approx(evaluate(nets[1], loader)["nll"], rel=1e-9)
+    with torch.no_grad():
+        p = torch.stack([F.softmax(n(ds.x_test).double(), -1) for n in nets]).mean(0)
+    assert res.nll[-1] == pytest.approx(float(-p.log().gather(-1, ds.y_test[..., None]).mean()), rel=1e-9)

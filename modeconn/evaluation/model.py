@@ -130,7 +130,12 @@ class MetricSums:
             self.count, self.conf, self.hits = (self._zeros(M, device, self.num_bins) for _ in range(3))
 
     def add(self, logp: torch.Tensor, y: torch.Tensor) -> None:
-        """Add a batch: ``logp`` [M, B, C] log-probabilities (float64), ``y`` [B] class labels."""
+        """Add a batch: ``logp`` [M, B, C] log-probabilities (float64), ``y`` [B] class labels.
+
+        Language models' [M, B, T, V] with next-token labels [B, T] count every token as a sample
+        (the mean loss is the per-token NLL, the log of the perplexity)."""
+        if logp.dim() == 4 and y.dim() == 2:
+            logp, y = logp.reshape(len(logp), -1, logp.shape[-1]), y.reshape(-1)
         if logp.dim() != 3:
             raise ValueError(f"predictions must be [sets, batch, classes], got shape {tuple(logp.shape)}")
         M, B, _ = logp.shape
@@ -151,10 +156,7 @@ class MetricSums:
     def add_logits(self, logits: torch.Tensor, y: torch.Tensor) -> None:
         """Add a batch of logits [M, B, C] (normalised in float64, so the NLL keeps its digits).
 
-        Language-model logits [M, B, T, V] with next-token labels [B, T] count every token as a
-        sample (the mean loss is the per-token NLL, the log of the perplexity)."""
-        if logits.dim() == 4 and y.dim() == 2:
-            logits, y = logits.reshape(len(logits), -1, logits.shape[-1]), y.reshape(-1)
+        Language-model logits [M, B, T, V] with next-token labels [B, T]: see :meth:`add`."""
         self.add(F.log_softmax(logits.double(), dim=-1), y)
 
     def add_loss(self, loss_sum: torch.Tensor, batch_size: int) -> None:
