@@ -55,6 +55,9 @@ def build_parser():
     g.add_argument("--hessian-points", type=at_least(2), default=11,
                    help="evenly spaced t for the Hessian, fewer than --num-points as it is costly "
                         "(default: %(default)s)")
+    g.add_argument("--save-points", type=float, nargs="+", default=None, metavar="T",
+                   help="Hugging Face endpoints: also write the weights at these t as model directories "
+                        "OUT/point_<t> (save_pretrained, the endpoints' dtype), loadable by transformers")
     add_data_args(p, dataset_default=None, evaluation=True)
     add_run_args(p, out_required=False, out_help="output directory (default: next to the checkpoint)")
     add_scale_args(p, training=False)
@@ -134,6 +137,20 @@ def _load_path(args) -> Tuple[object, dict, Path, str]:
     return path, meta, out, name
 
 
+def save_points(path, meta: dict, ts, out: Path) -> list:
+    """Write the weights of ``path`` at every t of ``ts`` as a model directory ``out/point_<t>``."""
+    if not str(meta.get("arch", "")).startswith("hf:"):
+        raise CommandError("--save-points writes Hugging Face model directories: the endpoints must be ones")
+    if any(not 0.0 <= t <= 1.0 for t in ts):
+        raise CommandError(f"--save-points: every t must lie in [0, 1], got {ts}")
+    from modeconn.hf.models import save_model_dir
+
+    return [save_model_dir({k: v.cpu() for k, v in path.weights_at(t).items()}, meta, out / f"point_{t:.3f}",
+                           info={"dataset": meta.get("dataset"), "dataset_kwargs": meta.get("dataset_kwargs") or {},
+                                 "curve_t": t})
+            for t in ts]
+
+
 def _evaluate(args, job: Job, path, ds, name: str):
     """The path's metrics at --num-points points (shared among the ranks under torchrun)."""
     device = job.device
@@ -205,6 +222,8 @@ def main_(argv=None) -> int:
                            {"dataset": ds.name, "source": {"ckpt": args.ckpt, "start": args.a, "end": args.b},
                             "run": run_info(argv)})
         _print_summary(result, name, out)
+        if args.save_points:
+            print("wrote " + ", ".join(str(d) for d in save_points(path, meta, args.save_points, out)))
     return 0
 
 

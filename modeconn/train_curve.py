@@ -132,6 +132,8 @@ def _write_results(args, argv, curve, start_meta: dict, end_meta: dict, run: Tra
     out, config, dataset = run.out, run.config, run.config["dataset"]
     meta = {k: start_meta.get(k) for k in ("arch", "arch_kwargs", "input_shape", "num_classes", "data_dir",
                                            "dataset_kwargs")}
+    if "hf_dtype" in start_meta:  # model-directory endpoints: their dtype and tokenizer, for points written back
+        meta.update(hf_dtype=start_meta["hf_dtype"], source_dir=start_meta.get("source_dir"))
     path = save_curve(out / "curve.pt", curve, meta, dataset=dataset, dataset_seed=dataset_seed(start_meta),
                       seed=args.seed, history=history,
                       config=config, alignment=alignment, run=run_info(argv),

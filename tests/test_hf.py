@@ -179,13 +179,19 @@ def test_align_and_eval_curve_on_model_directories(tmp_path, text_file, capsys):
     assert report["report"]["mean_after"] > report["report"]["mean_before"]
     capsys.readouterr()
     assert eval_cmd.main(["--a", str(a), "--b", str(out), "--num-points", "3", "--dataset", f"text:{text_file}",
-                          "--block-size", "16", "--out", str(tmp_path / "ev"), "--no-progress"]) == 0
+                          "--block-size", "16", "--out", str(tmp_path / "ev"), "--no-progress",
+                          "--save-points", "0.5"]) == 0
     assert "test perplexity along the linear" in capsys.readouterr().out
     path = json.loads((tmp_path / "ev" / "path.json").read_text())
     net_a, _ = load_model_dir(a)
     ds = get_dataset(f"text:{text_file}", block_size=16)
     end = evaluate(net_a, ds.eval_loader("test", 64))["nll"]
     assert path["test_perplexity"][0] == pytest.approx(math.exp(end), rel=1e-6)
+    mid = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path / "ev" / "point_0.500"),
+                                                            local_files_only=True)
+    ref = transformers.AutoModelForCausalLM.from_pretrained(str(a), local_files_only=True)
+    for name, w in mid.state_dict().items():  # the midpoint of the line: the mean of A and aligned B
+        assert torch.allclose(w, (ref.state_dict()[name] + aligned.state_dict()[name]) / 2, atol=1e-6), name
 
 
 def test_a_text_with_more_token_ids_than_the_model_has_is_refused(tmp_path, text_file, capsys):
