@@ -259,3 +259,23 @@ def test_ensembles_of_language_models_count_tokens(text_file):
     with torch.no_grad():
         p = torch.stack([F.softmax(n(ds.x_test).double(), -1) for n in nets]).mean(0)
     assert res.nll[-1] == pytest.approx(float(-p.log().gather(-1, ds.y_test[..., None]).mean()), rel=1e-9)
+
+
+def test_text_is_tokenised_with_the_tokenizer_of_the_endpoints_directory(tmp_path, text_file):
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+
+    from modeconn.hf.text import text_kwargs
+
+    text = text_file.read_text()
+    tok = Tokenizer(models.BPE(unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel()
+    tok.train_from_iterator([text], trainers.BpeTrainer(vocab_size=300, special_tokens=["[UNK]"]))
+    fast = transformers.PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]")
+    d = tmp_path / "lm"
+    _write_dir(d, vocab=len(fast))
+    fast.save_pretrained(str(d))
+    _, meta = load_model_dir(d)
+    ds = get_dataset(f"text:{text_file}", block_size=16, **text_kwargs({}, meta))
+    ids = fast(text)["input_ids"]
+    assert ds.vocab_size == len(fast) and ds.info["tokenizer"] == str(d.resolve())
+    assert ds.x_train[0].tolist() == ids[:16] and ds.y_train[0].tolist() == ids[1:17]

@@ -66,7 +66,7 @@ def tokenizer_dir(directory: Optional[str]) -> Optional[str]:
     return None
 
 
-def _tokens(text: str, tokenizer: Optional[str], spec: str) -> torch.Tensor:
+def _tokens(text: str, tokenizer: Optional[str]) -> torch.Tensor:
     """The token ids of ``text`` (1-D long): UTF-8 bytes, or the ids of ``tokenizer``'s tokenizer."""
     if tokenizer is None:
         return torch.frombuffer(bytearray(text.encode("utf-8")), dtype=torch.uint8).long()
@@ -100,7 +100,7 @@ def text_dataset(path: str, seed: int = 0, block_size: int = 64, tokenizer: Opti
     text = "\n".join(f.read_text(encoding="utf-8", errors="replace") for f in text_files(Path(path)))
     if max_chars is not None:
         text = text[:int(max_chars)]
-    ids = _tokens(text, tokenizer, spec)
+    ids = _tokens(text, tokenizer)
     n = (len(ids) - 1) // block_size
     n_test = max(1, round(n * test_fraction))
     if n - n_test < 2:
