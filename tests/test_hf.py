@@ -279,3 +279,20 @@ def test_text_is_tokenised_with_the_tokenizer_of_the_endpoints_directory(tmp_pat
     ids = fast(text)["input_ids"]
     assert ds.vocab_size == len(fast) and ds.info["tokenizer"] == str(d.resolve())
     assert ds.x_train[0].tolist() == ids[:16] and ds.y_train[0].tolist() == ids[1:17]
+
+
+def test_fge_from_a_model_directory_writes_each_snapshot_as_a_directory(tmp_path, text_file):
+    from modeconn import fge as fge_cmd
+    from modeconn.runtime.checkpoints import load_model
+
+    a = _write_dir(tmp_path / "a")
+    out = tmp_path / "fge"
+    assert fge_cmd.main(["--ckpt", str(a), "--cycles", "2", "--cycle-epochs", "1", "--dataset", f"text:{text_file}",
+                         "--block-size", "16", "--out", str(out), "--no-progress"]) == 0
+    for i in range(2):
+        snap, _ = load_model(out / "snapshots" / f"snap_{i:02d}.pt")
+        d = transformers.AutoModelForCausalLM.from_pretrained(str(out / "snapshots" / f"snap_{i:02d}"),
+                                                              local_files_only=True).eval()
+        x = torch.randint(0, 256, (2, 12))
+        with torch.no_grad():
+            assert (d(x).logits - snap.eval()(x)).abs().max() < 1e-5
