@@ -23,6 +23,10 @@ EXAMPLE = """  python -m modeconn.eval_curve --ckpt runs/curve_mlp/curve.pt --wi
 writes OUT/path.json (every array, summaries, the barrier table, command line, versions),
 OUT/path.csv (one row per t) and OUT/path.png (train loss and test error vs t).
 
+between two Hugging Face model directories (pip install modeconn[hf]) on a text, with the
+per-token perplexity, and the midpoint written back as a model directory:
+  python -m modeconn.eval_curve --a runs/lm_a --b runs/lm_b --dataset text:corpus.txt --save-points 0.5
+
 under torchrun the points are shared among the processes (each evaluates its own points
 over all the data, rank 0 writes the files; the numbers equal a one-process run):
   torchrun --nproc_per_node 2 -m modeconn.eval_curve --ckpt runs/curve_mlp/curve.pt"""

@@ -31,7 +31,11 @@ dataset, seed, history), OUT/history.json, OUT/history.png and OUT/resume.pt.
 Then: python -m modeconn.eval_curve --ckpt OUT/curve.pt
 
 on 4 GPUs (or CPU processes with gloo), --batch-size being the global batch:
-  torchrun --nproc_per_node 4 -m modeconn.train_curve --a A.pt --b B.pt --batch-size 256 --out OUT"""
+  torchrun --nproc_per_node 4 -m modeconn.train_curve --a A.pt --b B.pt --batch-size 256 --out OUT
+
+between two Hugging Face model directories (pip install modeconn[hf]), on a text:
+  python -m modeconn.train_curve --a runs/lm_a --b runs/lm_b_aligned --dataset text:corpus.txt \
+      --lr 0.1 --wd 0 --schedule cosine --out runs/lm_curve"""
 
 
 def build_parser():
