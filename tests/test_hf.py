@@ -296,3 +296,28 @@ def test_fge_from_a_model_directory_writes_each_snapshot_as_a_directory(tmp_path
         x = torch.randint(0, 256, (2, 12))
         with torch.no_grad():
             assert (d(x).logits - snap.eval()(x)).abs().max() < 1e-5
+
+
+def test_encoders_get_masked_lm_data_and_a_loss_over_the_hidden_tokens_only(tmp_path, text_file, capsys):
+    from modeconn.hf.text import IGNORE
+
+    ds = get_dataset(f"text:{text_file}", block_size=16, mlm=True)
+    hidden = ds.x_train == 256
+    assert ds.vocab_size == 257 and bool((hidden == (ds.y_train != IGNORE)).all())
+    assert 0.08 < hidden.double().mean() < 0.25  # 15% hidden (at least one per block)
+    torch.manual_seed(0)
+    model = transformers.BertForMaskedLM(transformers.BertConfig(
+        num_hidden_layers=2, num_attention_heads=4, hidden_size=64, intermediate_size=128, vocab_size=260,
+        max_position_embeddings=CTX))
+    net = LMLogits(model).eval()
+    r = evaluate(net, ds.eval_loader("test", batch_size=8))
+    with torch.no_grad():
+        logits = net(ds.x_test).double()
+    ref = F.cross_entropy(logits.reshape(-1, 260), ds.y_test.reshape(-1))  # ignore_index=-100
+    assert r["n"] == int((ds.y_test != IGNORE).sum()) and r["loss"] == pytest.approx(float(ref), rel=1e-9)
+    model.save_pretrained(str(tmp_path / "bert"))  # the command sees an encoder: masked-LM data
+    assert eval_cmd.main(["--a", str(tmp_path / "bert"), "--b", str(tmp_path / "bert"), "--num-points", "2",
+                          "--dataset", f"text:{text_file}", "--block-size", "16", "--out", str(tmp_path / "ev"),
+                          "--no-progress"]) == 0
+    path = json.loads((tmp_path / "ev" / "path.json").read_text())
+    assert path["test_nll"][0] == pytest.approx(float(ref), rel=1e-6)

@@ -62,7 +62,8 @@ def text_record(ds: Dataset) -> dict:
     if not str(ds.name).startswith("text:"):
         return {}
     tokenizer = ds.info.get("tokenizer")
-    return {"block_size": ds.info["block_size"], "tokenizer": None if tokenizer == "bytes" else tokenizer}
+    return {"block_size": ds.info["block_size"], "tokenizer": None if tokenizer == "bytes" else tokenizer,
+            "mlm": bool(ds.info.get("mlm"))}
 
 
 def dataset_record(args: argparse.Namespace) -> dict:

@@ -132,10 +132,14 @@ class MetricSums:
     def add(self, logp: torch.Tensor, y: torch.Tensor) -> None:
         """Add a batch: ``logp`` [M, B, C] log-probabilities (float64), ``y`` [B] class labels.
 
-        Language models' [M, B, T, V] with next-token labels [B, T] count every token as a sample
-        (the mean loss is the per-token NLL, the log of the perplexity)."""
+        Language models' [M, B, T, V] with token labels [B, T] count every token as a sample (the
+        mean loss is the per-token NLL, the log of the perplexity); a negative label (-100, a
+        masked-LM position without a target) is left out."""
         if logp.dim() == 4 and y.dim() == 2:
             logp, y = logp.reshape(len(logp), -1, logp.shape[-1]), y.reshape(-1)
+            keep = y >= 0
+            if not bool(keep.all()):
+                logp, y = logp[:, keep], y[keep]
         if logp.dim() != 3:
             raise ValueError(f"predictions must be [sets, batch, classes], got shape {tuple(logp.shape)}")
         M, B, _ = logp.shape

@@ -42,50 +42,57 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_ma
 
 
 class _SharedWeight:
-    """A forward pre-hook giving a module the current ``weight`` of ``source`` (a tied output head).
+    """A forward pre-hook giving a module the current value of a parameter another module owns (ties).
 
-    An object rather than a closure, so that ``copy.deepcopy`` of the model points the copy's head at
-    the copy's embedding.
+    An object rather than a closure, so that ``copy.deepcopy`` of the model points the copy's module at
+    the copy's owner.
     """
 
-    def __init__(self, source: nn.Module):
-        """``source``: the module whose weight is shared (the input embedding)."""
-        self.source = source
+    def __init__(self, owner: nn.Module, owner_attr: str, attr: str):
+        """The hooked module's ``attr`` is ``owner.<owner_attr>``."""
+        self.owner, self.owner_attr, self.attr = owner, owner_attr, attr
 
     def __call__(self, module: nn.Module, args) -> None:
-        """Point ``module.weight`` at the source's weight of this call (a plain attribute, not registered)."""
-        object.__setattr__(module, "weight", self.source.weight)
+        """Point ``module.<attr>`` at the owner's value of this call (a plain attribute, not registered)."""
+        object.__setattr__(module, self.attr, getattr(self.owner, self.owner_attr))
 
 
 class LMLogits(nn.Module):
     """A ``transformers`` language model as a function of token ids: ``[B, T]`` -> logits ``[B, T, V]``.
 
-    The state-dict names are the model's own behind ``model.`` (``model.transformer.h.0.attn.c_attn.weight``).
+    The state-dict names are the model's own behind ``model.`` (``model.transformer.h.0.attn.c_attn.weight``);
+    a tied parameter appears once, under its first name (the input embedding, not the head).
     """
 
     def __init__(self, model: nn.Module):
-        """Wrap ``model`` (a ``PreTrainedModel`` with a language-modelling head); untie a tied head."""
+        """Wrap ``model`` (a ``PreTrainedModel`` with a language-modelling head); untie its tied parameters."""
         super().__init__()
         self.model = model
-        self._untie_head()
+        self._untie()
 
-    def _untie_head(self) -> None:
-        """Make a head tied to the input embedding read the embedding's weight at every call.
+    def _untie(self) -> None:
+        """Make every module that shares a parameter with an earlier one read it at every call.
 
-        A tied head holds the embedding's Parameter object; modeconn runs networks
-        with weights passed from outside (``functional_call`` on a template whose
-        parameters were removed, :class:`~modeconn.core.curve_model.CurveModel`),
-        where that sharing is lost. So the head keeps no parameter of its own (its
-        weight is not in the state dict: the embedding is the one copy) and a
-        pre-hook hands it the embedding's current weight before each call.
+        A tied parameter (the output head's weight and the input embedding, BERT's
+        decoder bias and its prediction bias) is one Parameter object in two modules;
+        modeconn runs networks with weights passed from outside (``functional_call`` on
+        a template whose parameters were removed,
+        :class:`~modeconn.core.curve_model.CurveModel`), where that sharing is lost. So
+        only its first owner (``named_parameters``' order) keeps it, and a pre-hook hands
+        the others the owner's current value before each call.
         """
-        head, emb = self.model.get_output_embeddings(), self.model.get_input_embeddings()
-        if head is None or emb is None or head._parameters.get("weight") is not emb._parameters.get("weight"):
-            return
-        del head._parameters["weight"]
-        share = _SharedWeight(emb)
-        head.register_forward_pre_hook(share)
-        share(head, ())
+        owners = {}
+        for module in self.model.modules():
+            for attr, param in list(module._parameters.items()):
+                if param is None:
+                    continue
+                if id(param) not in owners:
+                    owners[id(param)] = (module, attr)
+                    continue
+                del module._parameters[attr]
+                share = _SharedWeight(*owners[id(param)], attr)
+                module.register_forward_pre_hook(share)
+                share(module, ())
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
         """The head's logits for every position of ``input_ids``."""
@@ -173,6 +180,8 @@ def _metadata(path: Path, config, net: nn.Module) -> dict:
             "dataset": extra.get("dataset"), "dataset_kwargs": extra.get("dataset_kwargs", {}),
             "seed": extra.get("seed"), "metrics": extra.get("metrics", {}),
             "hf_dtype": str(stored_dtype(config)).replace("torch.", ""), "source_dir": str(path.resolve()),
+            "hf_objective": "masked_lm" if any(a.endswith("ForMaskedLM") for a in config.architectures or ())
+            else "causal_lm",
             "state_dict": {k: v.detach() for k, v in net.state_dict().items()}}
 
 

@@ -7,7 +7,8 @@ token stream is cut into blocks of ``block_size + 1`` tokens with stride
 ``block_size``; a sample is ``x = block[:-1]``, its labels ``y = block[1:]``
 (the next token at every position), so the token-level cross-entropy of a
 model's logits ``[B, T, V]`` is the causal-LM loss and its exponential the
-perplexity. The last ``test_fraction`` of the blocks (the end of the text) are
+perplexity. Encoders (``mlm=True``) get masked-LM samples instead
+(:func:`masked_blocks`). The last ``test_fraction`` of the blocks (the end of the text) are
 the test split: no test block shares a token with a training block beyond
 the one at the boundary.
 
@@ -31,9 +32,10 @@ import torch
 from modeconn.data.datasets import Dataset
 from modeconn.hf import require
 
-__all__ = ["text_dataset", "text_files", "tokenizer_dir", "BYTE_VOCAB"]
+__all__ = ["text_dataset", "text_files", "tokenizer_dir", "masked_blocks", "BYTE_VOCAB", "IGNORE"]
 
 BYTE_VOCAB = 256
+IGNORE = -100  # the label of a position without a target (F.cross_entropy's default ignore_index)
 TOKENIZER_MARKERS = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "tokenizer.model", "vocab.txt")
 
 
@@ -83,12 +85,43 @@ def _vocab_size(tokenizer: Optional[str]) -> int:
     return len(transformers.AutoTokenizer.from_pretrained(tokenizer, local_files_only=True))
 
 
+def _mask_id(tokenizer: Optional[str]) -> int:
+    """The id that hides a token: 256 for bytes (one id past the bytes), else the tokenizer's mask token."""
+    if tokenizer is None:
+        return BYTE_VOCAB
+    transformers = require("transformers", "text tokenised with a model directory's tokenizer")
+    mask = transformers.AutoTokenizer.from_pretrained(tokenizer, local_files_only=True).mask_token_id
+    if mask is None:
+        raise ValueError(f"masked-LM data: the tokenizer in {tokenizer} has no mask token")
+    return int(mask)
+
+
+def masked_blocks(blocks: torch.Tensor, mask_id: int, probability: float, seed: int):
+    """``(x, y)`` of masked-LM samples: each token hidden (``mask_id``) with ``probability``, at least one per
+    block; ``y`` holds the hidden tokens and :data:`IGNORE` elsewhere (BERT's objective, without its 10%
+    random and 10% unchanged replacements). The masks are fixed by ``seed``.
+
+    Example:
+        >>> x, y = masked_blocks(torch.arange(8).view(2, 4), 99, 0.5, seed=0)
+        >>> bool(((x == 99) == (y != IGNORE)).all()), bool((y[y != IGNORE] == torch.arange(8).view(2, 4)[x == 99]).all())
+        (True, True)
+    """
+    g = torch.Generator().manual_seed(int(seed))
+    hidden = torch.rand(blocks.shape, generator=g) < probability
+    hidden[torch.arange(len(blocks)), torch.randint(blocks.shape[1], (len(blocks),), generator=g)] = True
+    return blocks.masked_fill(hidden, mask_id), blocks.masked_fill(~hidden, IGNORE)
+
+
 def text_dataset(path: str, seed: int = 0, block_size: int = 64, tokenizer: Optional[str] = None,
-                 test_fraction: float = 0.1, max_chars: Optional[int] = None, **_) -> Dataset:
+                 test_fraction: float = 0.1, max_chars: Optional[int] = None, mlm: bool = False,
+                 mlm_probability: float = 0.15, **_) -> Dataset:
     """The :class:`~modeconn.data.Dataset` of ``text:PATH`` (see the module docstring).
 
     ``max_chars`` keeps the first characters of the concatenated files only;
     ``seed`` is accepted for the dataset interface (the split is fixed by position).
+    ``mlm``: masked-LM samples for encoders instead (:func:`masked_blocks`, masks drawn from
+    ``seed``): a block of ``block_size`` tokens, a hidden token's target is itself, the others
+    are ignored by the loss and the metrics; byte-level text then has 257 ids (256 = mask).
 
     Raises:
         FileNotFoundError / ValueError: no such path, no files, or too little text for two
@@ -110,7 +143,10 @@ def text_dataset(path: str, seed: int = 0, block_size: int = 64, tokenizer: Opti
     blocks = ids[starts[:, None] + torch.arange(block_size + 1)]
     x, y = blocks[:, :-1].contiguous(), blocks[:, 1:].contiguous()
     vocab = _vocab_size(tokenizer)
-    info = {"tokens": len(ids), "block_size": block_size, "tokenizer": tokenizer or "bytes"}
+    if mlm:
+        x, y = masked_blocks(x, _mask_id(tokenizer), mlm_probability, seed)
+        vocab = max(vocab, BYTE_VOCAB + 1) if tokenizer is None else vocab
+    info = {"tokens": len(ids), "block_size": block_size, "tokenizer": tokenizer or "bytes", "mlm": bool(mlm)}
     return Dataset(spec, x[:-n_test], y[:-n_test], x[-n_test:], y[-n_test:], vocab, (block_size,),
                    info=info, vocab_size=vocab)
 
@@ -118,7 +154,9 @@ def text_dataset(path: str, seed: int = 0, block_size: int = 64, tokenizer: Opti
 def text_kwargs(recorded: Mapping, model_meta: Optional[Mapping] = None) -> dict:
     """The ``text_dataset`` keywords of a command: those a checkpoint recorded, and the tokenizer of the
     endpoint's model directory when it has one (else bytes)."""
-    kwargs = {k: recorded[k] for k in ("block_size", "tokenizer", "max_chars") if recorded.get(k) is not None}
+    kwargs = {k: recorded[k] for k in ("block_size", "tokenizer", "max_chars", "mlm") if recorded.get(k) is not None}
+    if "mlm" not in kwargs and (model_meta or {}).get("hf_objective") == "masked_lm":
+        kwargs["mlm"] = True  # an encoder's endpoints: masked-LM samples
     if "tokenizer" not in kwargs:
         found = tokenizer_dir((model_meta or {}).get("source_dir"))
         if found:

@@ -106,9 +106,11 @@ class _EpochTally:
         self.bad = torch.where((self.bad == 0) & ~torch.isfinite(step), torch.tensor(len(self.lrs)), self.bad)
         self.classify = self.classify and _is_classification(out, y)
         if self.classify:
-            hits = (out.argmax(-1) == y.to(out.device)).double()
-            # a sequence counts the fraction of its tokens predicted: the epoch's accuracy is per token
-            self.correct = self.correct + hits.reshape(len(y), -1).mean(1).sum().cpu()
+            y = y.to(out.device)
+            hits, valid = (out.argmax(-1) == y).double().reshape(len(y), -1), (y >= 0).double().reshape(len(y), -1)
+            # a sequence counts the fraction of its tokens predicted (those with a target: masked-LM
+            # positions without one carry -100)
+            self.correct = self.correct + (hits.sum(1) / valid.sum(1).clamp_min(1)).sum().cpu()
         self.count += len(y)
 
     def record(self, epoch: int, lr: float, ddp: bool) -> dict:
