@@ -34,6 +34,8 @@ from modeconn.geometry.sharpness import ModuleCurvature, module_curvature
 from modeconn.alignment.repair import Repair, RepairReport, evaluate_repaired_path, repair
 from modeconn.geometry.ntk import NTKTracker, empirical_ntk, kernel_alignment, kernel_distance, kernel_velocity
 from modeconn.alignment.rescale import canonical_scale
+from modeconn.hf.models import LMLogits, load_model_dir, save_model_dir
+from modeconn.hf.text import text_dataset
 from modeconn.alignment import (PermutationSpec, activation_matching, align_models, apply_permutation,
                                 infer_permutation_spec, weight_matching)
 
@@ -60,4 +62,5 @@ __all__ = [
     "repair", "Repair", "RepairReport", "evaluate_repaired_path",
     "layerwise_barriers", "LayerwiseResult", "parameter_groups", "module_curvature", "ModuleCurvature",
     "empirical_ntk", "kernel_distance", "kernel_velocity", "kernel_alignment", "NTKTracker",
+    "LMLogits", "load_model_dir", "save_model_dir", "text_dataset",
 ]

@@ -30,7 +30,10 @@ the straight-line barriers A->B before alignment, after, and after alignment + R
 al. 2023: every point's hidden channels renormalised to the endpoints' interpolated statistics),
 the paths in full, command line) and OUT with suffix .png (train loss and test error along the
 straight lines before and after alignment).
-Then, e.g.: python -m modeconn.train_curve --a A.pt --b OUT --out runs/curve_aligned"""
+Then, e.g.: python -m modeconn.train_curve --a A.pt --b OUT --out runs/curve_aligned
+
+Hugging Face model directories (pip install modeconn[hf]) in, a model directory out:
+  python -m modeconn.align --a runs/lm_a --b runs/lm_b --dataset text:corpus.txt --out runs/lm_b_aligned"""
 
 ARCH_KEYS = ("arch", "arch_kwargs", "input_shape", "num_classes")
 BARRIER_METRICS = ("test_loss", "test_error", "train_loss", "train_error")
@@ -69,7 +72,8 @@ def build_parser():
                         "test samples instead of all (default: all)")
     add_data_args(p, dataset_default=None, evaluation=True)
     add_run_args(p, out_metavar="B_aligned.pt",
-                 out_help="aligned checkpoint to write; the JSON and PNG go next to it (suffixes .json, .png)")
+                 out_help="aligned checkpoint to write (a model directory when --b is one); the JSON and PNG "
+                          "go next to it (suffixes .json, .png)")
     return p
 
 
@@ -79,12 +83,19 @@ def _check_out(args) -> Tuple[Path, Path]:
     if out.suffix in (".json", ".png"):
         raise CommandError(f"--out {out}: give the checkpoint's name (e.g. B_aligned.pt); "
                            "the JSON and PNG are written next to it")
-    if out.exists() and out.is_dir():
+    if out.exists() and out.is_dir() and not _is_hf(args.b):
         raise CommandError(f"--out {out} is a directory; give a file name such as {out / 'B_aligned.pt'}")
     for flag, src in (("--a", args.a), ("--b", args.b)):
         if Path(src).exists() and out.exists() and out.resolve() == Path(src).resolve():
             raise CommandError(f"--out {out} is the same file as {flag}; write the aligned model elsewhere")
     return out, out.with_suffix(".json")
+
+
+def _is_hf(path) -> bool:
+    """Whether ``path`` is a Hugging Face model directory (its aligned copy is one too, written at --out)."""
+    from modeconn.hf.models import is_model_dir
+
+    return is_model_dir(path)
 
 
 def _barriers(result) -> dict:
@@ -144,9 +155,16 @@ def _write_outputs(args, argv, out: Path, out_json: Path, aligned_b, meta_b: dic
     extra = {k: v for k, v in meta_b.items()
              if k not in ARCH_KEYS + ("format", "format_version", "kind", "modeconn_version", "torch_version",
                                       "state_dict", "dataset", "seed", "metrics", "alignment")}
-    ckpt = save_model(out, aligned_b.cpu(), meta_b["arch"], meta_b["arch_kwargs"], meta_b["input_shape"],
-                      meta_b["num_classes"], dataset=meta_b.get("dataset"), seed=meta_b.get("seed"),
-                      metrics=meta_b.get("metrics"), alignment=alignment, **extra)
+    if str(meta_b["arch"]).startswith("hf:"):  # a model directory in, a model directory out
+        from modeconn.hf.models import save_model_dir
+
+        ckpt = save_model_dir(aligned_b.cpu(), meta_b, out, info={
+            "dataset": meta_b.get("dataset") or dataset, "seed": meta_b.get("seed"),
+            "metrics": meta_b.get("metrics") or {}, "alignment": alignment})
+    else:
+        ckpt = save_model(out, aligned_b.cpu(), meta_b["arch"], meta_b["arch_kwargs"], meta_b["input_shape"],
+                          meta_b["num_classes"], dataset=meta_b.get("dataset"), seed=meta_b.get("seed"),
+                          metrics=meta_b.get("metrics"), alignment=alignment, **extra)
     write_json(out_json, {
         "a": str(args.a), "b": str(args.b), "out": str(ckpt), "method": args.method, "seed": args.seed,
         "dataset": dataset, "num_points": args.num_points,

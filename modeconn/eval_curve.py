@@ -34,6 +34,10 @@ Adilova et al. 2024) and OUT/layers.png (their barriers, one bar per layer in ne
 writes OUT/path.json (every array, summaries, the barrier table, command line, versions),
 OUT/path.csv (one row per t) and OUT/path.png (train loss and test error vs t).
 
+between two Hugging Face model directories (pip install modeconn[hf]) on a text, with the
+per-token perplexity, and the midpoint written back as a model directory:
+  python -m modeconn.eval_curve --a runs/lm_a --b runs/lm_b --dataset text:corpus.txt --save-points 0.5
+
 under torchrun the points are shared among the processes (each evaluates its own points
 over all the data, rank 0 writes the files; the numbers equal a one-process run):
   torchrun --nproc_per_node 2 -m modeconn.eval_curve --ckpt runs/curve_mlp/curve.pt"""
@@ -80,6 +84,9 @@ def build_parser():
                    help="where the parameters not interpolated stay (default: %(default)s)")
     g.add_argument("--layer-points", type=at_least(2), default=11,
                    help="evenly spaced t on every layer-wise path (default: %(default)s)")
+    g.add_argument("--save-points", type=float, nargs="+", default=None, metavar="T",
+                   help="Hugging Face endpoints: also write the weights at these t as model directories "
+                        "OUT/point_<t> (save_pretrained, the endpoints' dtype), loadable by transformers")
     add_data_args(p, dataset_default=None, evaluation=True)
     add_run_args(p, out_required=False, out_help="output directory (default: next to the checkpoint)")
     add_scale_args(p, training=False)
@@ -185,6 +192,20 @@ def _load_path(args) -> Tuple[object, dict, Path, str]:
     return path, meta, out, name
 
 
+def save_points(path, meta: dict, ts, out: Path) -> list:
+    """Write the weights of ``path`` at every t of ``ts`` as a model directory ``out/point_<t>``."""
+    if not str(meta.get("arch", "")).startswith("hf:"):
+        raise CommandError("--save-points writes Hugging Face model directories: the endpoints must be ones")
+    if any(not 0.0 <= t <= 1.0 for t in ts):
+        raise CommandError(f"--save-points: every t must lie in [0, 1], got {ts}")
+    from modeconn.hf.models import save_model_dir
+
+    return [save_model_dir({k: v.cpu() for k, v in path.weights_at(t).items()}, meta, out / f"point_{t:.3f}",
+                           info={"dataset": meta.get("dataset"), "dataset_kwargs": meta.get("dataset_kwargs") or {},
+                                 "curve_t": t})
+            for t in ts]
+
+
 def _evaluate(args, job: Job, path, ds, name: str):
     """The path's metrics at --num-points points (shared among the ranks under torchrun)."""
     device = job.device
@@ -239,9 +260,31 @@ def per_layer(args, job: Job, path, ds, out: Path) -> dict:
     return barriers
 
 
+def perplexity_extra(result) -> dict:
+    """Per-token perplexity exp(NLL) along a language model's path, and its straight-line barrier.
+
+    The barrier of the perplexity is taken like the loss's (height above the chord between the
+    ends); for text data the NLL is the mean over every predicted token.
+    """
+    import numpy as np
+
+    from modeconn.evaluation.barriers import barrier
+
+    out = {}
+    for split in ("train", "test"):
+        ppl = np.exp(np.asarray(result.values(f"{split}_nll"), dtype=float))
+        out[f"{split}_perplexity"] = ppl
+        out[f"{split}_perplexity_barrier"] = barrier(result.ts, ppl)[0]
+    return out
+
+
 def _print_summary(result, name: str, out: Path) -> None:
     """The barrier table, the test error along the path, the sharpness (--hessian), the files written."""
     print("\n".join(barrier_lines(result)))
+    if "test_perplexity" in result.extra:
+        ppl = result.extra["test_perplexity"]
+        print(f"test perplexity along the {name}: ends {ppl[0]:.3f} / {ppl[-1]:.3f}, max {max(ppl):.3f}, "
+              f"barrier {result.extra['test_perplexity_barrier']:.3f}")
     s = result.summary("test_error")
     print(f"test error along the {name}: min {100 * s['min']:.2f}%  max {100 * s['max']:.2f}%  "
           f"arc-weighted mean {100 * s['weighted_mean']:.2f}%")
@@ -272,6 +315,8 @@ def main_(argv=None) -> int:
             path_robustness(result, path, ds, attack, args, job)
         if args.hessian:
             result.extra.update(path_sharpness(path, ds, job.device, args, job))
+        if str(ds.name).startswith("text:"):
+            result.extra.update(perplexity_extra(result))
         write_path_outputs(result, out, f"{name} on {ds.name}",
                            {"dataset": ds.name, "source": {"ckpt": args.ckpt, "start": args.a, "end": args.b},
                             "run": run_info(argv),
@@ -285,6 +330,8 @@ def main_(argv=None) -> int:
             for g, v in barriers["this group alone"].items():
                 print(f"  {g:40s} {v:9.4f} {barriers['first k groups'][g]:9.4f}")
             print(f"wrote {out / 'layers.json'}, {out / 'layers.png'}")
+        if args.save_points:
+            print("wrote " + ", ".join(str(d) for d in save_points(path, meta, args.save_points, out)))
     return 0
 
 

@@ -15,7 +15,7 @@ from modeconn.cli.outputs import run_info, write_json
 from modeconn.cli.rundir import TrainingRun
 from modeconn.cli.session import Job, session
 from modeconn.cli.endpoints import load_endpoint_model
-from modeconn.runtime.checkpoints import load_checkpoint, save_model
+from modeconn.runtime.checkpoints import load_checkpoint, load_model, save_model
 from modeconn.evaluation.ensembles import EnsembleResult, evaluate_ensemble
 from modeconn.training.fge import FGEResult, cycle_length, cyclic_lr, snapshot_iterations, train_fge
 
@@ -33,7 +33,8 @@ at every minimum of the rate. Writes:
                             comparison, run info
   OUT/fge.png               lr schedule with snapshot markers; ensemble accuracy / NLL
                             against the number of members
-  OUT/snapshots/snap_XX.pt  the snapshots (model checkpoints, BN statistics recomputed)
+  OUT/snapshots/snap_XX.pt  the snapshots (model checkpoints, BN statistics recomputed);
+                            from a Hugging Face model directory also OUT/snapshots/snap_XX/ (model directories)
   OUT/resume.pt, OUT/history.json   state after the last finished epoch (for --resume)
 
 under torchrun the training is data parallel (DDP; --batch-size is the global batch) and
@@ -132,6 +133,9 @@ def _train(args, job: Job, start_model, meta: Mapping, ds, run: TrainingRun, sta
             "input_shape": meta["input_shape"], "num_classes": meta["num_classes"],
             "dataset": run.config["dataset"], "dataset_kwargs": meta.get("dataset_kwargs") or {}, "seed": args.seed,
             **cli_data.data_source(ds)}
+    if "hf_dtype" in meta:  # a model directory: its dtype and tokenizer, for the snapshots written as directories
+        arch.update(hf_dtype=meta["hf_dtype"], source_dir=meta.get("source_dir"),
+                    dataset_kwargs=cli_data.text_record(ds) or arch["dataset_kwargs"])
     bar = job.progress(args.cycles * C, "fge")
     result = train_fge(start_model, train_loader, args.cycles, cycle_iters=C, lr_max=args.lr_max, lr_min=args.lr_min,
                  momentum=args.momentum, weight_decay=args.wd, seed=args.seed, bn_loader=bn_loader,
@@ -152,6 +156,12 @@ def _save_snapshots(args, result: FGEResult, snap_dir: Path, arch: dict) -> List
             snap_paths.append(save_model(snap_dir / f"snap_{i:02d}.pt", snap, **arch,
                                          fge={"index": i, "iteration": result.snapshot_iterations[i],
                                               "distance": result.distances[i], "start": str(args.ckpt)}))
+        if "hf_dtype" in arch:  # a model directory in: every snapshot also as one (loadable by transformers)
+            from modeconn.hf.models import save_model_dir
+
+            save_model_dir(load_model(snap_paths[-1])[0], arch, snap_dir / f"snap_{i:02d}",
+                           info={"dataset": arch["dataset"], "dataset_kwargs": arch["dataset_kwargs"],
+                                 "seed": args.seed, "fge_index": i})
     return snap_paths
 
 

@@ -9,7 +9,8 @@ from typing import List, Optional, Tuple
 
 from modeconn.cli.args import (add_attack_args, add_data_args, add_optim_args, add_resume_args, add_run_args,
                                add_sam_args, add_scale_args, at_least, attack_config, parser, sam_config)
-from modeconn.cli.data import bn_loader, checkpoint_dataset, data_source, dataset_name, dataset_seed, train_loader
+from modeconn.cli.data import (bn_loader, checkpoint_dataset, data_source, dataset_name, dataset_seed, text_record,
+                               train_loader)
 from modeconn.cli.errors import CommandError, run_command
 from modeconn.cli.outputs import run_info, write_json
 from modeconn.cli.rundir import TrainingRun
@@ -35,7 +36,11 @@ dataset, seed, history), OUT/history.json, OUT/history.png and OUT/resume.pt.
 Then: python -m modeconn.eval_curve --ckpt OUT/curve.pt
 
 on 4 GPUs (or CPU processes with gloo), --batch-size being the global batch:
-  torchrun --nproc_per_node 4 -m modeconn.train_curve --a A.pt --b B.pt --batch-size 256 --out OUT"""
+  torchrun --nproc_per_node 4 -m modeconn.train_curve --a A.pt --b B.pt --batch-size 256 --out OUT
+
+between two Hugging Face model directories (pip install modeconn[hf]), on a text:
+  python -m modeconn.train_curve --a runs/lm_a --b runs/lm_b_aligned --dataset text:corpus.txt \
+      --lr 0.1 --wd 0 --schedule cosine --out runs/lm_curve"""
 
 
 def build_parser():
@@ -203,6 +208,8 @@ def _write_results(args, argv, curve, start_meta: dict, end_meta: dict, run: Tra
     out, config, dataset = run.out, run.config, run.config["dataset"]
     meta = {k: start_meta.get(k) for k in ("arch", "arch_kwargs", "input_shape", "num_classes", "data_dir",
                                            "dataset_kwargs")}
+    if "hf_dtype" in start_meta:  # model-directory endpoints: their dtype and tokenizer, for points written back
+        meta.update(hf_dtype=start_meta["hf_dtype"], source_dir=start_meta.get("source_dir"))
     path = save_curve(out / "curve.pt", curve, meta, dataset=dataset, dataset_seed=dataset_seed(start_meta),
                       seed=args.seed, history=history,
                       config=config, alignment=alignment, run=run_info(argv),
@@ -225,7 +232,8 @@ def main_(argv=None) -> int:
         state = run.start(args.resume, args.force)
         with run.resumable():
             ds = checkpoint_dataset(args, start_meta, "the endpoint checkpoints")
-            start_meta = {**start_meta, "data_dir": data_source(ds).get("data_dir")}  # the one read
+            start_meta = {**start_meta, "data_dir": data_source(ds).get("data_dir"),  # the one read
+                          "dataset_kwargs": text_record(ds) or start_meta.get("dataset_kwargs")}
             if args.align == "pam":
                 curve, history, alignment = _fit_pam(args, job, ds, start_meta, end_meta)
             else:

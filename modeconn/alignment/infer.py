@@ -13,7 +13,8 @@ hand-written and found by pattern) adds head groups; a pattern-matched site is
 kept only if permuting its heads leaves the output on the example input
 unchanged.  The network input and output are never
 permuted.  Finally :mod:`~modeconn.alignment.spec_builder` turns the groups
-into a validated spec.
+into a validated spec. Hugging Face ``transformers`` models are not traced:
+their spec is written from their module structure (:mod:`~modeconn.alignment.hf_rules`).
 """
 from __future__ import annotations
 
@@ -23,6 +24,7 @@ from torch.fx.passes.shape_prop import ShapeProp
 
 from modeconn.alignment.attention_sites import verify_sites
 from modeconn.alignment.graph_walk import walk_graph
+from modeconn.alignment.hf_rules import hf_permutation_spec
 from modeconn.alignment.spec import PermutationSpec
 from modeconn.alignment.spec_builder import build_spec
 from modeconn.evaluation.model import eval_mode
@@ -85,6 +87,9 @@ def infer_permutation_spec(model: nn.Module, example_input) -> PermutationSpec:
     """
     if not isinstance(model, nn.Module):
         raise ValueError(f"model must be an nn.Module, got {type(model).__name__}")
+    structural = hf_permutation_spec(model)  # transformers models: by module structure, not traced
+    if structural is not None:
+        return structural
     args = _as_args(example_input)
     with eval_mode(model), torch.no_grad():
         gm = trace_model(model)  # traced in eval mode: the function that alignment preserves

@@ -112,7 +112,9 @@ def add_data_args(p: argparse.ArgumentParser, dataset_default: Optional[str] = "
     g.add_argument("--dataset", default=dataset_default, metavar="NAME|SPEC",
                    help=f"dataset: one of {', '.join(DATASETS)}, or imagefolder:PATH (PATH/train, PATH/val), "
                         "pkg.module:factory, file.py:factory (factory(seed) -> (x_train, y_train, x_test, y_test) "
-                        "or (train_set, test_set)) " + ("(default: %(default)s)" if dataset_default else
+                        "or (train_set, test_set)), text:PATH (a text file or a directory of them, next-token "
+                        "blocks; needs modeconn[hf] for a model directory's tokenizer) "
+                        + ("(default: %(default)s)" if dataset_default else
                                                         "(default: the one recorded in the checkpoint)"))
     g.add_argument("--data-dir", default=None,
                    help="where torchvision datasets are read from (default: the directory recorded in the "
@@ -122,6 +124,8 @@ def add_data_args(p: argparse.ArgumentParser, dataset_default: Optional[str] = "
     g.add_argument("--image-size", type=at_least(8), default=32,
                    help="imagefolder: images are cropped/resized to this size (default: %(default)s; later "
                         "commands use the size recorded in the checkpoint)")
+    g.add_argument("--block-size", type=at_least(1), default=None,
+                   help="text:PATH: tokens per sample (default: the size recorded in the checkpoint, else 64)")
     g.add_argument("--workers", type=at_least(0), default=0,
                    help="DataLoader worker processes for streamed datasets (imagefolder, (train_set, test_set) "
                         "factories) (default: %(default)s)")

@@ -48,7 +48,23 @@ def load_dataset(args: argparse.Namespace, name: str, seed: int, meta: Optional[
     if is_spec(name):
         recorded = (meta or {}).get("dataset_kwargs") or {}
         kwargs = {"image_size": recorded.get("image_size", args.image_size), "workers": args.workers}
+        if name.startswith("text:"):  # the tokenizer of the endpoints' model directory, when it has one
+            from modeconn.hf.text import text_kwargs
+
+            kwargs.update(text_kwargs(recorded, meta))
+            if getattr(args, "block_size", None):
+                kwargs["block_size"] = args.block_size
     return get_dataset(name, data_dir(args, meta), getattr(args, "download", False), seed=seed, **kwargs)
+
+
+def text_record(ds: Dataset) -> dict:
+    """The ``dataset_kwargs`` a checkpoint records for a ``text:`` dataset (its tokenizer and block size),
+    so that later commands cut the same blocks; empty for other datasets."""
+    if not str(ds.name).startswith("text:"):
+        return {}
+    tokenizer = ds.info.get("tokenizer")
+    return {"block_size": ds.info["block_size"], "tokenizer": None if tokenizer == "bytes" else tokenizer,
+            "mlm": bool(ds.info.get("mlm"))}
 
 
 def dataset_record(args: argparse.Namespace) -> dict:
@@ -76,6 +92,12 @@ def checkpoint_dataset(args: argparse.Namespace, meta: Mapping, source: str = "t
     name = dataset_name(args, meta, source)
     ds = load_dataset(args, name, dataset_seed(meta), meta)
     expected = tuple(meta.get("input_shape", ds.input_shape))
+    if str(meta.get("arch", "")).startswith("hf:") and len(ds.input_shape) == 1:
+        # a model directory's input_shape is its context length: any shorter sequence fits
+        expected = (min(ds.input_shape[0], expected[0]),)
+        if (ds.vocab_size or 0) > meta["num_classes"]:
+            raise CommandError(f"dataset {name!r} has token ids up to {ds.vocab_size - 1} but the model in "
+                               f"{source} has a vocabulary of {meta['num_classes']}")
     if tuple(ds.input_shape) != expected:
         raise CommandError(f"dataset {name!r} has inputs of shape {tuple(ds.input_shape)}, the architecture "
                            f"in {source} expects {expected}")

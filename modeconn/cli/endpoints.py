@@ -5,6 +5,10 @@ every later step would run on it and print barriers that mean nothing. A
 model counts as untrained when its recorded training accuracy is within
 ``CHANCE_MARGIN`` of chance (1 / classes), or its training loss is no lower
 than log(classes), the loss of predicting every class alike.
+
+An endpoint is a modeconn model checkpoint (``.pt`` or ``.safetensors``) or a
+Hugging Face model directory (``config.json`` + ``model.safetensors``, read
+with :func:`modeconn.hf.models.load_model_dir`, which needs ``modeconn[hf]``).
 """
 from __future__ import annotations
 
@@ -48,8 +52,18 @@ def warn_if_untrained(meta: Mapping, source: str) -> None:
               file=sys.stderr)
 
 
+def _is_model_dir(path) -> bool:
+    """Whether ``path`` names a Hugging Face model directory (checked without importing transformers)."""
+    from modeconn.hf.models import is_model_dir
+
+    return is_model_dir(path)
+
+
 def load_endpoint(path, flag: str) -> dict:
-    """The model checkpoint at ``path`` (given as ``flag``), with a warning if it looks untrained."""
+    """The model checkpoint (or model directory) at ``path`` (given as ``flag``), with a warning if it
+    looks untrained."""
+    if _is_model_dir(path):
+        return load_endpoint_model(path, flag)[1]
     meta = load_checkpoint(path, kind="model")
     warn_if_untrained(meta, f"{flag} {path}")
     return meta
@@ -58,6 +72,11 @@ def load_endpoint(path, flag: str) -> dict:
 def load_endpoint_model(path, flag: str) -> Tuple[nn.Module, dict]:
     """``(model, metadata)`` of the model checkpoint at ``path`` (given as ``flag``), warned about like
     :func:`load_endpoint`."""
-    model, meta = load_model(path)
+    if _is_model_dir(path):
+        from modeconn.hf.models import load_model_dir
+
+        model, meta = load_model_dir(path)
+    else:
+        model, meta = load_model(path)
     warn_if_untrained(meta, f"{flag} {path}")
     return model, meta

@@ -5,6 +5,8 @@
   a random resized crop and a horizontal flip, evaluation images a resize and
   a centre crop, all to ``image_size`` and normalised with ImageNet's
   statistics.
+* ``text:PATH`` — a text file or a directory of files as next-token data
+  (:mod:`modeconn.hf.text`; byte-level, or a model directory's tokenizer).
 * ``pkg.module:factory`` / ``path/to/file.py:factory`` — ``factory(seed=...)``
   (or ``factory()``) returns either ``(x_train, y_train, x_test, y_test)``
   (tensors or arrays: held in memory), ``(train_set, test_set)`` (torch
@@ -36,8 +38,8 @@ def is_spec(name: str) -> bool:
 def canonical_dataset_spec(name: str) -> str:
     """The spec as a checkpoint stores it: paths (image folder, Python file) made absolute."""
     source, _, rest = name.partition(":")
-    if source == "imagefolder":
-        return f"imagefolder:{Path(rest).resolve()}"
+    if source in ("imagefolder", "text"):
+        return f"{source}:{Path(rest).resolve()}"
     return absolute_file_spec(name)
 
 
@@ -106,9 +108,15 @@ def _from_datasets(spec: str, train, test, workers: int) -> StreamDataset:
     return StreamDataset(spec, train, train, test, num_classes, tuple(x0.shape), workers)
 
 
-def external_dataset(spec: str, seed: int = 0, image_size: int = 32, workers: int = 0):
-    """The dataset ``spec`` names (see the module docstring); ValueError/FileNotFoundError naming it."""
+def external_dataset(spec: str, seed: int = 0, image_size: int = 32, workers: int = 0, **text_kwargs):
+    """The dataset ``spec`` names (see the module docstring); ValueError/FileNotFoundError naming it.
+
+    ``text_kwargs`` (``block_size``, ``tokenizer``, ``max_chars``) go to ``text:PATH`` only."""
     source, _, rest = spec.partition(":")
+    if source == "text":
+        from modeconn.hf.text import text_dataset
+
+        return text_dataset(rest, seed, **text_kwargs)
     if source == "imagefolder":
         return _image_folder(rest, int(image_size), int(workers))
     factory = load_attribute(spec, "dataset")

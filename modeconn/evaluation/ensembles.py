@@ -216,6 +216,9 @@ def evaluate_ensemble(models: Sequence[Member], loader: Iterable, bn_loader: Opt
     with eval_mode(*members):
         for x, y in loader:
             logp = F.log_softmax(torch.stack([m(x) for m in members]).double(), dim=-1)  # [M, B, C]
+            if logp.dim() == 4:  # a language model's [M, B, T, V]: every token with a target is a sample
+                logp, y = logp.flatten(1, 2), y.reshape(-1)
+                logp, y = logp[:, y >= 0], y[y >= 0]
             if log_k is None:
                 log_k = torch.arange(1, len(members) + 1, dtype=torch.float64, device=logp.device).log()
             mem.add(logp, y)

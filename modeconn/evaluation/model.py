@@ -17,7 +17,25 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["eager_attention", "eval_mode", "MetricSums", "evaluate"]
+__all__ = ["eager_attention", "eval_mode", "MetricSums", "evaluate", "token_cross_entropy"]
+
+
+def token_cross_entropy(out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """Mean cross-entropy of logits ``[B, K]`` against labels ``[B]``, or of ``[B, T, V]`` against ``[B, T]``.
+
+    For a language model the targets are the next tokens (the data shift them,
+    :mod:`modeconn.hf.text`), so this is the causal-LM loss: the mean over every
+    token of ``-log softmax(out)[y]`` (its exponential is the perplexity).
+
+    Example:
+        >>> logits, y = torch.randn(2, 3, 5), torch.randint(0, 5, (2, 3))
+        >>> ref = F.cross_entropy(logits.reshape(6, 5), y.reshape(6))
+        >>> torch.allclose(token_cross_entropy(logits, y), ref)
+        True
+    """
+    if out.dim() > 2 and out.dim() == y.dim() + 1:
+        return F.cross_entropy(out.reshape(-1, out.shape[-1]), y.reshape(-1))
+    return F.cross_entropy(out, y)
 
 
 @contextlib.contextmanager
@@ -112,7 +130,16 @@ class MetricSums:
             self.count, self.conf, self.hits = (self._zeros(M, device, self.num_bins) for _ in range(3))
 
     def add(self, logp: torch.Tensor, y: torch.Tensor) -> None:
-        """Add a batch: ``logp`` [M, B, C] log-probabilities (float64), ``y`` [B] class labels."""
+        """Add a batch: ``logp`` [M, B, C] log-probabilities (float64), ``y`` [B] class labels.
+
+        Language models' [M, B, T, V] with token labels [B, T] count every token as a sample (the
+        mean loss is the per-token NLL, the log of the perplexity); a negative label (-100, a
+        masked-LM position without a target) is left out."""
+        if logp.dim() == 4 and y.dim() == 2:
+            logp, y = logp.reshape(len(logp), -1, logp.shape[-1]), y.reshape(-1)
+            keep = y >= 0
+            if not bool(keep.all()):
+                logp, y = logp[:, keep], y[keep]
         if logp.dim() != 3:
             raise ValueError(f"predictions must be [sets, batch, classes], got shape {tuple(logp.shape)}")
         M, B, _ = logp.shape
@@ -131,7 +158,9 @@ class MetricSums:
         self.n += B
 
     def add_logits(self, logits: torch.Tensor, y: torch.Tensor) -> None:
-        """Add a batch of logits [M, B, C] (normalised in float64, so the NLL keeps its digits)."""
+        """Add a batch of logits [M, B, C] (normalised in float64, so the NLL keeps its digits).
+
+        Language-model logits [M, B, T, V] with next-token labels [B, T]: see :meth:`add`."""
         self.add(F.log_softmax(logits.double(), dim=-1), y)
 
     def add_loss(self, loss_sum: torch.Tensor, batch_size: int) -> None:

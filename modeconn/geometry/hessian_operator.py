@@ -47,7 +47,7 @@ from torch.func import functional_call, grad, grad_and_value, jvp, vjp, vmap
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from modeconn.core.layout import FlatLayout
-from modeconn.evaluation.model import eval_mode
+from modeconn.evaluation.model import eval_mode, token_cross_entropy
 from modeconn.runtime import Hooks
 
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
@@ -62,7 +62,7 @@ __all__ = ["HessianOperator", "hessian_vector_product"]
 def _get_loss(loss_fn: LossLike) -> LossFn:
     """``None``/'cross_entropy' (default), 'mse' (``F.mse_loss``, no 1/2) or a callable."""
     if loss_fn is None or loss_fn == "cross_entropy":
-        return F.cross_entropy
+        return token_cross_entropy
     if callable(loss_fn):
         return loss_fn
     if loss_fn == "mse":

@@ -7,7 +7,11 @@
   num_classes=...)``; its first layer takes 3 channels, so a 1-channel sample
   is repeated to 3 by a parameter-free :class:`GrayToRGB` in front;
 * ``timm:NAME`` — ``timm.create_model(NAME, num_classes=..., in_chans=C)`` when
-  timm is installed (an optional extra).
+  timm is installed (an optional extra);
+* ``hf:MODEL_TYPE`` with ``config=`` a plain config — a ``transformers``
+  language model (fresh weights) behind :class:`modeconn.hf.models.LMLogits`,
+  as a Hugging Face model directory's metadata names it (the optional extra
+  ``modeconn[hf]``).
 
 A factory is called like a zoo builder, ``factory(input_shape, num_classes,
 **kwargs)``, and returns an ``nn.Module``.
@@ -89,9 +93,13 @@ def external_builder(spec: str) -> Callable[..., nn.Module]:
     source, _, attr = spec.rpartition(":")
     if not source or not attr:
         raise ValueError(f"model spec {spec!r} must be 'module:factory', 'file.py:factory', "
-                         "'torchvision:NAME' or 'timm:NAME'")
+                         "'torchvision:NAME', 'timm:NAME' or 'hf:MODEL_TYPE'")
     if source == "torchvision":
         return _torchvision(attr)
     if source == "timm":
         return _timm(attr)
+    if source == "hf":
+        from modeconn.hf.models import hf_builder
+
+        return hf_builder(attr)
     return load_attribute(spec, "model")

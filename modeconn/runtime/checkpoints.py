@@ -7,7 +7,10 @@ Every file modeconn writes is a plain dictionary::
      "arch": name, "arch_kwargs": {...}, "dataset": name, "seed": int,
      "metrics": {...}, ...kind-specific fields}
 
-so that a command needs nothing but the file. Files are loaded with
+so that a command needs nothing but the file. A path ending in
+``.safetensors`` is written and read as a safetensors file, the tensors in its
+table and the rest in its metadata (:mod:`modeconn.runtime.safetensors_io`;
+needs ``modeconn[hf]``). Other files are loaded with
 ``torch.load(..., weights_only=True)``: a checkpoint can hold tensors, numbers,
 strings, lists and dicts, never code, and a file whose weights or state hold
 NaN or Inf is refused with the tensor's name (a diverged run must not be picked
@@ -39,6 +42,7 @@ from torch import nn
 
 from modeconn._version import __version__
 from modeconn.runtime.plain import to_plain
+from modeconn.runtime.safetensors_io import decode_checkpoint, encode_checkpoint, is_safetensors
 
 FORMAT = "modeconn"
 FORMAT_VERSION = 1
@@ -171,7 +175,11 @@ def _os_error_behind(e: BaseException) -> Optional[OSError]:
 
 
 def atomic_save(obj: Any, path: PathLike) -> Path:
-    """``torch.save`` through :func:`atomic_write`."""
+    """``torch.save`` through :func:`atomic_write`; a ``.safetensors`` path gets a safetensors file
+    (:mod:`modeconn.runtime.safetensors_io`, no pickle)."""
+    if is_safetensors(path):
+        data = encode_checkpoint(obj)
+        return atomic_write(path, lambda f: f.write(data))
     return atomic_write(path, lambda f: torch.save(obj, f))
 
 
@@ -212,6 +220,8 @@ def _read_checkpoint_file(path: Path, map_location) -> Any:
     if path.is_dir():
         raise CheckpointError(f"{path}: is a directory, expected a checkpoint file")
     try:
+        if is_safetensors(path):
+            return decode_checkpoint(path)
         return torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as e:
         raise CheckpointError(

@@ -38,6 +38,7 @@ from torch import nn
 from modeconn.core.curve_model import CurveModel
 from modeconn.data import epoch_generator
 from modeconn.evaluation.adversarial import adversarial_step_loss, curve_attack
+from modeconn.evaluation.model import token_cross_entropy
 from modeconn.runtime import Hooks, Runtime
 from modeconn.runtime import distributed as _dist
 from modeconn.training.sam import SAM, sam_step_loss
@@ -51,19 +52,20 @@ __all__ = ["train_model", "fit_curve", "curve_training", "run_epoch", "run_sgd",
 
 
 def get_loss(loss: Union[str, LossFn]) -> LossFn:
-    """'cross_entropy' (classification), 'mse' (regression) or a callable."""
+    """'cross_entropy' (classification; per token for language models, see
+    :func:`~modeconn.evaluation.model.token_cross_entropy`), 'mse' (regression) or a callable."""
     if callable(loss):
         return loss
     if loss == "cross_entropy":
-        return F.cross_entropy
+        return token_cross_entropy
     if loss == "mse":
         return lambda out, y: F.mse_loss(out, y.reshape(out.shape).to(out.dtype))
     raise ValueError(f"unknown loss {loss!r}; use 'cross_entropy', 'mse' or a callable")
 
 
 def _is_classification(out: torch.Tensor, y: torch.Tensor) -> bool:
-    """Logits ``[B, K]`` with integer labels: accuracy is defined."""
-    return out.dim() == 2 and not y.is_floating_point()
+    """Logits ``[B, K]`` with integer labels, or ``[B, T, V]`` with token labels ``[B, T]``: accuracy is defined."""
+    return (out.dim() == 2 or out.dim() == y.dim() + 1 == 3) and not y.is_floating_point()
 
 
 def model_step(net: nn.Module, loss: Union[str, LossFn], runtime: Runtime, device: torch.device) -> StepLoss:
@@ -92,7 +94,7 @@ class _EpochTally:
     def __init__(self) -> None:
         """Nothing seen yet."""
         self.loss_sum = torch.zeros((), dtype=torch.float64)
-        self.correct = torch.zeros((), dtype=torch.long)
+        self.correct = torch.zeros((), dtype=torch.float64)
         self.bad = torch.zeros((), dtype=torch.long)  # first step (1-based) with a non-finite loss; 0: none
         self.count, self.classify, self.lrs = 0, True, []
 
@@ -105,7 +107,11 @@ class _EpochTally:
         self.bad = torch.where((self.bad == 0) & ~torch.isfinite(step), torch.tensor(len(self.lrs)), self.bad)
         self.classify = self.classify and _is_classification(out, y)
         if self.classify:
-            self.correct = self.correct + (out.argmax(1) == y.to(out.device)).sum().cpu()
+            y = y.to(out.device)
+            hits, valid = (out.argmax(-1) == y).double().reshape(len(y), -1), (y >= 0).double().reshape(len(y), -1)
+            # a sequence counts the fraction of its tokens predicted (those with a target: masked-LM
+            # positions without one carry -100)
+            self.correct = self.correct + (hits.sum(1) / valid.sum(1).clamp_min(1)).sum().cpu()
         self.count += len(y)
 
     def record(self, epoch: int, lr: float, ddp: bool) -> dict:
