@@ -57,6 +57,9 @@ def build_parser():
                    help="seed of the weight-matching visiting order (default: %(default)s)")
     g.add_argument("--max-iter", type=at_least(1), default=100,
                    help="weight matching: at most this many sweeps over the groups (default: %(default)s)")
+    g.add_argument("--restarts", type=at_least(1), default=1,
+                   help="weight matching: also start from R-1 random permutations and keep the best objective "
+                        "(coordinate descent can stop in a local optimum) (default: %(default)s)")
     g.add_argument("--rescale", action="store_true",
                    help="weight matching: first give every ReLU-like unit unit incoming norm in both models, "
                         "compensated in its outgoing weights (the function is unchanged; only where no "
@@ -121,7 +124,8 @@ def _align(args, ds, model_a, model_b, device):
     t0 = time.perf_counter()
     aligned_b, _, report = align_models(model_a, model_b, method=args.method,
                                   loader=ds.eval_loader("train", args.batch_size), seed=args.seed,
-                                  max_iter=args.max_iter, device=device, rescale=args.rescale)
+                                  max_iter=args.max_iter, device=device, rescale=args.rescale,
+                                  restarts=args.restarts if args.method == "weight" else 1)
     align_seconds = time.perf_counter() - t0
     return aligned_b, report, align_seconds
 

@@ -136,7 +136,8 @@ def _resolve_spec(model_a, spec: Optional[PermutationSpec], example_input, loade
     return infer_permutation_spec(model_a, example_input), loader
 
 
-def _weight_method(model_a, model_b, spec: PermutationSpec, seed: int, max_iter: int, rescale_input=None):
+def _weight_method(model_a, model_b, spec: PermutationSpec, seed: int, max_iter: int, rescale_input=None,
+                   restarts: int = 1):
     """Weight matching (on both models' canonical scale when ``rescale_input`` is a batch):
     ``(perm, info, similarity before, after, rescaled groups)``."""
     rescaled: List[str] = []
@@ -145,7 +146,7 @@ def _weight_method(model_a, model_b, spec: PermutationSpec, seed: int, max_iter:
             raise ValueError("rescale=True needs nn.Module models, not state dicts")
         model_a, _, rescaled = canonical_scale(model_a, spec, rescale_input)
         model_b, _, _ = canonical_scale(model_b, spec, groups=rescaled)
-    perm, info = weight_matching(model_a, model_b, spec, seed=seed, max_iter=max_iter)
+    perm, info = weight_matching(model_a, model_b, spec, seed=seed, max_iter=max_iter, restarts=restarts)
     before = weight_similarity(model_a, model_b, spec, None)
     after = weight_similarity(model_a, model_b, spec, perm)
     return perm, info, before, after, rescaled
@@ -153,7 +154,7 @@ def _weight_method(model_a, model_b, spec: PermutationSpec, seed: int, max_iter:
 
 def align_models(model_a, model_b, method: str = "weight", loader=None, spec: Optional[PermutationSpec] = None,
                  example_input=None, seed: int = 0, *, max_iter: int = 100, max_batches: Optional[int] = None,
-                 device=None, rescale: bool = False):
+                 device=None, rescale: bool = False, restarts: int = 1):
     """Permute the hidden units of ``model_b`` to line up with ``model_a``.
 
     Args:
@@ -164,7 +165,7 @@ def align_models(model_a, model_b, method: str = "weight", loader=None, spec: Op
         loader: batches (tensors or ``(x, y)``); needed by the activation method.
         spec: the permutable units; None infers it from ``model_a`` with
             ``example_input`` (default: the first batch of ``loader``).
-        seed, max_iter, max_batches, device: passed to the matching function.
+        seed, max_iter, restarts, max_batches, device: passed to the matching function.
         rescale: weight matching on both models' canonical neuron scale (:func:`~modeconn.alignment.rescale.
             canonical_scale`, checked on ``example_input`` or the first batch): a rescaled copy still matches.
 
@@ -199,7 +200,7 @@ def align_models(model_a, model_b, method: str = "weight", loader=None, spec: Op
     rescaled: List[str] = []
     if method == "weight":
         x = None if not rescale else example_input if example_input is not None else _first_input(loader)
-        perm, info, before, after, rescaled = _weight_method(model_a, model_b, spec, seed, max_iter, x)
+        perm, info, before, after, rescaled = _weight_method(model_a, model_b, spec, seed, max_iter, x, restarts)
         metric = "cosine"
     else:
         perm, info = activation_matching(model_a, model_b, loader, spec, device=device,

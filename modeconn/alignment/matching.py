@@ -25,7 +25,7 @@ from scipy.optimize import linear_sum_assignment
 from torch import nn
 
 from modeconn.alignment.observe import ActivationRecorder, batch_inputs, unit_matrix
-from modeconn.alignment.permute import permute_tensor, segment_rows
+from modeconn.alignment.permute import apply_permutation, permute_tensor, segment_rows
 from modeconn.alignment.spec import AxisRef, PermutationSpec, check_same_architecture, state_dict_of
 from modeconn.evaluation.model import eval_mode
 
@@ -55,6 +55,8 @@ class WeightMatchingInfo:
     converged: bool
     seed: int
     names: List[str] = field(default_factory=list)  # parameters entering the objective
+    restart_objectives: List[float] = field(default_factory=list)  # final objective of every restart
+    best_restart: int = 0
 
 
 @dataclass
@@ -241,7 +243,27 @@ class _WeightMatcher:
         return True
 
 
-def weight_matching(a, b, spec: PermutationSpec, seed: int = 0, max_iter: int = 100):
+def _descent(a, b, spec: PermutationSpec, seed: int, max_iter: int):
+    """One coordinate descent from the identity: ``(perms, WeightMatchingInfo)`` (see :func:`weight_matching`)."""
+    matcher = _WeightMatcher(a, b, spec)
+    history: List[float] = []
+    rng = np.random.default_rng(seed)
+    gnames = list(spec.groups)
+    converged = False
+    sweeps = 0
+    for _ in range(max_iter):
+        sweeps += 1
+        improved = False
+        for gi in rng.permutation(len(gnames)):
+            improved = matcher.step(gnames[int(gi)]) or improved
+        history.append(matcher.current)
+        if not improved:
+            converged = True
+            break
+    return matcher.perms, WeightMatchingInfo(matcher.initial, history, sweeps, converged, seed, matcher.names)
+
+
+def weight_matching(a, b, spec: PermutationSpec, seed: int = 0, max_iter: int = 100, restarts: int = 1):
     """Git Re-Basin weight matching of ``b`` to ``a`` (modules or state dicts).
 
     Coordinate descent over groups, visited in a random order each sweep
@@ -265,6 +287,13 @@ def weight_matching(a, b, spec: PermutationSpec, seed: int = 0, max_iter: int = 
     they are fewer than half), and a group none of whose inputs changed since
     it was last solved is not solved again.
 
+    Coordinate descent can stop in a local optimum (e.g. when many weights
+    are equal, as at a zoo's initialisation of norms and layer scales). With
+    ``restarts = k > 1`` it runs again from ``k - 1`` random starting
+    permutations (``spec.random_permutation(seed + r)``: B is shuffled by them
+    first and the result composed with them) and keeps the highest objective;
+    the first run is always the one from the identity.
+
     Returns ``(perm, WeightMatchingInfo)``.
 
     Example:
@@ -279,25 +308,24 @@ def weight_matching(a, b, spec: PermutationSpec, seed: int = 0, max_iter: int = 
         >>> torch.equal(perm["0"], torch.argsort(shuffle["0"])), info.converged
         (True, True)
     """
-    if not isinstance(max_iter, int) or isinstance(max_iter, bool) or max_iter < 1:
-        raise ValueError(f"max_iter must be a positive int, got {max_iter!r}")
-    matcher = _WeightMatcher(a, b, spec)
-    history: List[float] = []
-    rng = np.random.default_rng(seed)
-    gnames = list(spec.groups)
-    converged = False
-    sweeps = 0
-    for _ in range(max_iter):
-        sweeps += 1
-        improved = False
-        for gi in rng.permutation(len(gnames)):
-            improved = matcher.step(gnames[int(gi)]) or improved
-        history.append(matcher.current)
-        if not improved:
-            converged = True
-            break
-    info = WeightMatchingInfo(matcher.initial, history, sweeps, converged, seed, matcher.names)
-    return matcher.perms, info
+    for name, value in (("max_iter", max_iter), ("restarts", restarts)):
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            raise ValueError(f"{name} must be a positive int, got {value!r}")
+    best, finals = None, []
+    for r in range(restarts):
+        start = spec.random_permutation(seed + r) if r else None
+        b_r = b if start is None else apply_permutation(state_dict_of(b), spec, start)
+        perm, info = _descent(a, b_r, spec, seed + r, max_iter)
+        if start is not None:  # B shuffled by `start`, then by `perm`: unit i is B's start[perm[i]]
+            perm = {g: start[g][p] for g, p in perm.items()}
+        finals.append(info.objectives[-1] if info.objectives else info.initial_objective)
+        identity_objective = info.initial_objective if r == 0 else identity_objective
+        if best is None or finals[-1] > finals[best[2]]:
+            best = (perm, info, r)
+    perm, info, r = best
+    info.initial_objective = identity_objective  # of B as given, whichever start won
+    info.restart_objectives, info.best_restart = finals, r
+    return perm, info
 
 
 # ---------------------------------------------------------- activation matching
