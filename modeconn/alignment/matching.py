@@ -287,12 +287,8 @@ def weight_matching(a, b, spec: PermutationSpec, seed: int = 0, max_iter: int = 
     they are fewer than half), and a group none of whose inputs changed since
     it was last solved is not solved again.
 
-    Coordinate descent can stop in a local optimum (e.g. when many weights
-    are equal, as at a zoo's initialisation of norms and layer scales). With
-    ``restarts = k > 1`` it runs again from ``k - 1`` random starting
-    permutations (``spec.random_permutation(seed + r)``: B is shuffled by them
-    first and the result composed with them) and keeps the highest objective;
-    the first run is always the one from the identity.
+    Descent can stop in a local optimum (e.g. at a zoo's initialisation): ``restarts = k > 1`` also
+    starts from ``spec.random_permutation(seed + r)``, r < k, and keeps the highest objective.
 
     Returns ``(perm, WeightMatchingInfo)``.
 
