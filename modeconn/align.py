@@ -9,7 +9,8 @@ from typing import Dict, Tuple
 
 from modeconn.alignment import align_models
 from modeconn.alignment.repair import evaluate_repaired_path
-from modeconn.cli.args import add_data_args, add_run_args, at_least, parser, zero_or_at_least
+from modeconn.cli.args import (add_data_args, add_endpoint_model_args, add_run_args, at_least, parser,
+                               zero_or_at_least)
 from modeconn.cli.data import bn_loader, checkpoint_dataset, sample_loader
 from modeconn.cli.errors import CommandError, run_command
 from modeconn.cli.outputs import run_info, write_json
@@ -74,6 +75,7 @@ def build_parser():
                    help="evaluate the lines (and their BN statistics) on N random training and N random "
                         "test samples instead of all (default: all)")
     add_data_args(p, dataset_default=None, evaluation=True)
+    add_endpoint_model_args(p)
     add_run_args(p, out_metavar="B_aligned.pt",
                  out_help="aligned checkpoint to write (a model directory when --b is one); the JSON and PNG "
                           "go next to it (suffixes .json, .png)")
@@ -108,8 +110,8 @@ def _barriers(result) -> dict:
 
 def _load_pair(args):
     """(model A, its metadata, model B, its metadata), checked to share one architecture."""
-    model_a, meta_a = load_endpoint_model(args.a, "--a")
-    model_b, meta_b = load_endpoint_model(args.b, "--b")
+    model_a, meta_a = load_endpoint_model(args.a, "--a", args)
+    model_b, meta_b = load_endpoint_model(args.b, "--b", args)
     for key in ARCH_KEYS:
         if meta_a.get(key) != meta_b.get(key):
             raise CommandError(

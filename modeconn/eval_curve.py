@@ -5,15 +5,15 @@ import sys
 from pathlib import Path
 from typing import Tuple
 
-from modeconn.cli.args import (add_attack_args, add_data_args, add_run_args, add_scale_args, at_least,
-                               attack_config, parser)
+from modeconn.cli.args import (add_attack_args, add_data_args, add_endpoint_model_args, add_run_args,
+                               add_scale_args, at_least, attack_config, parser)
 from modeconn.cli.data import bn_loader, checkpoint_dataset, hessian_loader
 from modeconn.cli.errors import CommandError, run_command
 from modeconn.cli.outputs import run_info, write_csv, write_json
 from modeconn.cli.session import Job, session
 from modeconn.core.curve_model import linear_path, load_curve
 from modeconn.cli.endpoints import load_endpoint
-from modeconn.runtime.checkpoints import build_model, load_checkpoint, make_directory
+from modeconn.runtime.checkpoints import load_checkpoint, make_directory, model_from_meta
 from modeconn.evaluation.adversarial import ROBUST_METRICS
 from modeconn.evaluation.path import evaluate_path, points_of_this_rank
 from modeconn.runtime import Hooks, Runtime
@@ -88,6 +88,7 @@ def build_parser():
                    help="Hugging Face endpoints: also write the weights at these t as model directories "
                         "OUT/point_<t> (save_pretrained, the endpoints' dtype), loadable by transformers")
     add_data_args(p, dataset_default=None, evaluation=True)
+    add_endpoint_model_args(p)
     add_run_args(p, out_required=False, out_help="output directory (default: next to the checkpoint)")
     add_scale_args(p, training=False)
     return p
@@ -177,13 +178,12 @@ def _load_path(args) -> Tuple[object, dict, Path, str]:
         out = Path(args.out) if args.out else Path(args.ckpt).parent / "eval"
         name = meta["curve_state"]["curve"]
     elif args.a and args.b:
-        meta = load_endpoint(args.a, "--a")
-        end_meta = load_endpoint(args.b, "--b")
+        meta = load_endpoint(args.a, "--a", args)
+        end_meta = load_endpoint(args.b, "--b", args)
         if (meta["arch"], meta["arch_kwargs"]) != (end_meta["arch"], end_meta["arch_kwargs"]):
             raise CommandError(f"--a is {meta['arch']} {meta['arch_kwargs']} but --b is "
                                f"{end_meta['arch']} {end_meta['arch_kwargs']}")
-        template = build_model(meta)
-        template.load_state_dict(meta["state_dict"])
+        template = model_from_meta(meta, f"--a {args.a}")  # one line naming the file when weights do not fit
         path = linear_path(template, end_meta["state_dict"])
         out = Path(args.out) if args.out else Path(args.a).parent / "eval_linear"
         name = "repair" if args.repair else "linear"

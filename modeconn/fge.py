@@ -8,8 +8,8 @@ from typing import List, Mapping, Optional
 from modeconn.plots.ensemble import plot_fge
 from modeconn.runtime import Hooks, Runtime
 from modeconn.cli import data as cli_data
-from modeconn.cli.args import (add_bn_samples_arg, add_data_args, add_resume_args, add_run_args, add_scale_args,
-                               at_least, parser)
+from modeconn.cli.args import (add_bn_samples_arg, add_data_args, add_endpoint_model_args, add_resume_args,
+                               add_run_args, add_scale_args, at_least, parser)
 from modeconn.cli.errors import CommandError, run_command
 from modeconn.cli.outputs import run_info, write_json
 from modeconn.cli.rundir import TrainingRun
@@ -74,6 +74,7 @@ def build_parser():
                    help="write each snapshot to OUT/snapshots as soon as it is taken instead of keeping it "
                         "in memory (for large models; the resume state then holds paths, not weights)")
     add_data_args(p, dataset_default=None)
+    add_endpoint_model_args(p)
     add_bn_samples_arg(p)
     add_run_args(p)
     add_resume_args(p, "resume.pt", "epoch")
@@ -252,7 +253,7 @@ def main_(argv=None) -> int:
     snapshot_iterations(args.cycles, 2)           # check --cycles, --lr-max and --lr-min before any work
     cyclic_lr(0, 2, args.lr_max, args.lr_min)
     with session(args) as job:
-        start_model, meta = load_endpoint_model(args.ckpt, "--ckpt")
+        start_model, meta = load_endpoint_model(args.ckpt, "--ckpt", args)
         dataset = cli_data.dataset_name(args, meta, args.ckpt)
         indep_meta = _independent_meta(args, dataset, meta)
         run = TrainingRun(Path(args.out), _config(args, dataset), "fge.json", job.is_main)

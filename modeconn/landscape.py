@@ -5,8 +5,8 @@ import sys
 import time
 from pathlib import Path
 
-from modeconn.cli.args import (add_data_args, add_grid_args, add_resume_args, add_run_args, add_scale_args,
-                               at_least, join_negative_values, parse_range, parser)
+from modeconn.cli.args import (add_data_args, add_endpoint_model_args, add_grid_args, add_resume_args,
+                               add_run_args, add_scale_args, at_least, join_negative_values, parse_range, parser)
 from modeconn.cli.data import checkpoint_dataset, hessian_loader, split_loaders
 from modeconn.cli.errors import CommandError, run_command
 from modeconn.cli.outputs import bn_note, run_info, write_json, write_npz
@@ -78,6 +78,7 @@ def build_parser():
                    help="make the second direction orthogonal to the first (norm kept)")
     g.add_argument("--seed", type=int, default=0, help="seed of the random directions (default: %(default)s)")
     add_data_args(p, dataset_default=None, evaluation=True, split=True)
+    add_endpoint_model_args(p)
     add_grid_args(p)
     add_run_args(p)
     add_scale_args(p, training=False)
@@ -102,12 +103,12 @@ def _axes(args):
 
 def _slice(args, job: Job):
     """(model at the centre, its metadata, its flat weights, the plane of the slice)."""
-    model, meta = load_endpoint_model(args.ckpt, "--ckpt")
+    model, meta = load_endpoint_model(args.ckpt, "--ckpt", args)
     model = model.to(job.device)
     origin = flatten_parameters(model)
     first = None
     if args.ckpt2:
-        model2, meta2 = load_endpoint_model(args.ckpt2, "--ckpt2")
+        model2, meta2 = load_endpoint_model(args.ckpt2, "--ckpt2", args)
         for key in ("arch", "arch_kwargs", "input_shape", "num_classes"):
             if meta.get(key) != meta2.get(key):
                 raise CommandError(f"--ckpt and --ckpt2 differ in {key}: {meta.get(key)!r} vs {meta2.get(key)!r}")

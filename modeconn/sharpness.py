@@ -5,7 +5,8 @@ import math
 import sys
 from pathlib import Path
 
-from modeconn.cli.args import add_data_args, add_run_args, at_least, join_negative_values, parse_range, parser
+from modeconn.cli.args import (add_data_args, add_endpoint_model_args, add_run_args, at_least,
+                               join_negative_values, parse_range, parser)
 from modeconn.cli.data import bn_loader, checkpoint_dataset, hessian_loader
 from modeconn.cli.endpoints import load_endpoint_model
 from modeconn.cli.errors import CommandError, run_command
@@ -46,6 +47,7 @@ def build_parser():
     g.add_argument("--ckpt", nargs="+", required=True, help="model checkpoints (from modeconn.train)")
     g.add_argument("--labels", nargs="+", default=None, help="one name per checkpoint (default: its directory)")
     add_data_args(p, dataset_default=None, evaluation=True)
+    add_endpoint_model_args(p)
     h = p.add_argument_group("measures")
     h.add_argument("--hessian-samples", type=at_least(1), default=2048,
                    help="training samples (the first N) for the Hessian and ε-sharpness (default: %(default)s)")
@@ -96,7 +98,7 @@ def _check(args) -> None:
 
 def _measure(args, job: Job, ckpt: str, label: str, xs):
     """(report, dataset name, architecture) of one checkpoint."""
-    model, meta = load_endpoint_model(ckpt, "--ckpt")
+    model, meta = load_endpoint_model(ckpt, "--ckpt", args)
     model = model.to(job.device)
     ds = checkpoint_dataset(args, meta, ckpt)
     train = ds.eval_loader("train", args.batch_size).to(job.device)

@@ -7,8 +7,9 @@ import sys
 from pathlib import Path
 from typing import List, Optional, Tuple
 
-from modeconn.cli.args import (add_attack_args, add_data_args, add_optim_args, add_resume_args, add_run_args,
-                               add_sam_args, add_scale_args, at_least, attack_config, parser, sam_config)
+from modeconn.cli.args import (add_attack_args, add_data_args, add_endpoint_model_args, add_optim_args,
+                               add_resume_args, add_run_args, add_sam_args, add_scale_args, at_least,
+                               attack_config, parser, sam_config)
 from modeconn.cli.data import (bn_loader, checkpoint_dataset, data_source, dataset_name, dataset_seed, text_record,
                                train_loader)
 from modeconn.cli.errors import CommandError, run_command
@@ -73,6 +74,7 @@ def build_parser():
     g.add_argument("--pam-points", type=at_least(2), default=11,
                    help="evenly spaced t of each round's barrier (default: %(default)s)")
     add_data_args(p, dataset_default=None)
+    add_endpoint_model_args(p)
     add_optim_args(p, epochs=30, lr=0.03)
     add_sam_args(p)
     add_attack_args(p, "--adv", training=True)
@@ -84,8 +86,8 @@ def build_parser():
 
 def _endpoints(args) -> Tuple[dict, dict]:
     """The two endpoint checkpoints, checked to share one architecture."""
-    start_meta = load_endpoint(args.a, "--a")
-    end_meta = load_endpoint(args.b, "--b")
+    start_meta = load_endpoint(args.a, "--a", args)
+    end_meta = load_endpoint(args.b, "--b", args)
     for key in ("arch", "arch_kwargs", "input_shape", "num_classes"):
         if start_meta.get(key) != end_meta.get(key):
             raise CommandError(f"--a and --b differ in {key}: {start_meta.get(key)!r} vs "

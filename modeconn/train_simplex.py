@@ -6,8 +6,8 @@ import sys
 from pathlib import Path
 from typing import List, Optional
 
-from modeconn.cli.args import (add_data_args, add_optim_args, add_resume_args, add_run_args, add_scale_args,
-                               at_least, parser)
+from modeconn.cli.args import (add_data_args, add_endpoint_model_args, add_optim_args, add_resume_args,
+                               add_run_args, add_scale_args, at_least, parser)
 from modeconn.cli.data import checkpoint_dataset, data_source, dataset_name, dataset_seed, train_loader
 from modeconn.cli.endpoints import load_endpoint
 from modeconn.cli.errors import CommandError, run_command
@@ -49,6 +49,7 @@ def build_parser():
                    help="λ of the volume regulariser −λ·log V of the sampled simplex (Benton et al.); "
                         "0 = off (default: %(default)s)")
     add_data_args(p, dataset_default=None)
+    add_endpoint_model_args(p)
     add_optim_args(p, epochs=30, lr=0.03)
     add_run_args(p)
     add_resume_args(p, "resume.pt", "epoch")
@@ -60,7 +61,7 @@ def _modes(args) -> List[dict]:
     """The mode checkpoints, checked to be at least two of one architecture."""
     if len(args.modes) < 2:
         raise CommandError(f"--modes needs at least 2 checkpoints to connect, got {len(args.modes)}")
-    metas = [load_endpoint(m, "--modes") for m in args.modes]
+    metas = [load_endpoint(m, "--modes", args) for m in args.modes]
     for path, meta in zip(args.modes[1:], metas[1:]):
         for key in ("arch", "arch_kwargs", "input_shape", "num_classes"):
             if meta.get(key) != metas[0].get(key):

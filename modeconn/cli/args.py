@@ -154,6 +154,16 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
                    help="architecture arguments, e.g. depth=3 width=256 bn=true")
 
 
+def add_endpoint_model_args(p: argparse.ArgumentParser) -> None:
+    """--model and --model-kwargs of the commands that read endpoints: only for plain state dicts."""
+    g = p.add_argument_group("endpoints given as plain state dicts (.pt / .safetensors without modeconn metadata)")
+    g.add_argument("--model", default=None, metavar="NAME|SPEC",
+                   help="the architecture of plain state-dict endpoints: a zoo name or a spec as in train "
+                        "(file.py:factory, pkg.module:factory, torchvision:NAME, timm:NAME); needs --dataset too. "
+                        "modeconn checkpoints and model directories describe themselves")
+    g.add_argument("--model-kwargs", nargs="*", metavar="KEY=VALUE", help="its arguments, e.g. width=64")
+
+
 def parse_kwargs(items: Optional[Sequence[str]]) -> dict:
     """--model-kwargs: ['depth=3', 'bn=true', 'width_multiplier=0.5'] -> {'depth': 3, 'bn': True, ...}.
 

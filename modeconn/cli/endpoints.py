@@ -6,9 +6,12 @@ model counts as untrained when its recorded training accuracy is within
 ``CHANCE_MARGIN`` of chance (1 / classes), or its training loss is no lower
 than log(classes), the loss of predicting every class alike.
 
-An endpoint is a modeconn model checkpoint (``.pt`` or ``.safetensors``) or a
+An endpoint is a modeconn model checkpoint (``.pt`` or ``.safetensors``), a
 Hugging Face model directory (``config.json`` + ``model.safetensors``, read
-with :func:`modeconn.hf.models.load_model_dir`, which needs ``modeconn[hf]``).
+with :func:`modeconn.hf.models.load_model_dir`, which needs ``modeconn[hf]``),
+or a plain state dict (``.pt`` or ``.safetensors``, e.g. from another tool)
+when the command is told the model (``--model``, ``--model-kwargs``) and the
+data (``--dataset``), which such a file does not record.
 """
 from __future__ import annotations
 
@@ -18,7 +21,8 @@ from typing import Mapping, Optional, Tuple
 
 from torch import nn
 
-from modeconn.runtime.checkpoints import load_checkpoint, load_model
+from modeconn.cli.errors import CommandError
+from modeconn.runtime.checkpoints import FORMAT, CheckpointError, load_checkpoint, load_state_dict, model_from_meta
 
 CHANCE_MARGIN = 0.05
 
@@ -59,24 +63,48 @@ def _is_model_dir(path) -> bool:
     return is_model_dir(path)
 
 
-def load_endpoint(path, flag: str) -> dict:
-    """The model checkpoint (or model directory) at ``path`` (given as ``flag``), with a warning if it
-    looks untrained."""
+def _plain_state_dict_meta(path, flag: str, args, error: CheckpointError) -> dict:
+    """The metadata of a plain state-dict file, from ``--model``/``--model-kwargs``/``--dataset``; the
+    checkpoint's own error when the file is not a state dict either, a CommandError when a flag is missing."""
+    try:
+        state = load_state_dict(path)
+    except CheckpointError:
+        raise error from None
+    model, dataset = getattr(args, "model", None), getattr(args, "dataset", None)
+    if not model or not dataset:
+        raise CommandError(f"{flag} {path} is a plain state dict (no modeconn metadata): give --model SPEC "
+                           "[--model-kwargs ...] and --dataset NAME to say what it is")
+    from modeconn.cli.args import parse_kwargs
+    from modeconn.cli.data import canonical_specs, load_dataset
+
+    canonical_specs(args)
+    ds = load_dataset(args, args.dataset, 0)
+    return {"format": FORMAT, "kind": "model", "arch": args.model, "arch_kwargs": parse_kwargs(args.model_kwargs),
+            "input_shape": list(ds.input_shape), "num_classes": int(ds.num_classes), "dataset": args.dataset,
+            "seed": 0, "metrics": {}, "state_dict": dict(state), "source": {"plain_state_dict": str(path)}}
+
+
+def load_endpoint(path, flag: str, args=None) -> dict:
+    """The model checkpoint (or model directory, or plain state dict described by ``args``) at ``path``
+    (given as ``flag``), with a warning if it looks untrained."""
     if _is_model_dir(path):
         return load_endpoint_model(path, flag)[1]
-    meta = load_checkpoint(path, kind="model")
+    try:
+        meta = load_checkpoint(path, kind="model")
+    except CheckpointError as e:
+        meta = _plain_state_dict_meta(path, flag, args, e)
     warn_if_untrained(meta, f"{flag} {path}")
     return meta
 
 
-def load_endpoint_model(path, flag: str) -> Tuple[nn.Module, dict]:
-    """``(model, metadata)`` of the model checkpoint at ``path`` (given as ``flag``), warned about like
+def load_endpoint_model(path, flag: str, args=None) -> Tuple[nn.Module, dict]:
+    """``(model, metadata)`` of the endpoint at ``path`` (given as ``flag``), read and warned about like
     :func:`load_endpoint`."""
     if _is_model_dir(path):
         from modeconn.hf.models import load_model_dir
 
         model, meta = load_model_dir(path)
-    else:
-        model, meta = load_model(path)
-    warn_if_untrained(meta, f"{flag} {path}")
-    return model, meta
+        warn_if_untrained(meta, f"{flag} {path}")
+        return model, meta
+    meta = load_endpoint(path, flag, args)
+    return model_from_meta(meta, f"{flag} {path}"), meta

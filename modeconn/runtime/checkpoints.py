@@ -410,12 +410,19 @@ def load_model(path: PathLike, map_location="cpu") -> Tuple[nn.Module, dict]:
         (True, 3)
     """
     meta = load_checkpoint(path, kind="model", map_location=map_location)
+    return model_from_meta(meta, str(path)), meta
+
+
+def model_from_meta(meta: Mapping, source: str) -> nn.Module:
+    """The architecture ``meta`` describes with its ``state_dict`` loaded; CheckpointError naming
+    ``source`` when the weights do not fit."""
     model = build_model(meta)
     try:
         model.load_state_dict(meta["state_dict"])
     except RuntimeError as e:
-        raise CheckpointError(f"{path}: weights do not fit architecture {meta['arch']!r}: {e}") from None
-    return model, meta
+        raise CheckpointError(f"{source}: weights do not fit architecture {meta['arch']!r} "
+                              f"{dict(meta.get('arch_kwargs') or {})}: {str(e).splitlines()[0]}") from None
+    return model
 
 
 def save_described(path: PathLike, kind: str, model: Any, meta: Mapping, **extra: Any) -> Path:
