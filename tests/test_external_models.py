@@ -92,3 +92,15 @@ def test_a_bad_model_spec_is_one_line_exit_2(spec, words, tmp_path, monkeypatch,
     assert err.startswith("error: ") and len(err.splitlines()) == 1, err
     assert all(w in err for w in words), err
     assert not (tmp_path / "m" / "model.pt").exists()
+
+
+def test_a_model_file_is_loaded_once_and_sys_modules_is_left_alone(tmp_path):
+    from modeconn.runtime.user_code import load_attribute
+
+    (tmp_path / "counted.py").write_text("CALLS = []\nCALLS.append(1)\n\ndef build(input_shape, num_classes):\n"
+                                         "    return __import__('torch').nn.Linear(64, num_classes)\n")
+    before = set(sys.modules)
+    first = load_attribute(f"{tmp_path / 'counted.py'}:build", "model")
+    second = load_attribute(f"{tmp_path / 'counted.py'}:build", "model")
+    assert first is second and first.__globals__["CALLS"] == [1]   # executed once, then reused
+    assert set(sys.modules) == before

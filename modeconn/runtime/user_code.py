@@ -8,11 +8,13 @@ from __future__ import annotations
 import hashlib
 import importlib
 import importlib.util
-import sys
 from pathlib import Path
-from typing import Any
+from types import ModuleType
+from typing import Any, Dict
 
 __all__ = ["absolute_file_spec", "load_attribute"]
+
+_FILE_MODULES: Dict[str, ModuleType] = {}  # resolved path -> the module loaded from it
 
 
 def absolute_file_spec(spec: str) -> str:
@@ -26,21 +28,23 @@ def absolute_file_spec(spec: str) -> str:
     return f"{Path(source).resolve()}:{attr}" if source.endswith(".py") else spec
 
 
-def _module_from_file(path: str, spec: str, what: str):
-    """The module loaded from the Python file ``path`` (cached in ``sys.modules`` under its path's digest)."""
+def _module_from_file(path: str, spec: str, what: str) -> ModuleType:
+    """The module loaded from the Python file ``path``, once per resolved path (kept in this module's own
+    cache, not in ``sys.modules``: the user's file is not made importable by a made-up name)."""
     file = Path(path)
     if not file.is_file():
         raise ValueError(f"{what} {spec!r}: no such file {file}")
-    key = "modeconn_user_" + hashlib.sha1(str(file.resolve()).encode()).hexdigest()[:16]
-    if key not in sys.modules:
-        loader_spec = importlib.util.spec_from_file_location(key, file)
+    key = str(file.resolve())
+    if key not in _FILE_MODULES:
+        name = "modeconn_user_" + hashlib.sha1(key.encode()).hexdigest()[:16]
+        loader_spec = importlib.util.spec_from_file_location(name, file)
         module = importlib.util.module_from_spec(loader_spec)
         try:
             loader_spec.loader.exec_module(module)
         except Exception as e:  # the user's file: any error it raises
             raise ValueError(f"{what} {spec!r}: loading {file} failed ({type(e).__name__}: {e})") from e
-        sys.modules[key] = module
-    return sys.modules[key]
+        _FILE_MODULES[key] = module
+    return _FILE_MODULES[key]
 
 
 def load_attribute(spec: str, what: str = "spec") -> Any:
