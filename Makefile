@@ -6,7 +6,7 @@ PY     := $(VENV)/bin/python
 # pyproject.toml keeps open ranges (torch>=2.3) for users elsewhere.
 TORCH_PINS ?= torch==2.14.1 torchvision==0.29.1
 
-.PHONY: demo test install bench mutate clean
+.PHONY: demo test install bench experiments mutate clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -38,7 +38,13 @@ mutate: $(VENV)/.installed-dev
 	env -u PYTHONPATH $(VENV)/bin/mutmut results
 
 bench: install
-	for f in experiments/bench_*.py; do echo "== $$f"; $(PY) $$f || exit 1; done
+	for f in benchmarks/[a-z]*.py; do echo "== $$f"; $(PY) $$f || exit 1; done
+
+# The papers' results on the CPU (experiments/README.md): every experiment's cpu preset, one after
+# another, each refreshing experiments/results/<name>.md and experiments/figures/<name>.png.
+EXPERIMENTS ?= curves alignment ensembles sharp_flat skip_connections spawning simplex
+experiments: install
+	for e in $(EXPERIMENTS); do echo "== experiments/$$e.py"; $(PY) experiments/$$e.py --publish || exit 1; done
 
 clean:
 	rm -rf runs build *.egg-info .pytest_cache mutants

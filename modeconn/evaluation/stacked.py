@@ -85,7 +85,7 @@ def vectorize_by_default(net: nn.Module, device: torch.device) -> bool:
     """Whether to vmap over points: yes on GPUs and for dense layers.
 
     On CPUs vmapped convolutions become grouped convolutions that run slower
-    than one point after another (measured in experiments/bench_eval_path.py),
+    than one point after another (measured in benchmarks/eval_path.py),
     so CPU + convolutions -> loop over points. A template on which vmap met
     an op without a batching rule (see :func:`batched_forward`) -> loop.
     """

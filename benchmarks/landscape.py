@@ -1,6 +1,6 @@
 """Benchmark: a 21x21 loss-landscape grid, modeconn.landscape vs Li et al.'s point-at-a-time loop.
 
-    .venv/bin/python experiments/bench_landscape.py [--grid 21] [--epochs 10] [--json out.json]
+    .venv/bin/python benchmarks/landscape.py [--grid 21] [--epochs 10] [--json out.json]
 
 Two networks on the digits dataset: the default MLP (no BN) and a BN CNN
 (``create_model("convnet", (1, 8, 8), 10, bn=True, width=16)``), both briefly

@@ -23,8 +23,8 @@ that spin between parallel regions otherwise steal the cores they wait for
 passive, at load average 5 on 2 cores). The load average is printed with
 the timings because they are noisy on a shared machine.
 
-    .venv/bin/python experiments/bench_align.py
-    .venv/bin/python experiments/bench_align.py --threads 1 --repeats 3
+    .venv/bin/python benchmarks/align.py
+    .venv/bin/python benchmarks/align.py --threads 1 --repeats 3
 """
 from __future__ import annotations
 

@@ -7,7 +7,7 @@ train, evaluate on test, accumulating with ``.item()`` per batch. Both run on
 the same 3-bend Bezier curve on digits, side by side in one run, and must give
 the same numbers.
 
-    python experiments/bench_eval_path.py [--points 61] [--only mlp cnn cnn_bn]
+    python benchmarks/eval_path.py [--points 61] [--only mlp cnn cnn_bn]
 """
 import argparse
 import time

@@ -13,8 +13,8 @@ ensemble. Model: digits ``convnet`` with BatchNorm (width 16). One torch thread
 by default: the machine is shared, and two threads on two busy cores make
 timings swing by 10x.
 
-    .venv/bin/python experiments/bench_fge.py
-    .venv/bin/python experiments/bench_fge.py --ckpt checkpoints/digits_cnn_a.pt --repeats 5
+    .venv/bin/python benchmarks/fge.py
+    .venv/bin/python benchmarks/fge.py --ckpt checkpoints/digits_cnn_a.pt --repeats 5
 """
 from __future__ import annotations
 

@@ -10,7 +10,7 @@ Peak memory: each (model, mode) runs once more in a fresh subprocess and
 reports the growth of its peak resident set size over the size after imports
 (CPU; both endpoints are built in both modes) or max allocated (CUDA).
 
-    python experiments/bench_curve_step.py [--reps 7] [--device cpu] [--only mlp]
+    python benchmarks/curve_step.py [--reps 7] [--device cpu] [--only mlp]
 """
 import argparse
 import json
@@ -85,10 +85,10 @@ def timed(step, device):
 
 def peak_memory(name, mode, device):
     """Run one config in a subprocess; return peak memory in MB."""
-    code = (f"import sys; sys.argv=['x']; import experiments.bench_curve_step as b; "
+    code = (f"import sys; sys.argv=['x']; import benchmarks.curve_step as b; "
             f"b.child({name!r}, {mode!r}, {str(device)!r})")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                         cwd=__file__.rsplit("/experiments/", 1)[0])
+                         cwd=__file__.rsplit("/benchmarks/", 1)[0])
     if out.returncode != 0:
         return float("nan")
     return json.loads(out.stdout.strip().splitlines()[-1])["peak_mb"]

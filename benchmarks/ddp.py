@@ -17,7 +17,7 @@ On a machine with 2 cores shared with other work the 2-rank numbers show
 what gloo costs and what it gains when each rank has a core; on GPUs
 (nccl) the same commands scale with the number of devices.
 
-    python experiments/bench_ddp.py [--epochs 3] [--big-batch 256 1024] [--points 16] [--only digits_mlp big_mlp eval]
+    python benchmarks/ddp.py [--epochs 3] [--big-batch 256 1024] [--points 16] [--only digits_mlp big_mlp eval]
 """
 import argparse
 import json
