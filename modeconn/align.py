@@ -61,6 +61,11 @@ def build_parser():
     g.add_argument("--restarts", type=at_least(1), default=1,
                    help="weight matching: also start from R-1 random permutations and keep the best objective "
                         "(coordinate descent can stop in a local optimum) (default: %(default)s)")
+    g.add_argument("--init", default="identity", choices=("identity", "sorted"),
+                   help="weight matching: start from B as given, or from units matched by their sorted weights "
+                        "(blind to the other layers' order; recovers a permuted copy where descent from B as "
+                        "given stops in a local optimum, e.g. timm models at their initialisation) "
+                        "(default: %(default)s)")
     g.add_argument("--rescale", action="store_true",
                    help="weight matching: first give every ReLU-like unit unit incoming norm in both models, "
                         "compensated in its outgoing weights (the function is unchanged; only where no "
@@ -127,7 +132,7 @@ def _align(args, ds, model_a, model_b, device):
     aligned_b, _, report = align_models(model_a, model_b, method=args.method,
                                   loader=ds.eval_loader("train", args.batch_size), seed=args.seed,
                                   max_iter=args.max_iter, device=device, rescale=args.rescale,
-                                  restarts=args.restarts if args.method == "weight" else 1)
+                                  restarts=args.restarts, init=args.init)
     align_seconds = time.perf_counter() - t0
     return aligned_b, report, align_seconds
 

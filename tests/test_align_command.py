@@ -150,6 +150,10 @@ def test_align_help_shows_an_example(capsys):
     (["--a", str(MLP_A), "--b", "nowhere.pt"], ["nowhere.pt", "no such checkpoint"]),
     (["--a", str(MLP_A), "--b", str(MLP_B), "--num-points", "1"], ["--num-points", "0 or at least 2"]),
     (["--a", str(MLP_A), "--b", str(MLP_B), "--eval-samples", "0"], ["--eval-samples"]),
+    (["--a", str(MLP_A), "--b", str(MLP_B), "--method", "activation", "--init", "sorted"],
+     ["init='sorted'", "options of weight matching", "method='activation'"]),
+    (["--a", str(MLP_A), "--b", str(MLP_B), "--method", "activation", "--restarts", "3"],
+     ["restarts=3", "options of weight matching"]),
 ])
 def test_align_command_bad_input_is_one_line_exit_2(argv, words, tmp_path, capsys):
     out = tmp_path / "x.pt"
@@ -190,3 +194,18 @@ def test_train_curve_align_records_and_uses_the_aligned_end(tmp_path, digits, ca
     buffers = dict(aligned.named_buffers())
     for n, v in curve.endpoint_buffers(1).items():                           # BN statistics moved with it
         assert torch.equal(v, buffers[n]), n
+
+
+def test_sorted_start_is_weight_matching_from_the_signature_permutation(tmp_path, mlp_pair):
+    """--init sorted: the aligned checkpoint is B under weight matching started from the sorted-weights match."""
+    from modeconn.alignment import infer_permutation_spec, weight_matching
+    out = tmp_path / "b.pt"
+    assert align_cmd.main(["--a", str(MLP_A), "--b", str(MLP_B), "--init", "sorted", "--num-points", "0",
+                           "--out", str(out), "--no-progress", "--device", "cpu"]) == 0
+    a, b = mlp_pair
+    spec = infer_permutation_spec(a, torch.randn(1, 64))
+    perm, info = weight_matching(a, b, spec, init="sorted")
+    expected = mc.apply_permutation(b, spec, perm)
+    assert _params_equal(mc.load_model(out)[0], expected)
+    assert json.loads(out.with_suffix(".json").read_text())["report"]["info"]["objectives"][-1] == \
+        pytest.approx(info.objectives[-1], rel=1e-9)

@@ -252,19 +252,20 @@ import sys  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from experiments.timm_coverage import build, check_permutation, permuted_share  # noqa: E402
+from benchmarks.timm_coverage import build, check_permutation, permuted_share  # noqa: E402
 
 # model -> least % of parameter elements whose channel axes are all permuted (measured, minus a margin;
-# resnet18/50 are in the table of experiments/timm_coverage.py, left out here for time);
+# resnet18/50 are in the table of benchmarks/timm_coverage.py, left out here for time);
 # MLP-Mixer's token-MLP rows stay fixed (a second permuted dimension)
 TIMM_MODELS = {
     "resnet10t": 99, "densenet121": 99, "efficientnet_b0": 99, "mobilenetv2_050": 99,
     "mobilenetv3_small_050": 99, "regnetx_002": 99, "convnext_atto": 99, "ghostnet_050": 99, "repvgg_a0": 99,
-    "poolformer_s12": 99, "mixer_s16_224": 95,
+    "poolformer_s12": 99, "mixer_s16_224": 95, "vit_tiny_patch16_224": 99, "deit_tiny_patch16_224": 99,
 }
-# from timm's initialisation (constant norm weights and layer scales, weights of std 0.02), weight matching's
-# coordinate descent stops in a local optimum on these; with N(0, 1/fan_in) weights it recovers the permutation
-TIMM_INIT_LOCAL_OPTIMUM = {"convnext_atto", "poolformer_s12", "mixer_s16_224"}
+# at timm's initialisation (constant norm weights and layer scales), coordinate descent from B as given stops
+# in a local optimum on these; the sorted-weights start recovers the permutation on every model
+IDENTITY_START_LOCAL_OPTIMUM = {"convnext_atto", "poolformer_s12", "mixer_s16_224", "vit_tiny_patch16_224",
+                                "deit_tiny_patch16_224"}
 
 
 @pytest.mark.parametrize("name", list(TIMM_MODELS))
@@ -272,8 +273,79 @@ def test_timm_model_is_permuted_safely(name):
     model, x = build(name, 32)
     spec = infer_permutation_spec(model, x[:1])
     assert 100 * permuted_share(model, spec) >= TIMM_MODELS[name], spec.reasons
-    if name in TIMM_INIT_LOCAL_OPTIMUM:  # the same architecture (and spec) with generic weights
-        model, x = build(name, 32, generic=True)
-    rel, exact = check_permutation(model, spec, x)
+    inits = ("sorted",) if name in IDENTITY_START_LOCAL_OPTIMUM else ("identity", "sorted")
+    rel, exact = check_permutation(model, spec, x, inits=inits)
     assert rel <= 1e-5
-    assert exact
+    assert all(exact.values()), exact
+
+
+class UnbindAttention(nn.Module):
+    """timm's attention block: fused qkv reshaped to (3, heads, dims), permuted and unbound; identity
+    q/k norms and output norm; a residual MLP around it."""
+
+    def __init__(self, dim=12, heads=3, wrong_order=False):
+        super().__init__()
+        self.heads, self.wrong_order = heads, wrong_order
+        self.embed, self.qkv, self.proj = nn.Linear(5, dim), nn.Linear(dim, 3 * dim), nn.Linear(dim, dim)
+        self.q_norm, self.k_norm, self.norm = nn.Identity(), nn.Identity(), nn.Identity()
+        self.head = nn.Linear(dim, 2)
+
+    def forward(self, x):
+        x = self.embed(x)
+        B, N, C = x.shape
+        if self.wrong_order:  # rows read as (3, dims, heads): not the head layout the rule assumes
+            qkv = self.qkv(x).reshape(B, N, 3, C // self.heads, self.heads).permute(2, 0, 4, 1, 3)
+        else:
+            qkv = self.qkv(x).reshape(B, N, 3, self.heads, C // self.heads).permute(2, 0, 3, 1, 4)
+        q, k, v = qkv.unbind(0)
+        y = F.scaled_dot_product_attention(self.q_norm(q), self.k_norm(k), v)
+        x = x + self.proj(self.norm(y.transpose(1, 2).reshape(B, N, C)))
+        return self.head(x.mean(1))
+
+
+def test_unbind_of_a_fused_projection_opens_the_heads_with_row_offsets():
+    torch.manual_seed(0)
+    model = UnbindAttention().double().eval()
+    x = torch.randn(2, 4, 5, dtype=torch.float64)
+    spec = infer_permutation_spec(model, x[:1])
+    heads = [g for k, g in spec.groups.items() if k.endswith(".heads") or k.endswith("heads")]
+    assert len(heads) == 1 and heads[0].size == 3
+    # q rows start at 0, k rows at C = 12, v rows at 2C = 24: each item's 3 heads of 4 dims
+    assert {(r.offset, r.inner) for r in heads[0].axes if r.name == "qkv.weight"} == {(0, 4), (12, 4), (24, 4)}
+    _same_function(model, spec, x)
+    # a head layout other than (heads, dims) changes the function under the heads group: never opened
+    wrong = UnbindAttention(wrong_order=True).double().eval()
+    spec = infer_permutation_spec(wrong, x[:1])
+    assert not any(r.name == "qkv.weight" and r.inner == 4 for g in spec.groups.values() for r in g.axes)
+    _same_function(wrong, spec, x)
+
+
+def test_sorted_start_recovers_what_descent_from_the_identity_cannot_see():
+    """Signatures (sorted slices) are blind to the other groups' order, so a permuted copy is matched
+    exactly from them; the objective reported as initial is B's as given, <A, B> summed by hand."""
+    torch.manual_seed(0)
+    a = nn.Sequential(nn.Linear(6, 16), nn.ReLU(), nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 3)).double()
+    spec = infer_permutation_spec(a, torch.randn(1, 6, dtype=torch.float64))
+    shuffle = spec.random_permutation(seed=3)
+    b = apply_permutation(a, spec, shuffle)
+    perm, info = weight_matching(a, b, spec, init="sorted")
+    assert all(torch.equal(perm[g], torch.argsort(shuffle[g])) for g in spec.groups)
+    sa, sb, covered = a.state_dict(), b.state_dict(), set(spec.covered())  # the head's bias is not matched
+    by_hand = sum(float((sa[n] * sb[n]).sum()) for n in covered)
+    assert "4.bias" not in covered and info.initial_objective == pytest.approx(by_hand, rel=1e-12)
+    assert info.objectives[-1] == pytest.approx(sum(float((sa[n] ** 2).sum()) for n in covered), rel=1e-12)
+    with pytest.raises(ValueError, match="init must be"):
+        weight_matching(a, b, spec, init="random")
+
+
+def test_signatures_do_not_see_other_groups_orders():
+    from modeconn.alignment.signatures import signatures
+    torch.manual_seed(0)
+    a = nn.Sequential(nn.Linear(6, 8), nn.ReLU(), nn.Linear(8, 5), nn.ReLU(), nn.Linear(5, 3)).double()
+    spec = infer_permutation_spec(a, torch.randn(1, 6, dtype=torch.float64))
+    sd = a.state_dict()
+    g0, g1 = list(spec.groups)
+    only_other = apply_permutation(sd, spec, {g1: torch.randperm(5)})
+    assert torch.equal(signatures(sd, spec, g0), signatures(only_other, spec, g0))  # g1's order is invisible
+    own = torch.randperm(8)
+    assert torch.equal(signatures(apply_permutation(sd, spec, {g0: own}), spec, g0), signatures(sd, spec, g0)[own])

@@ -137,7 +137,7 @@ def _resolve_spec(model_a, spec: Optional[PermutationSpec], example_input, loade
 
 
 def _weight_method(model_a, model_b, spec: PermutationSpec, seed: int, max_iter: int, rescale_input=None,
-                   restarts: int = 1):
+                   restarts: int = 1, init: str = "identity"):
     """Weight matching (on both models' canonical scale when ``rescale_input`` is a batch):
     ``(perm, info, similarity before, after, rescaled groups)``."""
     rescaled: List[str] = []
@@ -146,15 +146,25 @@ def _weight_method(model_a, model_b, spec: PermutationSpec, seed: int, max_iter:
             raise ValueError("rescale=True needs nn.Module models, not state dicts")
         model_a, _, rescaled = canonical_scale(model_a, spec, rescale_input)
         model_b, _, _ = canonical_scale(model_b, spec, groups=rescaled)
-    perm, info = weight_matching(model_a, model_b, spec, seed=seed, max_iter=max_iter, restarts=restarts)
+    perm, info = weight_matching(model_a, model_b, spec, seed=seed, max_iter=max_iter, restarts=restarts,
+                                 init=init)
     before = weight_similarity(model_a, model_b, spec, None)
     after = weight_similarity(model_a, model_b, spec, perm)
     return perm, info, before, after, rescaled
 
 
+def _check_options(method: str, rescale: bool, restarts: int, init: str) -> None:
+    """ValueError for an unknown method or a weight-matching option given to another method."""
+    if method not in METHODS or (rescale and method != "weight"):
+        raise ValueError(f"method must be one of {METHODS} (rescale=True: 'weight'), got {method!r}")
+    if method != "weight" and (restarts != 1 or init != "identity"):
+        raise ValueError(f"restarts={restarts} and init={init!r} are options of weight matching, not of "
+                         f"method={method!r}")
+
+
 def align_models(model_a, model_b, method: str = "weight", loader=None, spec: Optional[PermutationSpec] = None,
                  example_input=None, seed: int = 0, *, max_iter: int = 100, max_batches: Optional[int] = None,
-                 device=None, rescale: bool = False, restarts: int = 1):
+                 device=None, rescale: bool = False, restarts: int = 1, init: str = "identity"):
     """Permute the hidden units of ``model_b`` to line up with ``model_a``.
 
     Args:
@@ -165,7 +175,7 @@ def align_models(model_a, model_b, method: str = "weight", loader=None, spec: Op
         loader: batches (tensors or ``(x, y)``); needed by the activation method.
         spec: the permutable units; None infers it from ``model_a`` with
             ``example_input`` (default: the first batch of ``loader``).
-        seed, max_iter, restarts, max_batches, device: passed to the matching function.
+        seed, max_iter, restarts, init, max_batches, device: passed to the matching function.
         rescale: weight matching on both models' canonical neuron scale (:func:`~modeconn.alignment.rescale.
             canonical_scale`, checked on ``example_input`` or the first batch): a rescaled copy still matches.
 
@@ -186,8 +196,7 @@ def align_models(model_a, model_b, method: str = "weight", loader=None, spec: Op
         >>> all(torch.equal(p, q) for p, q in zip(aligned.parameters(), a.parameters()))
         True
     """
-    if method not in METHODS or (rescale and method != "weight"):
-        raise ValueError(f"method must be one of {METHODS} (rescale=True: 'weight'), got {method!r}")
+    _check_options(method, rescale, restarts, init)
     check_same_architecture(model_a, model_b)
     if method == "activation":
         if loader is None:
@@ -200,7 +209,7 @@ def align_models(model_a, model_b, method: str = "weight", loader=None, spec: Op
     rescaled: List[str] = []
     if method == "weight":
         x = None if not rescale else example_input if example_input is not None else _first_input(loader)
-        perm, info, before, after, rescaled = _weight_method(model_a, model_b, spec, seed, max_iter, x, restarts)
+        perm, info, before, after, rescaled = _weight_method(model_a, model_b, spec, seed, max_iter, x, restarts, init)
         metric = "cosine"
     else:
         perm, info = activation_matching(model_a, model_b, loader, spec, device=device,

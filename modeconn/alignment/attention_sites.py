@@ -104,6 +104,39 @@ def _split_offset(node: fx.Node, index: int) -> Optional[int]:
     return None
 
 
+def _unbind_source(node: fx.Node, index: int) -> Optional[Tuple[fx.Node, int]]:
+    """``(fused projection output, first row of item index)`` for ``unbind`` of a reshaped fused projection.
+
+    timm's attention: ``qkv(x).reshape(B, N, 3, H, d).permute(2, 0, 3, 1, 4).unbind(0)``. The unbound
+    dim, followed back through one ``permute``, must be a dim of a ``reshape``/``view`` that splits
+    the last dim of its input into it and the dims after it; item ``i`` then starts at row
+    ``i * prod(those later dims)``. None for anything else.
+    """
+    dim = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim", 0)
+    src = node.args[0]
+    if not isinstance(dim, int) or not isinstance(src, fx.Node):
+        return None
+    if _is(src, {torch.permute}, {"permute"}):
+        order = src.args[1] if len(src.args) == 2 and isinstance(src.args[1], (list, tuple)) else src.args[1:]
+        shape = tensor_shape(src)
+        if shape is None or len(order) != len(shape) or len(value_users(src)) != 1:
+            return None
+        dim, src = order[dim % len(shape)], src.args[0]
+    if not (_is(src, {torch.reshape}, {"reshape", "view"}) and isinstance(src.args[0], fx.Node)) \
+            or len(value_users(src)) != 1:
+        return None
+    shape, before = tensor_shape(src), tensor_shape(src.args[0])
+    if shape is None or before is None:
+        return None
+    dim %= len(shape)
+    rows = 1
+    for s in shape[dim + 1:]:
+        rows *= s
+    if rows * shape[dim] != before[-1] or list(shape[:dim]) != list(before[:-1]):
+        return None
+    return src.args[0], index * rows
+
+
 def _scaled_by_constant(node: fx.Node) -> bool:
     """``x * c`` or ``x / c`` with a plain number ``c``."""
     return _is(node, {operator.mul, operator.truediv, torch.mul, torch.div}, {"mul", "div"}) and \
@@ -126,7 +159,15 @@ def _projection(walk: WalkState, node: fx.Node) -> Optional[Projection]:
             offset += start
             node = node.args[0].args[0]
             continue
-        if not (_is(node, MOVE_FUNCTIONS, MOVE_METHODS) or _scaled_by_constant(node)):
+        if node.op == "call_function" and node.target is operator.getitem and isinstance(node.args[1], int) \
+                and isinstance(node.args[0], fx.Node) and _is(node.args[0], {torch.unbind}, {"unbind"}):
+            found = _unbind_source(node.args[0], node.args[1])
+            if found is None:
+                return None
+            node, offset = found[0], offset + found[1]
+            continue
+        if not (_is(node, MOVE_FUNCTIONS, MOVE_METHODS) or _scaled_by_constant(node)
+                or _module(walk, node, IDENTITY_MODULES)):
             return None
         node = node.args[0]
     return None
@@ -141,7 +182,8 @@ def _output_projection(walk: WalkState, node: fx.Node) -> Optional[fx.Node]:
         user = users[0]
         if _module(walk, user, nn.Linear) and user.args[0] is node:
             return user
-        if not (_is(user, MOVE_FUNCTIONS, MOVE_METHODS) and user.args[0] is node):
+        if not ((_is(user, MOVE_FUNCTIONS, MOVE_METHODS) or _module(walk, user, IDENTITY_MODULES))
+                and user.args[0] is node):
             return None
         node = user
 

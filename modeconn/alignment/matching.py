@@ -26,6 +26,7 @@ from torch import nn
 
 from modeconn.alignment.observe import ActivationRecorder, batch_inputs, unit_matrix
 from modeconn.alignment.permute import apply_permutation, permute_tensor, segment_rows
+from modeconn.alignment.signatures import signature_permutation
 from modeconn.alignment.spec import AxisRef, PermutationSpec, check_same_architecture, state_dict_of
 from modeconn.evaluation.model import eval_mode
 
@@ -263,7 +264,32 @@ def _descent(a, b, spec: PermutationSpec, seed: int, max_iter: int):
     return matcher.perms, WeightMatchingInfo(matcher.initial, history, sweeps, converged, seed, matcher.names)
 
 
-def weight_matching(a, b, spec: PermutationSpec, seed: int = 0, max_iter: int = 100, restarts: int = 1):
+def _best_descent(a, b, spec: PermutationSpec, seed: int, max_iter: int, restarts: int, init: str):
+    """The restarts of :func:`weight_matching`: the descent that reached the highest objective."""
+    best, finals, identity_objective, first = None, [], None, None
+    if init == "sorted":
+        names, A, B, _ = _prepare(a, b, spec)
+        identity_objective = math.fsum(float((A[n] * B[n]).sum()) for n in names)
+        first = signature_permutation(A, B, spec)
+    for r in range(restarts):
+        start = spec.random_permutation(seed + r) if r else first
+        b_r = b if start is None else apply_permutation(state_dict_of(b), spec, start)
+        perm, info = _descent(a, b_r, spec, seed + r, max_iter)
+        if start is not None:  # B shuffled by `start`, then by `perm`: unit i is B's start[perm[i]]
+            perm = {g: start[g][p] for g, p in perm.items()}
+        finals.append(info.objectives[-1] if info.objectives else info.initial_objective)
+        if identity_objective is None:  # the first descent started from B as given
+            identity_objective = info.initial_objective
+        if best is None or finals[-1] > finals[best[2]]:
+            best = (perm, info, r)
+    perm, info, r = best
+    info.initial_objective = identity_objective  # of B as given, whichever start won
+    info.restart_objectives, info.best_restart = finals, r
+    return perm, info
+
+
+def weight_matching(a, b, spec: PermutationSpec, seed: int = 0, max_iter: int = 100, restarts: int = 1,
+                    init: str = "identity"):
     """Git Re-Basin weight matching of ``b`` to ``a`` (modules or state dicts).
 
     Coordinate descent over groups, visited in a random order each sweep
@@ -288,7 +314,10 @@ def weight_matching(a, b, spec: PermutationSpec, seed: int = 0, max_iter: int = 
     it was last solved is not solved again.
 
     Descent can stop in a local optimum (e.g. at a zoo's initialisation): ``restarts = k > 1`` also
-    starts from ``spec.random_permutation(seed + r)``, r < k, and keeps the highest objective.
+    starts from ``spec.random_permutation(seed + r)``, 0 < r < k, and keeps the highest objective.
+    The first descent starts from the identity (``init="identity"``) or from the units matched by
+    their sorted weights (``init="sorted"``, :mod:`~modeconn.alignment.signatures`), which recovers
+    a permutation of A exactly where descent from the identity stops early.
 
     Returns ``(perm, WeightMatchingInfo)``.
 
@@ -307,21 +336,9 @@ def weight_matching(a, b, spec: PermutationSpec, seed: int = 0, max_iter: int = 
     for name, value in (("max_iter", max_iter), ("restarts", restarts)):
         if not isinstance(value, int) or isinstance(value, bool) or value < 1:
             raise ValueError(f"{name} must be a positive int, got {value!r}")
-    best, finals = None, []
-    for r in range(restarts):
-        start = spec.random_permutation(seed + r) if r else None
-        b_r = b if start is None else apply_permutation(state_dict_of(b), spec, start)
-        perm, info = _descent(a, b_r, spec, seed + r, max_iter)
-        if start is not None:  # B shuffled by `start`, then by `perm`: unit i is B's start[perm[i]]
-            perm = {g: start[g][p] for g, p in perm.items()}
-        finals.append(info.objectives[-1] if info.objectives else info.initial_objective)
-        identity_objective = info.initial_objective if r == 0 else identity_objective
-        if best is None or finals[-1] > finals[best[2]]:
-            best = (perm, info, r)
-    perm, info, r = best
-    info.initial_objective = identity_objective  # of B as given, whichever start won
-    info.restart_objectives, info.best_restart = finals, r
-    return perm, info
+    if init not in ("identity", "sorted"):
+        raise ValueError(f"init must be 'identity' or 'sorted', got {init!r}")
+    return _best_descent(a, b, spec, seed, max_iter, restarts, init)
 
 
 # ---------------------------------------------------------- activation matching
