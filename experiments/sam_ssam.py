@@ -36,7 +36,6 @@ from modeconn import get_dataset
 from modeconn.evaluation.model import evaluate
 from modeconn.geometry.hessian import hessian_eigenvalues, hessian_trace
 from modeconn.models import create_model
-from modeconn.plots._figure import save_png
 from modeconn.training.loop import train_model
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -111,7 +110,7 @@ def plot(table: dict, path: Path) -> None:
         ax.set_title(label)
         ax.tick_params(axis="x", labelrotation=20)
     fig.tight_layout()
-    save_png(fig, path, dpi=100)
+    fig.savefig(path, format="png", dpi=100)
 
 
 def main(argv=None) -> dict:
