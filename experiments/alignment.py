@@ -46,7 +46,7 @@ Presets:
   100 epochs, curves 100 epochs. For a GPU; NOT run here.
 
 Commands:
-    python experiments/alignment.py                     # the CPU run (~6-8 min on 2 cores)
+    python experiments/alignment.py                     # the CPU run (537 s measured on the loaded 2-core machine)
     python experiments/alignment.py --quick --out /tmp/alignment
     python experiments/alignment.py --preset paper --data-dir DIR
 ``--keep-models`` also writes every endpoint, aligned B and curve into OUT/models/.
