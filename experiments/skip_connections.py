@@ -21,17 +21,21 @@ own loss and every grid point, BN recomputed per point). Per model:
   per run) and the train loss on a ``grid`` x ``grid`` lattice over [-1, 1]^2 (``evaluate_grid``);
 * a plane-convexity share: the fraction of interior lattice points where the finite-difference 2-D
   Hessian of the loss in the plane passes Li et al.'s ratio test, smaller eigenvalue >= -0.1 x |larger|
-  (the surface is locally convex in the plotted plane; cheap, so on every lattice point);
+  (the surface is locally convex in the plotted plane; cheap, so on every lattice point), and the number
+  of local minima of the lattice (interior points below their 8 neighbours; 1 for a single basin) --
+  added after a first cpu run showed the convexity share near 0.5 for every network: far from the
+  minimum the loss flattens towards chance level, a concave rim around any basin;
 * λmax, λmin and |λmin/λmax| of the full Hessian (``modeconn.geometry.curvature_metrics``, Lanczos on
   ``hessian_samples`` training images, BN recomputed per point) at ``curvature_points`` of the plane --
   Li et al.'s Fig. 6 quantity. Curvature costs ~40 Hessian-vector products per point, so the cpu preset
-  takes the centre and the points (0.5, 0) and (0, 0.5) only; convexity measures: the mean ratio and the
-  share of points with ratio < ``ratio_threshold`` (0.1, fixed before the run).
+  takes the centre and the four points at distance 0.5 on the axes only; convexity measures: the mean
+  ratio and the share of points with ratio < ``ratio_threshold`` (0.1, fixed before the run).
 
 Presets:
   --quick        depth 8 with/without shortcuts, one seed, 1 epoch, 5x5 lattice, curvature at the
                  centre only (what the test runs)
-  --preset cpu   depths 8/20/32 x shortcut yes/no x 3 seeds, 6 epochs, 9x9 lattice, 3 curvature points
+  --preset cpu   depths 8/20/32 x shortcut yes/no x 3 seeds, 6 epochs, 13x13 lattice, 5 curvature points
+                 (about 8 minutes)
   --preset paper CIFAR-10 from --data-dir, PreResNet-20/56/110 with and without shortcuts, 300 epochs,
                  batch 128, lr 0.1, wd 5e-4, 51x51 lattice, curvature on a 7x7 sub-grid -- for a GPU,
                  not run here
@@ -62,7 +66,8 @@ from modeconn.geometry import curvature_metrics, evaluate_grid, flatten_paramete
 from modeconn.plots import plot_contours
 
 NAME = "skip_connections"
-NUMBERS = ("train_error", "test_error", "test_loss", "centre_loss", "plane_convex_share", "lambda_max_centre",
+NUMBERS = ("train_error", "test_error", "test_loss", "centre_loss", "plane_convex_share", "local_minima",
+           "lambda_max_centre",
            "ratio_centre", "ratio_mean", "ratio_max", "convex_share")
 
 
@@ -77,8 +82,9 @@ PRESETS = {
               "bn_samples": 256, "hessian_samples": 32, "grid": 5, "curvature_points": [[0.0, 0.0]],
               "hessian_tol": 1e-2, "ratio_threshold": 0.1},
     "cpu": {"dataset": "digits", "depths": [8, 20, 32], "seeds": [0, 1, 2], "epochs": 6, "batch": 64, "lr": 0.05,
-            "wd": 5e-4, "bn_samples": 512, "hessian_samples": 64, "grid": 9,
-            "curvature_points": [[0.0, 0.0], [0.5, 0.0], [0.0, 0.5]], "hessian_tol": 1e-2, "ratio_threshold": 0.1},
+            "wd": 5e-4, "bn_samples": 512, "hessian_samples": 64, "grid": 13,
+            "curvature_points": [[0.0, 0.0], [0.5, 0.0], [-0.5, 0.0], [0.0, 0.5], [0.0, -0.5]], "hessian_tol": 1e-2,
+            "ratio_threshold": 0.1},
     "paper": {"dataset": "cifar10", "depths": [20, 56, 110], "seeds": [0, 1, 2], "epochs": 300, "batch": 128,
               "lr": 0.1, "wd": 5e-4, "bn_samples": 10000, "hessian_samples": 1024, "grid": 51,
               "curvature_points": _square(-1.0, 1.0, 7), "hessian_tol": 1e-3, "ratio_threshold": 0.1},
@@ -130,6 +136,19 @@ def plane_convex_share(grid, threshold: float) -> float:
     return float(np.mean(mid - rad >= -threshold * np.abs(mid + rad)))
 
 
+def local_minima(grid) -> int:
+    """Interior lattice points whose loss is below all 8 neighbours': 1 for a single basin, more where the
+    surface is chaotic (Li et al.'s "many local minima")."""
+    z = np.asarray(grid.arrays["train_loss"], float)
+    centre = z[1:-1, 1:-1]
+    below = np.ones(centre.shape, bool)
+    for dy in (-1, 0, 1):
+        for dx in (-1, 0, 1):
+            if dy or dx:
+                below &= centre < z[1 + dy:z.shape[0] - 1 + dy, 1 + dx:z.shape[1] - 1 + dx]
+    return int(below.sum())
+
+
 def landscape(model, cfg: dict, seed: int, data: dict):
     """The filter-normalised plane, the loss lattice over it and the curvature at ``curvature_points``."""
     plane = random_plane(flatten_parameters(model), model, dims=2, norm="filter", seed=seed)
@@ -153,7 +172,7 @@ def run_one(ds, cfg: dict, depth: int, shortcut: bool, seed: int, data: dict, de
     row = {"depth": depth, "shortcut": shortcut, "seed": seed, "train_error": train_m["error"],
            "train_loss": train_m["loss"], "test_error": test_m["error"], "test_loss": test_m["loss"],
            "centre_loss": float(z[len(grid.ys) // 2, len(grid.xs) // 2]),
-           "plane_convex_share": plane_convex_share(grid, cfg["ratio_threshold"]),
+           "plane_convex_share": plane_convex_share(grid, cfg["ratio_threshold"]), "local_minima": local_minima(grid),
            "lambda_max_centre": float(curv["lambda_max"][centre]), "ratio_centre": float(ratio[centre]),
            "ratio_mean": float(np.mean(ratio)), "ratio_max": float(np.max(ratio)),
            "convex_share": float(np.mean(ratio < cfg["ratio_threshold"])),
@@ -176,21 +195,23 @@ def markdown(cfg: dict, summary: List[dict], seconds: float) -> str:
             f"{cfg['batch']}, lr {cfg['lr']}, wd {cfg['wd']}, cosine. Loss (train, first {cfg['bn_samples']} images, "
             f"BN recomputed per point) on a {cfg['grid']}x{cfg['grid']} lattice of a filter-normalised random plane "
             f"over [-1, 1]^2; plane-convex share = interior lattice points whose 2-D finite-difference Hessian has "
-            f"μ2 >= -{cfg['ratio_threshold']}·|μ1|. Hessian λmin/λmax ({cfg['hessian_samples']} images, Lanczos tol "
+            f"μ2 >= -{cfg['ratio_threshold']}·|μ1|; local minima = interior lattice points below their 8 neighbours. "
+            f"Hessian λmin/λmax ({cfg['hessian_samples']} images, Lanczos tol "
             f"{cfg['hessian_tol']}) at {pts}{more}; convex share = points with |λmin/λmax| < "
             f"{cfg['ratio_threshold']}. Mean ± std over seeds; {seconds:.0f} s.", ""]
-    body = table(["network", "test error %", "test loss", "plane-convex share", "λmax at centre",
+    body = table(["network", "test error %", "test loss", "plane-convex share", "local minima", "λmax at centre",
                   "|λmin/λmax| centre", "|λmin/λmax| mean", "|λmin/λmax| max", "convex share"],
                  [[label(r["depth"], r["shortcut"]), (100 * r["test_error"][0], 100 * r["test_error"][1])] +
-                  [r[k] for k in ("test_loss", "plane_convex_share", "lambda_max_centre", "ratio_centre",
-                                  "ratio_mean", "ratio_max", "convex_share")] for r in summary], digits=3)
+                  [r[k] for k in ("test_loss", "plane_convex_share", "local_minima", "lambda_max_centre",
+                                  "ratio_centre", "ratio_mean", "ratio_max", "convex_share")] for r in summary],
+                 digits=3)
     return "\n".join(head + [body, ""])
 
 
 def _contour(ax, grid, row: dict, cfg: dict, norm) -> None:
     """Log-level contour lines of one lattice's train loss, the curvature points labelled by |λmin/λmax|."""
     z = np.maximum(np.asarray(grid.arrays["train_loss"], float), norm.vmin)
-    levels = np.geomspace(norm.vmin, norm.vmax, 25)
+    levels = np.geomspace(norm.vmin, norm.vmax, 16)
     cs = ax.contour(grid.xs, grid.ys, z, levels=levels, norm=norm, cmap="viridis", linewidths=0.9)
     for (x, y), r in zip(cfg["curvature_points"], row["curvature"]["curvature_ratio"]):
         ax.plot([x], [y], "o", color="k" if r < cfg["ratio_threshold"] else "r", ms=4)

@@ -85,3 +85,14 @@ def test_table_matches_the_runs(run):
     md = (out / "results.md").read_text()
     for r in result["runs"]:
         assert f"| {sk.label(r['depth'], r['shortcut'])} | {100 * r['test_error']:.3f} ± 0.000 |" in md
+
+
+def test_local_minima_of_known_surfaces():
+    axis = np.linspace(-1, 1, 13)
+    X, Y = np.meshgrid(axis, axis)
+    bowl = GridResult(axis, axis, {"train_loss": X ** 2 + Y ** 2}, 13, 13, False, 13)
+    assert sk.local_minima(bowl) == 1
+    # an egg crate cos(2πx)cos(2πy) + 2 on [-1, 1]^2 at spacing 1/6: its minima at (±0.5, 0), (0, ±0.5)
+    crate = GridResult(axis, axis, {"train_loss": np.cos(2 * np.pi * X) * np.cos(2 * np.pi * Y) + 2}, 13, 13, False, 13)
+    assert sk.local_minima(crate) == 4
+    assert sk.local_minima(GridResult(axis, axis, {"train_loss": -(X ** 2) - Y ** 2}, 13, 13, False, 13)) == 0
