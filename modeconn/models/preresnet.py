@@ -13,6 +13,11 @@ Block type: ``block="auto"`` uses bottleneck blocks for depth >= 164 (depth 164:
 He et al. (Garipov's code switches to bottlenecks already at depth >= 44; pass
 ``block="bottleneck"`` to get that variant for 56 or 110).
 
+``shortcut=False`` removes every identity path (Li et al. 2018's "ResNet-noshort"
+of "Visualizing the Loss Landscape of Neural Nets"): each block returns its residual
+branch only. The 1x1 downsample convs are still built (unused) so that the state-dict
+keys do not depend on ``shortcut``.
+
 Differences from the reference: ``AdaptiveAvgPool2d(1)`` instead of ``AvgPool2d(8)``
 so any input size (8x8 .. 32x32) works, any number of input channels, and no
 in-place ops. Init as the reference: conv weights ~ N(0, 2 / (k*k*out_channels)),
@@ -26,7 +31,7 @@ from typing import Optional, Sequence
 import torch
 import torch.nn as nn
 
-from modeconn.models.registry import check_image_shape, register_model
+from modeconn.models.registry import check_bool, check_image_shape, register_model
 
 __all__ = ["PreResNet", "PreActBasicBlock", "PreActBottleneck", "preresnet"]
 
@@ -35,13 +40,23 @@ def conv3x3(in_planes: int, out_planes: int, stride: int = 1) -> nn.Conv2d:
     return nn.Conv2d(in_planes, out_planes, kernel_size=3, stride=stride, padding=1, bias=False)
 
 
+def _identity_path(block: nn.Module, x: torch.Tensor, pre: torch.Tensor) -> Optional[torch.Tensor]:
+    """What a block adds to its residual branch: ``x``, the downsampled pre-activation ``pre``, or None
+    without shortcuts (all decided at construction time, so fx traces one branch)."""
+    if not block.shortcut:
+        return None
+    return x if block.downsample is None else block.downsample(pre)
+
+
 class PreActBasicBlock(nn.Module):
-    """bn1 -> relu -> conv1 (3x3, stride) -> bn2 -> relu -> conv2 (3x3) ; + shortcut."""
+    """bn1 -> relu -> conv1 (3x3, stride) -> bn2 -> relu -> conv2 (3x3) ; + shortcut (if ``shortcut``)."""
 
     expansion = 1
 
-    def __init__(self, inplanes: int, planes: int, stride: int = 1, downsample: Optional[nn.Module] = None):
+    def __init__(self, inplanes: int, planes: int, stride: int = 1, downsample: Optional[nn.Module] = None,
+                 shortcut: bool = True):
         super().__init__()
+        self.shortcut = shortcut
         self.bn1 = nn.BatchNorm2d(inplanes)
         self.relu = nn.ReLU()
         self.conv1 = conv3x3(inplanes, planes, stride)
@@ -51,25 +66,23 @@ class PreActBasicBlock(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.relu(self.bn1(x))
-        if self.downsample is not None:  # decided at construction time
-            shortcut = self.downsample(out)
-        else:
-            shortcut = x
+        shortcut = _identity_path(self, x, out)
         out = self.conv1(out)
         out = self.relu(self.bn2(out))
         out = self.conv2(out)
-        out = out + shortcut
-        return out
+        return out if shortcut is None else out + shortcut
 
 
 class PreActBottleneck(nn.Module):
     """bn1 -> relu -> conv1 (1x1) -> bn2 -> relu -> conv2 (3x3, stride) -> bn3 -> relu
-    -> conv3 (1x1, x4 channels) ; + shortcut."""
+    -> conv3 (1x1, x4 channels) ; + shortcut (if ``shortcut``)."""
 
     expansion = 4
 
-    def __init__(self, inplanes: int, planes: int, stride: int = 1, downsample: Optional[nn.Module] = None):
+    def __init__(self, inplanes: int, planes: int, stride: int = 1, downsample: Optional[nn.Module] = None,
+                 shortcut: bool = True):
         super().__init__()
+        self.shortcut = shortcut
         self.bn1 = nn.BatchNorm2d(inplanes)
         self.relu = nn.ReLU()
         self.conv1 = nn.Conv2d(inplanes, planes, kernel_size=1, bias=False)
@@ -81,25 +94,24 @@ class PreActBottleneck(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.relu(self.bn1(x))
-        if self.downsample is not None:  # decided at construction time
-            shortcut = self.downsample(out)
-        else:
-            shortcut = x
+        shortcut = _identity_path(self, x, out)
         out = self.conv1(out)
         out = self.relu(self.bn2(out))
         out = self.conv2(out)
         out = self.relu(self.bn3(out))
         out = self.conv3(out)
-        out = out + shortcut
-        return out
+        return out if shortcut is None else out + shortcut
 
 
 class PreResNet(nn.Module):
     """Parameters: ``conv1.weight``, ``layer{1,2,3}.{i}.{bn1,conv1,bn2,conv2[,bn3,conv3]}.*``,
-    ``layer{s}.0.downsample.0.weight`` (1x1 shortcut), ``bn.weight/bias``, ``fc.weight/bias``."""
+    ``layer{s}.0.downsample.0.weight`` (1x1 shortcut), ``bn.weight/bias``, ``fc.weight/bias``.
+    ``shortcut=False``: no identity paths (the downsample convs exist, unused)."""
 
-    def __init__(self, input_shape: Sequence[int], num_classes: int, depth: int = 20, bottleneck: bool = False):
+    def __init__(self, input_shape: Sequence[int], num_classes: int, depth: int = 20, bottleneck: bool = False,
+                 shortcut: bool = True):
         super().__init__()
+        self.shortcut = shortcut
         block = PreActBottleneck if bottleneck else PreActBasicBlock
         per_block = 9 if bottleneck else 6
         n = (depth - 2) // per_block
@@ -130,10 +142,10 @@ class PreResNet(nn.Module):
             downsample = nn.Sequential(
                 nn.Conv2d(self.inplanes, planes * block.expansion, kernel_size=1, stride=stride, bias=False),
             )
-        layers = [block(self.inplanes, planes, stride, downsample)]
+        layers = [block(self.inplanes, planes, stride, downsample, shortcut=self.shortcut)]
         self.inplanes = planes * block.expansion
         for _ in range(1, blocks):
-            layers.append(block(self.inplanes, planes))
+            layers.append(block(self.inplanes, planes, shortcut=self.shortcut))
         return nn.Sequential(*layers)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -151,9 +163,13 @@ _BLOCKS = ("auto", "basic", "bottleneck")
 
 
 @register_model("preresnet")
-def preresnet(input_shape, num_classes, depth: int = 20, block: str = "auto") -> PreResNet:
-    """PreResNet-``depth``; depth 20, 56, 110 (basic blocks) or 164 (bottleneck blocks)."""
+def preresnet(input_shape, num_classes, depth: int = 20, block: str = "auto", shortcut: bool = True) -> PreResNet:
+    """PreResNet-``depth``; depth 20, 56, 110 (basic blocks) or 164 (bottleneck blocks).
+
+    ``shortcut=False``: the same network without identity paths (Li et al. 2018's "-noshort").
+    """
     input_shape = check_image_shape(input_shape, "preresnet")
+    shortcut = check_bool("shortcut", shortcut)
     if block not in _BLOCKS:
         raise ValueError(f"parameter 'block' must be one of {', '.join(map(repr, _BLOCKS))}; got {block!r}")
     allowed = ("parameter 'depth' must be 20, 56 or 110 (basic blocks, in general (depth - 2) % 6 == 0) "
@@ -166,4 +182,4 @@ def preresnet(input_shape, num_classes, depth: int = 20, block: str = "auto") ->
     per_block = 9 if block == "bottleneck" else 6
     if depth < 2 + per_block or (depth - 2) % per_block != 0:
         raise ValueError(f"{allowed}; got depth={depth!r} with {block} blocks")
-    return PreResNet(input_shape, num_classes, depth=depth, bottleneck=(block == "bottleneck"))
+    return PreResNet(input_shape, num_classes, depth=depth, bottleneck=(block == "bottleneck"), shortcut=shortcut)
