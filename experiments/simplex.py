@@ -167,10 +167,11 @@ def fge_snapshots(ds, run: dict, modes, seed: int, train_eval) -> List[torch.nn.
 
 
 def ensemble_row(method: str, members, test_eval, budget: float) -> dict:
-    """The whole ensemble's test accuracy, NLL and ECE, and its training budget in epochs."""
-    final = mc.evaluate_ensemble(members, test_eval).final
-    return {"method": method, "acc": final["acc"], "nll": final["nll"], "ece": final["ece"],
-            "members": final["members"], "budget_epochs": budget}
+    """The whole ensemble's test accuracy, NLL and ECE, its members' mean accuracy and NLL, its budget in epochs."""
+    res = mc.evaluate_ensemble(members, test_eval)
+    return {"method": method, **{k: res.final[k] for k in ("acc", "nll", "ece", "members")},
+            "member_acc": float(res.member_acc.mean()), "member_nll": float(res.member_nll.mean()),
+            "member_ece": float(res.member_ece.mean()), "budget_epochs": budget}
 
 
 def run_seed(ds, run: dict, cfg: dict, seed: int, keep: dict) -> tuple:
@@ -184,11 +185,11 @@ def run_seed(ds, run: dict, cfg: dict, seed: int, keep: dict) -> tuple:
     snaps = fge_snapshots(ds, run, modes, seed, loaders[0])
     # each mode with its BN statistics recomputed like every other point (copies: the modes stay as trained)
     fixed = [mc.recompute_bn(copy.deepcopy(m), loaders[0]) for m in modes]
-    single = mc.evaluate_ensemble(fixed, loaders[1])
-    ensembles = [{**tag, "method": "single mode (mean of 3)", "acc": float(single.member_acc.mean()),
-                  "nll": float(single.member_nll.mean()), "ece": float(single.member_ece.mean()), "members": 1,
-                  "budget_epochs": run["epochs"]},
-                 {**tag, **ensemble_row("deep ensemble (3 modes)", fixed, loaders[1], base)},
+    deep = ensemble_row("deep ensemble (3 modes)", fixed, loaders[1], base)
+    single = {"method": "single mode (mean of 3)", "acc": deep["member_acc"], "nll": deep["member_nll"],
+              "ece": deep["member_ece"], "members": 1, "budget_epochs": run["epochs"]}
+    single.update(member_acc=single["acc"], member_nll=single["nll"], member_ece=single["ece"])
+    ensembles = [{**tag, **single}, {**tag, **deep},
                  {**tag, **ensemble_row("FGE from the 3 modes", snaps, loaders[1], base + run["simplex_epochs"])}]
     for spec in cfg["complexes"]:
         cplx = fit_complex(ds, run, modes, spec, seed)
@@ -204,7 +205,7 @@ def run_seed(ds, run: dict, cfg: dict, seed: int, keep: dict) -> tuple:
 
 SURFACE_KEYS = ["modes_test_loss", "worst_test_loss", "barrier_test_loss", "worst_test_error", "barrier_test_error",
                 "worst_path_test_loss", "worst_path_barrier_test_loss", "worst_path_barrier_test_error"]
-ENSEMBLE_KEYS = ["acc", "nll", "ece"]
+ENSEMBLE_KEYS = ["acc", "nll", "ece", "member_acc", "member_nll"]
 
 
 def markdown(cfg: dict, surfaces: List[dict], ensembles: List[dict], seconds: float) -> str:
@@ -225,9 +226,10 @@ def markdown(cfg: dict, surfaces: List[dict], ensembles: List[dict], seconds: fl
                     [[r["run"], r["surface"], *(r[k] for k in SURFACE_KEYS)] for r in s]), ""]
     lines += ["## Ensembles at equal training budget (test set)", "",
               f"budget in epochs: modes {MODES} x E; complex and FGE S extra epochs each; the simplex ensemble has "
-              "as many members as FGE has snapshots.", ""]
+              "as many members as FGE has snapshots. The last two columns are the members alone (mean over members).", ""]
     e = summarize(ensembles, ["run", "method", "members", "budget_epochs"], ENSEMBLE_KEYS)
-    lines += [table(["model/dataset", "method", "members", "budget (epochs)", "accuracy", "NLL", "ECE"],
+    lines += [table(["model/dataset", "method", "members", "budget (epochs)", "accuracy", "NLL", "ECE",
+                     "members' mean accuracy", "members' mean NLL"],
                     [[r["run"], r["method"], r["members"], r["budget_epochs"], *(r[k] for k in ENSEMBLE_KEYS)]
                      for r in e]), ""]
     return "\n".join(lines)
@@ -242,8 +244,8 @@ def _bars(ax, rows: List[dict], by: str, key: str, width: float, title: str) -> 
         x = np.arange(len(names)) + (i - (len(runs) - 1) / 2) * width
         ax.bar(x, [v[0] for v in vals], width, yerr=[v[1] for v in vals], capsize=3, color=f"C{i}", label=run)
     ax.set_xticks(np.arange(len(names)))
-    short = [n.replace("simplex ensemble, complex", "simplex ens.").replace("FGE from the 3 modes", "FGE (3 modes)")
-             .replace(" (", "\n(") for n in names]
+    short = [n.replace("simplex ensemble, complex", "simplex ens.\n").replace("FGE from the 3 modes", "FGE (3 modes)")
+             .replace(" (", "\n(").replace("\n ", "\n") for n in names]
     ax.set_xticklabels(short, fontsize=7)
     ax.set_title(title, fontsize=10)
 

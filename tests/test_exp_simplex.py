@@ -32,6 +32,7 @@ def test_quick_run_files_and_tables(tmp_path):
         rows = {r["method"]: r for r in saved["ensembles"] if r["seed"] == seed}
         fge, single, deep = rows["FGE from the 3 modes"], rows["single mode (mean of 3)"], rows["deep ensemble (3 modes)"]
         assert deep["nll"] <= single["nll"] + 1e-12  # -log of a mean probability <= mean of -logs (Jensen)
+        assert all(r["nll"] <= r["member_nll"] + 1e-12 for r in rows.values())
         for name, r in rows.items():  # equal budget and equal size: every simplex ensemble against FGE
             if name.startswith("simplex ensemble"):
                 assert (r["members"], r["budget_epochs"]) == (fge["members"], fge["budget_epochs"])
