@@ -226,7 +226,8 @@ def markdown(cfg: dict, surfaces: List[dict], ensembles: List[dict], seconds: fl
                     [[r["run"], r["surface"], *(r[k] for k in SURFACE_KEYS)] for r in s]), ""]
     lines += ["## Ensembles at equal training budget (test set)", "",
               f"budget in epochs: modes {MODES} x E; complex and FGE S extra epochs each; the simplex ensemble has "
-              "as many members as FGE has snapshots. The last two columns are the members alone (mean over members).", ""]
+              "as many members as FGE has snapshots. The last two columns: the members alone (mean over members).",
+              ""]
     e = summarize(ensembles, ["run", "method", "members", "budget_epochs"], ENSEMBLE_KEYS)
     lines += [table(["model/dataset", "method", "members", "budget (epochs)", "accuracy", "NLL", "ECE",
                      "members' mean accuracy", "members' mean NLL"],
