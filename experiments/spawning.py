@@ -61,7 +61,7 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence
+from typing import List, Optional, Sequence
 
 if __package__ in (None, ""):  # run as a file: make the repository's `experiments` importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
