@@ -101,12 +101,16 @@ PRESETS = {
 }
 
 
-def load_dataset(name: str, data_dir):
-    """The dataset by name; a missing torchvision set ends the run with one clear line."""
-    try:
-        return mc.get_dataset(name, data_dir=data_dir or "data")
-    except FileNotFoundError as e:
-        raise SystemExit(f"experiments/{NAME}.py: {e}") from None
+def load_datasets(cells: List[dict], data_dir, script: str = NAME) -> Dict[str, object]:
+    """Every cell's dataset by name, all loaded before any training: a missing torchvision set ends the run
+    at once with one clear line naming ``experiments/<script>.py``."""
+    datasets = {}
+    for name in dict.fromkeys(c["dataset"] for c in cells):
+        try:
+            datasets[name] = mc.get_dataset(name, data_dir=data_dir or "data")
+        except FileNotFoundError as e:
+            raise SystemExit(f"experiments/{script}.py: {e}") from None
+    return datasets
 
 
 def runtime() -> mc.Runtime:
@@ -232,9 +236,7 @@ def main(argv=None) -> dict:
     """Train the endpoints, fit and evaluate the paths, write results.json / results.md / curves.png."""
     args, cfg = parse(NAME, __doc__, PRESETS, argv)
     clock, rt = Clock(), runtime()
-    datasets: Dict[str, object] = {}
-    for c in cfg["cells"]:  # every dataset first: a missing one fails before any training
-        datasets.setdefault(c["dataset"], load_dataset(c["dataset"], args.data_dir))
+    datasets = load_datasets(cfg["cells"], args.data_dir)
     rows = []
     for c in cfg["cells"]:
         for pair in cfg["seeds"]:

@@ -71,7 +71,7 @@ from pathlib import Path
 if __package__ in (None, ""):  # run as a file: make the repository's `experiments` importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from typing import Dict, List, Tuple
+from typing import List, Tuple
 
 import numpy as np
 import torch
@@ -79,6 +79,7 @@ from matplotlib.figure import Figure
 
 import modeconn as mc
 from experiments.common import Clock, parse, pm, summarize, table, write_results
+from experiments.curves import load_datasets, runtime  # the same data loading and device
 
 NAME = "ensembles"
 METHODS = ("independent", "fge", "curve", "simplex")
@@ -105,14 +106,6 @@ PRESETS = {
               "cells": [cell("cifar100", "vgg16", {}, 200, 40, lr=0.05, wd=5e-4, batch=128, fge_cycle=2,
                              lr_max=1e-2, lr_min=5e-4)]},
 }
-
-
-def load_dataset(name: str, data_dir):
-    """The dataset by name; a missing torchvision set ends the run with one clear line."""
-    try:
-        return mc.get_dataset(name, data_dir=data_dir or "data")
-    except FileNotFoundError as e:
-        raise SystemExit(f"experiments/{NAME}.py: {e}") from None
 
 
 def train_member(ds, c: dict, seed: int, rt: mc.Runtime = None) -> Tuple[torch.nn.Module, dict]:
@@ -256,11 +249,8 @@ def figure(rows: List[dict], cfg: dict) -> Figure:
 def main(argv=None) -> dict:
     """Train the networks, build the four kinds of ensembles, write results.json / results.md / ensembles.png."""
     args, cfg = parse(NAME, __doc__, PRESETS, argv)
-    clock = Clock()
-    rt = mc.Runtime(device="cuda" if torch.cuda.is_available() else "cpu")
-    datasets: Dict[str, object] = {}
-    for c in cfg["cells"]:  # every dataset first: a missing one fails before any training
-        datasets.setdefault(c["dataset"], load_dataset(c["dataset"], args.data_dir))
+    clock, rt = Clock(), runtime()
+    datasets = load_datasets(cfg["cells"], args.data_dir, NAME)
     rows = []
     for c in cfg["cells"]:
         for seed in cfg["seeds"]:

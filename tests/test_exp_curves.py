@@ -12,27 +12,15 @@ from modeconn.evaluation.model import evaluate
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-@pytest.fixture(scope="module")
-def run(tmp_path_factory):
-    """One --quick run shared by the tests of this module (one intra-op thread, as the others)."""
-    from experiments import curves
-
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        out = tmp_path_factory.mktemp("curves")
-        result = curves.main(["--quick", "--out", str(out)])
-    finally:
-        torch.set_num_threads(threads)
-    return curves, out, result
+EXPERIMENT = "curves"  # what the conftest fixture quick_run runs
 
 
 def _rows(result, model, path=None):
     return [r for r in result["runs"] if r["model"] == model and (path is None or r["path"] == path)]
 
 
-def test_files_and_tables(run):
-    curves, out, result = run
+def test_files_and_tables(quick_run):
+    curves, out, result = quick_run
     assert (out / "curves.png").read_bytes()[:4] == b"\x89PNG"
     stored = json.loads((out / "results.json").read_text())
     cfg = curves.PRESETS["quick"]
@@ -42,9 +30,9 @@ def test_files_and_tables(run):
     assert md.count("| digits | convnet_bn | bezier5 |") == 2  # one row in each of the two tables
 
 
-def test_every_path_starts_at_a_and_ends_at_b(run):
+def test_every_path_starts_at_a_and_ends_at_b(quick_run):
     """t=0 and t=1 of every path are the endpoints, evaluated here by ``evaluate`` (BN statistics recomputed)."""
-    curves, _, result = run
+    curves, _, result = quick_run
     ds = mc.get_dataset("digits")
     train, test = ds.eval_loader("train", 512), ds.eval_loader("test", 512)
     for c in curves.PRESETS["quick"]["cells"]:
@@ -57,9 +45,9 @@ def test_every_path_starts_at_a_and_ends_at_b(run):
                     assert row["curves"]["test_error"][index] == pytest.approx(ref["error"], abs=1e-9)
 
 
-def test_barriers_and_summaries_follow_from_the_stored_curves(run):
+def test_barriers_and_summaries_follow_from_the_stored_curves(quick_run):
     """Barrier = max_t (M(t) - chord), min/mean/max over t: recomputed by hand from the arrays."""
-    _, _, result = run
+    _, _, result = quick_run
     for row in result["runs"]:
         ts = np.asarray(row["curves"]["ts"])
         for m in ("train_loss", "test_loss", "train_error", "test_error"):
@@ -73,9 +61,9 @@ def test_barriers_and_summaries_follow_from_the_stored_curves(run):
         assert np.all(np.asarray(row["curves"]["train_reg_loss"]) >= np.asarray(row["curves"]["train_loss"]))
 
 
-def test_arc_lengths(run):
+def test_arc_lengths(quick_run):
     """The line's length is ||θ_A - θ_B|| (by hand, float64); no path between A and B is shorter."""
-    curves, _, result = run
+    curves, _, result = quick_run
     ds = mc.get_dataset("digits")
     c = curves.PRESETS["quick"]["cells"][0]
     a, b = curves.train_endpoint(ds, c, 0), curves.train_endpoint(ds, c, 1)
@@ -87,10 +75,10 @@ def test_arc_lengths(run):
         assert row["arc_ratio"] >= 1 - 1e-9
 
 
-def test_degenerate_paths(run):
+def test_degenerate_paths(quick_run):
     """A line from a network to itself has no barrier and no length; an unfitted PolyChain(3), whose bend
     sits on the midpoint, is the line."""
-    curves, _, _ = run
+    curves, _, _ = quick_run
     ds = mc.get_dataset("digits")
     c = curves.PRESETS["quick"]["cells"][1]  # convnet_bn: BN recomputed at every point
     a, b = curves.train_endpoint(ds, c, 0), curves.train_endpoint(ds, c, 1)
@@ -105,9 +93,9 @@ def test_degenerate_paths(run):
     assert chain["arc_length"] == pytest.approx(line["arc_length"], rel=1e-6)
 
 
-def test_markdown_means_match_the_runs(run):
+def test_markdown_means_match_the_runs(quick_run):
     """Every mean ± std in results.md is the mean and population std over the pairs in results.json."""
-    curves, out, result = run
+    curves, out, result = quick_run
     md = (out / "results.md").read_text()
     for c in curves.PRESETS["quick"]["cells"]:
         for kind, _, _ in curves.PATHS:

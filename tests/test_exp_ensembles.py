@@ -14,27 +14,15 @@ from modeconn.evaluation.model import evaluate
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-@pytest.fixture(scope="module")
-def run(tmp_path_factory):
-    """One --quick run shared by the tests of this module (one intra-op thread, as the others)."""
-    from experiments import ensembles
-
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        out = tmp_path_factory.mktemp("ensembles")
-        result = ensembles.main(["--quick", "--out", str(out)])
-    finally:
-        torch.set_num_threads(threads)
-    return ensembles, out, result
+EXPERIMENT = "ensembles"  # what the conftest fixture quick_run runs
 
 
 def _row(result, method, members, seed=0):
     return next(r for r in result["runs"] if (r["method"], r["members"], r["seed"]) == (method, members, seed))
 
 
-def test_files(run):
-    _, out, result = run
+def test_files(quick_run):
+    _, out, result = quick_run
     assert (out / "ensembles.png").read_bytes()[:4] == b"\x89PNG"
     assert json.loads((out / "results.json").read_text())["runs"] == json.loads(json.dumps(result["runs"]))
     assert "| method | members | budget (B) | test accuracy % | test NLL | ECE % |" in (out / "results.md").read_text()
@@ -53,9 +41,9 @@ def test_ece_of_perfect_and_of_constant_predictors():
     assert const.nll[-1] == pytest.approx(-(math.log(0.7) + math.log(0.2)) / 2, rel=1e-6)
 
 
-def test_one_member_is_the_network_evaluated_alone(run):
+def test_one_member_is_the_network_evaluated_alone(quick_run):
     """The independent ensemble of one member is network 0, retrained here and evaluated by ``evaluate``."""
-    ensembles, _, result = run
+    ensembles, _, result = quick_run
     c = ensembles.PRESETS["quick"]["cells"][0]
     ds = mc.get_dataset(c["dataset"])
     for seed in (0, 1):
@@ -67,10 +55,10 @@ def test_one_member_is_the_network_evaluated_alone(run):
         assert sorted(start) == sorted(net.state_dict())  # FGE's start: a whole state of the network
 
 
-def test_curve_and_simplex_begin_with_the_two_independent_networks(run):
+def test_curve_and_simplex_begin_with_the_two_independent_networks(quick_run):
     """t = 0 and 1 of the curve, and the complex's two modes, are networks 0 and 1: their 2-member ensembles
     equal the independent one's, to the last digit."""
-    _, _, result = run
+    _, _, result = quick_run
     for seed in (0, 1):
         ind = _row(result, "independent", 2, seed)
         for method in ("curve", "simplex"):
@@ -79,10 +67,10 @@ def test_curve_and_simplex_begin_with_the_two_independent_networks(run):
             assert row["nll"] == pytest.approx(ind["nll"], rel=1e-12)
 
 
-def test_budgets(run):
+def test_budgets(quick_run):
     """FGE: fge_epochs / fge_cycle snapshots per run, a run costs one budget; the curve's third member pays for
     the fit (2B + curve epochs)."""
-    ensembles, _, result = run
+    ensembles, _, result = quick_run
     cfg = ensembles.PRESETS["quick"]
     c, K = cfg["cells"][0], cfg["independent"]
     per_run = c["fge_epochs"] // c["fge_cycle"]
@@ -95,9 +83,9 @@ def test_budgets(run):
     assert _row(result, "curve", 3)["budget_epochs"] == 2 * c["epochs"] + c["curve_epochs"]
 
 
-def test_markdown_means_match_the_runs(run):
+def test_markdown_means_match_the_runs(quick_run):
     """Every accuracy / NLL in results.md is the mean and population std over the seeds in results.json."""
-    ensembles, out, result = run
+    ensembles, out, result = quick_run
     md = (out / "results.md").read_text().splitlines()
     c = ensembles.PRESETS["quick"]["cells"][0]
     for method, members in (("independent", 2), ("fge", c["fge_epochs"] // c["fge_cycle"]),
