@@ -125,14 +125,13 @@ def train_member(ds, c: dict, seed: int, rt: mc.Runtime = None) -> Tuple[torch.n
     return model.eval(), kept
 
 
-def fge_snapshots(ds, c: dict, start: dict, seed: int, bn, rt: mc.Runtime) -> list:
-    """The snapshots of one FGE run from the weights ``start`` (``fge_epochs / fge_cycle`` of them)."""
+def fge_snapshots(ds, c: dict, start: dict, seed: int, bn, rt: mc.Runtime) -> mc.FGEResult:
+    """One FGE run from the weights ``start``: ``fge_epochs / fge_cycle`` snapshots (``.models()``)."""
     model = mc.create_model(c["model"], ds.input_shape, ds.num_classes, **c["kwargs"])
     model.load_state_dict(start)
-    res = mc.train_fge(model, ds.train_loader(c["batch"], seed=seed), cycles=c["fge_epochs"] // c["fge_cycle"],
-                       cycle_epochs=c["fge_cycle"], lr_max=c["lr_max"], lr_min=c["lr_min"], weight_decay=c["wd"],
-                       seed=seed, bn_loader=bn, runtime=rt)
-    return res.models()
+    return mc.train_fge(model, ds.train_loader(c["batch"], seed=seed), cycles=c["fge_epochs"] // c["fge_cycle"],
+                        cycle_epochs=c["fge_cycle"], lr_max=c["lr_max"], lr_min=c["lr_min"], weight_decay=c["wd"],
+                        seed=seed, bn_loader=bn, runtime=rt)
 
 
 def curve_members(ds, c: dict, a, b, seed: int, n: int, bn, rt: mc.Runtime) -> list:
@@ -159,8 +158,24 @@ def ensemble_rows(name: str, members: list, test, budgets: List[float], base: di
              "ece": float(res.ece[k])} for k in range(len(members))]
 
 
-def run_seed(ds, c: dict, seed: int, K: int, rt: mc.Runtime) -> List[dict]:
-    """Every method of one seed: rows of (method, members, budget, acc, NLL, ECE)."""
+def distance(a: torch.nn.Module, b: torch.nn.Module) -> float:
+    """||θ_a - θ_b||, all parameters flat, in float64."""
+    with torch.no_grad():
+        return float(sum(((p.double() - q.double()) ** 2).sum() for p, q in zip(a.parameters(), b.parameters()))
+                     ** 0.5)
+
+
+def diversity(nets: list, runs: List[mc.FGEResult]) -> dict:
+    """How far apart the members lie: FGE snapshots from their start and from the previous snapshot, and two
+    independent networks."""
+    models = [r.models() for r in runs]
+    return {"fge_from_start": float(np.mean([d for r in runs for d in r.distances])),
+            "fge_consecutive": float(np.mean([distance(m[i], m[i + 1]) for m in models for i in range(len(m) - 1)])),
+            "independent": distance(nets[0], nets[1])}
+
+
+def run_seed(ds, c: dict, seed: int, K: int, rt: mc.Runtime) -> Tuple[List[dict], dict]:
+    """Every method of one seed: rows of (method, members, budget, acc, NLL, ECE), and :func:`diversity`."""
     E, F, cyc = c["epochs"], c["fge_epochs"], c["fge_cycle"]
     if not 0 < F < E or F % cyc:
         raise ValueError(f"fge_epochs={F} must lie in (0, epochs={E}) and be a multiple of fge_cycle={cyc}")
@@ -170,7 +185,8 @@ def run_seed(ds, c: dict, seed: int, K: int, rt: mc.Runtime) -> List[dict]:
     nets = [mc.recompute_bn(n, bn).eval() for n in nets]  # exact statistics, like every other member
     rows = ensemble_rows("independent", nets, test, [E * (k + 1) for k in range(K)], base)
     per_run = F // cyc
-    snaps = [s for j in range(K) for s in fge_snapshots(ds, c, starts[j], 10 * seed + j, bn, rt)]
+    runs = [fge_snapshots(ds, c, starts[j], 10 * seed + j, bn, rt) for j in range(K)]
+    snaps = [s for r in runs for s in r.models()]
     # snapshot i of run r is paid for by r full runs, the run's pre-training and i cycles
     fge_budget = [E * (i // per_run) + (E - F) + cyc * (i % per_run + 1) for i in range(len(snaps))]
     rows += ensemble_rows("fge", snaps, test, fge_budget, base)
@@ -180,7 +196,7 @@ def run_seed(ds, c: dict, seed: int, K: int, rt: mc.Runtime) -> List[dict]:
                           [E, 2 * E] + [2 * E + c["curve_epochs"]] * (n - 2), base)
     rows += ensemble_rows("simplex", simplex_members(ds, c, nets[0], nets[1], seed, n, bn, rt), test,
                           [E, 2 * E] + [2 * E + c["simplex_epochs"]] * (n - 2), base)
-    return rows
+    return rows, {**base, **diversity(nets, runs)}
 
 
 def headline(rows: List[dict], c: dict, K: int) -> List[dict]:
@@ -192,8 +208,8 @@ def headline(rows: List[dict], c: dict, K: int) -> List[dict]:
             and (r["method"], r["members"]) in keep]
 
 
-def markdown(rows: List[dict], cfg: dict, seconds: float) -> str:
-    """results.md: per cell, the equal-budget table (mean ± std over seeds)."""
+def markdown(rows: List[dict], spread: List[dict], cfg: dict, seconds: float) -> str:
+    """results.md: per cell, the equal-budget table, then how far apart members lie (mean ± std over seeds)."""
     out = ["# Ensembles at an equal training budget: independent vs FGE vs curve vs simplex", "",
            f"Preset `{cfg['preset']}`, seeds {cfg['seeds']}, K = {cfg['independent']} independent networks per "
            f"seed; test set; mean ± std over seeds; ECE with 15 bins; {seconds:.0f} s. Budget B = the epochs of "
@@ -212,6 +228,12 @@ def markdown(rows: List[dict], cfg: dict, seconds: float) -> str:
                       [[r["method"], r["members"], pm(r["budget"][0], 2),
                         pm((100 * r["acc"][0], 100 * r["acc"][1]), 2), pm(r["nll"], 4),
                         pm((100 * r["ece"][0], 100 * r["ece"][1]), 2)] for r in summary]), ""]
+    keys = ("fge_from_start", "fge_consecutive", "independent")
+    out += ["## How far apart the members lie (L2 distance in weight space)", "",
+            table(["dataset", "model", "FGE snapshot - its start", "FGE snapshot - previous snapshot",
+                   "independent network 0 - 1"],
+                  [[r["dataset"], r["model"]] + [pm(r[k], 3) for k in keys]
+                   for r in summarize(spread, ("dataset", "model"), keys)]), ""]
     return "\n".join(out)
 
 
@@ -251,15 +273,17 @@ def main(argv=None) -> dict:
     args, cfg = parse(NAME, __doc__, PRESETS, argv)
     clock, rt = Clock(), runtime()
     datasets = load_datasets(cfg["cells"], args.data_dir, NAME)
-    rows = []
+    rows, spread = [], []
     for c in cfg["cells"]:
         for seed in cfg["seeds"]:
-            rows += run_seed(datasets[c["dataset"]], c, seed, cfg["independent"], rt)
+            new, far = run_seed(datasets[c["dataset"]], c, seed, cfg["independent"], rt)
+            rows += new
+            spread.append(far)
             last = {r["method"]: r for r in rows if r["seed"] == seed and r["model"] == c["model"]}
             print(f"{c['dataset']} {c['model']} seed {seed}: test accuracy " + ", ".join(
                 f"{m} ({r['members']}) {100 * r['acc']:.2f}%" for m, r in last.items()) + f"  ({clock})", flush=True)
-    result = {"config": cfg, "seconds": clock.seconds, "runs": rows}
-    text = markdown(rows, cfg, clock.seconds)
+    result = {"config": cfg, "seconds": clock.seconds, "runs": rows, "distances": spread}
+    text = markdown(rows, spread, cfg, clock.seconds)
     out = write_results(args, NAME, result, text, {NAME: figure(rows, cfg)})
     print(text)
     print(f"wrote {out / 'results.json'}, {out / 'results.md'}, {out / (NAME + '.png')}")

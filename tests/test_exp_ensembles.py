@@ -55,6 +55,19 @@ def test_one_member_is_the_network_evaluated_alone(quick_run):
         assert sorted(start) == sorted(net.state_dict())  # FGE's start: a whole state of the network
 
 
+def test_distances(quick_run):
+    """The distance between independent networks 0 and 1 is ||θ_0 - θ_1|| of the networks retrained here."""
+    ensembles, _, result = quick_run
+    c = ensembles.PRESETS["quick"]["cells"][0]
+    ds = mc.get_dataset(c["dataset"])
+    a, b = (ensembles.train_member(ds, c, j)[0] for j in (0, 1))
+    with torch.no_grad():
+        flat = [torch.cat([p.double().flatten() for p in n.parameters()]) for n in (a, b)]
+    far = next(d for d in result["distances"] if d["seed"] == 0)
+    assert far["independent"] == pytest.approx(float((flat[0] - flat[1]).norm()), rel=1e-9)
+    assert far["fge_from_start"] > 0 and far["fge_consecutive"] > 0
+
+
 def test_curve_and_simplex_begin_with_the_two_independent_networks(quick_run):
     """t = 0 and 1 of the curve, and the complex's two modes, are networks 0 and 1: their 2-member ensembles
     equal the independent one's, to the last digit."""
