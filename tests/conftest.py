@@ -69,3 +69,20 @@ def interrupt_after_epoch(monkeypatch):
             monkeypatch.setattr(TrainingRun, "epoch_saver", real)
 
     return Switch()
+
+
+@pytest.fixture(scope="module")
+def quick_run(request, tmp_path_factory):
+    """``(module, out, result)`` of ``experiments/<EXPERIMENT>.py --quick --out OUT``, ``EXPERIMENT`` being a
+    global of the test module: run once per test module, with one intra-op thread."""
+    import importlib
+
+    name = request.module.EXPERIMENT
+    module = importlib.import_module(f"experiments.{name}")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        out = tmp_path_factory.mktemp(name)
+        return module, out, module.main(["--quick", "--out", str(out)])
+    finally:
+        torch.set_num_threads(threads)
