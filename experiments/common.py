@@ -26,7 +26,10 @@ from pathlib import Path
 from typing import Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
+import torch
 from matplotlib.figure import Figure
+
+import modeconn as mc
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
@@ -130,6 +133,23 @@ def write_results(args: argparse.Namespace, name: str, result: dict, markdown: s
             (HERE / "figures").mkdir(exist_ok=True)
             shutil.copyfile(main, HERE / "figures" / f"{name}.png")
     return out
+
+
+def load_datasets(cells: Sequence[Mapping], data_dir, script: str) -> Dict[str, object]:
+    """Every cell's ``"dataset"`` by name, all loaded before any training: a missing torchvision set ends
+    the run at once with one line naming ``experiments/<script>.py``."""
+    datasets = {}
+    for name in dict.fromkeys(c["dataset"] for c in cells):
+        try:
+            datasets[name] = mc.get_dataset(name, data_dir=data_dir or "data")
+        except FileNotFoundError as e:
+            raise SystemExit(f"experiments/{script}.py: {e}") from None
+    return datasets
+
+
+def runtime() -> mc.Runtime:
+    """The paper presets run on a GPU when there is one; everything else on the CPU."""
+    return mc.Runtime(device="cuda" if torch.cuda.is_available() else "cpu")
 
 
 class Clock:

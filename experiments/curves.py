@@ -59,14 +59,14 @@ from pathlib import Path
 if __package__ in (None, ""):  # run as a file: make the repository's `experiments` importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from typing import Dict, List
+from typing import List
 
 import numpy as np
 import torch
 from matplotlib.figure import Figure
 
 import modeconn as mc
-from experiments.common import Clock, parse, pm, summarize, table, write_results
+from experiments.common import Clock, load_datasets, parse, pm, runtime, summarize, table, write_results
 
 NAME = "curves"
 # (name, curve family, bends): the line is PolyChain(2)
@@ -99,23 +99,6 @@ PRESETS = {
         {**cell("cifar10", "vgg16", {}, 200, 0.05, 5e-4, 600, batch=128), "curve_lr": 0.015},
         {**cell("cifar10", "preresnet", {"depth": 110}, 150, 0.1, 3e-4, 200, batch=128), "curve_lr": 0.03}]},
 }
-
-
-def load_datasets(cells: List[dict], data_dir, script: str = NAME) -> Dict[str, object]:
-    """Every cell's dataset by name, all loaded before any training: a missing torchvision set ends the run
-    at once with one clear line naming ``experiments/<script>.py``."""
-    datasets = {}
-    for name in dict.fromkeys(c["dataset"] for c in cells):
-        try:
-            datasets[name] = mc.get_dataset(name, data_dir=data_dir or "data")
-        except FileNotFoundError as e:
-            raise SystemExit(f"experiments/{script}.py: {e}") from None
-    return datasets
-
-
-def runtime() -> mc.Runtime:
-    """The paper preset runs on a GPU when there is one; everything else on the CPU."""
-    return mc.Runtime(device="cuda" if torch.cuda.is_available() else "cpu")
 
 
 def train_endpoint(ds, c: dict, seed: int, rt: mc.Runtime = None) -> torch.nn.Module:
@@ -236,7 +219,7 @@ def main(argv=None) -> dict:
     """Train the endpoints, fit and evaluate the paths, write results.json / results.md / curves.png."""
     args, cfg = parse(NAME, __doc__, PRESETS, argv)
     clock, rt = Clock(), runtime()
-    datasets = load_datasets(cfg["cells"], args.data_dir)
+    datasets = load_datasets(cfg["cells"], args.data_dir, NAME)
     rows = []
     for c in cfg["cells"]:
         for pair in cfg["seeds"]:

@@ -78,8 +78,7 @@ import torch
 from matplotlib.figure import Figure
 
 import modeconn as mc
-from experiments.common import Clock, parse, pm, summarize, table, write_results
-from experiments.curves import load_datasets, runtime  # the same data loading and device
+from experiments.common import Clock, load_datasets, parse, pm, runtime, summarize, table, write_results
 
 NAME = "ensembles"
 METHODS = ("independent", "fge", "curve", "simplex")
