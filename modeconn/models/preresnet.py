@@ -15,8 +15,8 @@ He et al. (Garipov's code switches to bottlenecks already at depth >= 44; pass
 
 ``shortcut=False`` removes every identity path (Li et al. 2018's "ResNet-noshort"
 of "Visualizing the Loss Landscape of Neural Nets"): each block returns its residual
-branch only. The 1x1 downsample convs are still built (unused) so that the state-dict
-keys do not depend on ``shortcut``.
+branch only, and the 1x1 downsample convs are not built: a parameter the forward never
+uses would stall DistributedDataParallel, be fitted by curves and weight-decayed for nothing.
 
 Differences from the reference: ``AdaptiveAvgPool2d(1)`` instead of ``AvgPool2d(8)``
 so any input size (8x8 .. 32x32) works, any number of input channels, and no
@@ -106,7 +106,7 @@ class PreActBottleneck(nn.Module):
 class PreResNet(nn.Module):
     """Parameters: ``conv1.weight``, ``layer{1,2,3}.{i}.{bn1,conv1,bn2,conv2[,bn3,conv3]}.*``,
     ``layer{s}.0.downsample.0.weight`` (1x1 shortcut), ``bn.weight/bias``, ``fc.weight/bias``.
-    ``shortcut=False``: no identity paths (the downsample convs exist, unused)."""
+    ``shortcut=False``: no identity paths and no downsample convs."""
 
     def __init__(self, input_shape: Sequence[int], num_classes: int, depth: int = 20, bottleneck: bool = False,
                  shortcut: bool = True):
@@ -138,7 +138,7 @@ class PreResNet(nn.Module):
 
     def _make_layer(self, block, planes: int, blocks: int, stride: int = 1) -> nn.Sequential:
         downsample = None
-        if stride != 1 or self.inplanes != planes * block.expansion:
+        if self.shortcut and (stride != 1 or self.inplanes != planes * block.expansion):
             downsample = nn.Sequential(
                 nn.Conv2d(self.inplanes, planes * block.expansion, kernel_size=1, stride=stride, bias=False),
             )
