@@ -14,7 +14,7 @@ the chaotic surfaces have large negative eigenvalues.
 
 Protocol (digits, 8x8, 1437 train / 360 test images; no download): ``preresnet`` at depths 8, 20,
 32 (6n + 2 with n = 1, 3, 5 basic blocks per stage), with shortcuts and with ``shortcut=False``
-(every block returns its residual branch only), trained from the same initialisation per seed (SGD,
+(every block returns its residual branch only), both seeded alike per seed (SGD,
 momentum 0.9, cosine, weight decay 5e-4; ``mc.train_model``). BN statistics are then recomputed over
 the first ``bn_samples`` training images, which also serve as the loss's data everywhere (the model's
 own loss and every grid point, BN recomputed per point). Per model:
@@ -37,7 +37,7 @@ Presets:
   --quick        depth 8 with/without shortcuts, one seed, 1 epoch, 5x5 lattice, curvature at the
                  centre only (what the test runs)
   --preset cpu   depths 8/20/32 x shortcut yes/no x 3 seeds, 6 epochs, 13x13 lattice, 5 curvature points
-                 (about 8 minutes)
+                 (10-13 minutes)
   --preset paper CIFAR-10 from --data-dir, PreResNet-20/56/110 with and without shortcuts, 300 epochs,
                  batch 128, lr 0.1 (0.01 for 56/110-noshort, as the paper), wd 5e-4, 51x51 lattice,
                  curvature on a 7x7 sub-grid (the paper: SGD with Nesterov momentum and a step
@@ -195,7 +195,7 @@ def markdown(cfg: dict, summary: List[dict], seconds: float) -> str:
     more = " ..." if len(cfg["curvature_points"]) > 9 else ""
     head = [f"# Skip connections and the shape of the loss landscape ({cfg['dataset']}, PreResNet)", "",
             f"Preset `{cfg['preset']}`: depths {cfg['depths']} with / without shortcuts, seeds {cfg['seeds']} (one "
-            f"initialisation per seed and depth, shared by both variants), {cfg['epochs']} epochs, batch "
+            f"torch seed per seed and depth for both variants), {cfg['epochs']} epochs, batch "
             f"{cfg['batch']}, lr {cfg['lr']}, wd {cfg['wd']}, cosine. Loss (train, first {cfg['bn_samples']} images, "
             f"BN recomputed per point) on a {cfg['grid']}x{cfg['grid']} lattice of a filter-normalised random plane "
             f"over [-1, 1]^2; plane-convex share = interior lattice points whose 2-D finite-difference Hessian has "
