@@ -53,10 +53,22 @@ def _digits_cnn_pair(quick: bool):
     return "digits CNN weight matching, trained pair", a, b, get_dataset("digits").x_test[:256]
 
 
+def terms(a: torch.nn.Module, pb: torch.nn.Module, names: List[str]) -> Dict[str, float]:
+    """``<A_w, P(B_w)>`` per parameter ``w`` in ``names``, in float64, from the permuted copy ``pb``."""
+    sa, sb = a.state_dict(), pb.state_dict()
+    return {n: float((sa[n].double() * sb[n].double()).sum()) for n in names}
+
+
 def objective(a: torch.nn.Module, pb: torch.nn.Module, names: List[str]) -> float:
     """``sum_w <A_w, P(B_w)>`` over ``names``, in float64, from the permuted copy ``pb``."""
-    sa, sb = a.state_dict(), pb.state_dict()
-    return math.fsum(float((sa[n].double() * sb[n].double()).sum()) for n in names)
+    return math.fsum(terms(a, pb, names).values())
+
+
+def largest_gap(a, ours, peer, names: List[str]) -> str:
+    """The parameter whose term differs most between the two permuted B's, with both terms."""
+    to, tp = terms(a, ours, names), terms(a, peer, names)
+    n = max(names, key=lambda k: abs(tp[k] - to[k]))
+    return f"largest per-parameter difference: {n} ours {to[n]:.4g}, rebasin {tp[n]:.4g}"
 
 
 def function_change(b: torch.nn.Module, pb: torch.nn.Module, x: torch.Tensor) -> float:
@@ -107,7 +119,7 @@ def _pair_rows(rebasin, work: str, a, b, x, reps: int) -> List[Row]:
         Row(FRONT, f"{work}: objective", obj["ours"], obj["peer"], PEER, unit="", higher_is_better=True,
             note=(f"sum <A_w, P(B_w)> over the {len(names)} parameters modeconn permutes, float64; "
                   f"B as given {objective(a, b, names):.4g}; ours from init='identity' (old default) "
-                  f"{old_obj:.4g}; " + funcs)),
+                  f"{old_obj:.4g}; {largest_gap(a, out['ours'], out['peer'], names)}; " + funcs)),
     ]
 
 
