@@ -12,8 +12,10 @@ solved (its "ready" axes): the first layer's rows against A's (the input is neve
 next layer's rows with the previous permutation applied to their columns, and so on: layer-wise
 matching from the input, as in Singh & Jaggi 2020 (Model fusion via optimal transport, the weight-based
 alignment) and Ainsworth et al. 2023's layer-by-layer view. A group that appears on two axes of one
-parameter never counts that parameter as ready. A group without ready axes is solved on all of its
-axes against the current permutations (a plain descent step).
+parameter never counts that parameter as ready. A group without ready axes (attention heads and the
+dims inside them share the query rows: neither is ready before the other) is matched by its units'
+sorted weights instead (:mod:`~modeconn.alignment.signatures`), which do not depend on the other
+groups' orders.
 
 If B is A with its units permuted, every ready cost matrix is A's Gram matrix with its columns
 permuted, whose maximal assignment is the one undoing the permutation (by Cauchy-Schwarz, when the
@@ -28,6 +30,9 @@ from typing import List, Set
 import torch
 from scipy.optimize import linear_sum_assignment
 
+from modeconn.alignment.signatures import group_signature_permutation
+from modeconn.alignment.spec import PermutationSpec
+
 __all__ = ["greedy_start"]
 
 
@@ -36,12 +41,12 @@ def _ready_refs(matcher, g: str, solved: Set[str]) -> List:
     return [r for r in matcher.refs_of[g] if all(h != g and h in solved for h in matcher.deps[(g, r)])]
 
 
-def greedy_start(matcher) -> List[str]:
-    """Set ``matcher.perms`` group by group in the spec's order, each solved on its ready axes.
+def greedy_start(matcher, spec: PermutationSpec) -> List[str]:
+    """Set ``matcher.perms`` group by group in ``spec``'s order, each solved on its ready axes.
 
     ``matcher`` is a :class:`~modeconn.alignment.matching._WeightMatcher` at the identity; its
     objective ``current`` is recomputed exactly (float64) at the end. Returns the groups that had no
-    ready axis (solved against the current permutations instead).
+    ready axis (matched by their sorted weights instead).
     """
     solved: Set[str] = set()
     blind: List[str] = []
@@ -50,15 +55,14 @@ def greedy_start(matcher) -> List[str]:
             solved.add(g)
             continue
         ready = _ready_refs(matcher, g, solved)
-        if not ready:
+        if ready:
+            cost = matcher.contribution(g, ready[0])[2].clone()
+            for r in ready[1:]:
+                cost += matcher.contribution(g, r)[2]
+            new = torch.as_tensor(linear_sum_assignment(cost.numpy(), maximize=True)[1], dtype=torch.long)
+        else:
             blind.append(g)
-            ready = refs
-        cost = None
-        for r in ready:
-            c = matcher.contribution(g, r)[2]
-            cost = c.clone() if cost is None else cost + c
-        _, col = linear_sum_assignment(cost.numpy(), maximize=True)
-        new = torch.as_tensor(col, dtype=torch.long)
+            new = group_signature_permutation(matcher.A, matcher.B, spec, g)
         if not torch.equal(new, matcher.perms[g]):
             matcher.perms[g] = new
             matcher.version[g] += 1

@@ -256,7 +256,7 @@ def _descent(a, b, spec: PermutationSpec, seed: int, max_iter: int, greedy: bool
     objective is not below the identity's: ``(perms, WeightMatchingInfo)`` (see :func:`weight_matching`)."""
     matcher = _WeightMatcher(a, b, spec)
     if greedy:
-        greedy_start(matcher)
+        greedy_start(matcher, spec)
         if matcher.current < matcher.initial:  # keep the guarantee: never below B as given
             matcher.perms, matcher.current = spec.identity(), matcher.initial
             matcher.version = {k: v + 1 for k, v in matcher.version.items()}
