@@ -20,8 +20,7 @@ groups' orders.
 If B is A with its units permuted, every ready cost matrix is A's Gram matrix with its columns
 permuted, whose maximal assignment is the one undoing the permutation (by Cauchy-Schwarz, when the
 units' rows are distinct): the start is then exact. Between different networks it is a start:
-:func:`weight_matching` keeps it only if its objective is not below B as given, and descent from it
-only raises the objective.
+:func:`weight_matching` descends from it and from B as given and keeps the higher end.
 """
 from __future__ import annotations
 
