@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Dict, Tuple
 
 from modeconn.alignment import align_models
+from modeconn.alignment.matching import DEFAULT_INIT, INITS
 from modeconn.alignment.repair import evaluate_repaired_path
 from modeconn.cli.args import (add_data_args, add_endpoint_model_args, add_run_args, at_least, parser,
                                zero_or_at_least)
@@ -61,11 +62,11 @@ def build_parser():
     g.add_argument("--restarts", type=at_least(1), default=1,
                    help="weight matching: also start from R-1 random permutations and keep the best objective "
                         "(coordinate descent can stop in a local optimum) (default: %(default)s)")
-    g.add_argument("--init", default="identity", choices=("identity", "sorted"),
-                   help="weight matching: start from B as given, or from units matched by their sorted weights "
-                        "(blind to the other layers' order; recovers a permuted copy where descent from B as "
-                        "given stops in a local optimum, e.g. timm models at their initialisation) "
-                        "(default: %(default)s)")
+    g.add_argument("--init", default=DEFAULT_INIT, choices=INITS,
+                   help="weight matching: start from B aligned layer by layer from the input (greedy; kept "
+                        "only if not worse than B as given), from B as given (identity), or from units matched "
+                        "by their sorted weights (blind to the other layers' order; recovers a permuted copy "
+                        "where rows tie, e.g. timm models at their initialisation) (default: %(default)s)")
     g.add_argument("--rescale", action="store_true",
                    help="weight matching: first give every ReLU-like unit unit incoming norm in both models, "
                         "compensated in its outgoing weights (the function is unchanged; only where no "

@@ -420,18 +420,20 @@ def test_weight_matching_on_state_dicts():
 
 
 # ------------------------------------------------------------- objective monotonicity
+@pytest.mark.parametrize("init", ["identity", "greedy"])
 @pytest.mark.parametrize("name", ["vgg11_bn", "preresnet20", "self_loop"])
-def test_weight_matching_objective_never_decreases(name):
+def test_weight_matching_objective_never_decreases(name, init):
     a, x = _build(name, seed=0)
     b, _ = _build(name, seed=1)
     spec = infer_permutation_spec(a, x[:1])
-    perm, info = weight_matching(a, b, spec, seed=0, max_iter=50)
-    hist = [info.initial_objective] + info.objectives
-    assert len(info.objectives) == info.sweeps >= 2
+    perm, info = weight_matching(a, b, spec, seed=0, max_iter=50, init=init)
+    hist = [info.start_objective] + info.objectives
+    # from the identity, descent itself must climb; the greedy start may already be a local optimum
+    assert len(info.objectives) == info.sweeps >= (2 if info.start == "identity" else 1)
     assert all(later >= earlier for earlier, later in zip(hist, hist[1:])), hist
-    assert hist[-1] > hist[0]
+    assert hist[-1] > info.initial_objective
     assert info.converged
-    aligned, perm2, report = align_models(a, b, example_input=x[:1], seed=0)
+    aligned, perm2, report = align_models(a, b, example_input=x[:1], seed=0, init=init)
     assert all(torch.equal(perm[k], perm2[k]) for k in spec.groups)
     assert report.mean_after > report.mean_before
     _assert_same_function(b, aligned, x)

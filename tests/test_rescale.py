@@ -56,7 +56,9 @@ def test_rescaling_aware_matching_recovers_a_rescaled_and_permuted_copy():
     assert report.rescaled == ["0", "2"] and report.mean_after == pytest.approx(1.0)
     for g in spec.groups:
         assert torch.equal(perm[g], torch.argsort(shuffle[g])), g
-    _, plain, _ = mc.align_models(net, b, example_input=x)  # raw weights: the rescaling hides the match
+    # raw weights, descent from B as given: the rescaling hides the match (the default greedy start happens
+    # to recover this copy: factors in e^±3 do not reorder these inner products; nothing guarantees that)
+    _, plain, _ = mc.align_models(net, b, example_input=x, init="identity")
     assert all(int((plain[g] == torch.argsort(shuffle[g])).sum()) < 16 for g in spec.groups)
 
 

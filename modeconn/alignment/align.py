@@ -11,8 +11,8 @@ import torch
 from torch import nn
 
 from modeconn.alignment.infer import infer_permutation_spec
-from modeconn.alignment.matching import (ActivationMatchingInfo, WeightMatchingInfo, activation_matching,
-                                         weight_matching, weight_similarity)
+from modeconn.alignment.matching import (DEFAULT_INIT, ActivationMatchingInfo, WeightMatchingInfo,
+                                         activation_matching, weight_matching, weight_similarity)
 from modeconn.alignment.observe import batch_input
 from modeconn.alignment.permute import apply_permutation
 from modeconn.alignment.rescale import canonical_scale
@@ -137,7 +137,7 @@ def _resolve_spec(model_a, spec: Optional[PermutationSpec], example_input, loade
 
 
 def _weight_method(model_a, model_b, spec: PermutationSpec, seed: int, max_iter: int, rescale_input=None,
-                   restarts: int = 1, init: str = "identity"):
+                   restarts: int = 1, init: str = DEFAULT_INIT):
     """Weight matching (on both models' canonical scale when ``rescale_input`` is a batch):
     ``(perm, info, similarity before, after, rescaled groups)``."""
     rescaled: List[str] = []
@@ -157,14 +157,14 @@ def _check_options(method: str, rescale: bool, restarts: int, init: str) -> None
     """ValueError for an unknown method or a weight-matching option given to another method."""
     if method not in METHODS or (rescale and method != "weight"):
         raise ValueError(f"method must be one of {METHODS} (rescale=True: 'weight'), got {method!r}")
-    if method != "weight" and (restarts != 1 or init != "identity"):
+    if method != "weight" and (restarts != 1 or init != DEFAULT_INIT):
         raise ValueError(f"restarts={restarts} and init={init!r} are options of weight matching, not of "
                          f"method={method!r}")
 
 
 def align_models(model_a, model_b, method: str = "weight", loader=None, spec: Optional[PermutationSpec] = None,
                  example_input=None, seed: int = 0, *, max_iter: int = 100, max_batches: Optional[int] = None,
-                 device=None, rescale: bool = False, restarts: int = 1, init: str = "identity"):
+                 device=None, rescale: bool = False, restarts: int = 1, init: str = DEFAULT_INIT):
     """Permute the hidden units of ``model_b`` to line up with ``model_a``.
 
     Args:

@@ -7,11 +7,14 @@ hooks); :func:`unit_matrix` cuts a group's units out of such a tensor as a
 ``[samples, units]`` matrix, counting spatial positions and flattened blocks
 as extra samples.  An ``nn.MultiheadAttention`` module observed by name gives
 its per-head attention probabilities (how its heads are told apart).
+:class:`PointStats` accumulates, batch after batch, the float64 sums from which
+the A-vs-B unit correlations follow.
 """
 from __future__ import annotations
 
 import inspect
 from collections import OrderedDict
+from dataclasses import dataclass
 from typing import Callable, Dict, Iterator, List, Optional
 
 import torch
@@ -19,7 +22,7 @@ from torch import fx, nn
 
 from modeconn.alignment.spec import ObservePoint
 
-__all__ = ["ActivationRecorder", "unit_matrix", "batch_input", "batch_inputs"]
+__all__ = ["ActivationRecorder", "PointStats", "unit_matrix", "batch_input", "batch_inputs"]
 
 
 class ActivationRecorder:
@@ -138,3 +141,42 @@ def batch_inputs(loader, max_batches: Optional[int]) -> Iterator[torch.Tensor]:
         if max_batches is not None and i >= max_batches:
             break
         yield batch_input(batch)
+
+
+@dataclass
+class PointStats:
+    """Running float64 sums of one observation point: enough for the A-vs-B unit correlations."""
+
+    n: int
+    sum_a: torch.Tensor
+    sum_b: torch.Tensor
+    sq_a: torch.Tensor
+    sq_b: torch.Tensor
+    cross: torch.Tensor
+
+    @classmethod
+    def zeros(cls, size: int, device: torch.device) -> "PointStats":
+        """Empty sums for ``size`` units."""
+        def z():
+            """A zero vector, one entry per unit."""
+            return torch.zeros(size, dtype=torch.float64, device=device)
+        return cls(0, z(), z(), z(), z(), torch.zeros(size, size, dtype=torch.float64, device=device))
+
+    def add(self, xa: torch.Tensor, xb: torch.Tensor) -> None:
+        """Accumulate ``[samples, units]`` activations of A and B."""
+        self.n += xa.shape[0]
+        self.sum_a += xa.sum(0)
+        self.sum_b += xb.sum(0)
+        self.sq_a += (xa * xa).sum(0)
+        self.sq_b += (xb * xb).sum(0)
+        self.cross += xa.T @ xb
+
+    def correlation(self) -> torch.Tensor:
+        """``C[i, j]``: Pearson correlation of A's unit i with B's unit j (0 where a unit is constant)."""
+        n = self.n
+        ma_, mb_ = self.sum_a / n, self.sum_b / n
+        cov = self.cross / n - torch.outer(ma_, mb_)
+        sd_a = (self.sq_a / n - ma_ * ma_).clamp_min(0).sqrt()
+        sd_b = (self.sq_b / n - mb_ * mb_).clamp_min(0).sqrt()
+        denom = torch.outer(sd_a, sd_b)
+        return torch.where(denom > 1e-12, cov / denom.clamp_min(1e-12), torch.zeros_like(cov))

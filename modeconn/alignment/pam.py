@@ -50,7 +50,8 @@ def compose(first: Mapping[str, torch.Tensor], then: Mapping[str, torch.Tensor])
 
 def proximal_weight_matching(target, b, spec: PermutationSpec, previous: Optional[Mapping[str, torch.Tensor]] = None,
                              proximal: float = 0.0, seed: int = 0, max_iter: int = 100):
-    """``argmax_P Σ_w ⟨T_w, P(B_w)⟩ + λ Σ_g #{i : P_g[i] = P_g^prev[i]}``, started at ``P^prev``.
+    """``argmax_P Σ_w ⟨T_w, P(B_w)⟩ + λ Σ_g #{i : P_g[i] = P_g^prev[i]}`` by :func:`weight_matching`:
+    descent from ``P^prev``, or from its greedy start (the reward included) when that scores higher.
 
     Args:
         target, b: modules or state dicts of one architecture (T and B).

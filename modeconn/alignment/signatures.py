@@ -49,10 +49,14 @@ def signature_permutation(A: Mapping[str, torch.Tensor], B: Mapping[str, torch.T
         >>> all(torch.equal(found[g], torch.argsort(shuffle[g])) for g in spec.groups)
         True
     """
-    perm = {}
-    for g in spec.groups:
-        fa, fb = signatures(A, spec, g).double(), signatures(B, spec, g).double()
-        cost = torch.cdist(fa, fb).pow(2) if fa.shape[1] else torch.zeros(len(fa), len(fb), dtype=torch.float64)
-        _, col = linear_sum_assignment(cost.numpy())
-        perm[g] = torch.as_tensor(col, dtype=torch.long)
-    return perm
+    return {g: group_signature_permutation(A, B, spec, g) for g in spec.groups}
+
+
+def group_signature_permutation(A: Mapping[str, torch.Tensor], B: Mapping[str, torch.Tensor],
+                                spec: PermutationSpec, group: str) -> torch.Tensor:
+    """:func:`signature_permutation` of one group (also the greedy start's match of a group none of
+    whose axes is ready, :mod:`~modeconn.alignment.greedy`)."""
+    fa, fb = signatures(A, spec, group).double(), signatures(B, spec, group).double()
+    cost = torch.cdist(fa, fb).pow(2) if fa.shape[1] else torch.zeros(len(fa), len(fb), dtype=torch.float64)
+    _, col = linear_sum_assignment(cost.numpy())
+    return torch.as_tensor(col, dtype=torch.long)
