@@ -25,6 +25,9 @@ class Row:
     ``higher_is_better`` (e.g. a matching objective) flips the ratio, so a ratio
     <= 1 is always a win for modeconn. ``ours``/``peer`` are None when a side could
     not run; ``note`` says why or adds context (accuracy, number of products).
+    ``peer_invalid`` names why the peer's figure answers another question (e.g. a
+    "permuted" network that no longer computes the original's function): the
+    figure is shown, no ratio is computed from it.
     """
     front: str
     work: str
@@ -34,10 +37,13 @@ class Row:
     unit: str = "s"
     higher_is_better: bool = False
     note: str = ""
+    peer_invalid: str = ""
 
     @property
     def ratio(self) -> Optional[float]:
-        if self.ours is None or self.peer is None:
+        """ours/peer (peer/ours when higher is better); None when a side is missing or the peer's result
+        is not a valid answer to the same question (``peer_invalid`` says why)."""
+        if self.ours is None or self.peer is None or self.peer_invalid:
             return None
         if self.higher_is_better:
             return self.peer / self.ours if self.ours else float("inf")
@@ -95,7 +101,8 @@ def table(rows: List[Row], machine: str) -> str:
     """A markdown table: work, modeconn, peer, ratio (<= 1 is a win), note; the machine below."""
     out = ["| work | modeconn | peer | ratio (<= 1: modeconn ahead) | note |", "|---|---|---|---|---|"]
     for r in rows:
-        ratio = "-" if r.ratio is None else f"{r.ratio:.2f}"
+        ratio = ("not comparable: " + r.peer_invalid if r.peer_invalid
+                 else "-" if r.ratio is None else f"{r.ratio:.2f}")
         out.append(f"| {r.work} | {fmt(r.ours, r.unit)} | {r.peer_name} {fmt(r.peer, r.unit)} | {ratio} | {r.note} |")
     out.append("")
     out.append(f"Machine: {machine}")

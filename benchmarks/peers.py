@@ -58,6 +58,8 @@ def main():
         for row in mod.rows(reps=args.reps, quick=args.quick):
             rows.append(row)
             ratio = "-" if row.ratio is None else f"{row.ratio:.2f}"
+            if row.peer_invalid:
+                ratio = f"not comparable ({row.peer_invalid})"
             print(f"[{front}] {row.work}: ours {row.ours} peer {row.peer} ratio {ratio} {row.note}", flush=True)
     text = table(rows, machine())
     print(text)
