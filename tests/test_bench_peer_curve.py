@@ -2,7 +2,7 @@
 
 Same bends -> same outputs at a fixed t and the same gradients w.r.t. the free
 bend (loss = CE + 0.5 * wd * ||θ(t)||² on the baseline, the penalty inside
-``training_point``'s backward on ours), so the benchmark compares equal work.
+``training_weights``' backward on ours), so the benchmark compares equal work.
 The reference plain models reproduce the zoo models from the same state dict.
 """
 import sys
@@ -43,7 +43,7 @@ def test_baseline_matches_curve_model(arch):
             m.p = 0.0  # dropout draws differ between the two; everything else must agree
     x, y = torch.randn(6, *shape, dtype=torch.float64), torch.randint(0, 10, (6,))
     t = torch.tensor(0.3, dtype=torch.float64)
-    out = curve.forward_flat(x, curve.training_point(t, weight_decay=WD))
+    out = curve.forward_weights(x, curve.training_weights(t, weight_decay=WD))  # fit_curve's step
     F.cross_entropy(out, y).backward()
     peer_out = peer(x, t)
     (F.cross_entropy(peer_out, y) + 0.5 * WD * peer.l2()).backward()
