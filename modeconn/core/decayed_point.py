@@ -5,10 +5,10 @@ Two forms of one computation (Garipov et al. 2018's curve objective: the loss at
 
 - :class:`DecayedPoint`: θ as one flat ``[P]`` vector (``training_point``);
 - :class:`DecayedWeights`: θ as one tensor per parameter (``training_weights``),
-  what a training step runs. No tensor of P entries is made except the bends'
-  gradient itself: on a CPU every fresh buffer of P floats (60 MB for VGG16) is
-  new memory from the OS, paid for with page faults, while per-parameter
-  tensors reuse the allocator's memory. Each parameter's slice of θ is computed
+  what a training step runs. No flat θ or flat dθ is made, only the bends'
+  gradient has P entries: on a CPU every fresh buffer of P floats (60 MB for
+  VGG16) is new memory from the OS, paid for with page faults, while
+  per-parameter tensors reuse the allocator's memory. Each parameter's slice of θ is computed
   from the bends' columns, and the backward writes ``c_free ⊗ (dθ + wd·θ)``
   straight into the gradient, slice by slice. On the CPU, θ's parameters and
   the gradient live in memory kept from the previous step (:class:`Scratch`)
