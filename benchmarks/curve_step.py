@@ -65,8 +65,8 @@ def curve_step_fn(a, b, x, y):
 
     def step():  # exactly fit_curve's step
         t = torch.rand((), generator=gen).to(x.device)
-        flat = curve.training_point(t, weight_decay=5e-4)  # penalty gradient inside its backward
-        loss = F.cross_entropy(curve.forward_flat(x, flat), y)
+        weights = curve.training_weights(t, weight_decay=5e-4)  # penalty gradient inside its backward
+        loss = F.cross_entropy(curve.forward_weights(x, weights), y)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()

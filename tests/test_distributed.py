@@ -95,8 +95,8 @@ def test_every_rank_draws_the_same_t_at_every_step(mlp_pair, digits):
     for rank in (0, 1):
         curve = mc.CurveModel(a, a, b, mc.Bezier(3))
         ts = []
-        original = curve.training_point
-        curve.training_point = lambda t, wd=0.0, _o=original, _ts=ts: (_ts.append(float(t)), _o(t, wd))[1]
+        original = curve.training_weights
+        curve.training_weights = lambda t, wd=0.0, _o=original, _ts=ts: (_ts.append(float(t)), _o(t, wd))[1]
         loader = digits.train_loader(32, seed=3, rank=rank, world_size=2)
         mc.fit_curve(curve, loader, epochs=2, lr=0.05, seed=3, runtime=Runtime(distributed=False))
         assert len(ts) == 2 * len(loader) == 46

@@ -28,6 +28,7 @@ from torch import nn
 from torch.func import functional_call
 
 from modeconn.core.curves import Bezier, Curve, PolyChain, TLike, _as_t, make_curve
+from modeconn.core.decayed_point import DecayedPoint, DecayedWeights, Scratch
 from modeconn.core.layout import FlatLayout
 from modeconn.runtime.checkpoints import load_described, load_state_dict, save_described
 
@@ -79,26 +80,6 @@ def _fresh_init(template: nn.Module, layout: FlatLayout, seed: int) -> torch.Ten
     return layout.flatten(fresh)
 
 
-class _DecayedPoint(torch.autograd.Function):
-    """θ = c_free @ free + fixed_part; backward: dθ + wd·θ, projected on the free bends."""
-
-    @staticmethod
-    def forward(ctx, free, c_free, fixed_part, weight_decay):
-        """θ(t) as one ``addmm``; keeps what the backward needs."""
-        theta = torch.addmm(fixed_part.unsqueeze(0), c_free.unsqueeze(0), free).squeeze(0)
-        ctx.save_for_backward(c_free, theta)
-        ctx.weight_decay = weight_decay
-        return theta
-
-    @staticmethod
-    def backward(ctx, grad):
-        """The free bends' gradient ``outer(c_free, dθ + wd·θ)``; nothing for the other inputs."""
-        c_free, theta = ctx.saved_tensors
-        if ctx.weight_decay:
-            grad = grad.add(theta, alpha=ctx.weight_decay)
-        return torch.outer(c_free, grad), None, None, None
-
-
 class BendsModel(nn.Module):
     """Networks whose weights are combinations of K stacked bends: θ = c @ bends, c ∈ R^K.
 
@@ -123,6 +104,7 @@ class BendsModel(nn.Module):
         net = copy.deepcopy(template)
         _strip_parameters(net)
         self.net = net
+        self._scratch = Scratch()  # θ and the bends' gradient of a training step, reused from step to step
 
     def _flat_state(self, state: Mapping[str, torch.Tensor], which: str) -> torch.Tensor:
         """θ ``[P]`` of a state dict in the template's dtype and device (the error names ``which``)."""
@@ -188,8 +170,20 @@ class BendsModel(nn.Module):
         costs no extra pass over the P parameters.
         """
         fixed_part = c.index_select(-1, self._fixed_sel) @ self.fixed_bends
-        return _DecayedPoint.apply(self.free_bends, c.index_select(-1, self._free_sel), fixed_part,
-                                   float(weight_decay))
+        return DecayedPoint.apply(self.free_bends, c.index_select(-1, self._free_sel), fixed_part,
+                                  float(weight_decay))
+
+    def training_parameters(self, c: torch.Tensor, weight_decay: float = 0.0) -> Dict[str, torch.Tensor]:
+        """:meth:`training_combination` as name -> tensor (what a training step runs; same numbers, same gradient).
+
+        θ = c @ bends is built parameter by parameter and the gradient of the free
+        bends written slice by slice (:class:`~modeconn.core.decayed_point.DecayedWeights`):
+        no flat θ or flat dθ is made, only the bends' gradient. Once differentiable.
+        """
+        outs = DecayedWeights.apply(self.free_bends, self.fixed_bends, c.index_select(-1, self._free_sel),
+                                    c.index_select(-1, self._fixed_sel), self.layout.shapes, float(weight_decay),
+                                    self._scratch)
+        return dict(zip(self.layout.names, outs))
 
     def unflatten(self, flat: torch.Tensor) -> Dict[str, torch.Tensor]:
         """Split a flat ``[..., P]`` vector into name -> ``[..., *shape]`` tensors (``layout.unflatten``)."""
@@ -197,7 +191,12 @@ class BendsModel(nn.Module):
 
     def forward_flat(self, x, flat: torch.Tensor, buffers: Optional[Mapping[str, torch.Tensor]] = None):
         """Run the template with flat weights ``flat`` (and optionally other buffers)."""
-        params = self.unflatten(flat)
+        return self.forward_weights(x, self.unflatten(flat), buffers)
+
+    def forward_weights(self, x, weights: Mapping[str, torch.Tensor],
+                        buffers: Optional[Mapping[str, torch.Tensor]] = None):
+        """Run the template with the parameters ``weights`` (name -> tensor, e.g. :meth:`training_parameters`)."""
+        params = dict(weights)
         if buffers is not None:
             params.update(buffers)
         return functional_call(self.net, params, (x,))
@@ -320,11 +319,16 @@ class CurveModel(BendsModel):
         return self.flat_combination(self.coefficients(t, check))
 
     def training_point(self, t: torch.Tensor, weight_decay: float = 0.0) -> torch.Tensor:
-        """θ(t) for a training step (scalar t, unchecked), with the curve's weight decay in its backward.
+        """θ(t) flattened for a training step (scalar t, unchecked), with the curve's weight decay in its backward.
 
-        ``fit_curve``'s step: :meth:`BendsModel.training_combination` at c(t).
+        :meth:`BendsModel.training_combination` at c(t); ``fit_curve``'s step runs
+        the same point per parameter (:meth:`training_weights`).
         """
         return self.training_combination(self.coefficients(t, check=False), weight_decay)
+
+    def training_weights(self, t: torch.Tensor, weight_decay: float = 0.0) -> Dict[str, torch.Tensor]:
+        """:meth:`training_point` as name -> tensor (:meth:`BendsModel.training_parameters`); ``fit_curve``'s step."""
+        return self.training_parameters(self.coefficients(t, check=False), weight_decay)
 
     def weights_at(self, t: TLike) -> Dict[str, torch.Tensor]:
         """Parameters at t: name -> tensor (differentiable w.r.t. the free bends)."""

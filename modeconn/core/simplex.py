@@ -199,6 +199,10 @@ class SimplexModel(BendsModel):
         """θ at coordinates ``c [K]`` (unchecked) for a training step, weight decay at θ in its backward."""
         return self.training_combination(c, weight_decay)
 
+    def training_weights(self, c: torch.Tensor, weight_decay: float = 0.0) -> Dict[str, torch.Tensor]:
+        """:meth:`training_point` as name -> tensor (:meth:`BendsModel.training_parameters`); ``fit_simplex``'s step."""
+        return self.training_parameters(c, weight_decay)
+
     def weights_at(self, alpha, simplex: Optional[int] = None) -> Dict[str, torch.Tensor]:
         """Parameters at the point: name -> tensor (differentiable w.r.t. the free vertices)."""
         return self.unflatten(self.flat_weights_at(alpha, simplex))

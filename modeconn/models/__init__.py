@@ -7,8 +7,12 @@ Every model:
 - takes a batch ``[B, *input_shape]`` and returns logits ``[B, num_classes]``;
 - is traceable by ``torch.fx.symbolic_trace`` (all sizes fixed at construction; the
   transformers read only the batch and sequence length from their input, ``x.size(i)``);
-- uses no in-place ops (safe under ``torch.func.functional_call`` / ``vmap``);
-  residual adds are ``out = out + shortcut``, flattening is ``torch.flatten(x, 1)``;
+- uses no in-place ops (safe under ``torch.func.functional_call`` / ``vmap``), except
+  the ReLUs of ``vgg*`` and ``preresnet``, in place as in their reference code: each
+  overwrites a tensor only the model made and nothing else reads (a layer's output
+  whose backward does not need it; a forward hook on that layer that keeps the output
+  instead of reading it at once finds it rectified); residual adds are ``out = out + shortcut``,
+  flattening is ``torch.flatten(x, 1)``;
 - has deterministic parameter names (``nn.Sequential`` / named submodules).
 
 ``gpt`` reads token ids ``long [B, seq_len]`` (``input_shape = (seq_len,)``);

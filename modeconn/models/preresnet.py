@@ -19,8 +19,10 @@ branch only, and the 1x1 downsample convs are not built: a parameter the forward
 uses would stall DistributedDataParallel, be fitted by curves and weight-decayed for nothing.
 
 Differences from the reference: ``AdaptiveAvgPool2d(1)`` instead of ``AvgPool2d(8)``
-so any input size (8x8 .. 32x32) works, any number of input channels, and no
-in-place ops. Init as the reference: conv weights ~ N(0, 2 / (k*k*out_channels)),
+so any input size (8x8 .. 32x32) works, any number of input channels, and the
+residual add is not in place (``out + shortcut``). The ReLUs are in place, as in the
+reference: each acts on a BatchNorm output nothing else reads (BatchNorm's backward
+does not need it). Init as the reference: conv weights ~ N(0, 2 / (k*k*out_channels)),
 BN weight 1 / bias 0, Linear PyTorch default.
 """
 from __future__ import annotations
@@ -58,7 +60,7 @@ class PreActBasicBlock(nn.Module):
         super().__init__()
         self.shortcut = shortcut
         self.bn1 = nn.BatchNorm2d(inplanes)
-        self.relu = nn.ReLU()
+        self.relu = nn.ReLU(inplace=True)
         self.conv1 = conv3x3(inplanes, planes, stride)
         self.bn2 = nn.BatchNorm2d(planes)
         self.conv2 = conv3x3(planes, planes)
@@ -84,7 +86,7 @@ class PreActBottleneck(nn.Module):
         super().__init__()
         self.shortcut = shortcut
         self.bn1 = nn.BatchNorm2d(inplanes)
-        self.relu = nn.ReLU()
+        self.relu = nn.ReLU(inplace=True)
         self.conv1 = nn.Conv2d(inplanes, planes, kernel_size=1, bias=False)
         self.bn2 = nn.BatchNorm2d(planes)
         self.conv2 = conv3x3(planes, planes, stride)
@@ -124,7 +126,7 @@ class PreResNet(nn.Module):
         self.layer2 = self._make_layer(block, 32, n, stride=2)
         self.layer3 = self._make_layer(block, 64, n, stride=2)
         self.bn = nn.BatchNorm2d(64 * block.expansion)
-        self.relu = nn.ReLU()
+        self.relu = nn.ReLU(inplace=True)
         self.avgpool = nn.AdaptiveAvgPool2d(1)
         self.fc = nn.Linear(64 * block.expansion, num_classes)
 

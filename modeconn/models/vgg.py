@@ -12,6 +12,10 @@ Differences from the reference, needed to support other inputs:
 - ``width_multiplier`` scales every conv channel count and the classifier's hidden
   width (512) by the same factor: ``max(1, round(c * width_multiplier))``.
 
+ReLUs are in place, as in the reference: each acts on a tensor only this model made
+and reads (a conv's, BatchNorm's or Linear's output, whose backward does not need it),
+which saves one activation-sized buffer per ReLU (VGG16 at batch 128: up to 33 MB each).
+
 Init follows the reference: conv weights ~ N(0, 2 / (k*k*out_channels)), conv biases 0;
 Linear and BatchNorm layers use PyTorch defaults.
 """
@@ -72,7 +76,7 @@ class VGG(nn.Module):
                 layers.append(nn.Conv2d(in_channels, channels, kernel_size=3, padding=1))
                 if batch_norm:
                     layers.append(nn.BatchNorm2d(channels))
-                layers.append(nn.ReLU())
+                layers.append(nn.ReLU(inplace=True))
                 in_channels = channels
             if h >= 2 and w >= 2:  # skip pools once the feature map is 1 pixel wide/high
                 layers.append(nn.MaxPool2d(kernel_size=2, stride=2))
@@ -84,10 +88,10 @@ class VGG(nn.Module):
         self.classifier = nn.Sequential(
             nn.Dropout(dropout),
             nn.Linear(in_channels * h * w, hidden),
-            nn.ReLU(),
+            nn.ReLU(inplace=True),
             nn.Dropout(dropout),
             nn.Linear(hidden, hidden),
-            nn.ReLU(),
+            nn.ReLU(inplace=True),
             nn.Linear(hidden, num_classes),
         )
         for m in self.modules():

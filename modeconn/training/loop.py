@@ -388,11 +388,11 @@ class _CurveStep(nn.Module):
         self.curve, self.runtime, self.weight_decay = curve, runtime, float(weight_decay)
 
     def forward(self, x, t):
-        """Network output at θ(t) (float32) and θ(t)."""
-        flat = self.curve.training_point(t, self.weight_decay)
-        with self.runtime.autocast(flat.device):
-            out = self.curve.forward_flat(x, flat)
-        return out.float() if self.runtime.amp else out, flat
+        """Network output at θ(t) (float32) and θ(t) (name -> tensor, ``training_weights``)."""
+        weights = self.curve.training_weights(t, self.weight_decay)
+        with self.runtime.autocast(self.curve.fixed_bends.device):
+            out = self.curve.forward_weights(x, weights)
+        return out.float() if self.runtime.amp else out, weights
 
 
 def curve_training(model, train_loader, epochs: int, lr: float, momentum: float, schedule: str,
@@ -402,7 +402,7 @@ def curve_training(model, train_loader, epochs: int, lr: float, momentum: float,
 
     The model moves to ``runtime.device``; SGD runs on its ``free_bends``
     only (weight decay is applied at the sampled point, not here), through SAM with ``sam``. The step
-    module's ``stepper(x, t)`` runs ``model.training_point(t, weight_decay)``
+    module's ``stepper(x, t)`` runs ``model.training_weights(t, weight_decay)``
     and the net there; wrapped in DDP under torchrun, compiled with ``runtime.compile``.
     """
     if runtime.device is not None:
@@ -462,7 +462,7 @@ def fit_curve(curve: CurveModel, train_loader: Iterable, epochs: int = 20, lr: f
         x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
         if adversarial is not None:
             x = curve_attack(curve, x, y, t.to(device), adversarial, gen)
-        out, _ = stepper(x, t.to(device))  # the weight-decay gradient comes from training_point's backward
+        out, _ = stepper(x, t.to(device))  # the weight-decay gradient comes from training_weights' backward
         value = loss_fn(out, y)
         return out, value, value
 
