@@ -91,8 +91,8 @@ def _case(ll, name: str, ckpt: str, reps: int, quick: bool, warmup: int = 1) -> 
     steps = 5 if quick else 21
     xs = ys = np.linspace(-1.0, 1.0, steps)
     plane = random_plane(flatten_parameters(model), model, dims=2, norm="filter", seed=0)
-    train = ds.eval_loader("train", 1024)
-    x, y = next(iter(ds.eval_loader("train", len(ds.y_train))))
+    train = ds.eval_loader("train", len(ds.y_train))   # the whole training set as one batch, on both sides
+    x, y = next(iter(train))
     metric = _metric_class(ll)(x, y)
     peer_models = _peer_models(model, plane, xs, ys)
 
