@@ -79,9 +79,10 @@ def _flaws(ll, model, plane, xs, ys, metric, ours: np.ndarray) -> str:
     odd = max(float(np.abs(peer[i] - ours[:, i]).max()) for i in range(1, len(xs), 2))
     even_same = max(float(np.abs(peer[i] - ours[:, i]).max()) for i in range(0, len(xs), 2))
     even_up = max(float(np.abs(peer[i, :-1] - ours[1:, i]).max()) for i in range(0, len(xs), 2))
-    return (f"{PEER}: odd x-columns match ours (max |Δloss| {odd:.1e}); even ones sit one y-step up "
-            f"(vs ours at y: {even_same:.2g}, at y+Δy: {even_up:.1e}; their top point is off the range); "
-            f"deepcopy_model=False moves the caller's weights by up to {moved:.3g}")
+    return (f"{PEER} checked: its x-columns 2, 4, ... (1-based) match ours (max |Δloss| {odd:.1e}); columns "
+            f"1, 3, ... sit one y-step up (max |Δloss| vs ours at y {even_same:.2g}, at y+Δy {even_up:.1e}; "
+            f"their top point is off the range); with deepcopy_model=False (its default) the caller's "
+            f"weights are moved by up to {moved:.3g}")
 
 
 def _case(ll, name: str, ckpt: str, reps: int, quick: bool, warmup: int = 1) -> Row:
