@@ -125,3 +125,23 @@ def _offsets(net):
         out.append((start, start + p.numel()))
         start += p.numel()
     return out
+
+
+@pytest.mark.parametrize("max_work", [0, 10 ** 12])          # BN pass: point loop / vmap
+def test_bn_recomputed_grid_equals_update_bn_per_point(monkeypatch, max_work):
+    monkeypatch.setattr(stacked, "VMAP_MAX_WORK", max_work)
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(5, 6), nn.BatchNorm1d(6), nn.ReLU(), nn.Linear(6, 3)).double()
+    x, y = torch.randn(30, 5, dtype=torch.float64), torch.randint(0, 3, (30,))
+    loader = [(x[:16], y[:16]), (x[16:], y[16:])]
+    plane = random_plane(flatten_parameters(net), net, dims=2, seed=0)
+    xs, ys = [-0.5, 0.25, 1.0], [0.0, 0.75]
+    grid = evaluate_grid(net, plane, xs, ys, train_loader=loader, points_per_pass=4)
+    for j, b in enumerate(ys):
+        for i, a in enumerate(xs):
+            ref = copy.deepcopy(net)
+            vector_to_parameters(plane.point(a, b), ref.parameters())
+            torch.optim.swa_utils.update_bn(loader, ref)
+            with torch.no_grad():
+                want = F.cross_entropy(ref.eval()(x), y).item()
+            assert abs(grid.arrays["train_loss"][j, i] - want) < 1e-12
