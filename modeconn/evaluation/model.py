@@ -129,6 +129,15 @@ class MetricSums:
             self.edges = torch.linspace(0, 1, self.num_bins + 1, dtype=torch.float64, device=device)[1:-1]
             self.count, self.conf, self.hits = (self._zeros(M, device, self.num_bins) for _ in range(3))
 
+    def reserve(self, M: int, device) -> None:
+        """Allocate the sums of M prediction sets now (else at the first batch).
+
+        Before a loop of large temporaries (one forward per point): small
+        long-lived blocks allocated amid them pin the top of the C heap, which
+        is then handed back to the OS and page-faulted in again, point after point.
+        """
+        self._start(int(M), device)
+
     def add(self, logp: torch.Tensor, y: torch.Tensor) -> None:
         """Add a batch: ``logp`` [M, B, C] log-probabilities (float64), ``y`` [B] class labels.
 

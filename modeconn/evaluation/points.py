@@ -55,6 +55,8 @@ def _point_means(curve, flats: torch.Tensor, buffers: Dict[str, torch.Tensor], l
     one_by_one = not runtime.compile and not vectorize_by_default(net, device, flats.shape[1] * len(first[0]))
     fwd = compiled_forward(net) if runtime.compile else batched_forward(net, True)
     sums = [MetricSums() for _ in range(len(flats))] if one_by_one else [MetricSums()]
+    for s in sums:  # before the forwards (see MetricSums.reserve)
+        s.reserve(len(flats) if not one_by_one else 1, device)
     with eval_mode(net):
         for x, y in batches:
             with runtime.autocast(device):
