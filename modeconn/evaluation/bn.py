@@ -155,15 +155,15 @@ def bn_statistics(curve, flats: torch.Tensor, loader: Iterable,
     buffers = {}
     for m in bns:  # the state reset_running_stats() leaves, K times
         prefix = names[id(m)]
-        buffers[f"{prefix}.running_mean"] = torch.zeros(K, *m.running_mean.shape, device=device)
-        buffers[f"{prefix}.running_var"] = torch.ones(K, *m.running_var.shape, device=device)
+        buffers[f"{prefix}.running_mean"] = m.running_mean.new_zeros(K, *m.running_mean.shape, device=device)
+        buffers[f"{prefix}.running_var"] = m.running_var.new_ones(K, *m.running_var.shape, device=device)
         buffers[f"{prefix}.num_batches_tracked"] = torch.zeros(K, dtype=torch.long, device=device)
     params = curve.unflatten(flats)
-    fwd = batched_forward(net, vectorize_by_default(net, device))
+    vmapped, loop = batched_forward(net, True), batched_forward(net, False)
 
     def forward(x):
-        """One batch through all K points; the BN layers update the stacked buffers."""
+        """One batch through all K points (vmap or a loop, by the batch's work); BN updates the stacked buffers."""
         with runtime.autocast(device):
-            fwd(params, buffers, x)
+            (vmapped if vectorize_by_default(net, device, flats.shape[1] * len(x)) else loop)(params, buffers, x)
     bn_pass(net, loader, forward)
     return buffers

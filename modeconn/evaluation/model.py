@@ -129,6 +129,15 @@ class MetricSums:
             self.edges = torch.linspace(0, 1, self.num_bins + 1, dtype=torch.float64, device=device)[1:-1]
             self.count, self.conf, self.hits = (self._zeros(M, device, self.num_bins) for _ in range(3))
 
+    def reserve(self, M: int, device) -> None:
+        """Allocate the sums of M prediction sets now (else at the first batch).
+
+        Before a loop of large temporaries (one forward per point): small
+        long-lived blocks allocated amid them pin the top of the C heap, which
+        is then handed back to the OS and page-faulted in again, point after point.
+        """
+        self._start(int(M), device)
+
     def add(self, logp: torch.Tensor, y: torch.Tensor) -> None:
         """Add a batch: ``logp`` [M, B, C] log-probabilities (float64), ``y`` [B] class labels.
 
@@ -145,23 +154,40 @@ class MetricSums:
         M, B, _ = logp.shape
         self._start(M, logp.device)
         y = y.to(logp.device)
-        self.loss -= logp.gather(2, y.view(1, B, 1).expand(M, B, 1)).squeeze(2).sum(1)
         top, pred = logp.max(2)
-        hit = (pred == y.view(1, B)).double()
+        self._tally(-logp.gather(2, y.view(1, B, 1).expand(M, B, 1)).squeeze(2), pred, y, top)
+
+    def _tally(self, nll: torch.Tensor, pred: torch.Tensor, y: torch.Tensor, top_logp: torch.Tensor) -> None:
+        """Add a batch's per-sample NLL, predictions and top log-probabilities (all ``[M, B]``)."""
+        self.loss += nll.sum(1)
+        hit = (pred == y.view(1, -1)).double()
         self.correct += hit.sum(1)
         if self.num_bins:
-            conf = top.exp()
+            conf = top_logp.exp()
             b = torch.bucketize(conf, self.edges)  # bin b holds (edge[b-1], edge[b]]
             self.count.scatter_add_(1, b, torch.ones_like(conf))
             self.conf.scatter_add_(1, b, conf)
             self.hits.scatter_add_(1, b, hit)
-        self.n += B
+        self.n += int(y.numel())
 
     def add_logits(self, logits: torch.Tensor, y: torch.Tensor) -> None:
         """Add a batch of logits [M, B, C] (normalised in float64, so the NLL keeps its digits).
 
+        ``NLL = logsumexp(z) - z_y`` in float64, without forming the whole
+        log-softmax (what :meth:`add` gets); the prediction is the argmax of
+        the logits themselves (float32 -> float64 is exact and the shift is
+        common to a row, so it is the argmax of the log-probabilities).
         Language-model logits [M, B, T, V] with next-token labels [B, T]: see :meth:`add`."""
-        self.add(F.log_softmax(logits.double(), dim=-1), y)
+        if logits.dim() != 3:
+            self.add(F.log_softmax(logits.double(), dim=-1), y)
+            return
+        M, B, _ = logits.shape
+        self._start(M, logits.device)
+        y = y.to(logits.device)
+        lse = torch.logsumexp(logits.double(), dim=-1)
+        top, pred = logits.max(2)
+        picked = logits.gather(2, y.view(1, B, 1).expand(M, B, 1)).squeeze(2)
+        self._tally(lse - picked.double(), pred, y, top.double() - lse)
 
     def add_loss(self, loss_sum: torch.Tensor, batch_size: int) -> None:
         """Add a batch of a loss without classes (e.g. MSE): ``loss_sum`` [M] summed over the batch."""

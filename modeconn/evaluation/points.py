@@ -4,15 +4,19 @@ The shared engine of path, grid and plane evaluation. How it is fast:
 
 * the data are held as tensors (``TensorLoader``), sums stay on the device
   (one :class:`~modeconn.evaluation.model.MetricSums`, no ``.item()`` per batch);
-* the K points' weights are stacked ``[K, P]`` and the template runs once per
-  batch for all of them (:func:`~modeconn.evaluation.stacked.batched_forward`:
-  ``torch.func.vmap``, or a loop over points for convolutions on CPUs);
+* the K points' weights are stacked ``[K, P]`` and share every batch: the
+  template runs once for all of them (``torch.func.vmap``,
+  :func:`~modeconn.evaluation.stacked.batched_forward`), or, on CPUs for
+  convolutions and for dense work above
+  :data:`~modeconn.evaluation.stacked.VMAP_MAX_WORK`, once per point on views
+  of the stacked weights, each output reduced as soon as it is made;
 * BatchNorm statistics of all K points are recomputed in the same single pass
   over the training data (:func:`~modeconn.evaluation.bn.bn_statistics`, the
   routine :func:`~modeconn.evaluation.bn.recompute_bn` also runs on one model).
 """
 from __future__ import annotations
 
+import itertools
 from typing import Dict, Iterable, Optional
 
 import numpy as np
@@ -20,32 +24,49 @@ import torch
 
 from modeconn.evaluation.bn import batchnorm_modules, bn_statistics
 from modeconn.evaluation.model import MetricSums, eval_mode
-from modeconn.evaluation.stacked import batched_forward, compiled_forward, vectorize_by_default
+from modeconn.evaluation.stacked import batched_forward, compiled_forward, each_point, vectorize_by_default
 from modeconn.runtime import Runtime
 
 __all__ = ["evaluate_points"]
 
 
 @torch.no_grad()
-def _point_sums(curve, flats: torch.Tensor, buffers: Dict[str, torch.Tensor], loader: Iterable,
-               runtime: Optional[Runtime] = None) -> MetricSums:
-    """Cross-entropy and correct-count sums of K points ``flats [K, P]`` (buffers ``[K, ...]``) over ``loader``.
+def _point_means(curve, flats: torch.Tensor, buffers: Dict[str, torch.Tensor], loader: Iterable,
+                 runtime: Optional[Runtime] = None) -> Dict[str, np.ndarray]:
+    """Mean cross-entropy and accuracy (``[K]`` each) of K points ``flats [K, P]`` (buffers ``[K, ...]``) over ``loader``.
 
-    The template runs in eval mode. ``runtime.amp``: forwards under bf16
-    autocast (logits back to float32 before the sums); ``runtime.compile``:
-    the forward through ``torch.compile``.
+    The template runs in eval mode. All K points share each batch: one vmap,
+    or, where :func:`vectorize_by_default` says so for the first batch's
+    size, one point after another, each output reduced into its point's
+    sums at once (no ``[K, B, C]`` block is held: on CPUs the allocator
+    would return such blocks to the OS and fault them in again, pass after
+    pass). ``runtime.amp``: forwards under bf16 autocast (logits back to
+    float32 before the sums); ``runtime.compile``: the vmapped forward
+    through ``torch.compile``.
     """
     runtime = runtime or Runtime()
-    net = curve.net
+    net, device = curve.net, flats.device
     params = curve.unflatten(flats)
-    fwd = compiled_forward(net) if runtime.compile else batched_forward(net, vectorize_by_default(net, flats.device))
-    sums = MetricSums()
+    batches = iter(loader)
+    first = next(batches, None)
+    if first is None:
+        raise ValueError("the loader yielded no samples")
+    batches = itertools.chain([first], batches)
+    one_by_one = not runtime.compile and not vectorize_by_default(net, device, flats.shape[1] * len(first[0]))
+    fwd = compiled_forward(net) if runtime.compile else batched_forward(net, True)
+    sums = [MetricSums() for _ in range(len(flats))] if one_by_one else [MetricSums()]
+    for s in sums:  # before the forwards (see MetricSums.reserve)
+        s.reserve(len(flats) if not one_by_one else 1, device)
     with eval_mode(net):
-        for x, y in loader:
-            with runtime.autocast(flats.device):
-                out = fwd(params, buffers, x)                    # [K, B, C]
-            sums.add_logits(out.float() if runtime.amp else out, y)
-    return sums
+        for x, y in batches:
+            with runtime.autocast(device):
+                outs = (each_point(net, params, buffers, x) if one_by_one
+                        else [fwd(params, buffers, x)])          # [B, C] per point, or [K, B, C]
+                for s, out in zip(sums, outs):
+                    out = out.unsqueeze(0) if one_by_one else out
+                    s.add_logits(out.float() if runtime.amp else out, y)
+    means = [s.means() for s in sums]
+    return {k: np.concatenate([m[k] for m in means]) for k in ("loss", "acc")}
 
 
 @torch.no_grad()
@@ -91,6 +112,6 @@ def evaluate_points(curve, flats: torch.Tensor, train_loader: Optional[Iterable]
     out = {}
     for split, loader in (("train", train_loader), ("test", test_loader)):
         if loader is not None:
-            m = _point_sums(curve, flats, buffers, loader, runtime).means()
+            m = _point_means(curve, flats, buffers, loader, runtime)
             out[f"{split}_loss"], out[f"{split}_acc"] = m["loss"], m["acc"]
     return out

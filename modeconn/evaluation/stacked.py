@@ -15,13 +15,13 @@ from __future__ import annotations
 
 import warnings
 import weakref
-from typing import Callable, Dict
+from typing import Callable, Dict, Iterator, Optional
 
 import torch
 from torch import nn
 from torch.func import functional_call, vmap
 
-__all__ = ["batched_forward", "vectorize_by_default", "compiled_forward"]
+__all__ = ["batched_forward", "each_point", "vectorize_by_default", "compiled_forward", "VMAP_MAX_WORK"]
 
 Stacked = Dict[str, torch.Tensor]
 
@@ -65,34 +65,53 @@ def batched_forward(net: nn.Module, vectorize: bool = True) -> Callable[[Stacked
     return forward
 
 
+def each_point(net: nn.Module, p: Stacked, b: Stacked, x: torch.Tensor) -> Iterator[torch.Tensor]:
+    """The K points' outputs on ``x``, one after another (``functional_call`` on views of the stacked tensors).
+
+    A consumer that reduces each output before asking for the next never
+    holds K outputs at once (see :func:`modeconn.evaluation.points.evaluate_points`).
+    """
+    K = next(iter(p.values())).shape[0]
+    if x.dim() == 4:  # channels-last convolutions are markedly faster on CPUs
+        x = x.contiguous(memory_format=torch.channels_last)
+    for k in range(K):
+        pk = {n: v[k].contiguous(memory_format=torch.channels_last) if v.dim() == 5 else v[k]
+              for n, v in p.items()}
+        yield functional_call(net, {**pk, **{n: v[k] for n, v in b.items()}}, (x,))
+
+
 def _point_loop(net: nn.Module) -> Callable[[Stacked, Stacked, torch.Tensor], torch.Tensor]:
-    """The K points one after another (``functional_call`` on views of the stacked tensors)."""
+    """The K points one after another (:func:`each_point`), outputs stacked."""
     def loop(p: Stacked, b: Stacked, x: torch.Tensor) -> torch.Tensor:
         """The K points one after another."""
-        K = next(iter(p.values())).shape[0]
-        if x.dim() == 4:  # channels-last convolutions are markedly faster on CPUs
-            x = x.contiguous(memory_format=torch.channels_last)
-        outs = []
-        for k in range(K):
-            pk = {n: v[k].contiguous(memory_format=torch.channels_last) if v.dim() == 5 else v[k]
-                  for n, v in p.items()}
-            outs.append(functional_call(net, {**pk, **{n: v[k] for n, v in b.items()}}, (x,)))
-        return torch.stack(outs)
+        return torch.stack(list(each_point(net, p, b, x)))
     return loop
 
 
-def vectorize_by_default(net: nn.Module, device: torch.device) -> bool:
-    """Whether to vmap over points: yes on GPUs and for dense layers.
+# On CPUs a vmapped dense layer becomes a batched matmul that runs slower than K plain matmuls
+# once a point's work per batch is large; below it vmap saves the per-point Python and dispatch
+# overhead. Measured on 2 threads (MLPs of width 8..512, batches 16..1024; benchmarks/_peer_grid.py):
+# the loop wins from about 4e6 parameters x samples per batch (26k parameters x 1438 samples: 1.8x).
+VMAP_MAX_WORK = 4_000_000
+
+
+def vectorize_by_default(net: nn.Module, device: torch.device, work: Optional[int] = None) -> bool:
+    """Whether to vmap over points: yes on GPUs and for small dense work on CPUs.
 
     On CPUs vmapped convolutions become grouped convolutions that run slower
     than one point after another (measured in benchmarks/eval_path.py),
-    so CPU + convolutions -> loop over points. A template on which vmap met
-    an op without a batching rule (see :func:`batched_forward`) -> loop.
+    so CPU + convolutions -> loop over points. Dense nets on CPUs with a
+    known ``work`` (a point's parameters x the samples of a batch): vmap
+    while it is below :data:`VMAP_MAX_WORK`, else loop. A template on which
+    vmap met an op without a batching rule (see :func:`batched_forward`) -> loop.
     """
     if net in _NO_BATCHING_RULE:
         return False
-    has_conv = any(isinstance(m, nn.modules.conv._ConvNd) for m in net.modules())
-    return torch.device(device).type != "cpu" or not has_conv
+    if torch.device(device).type != "cpu":
+        return True
+    if any(isinstance(m, nn.modules.conv._ConvNd) for m in net.modules()):
+        return False
+    return work is None or work < VMAP_MAX_WORK
 
 
 _COMPILED: "weakref.WeakKeyDictionary[nn.Module, Callable]" = weakref.WeakKeyDictionary()

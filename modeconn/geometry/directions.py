@@ -233,11 +233,15 @@ class Plane:
         """``[dims, P]``."""
         return torch.stack([self.d1] if self.d2 is None else [self.d1, self.d2])
 
-    def points(self, coords, dtype: Optional[torch.dtype] = None) -> torch.Tensor:
+    def points(self, coords, dtype: Optional[torch.dtype] = None, out: Optional[torch.Tensor] = None
+               ) -> torch.Tensor:
         """Flat points ``[N, P]`` at coordinates ``[N, dims]`` (or ``[N]`` for a line).
 
         Computed as ``origin + a·d1 + b·d2`` in the plane's dtype, returned
-        in ``dtype`` (default: the origin's).
+        in ``dtype`` (default: the origin's). ``out`` (``[N, P]``, any dtype
+        and device) receives the points and is returned; in the origin's
+        dtype and device it is filled row by row by the very same roundings,
+        with no ``[N, P]`` temporaries (a grid reuses one buffer per pass).
         """
         c = torch.as_tensor(np.asarray(coords, dtype=np.float64))
         if c.dim() == 1 and self.dims == 1:
@@ -245,6 +249,17 @@ class Plane:
         if c.dim() != 2 or c.shape[1] != self.dims:
             raise ValueError(f"coords must be [N, {self.dims}], got shape {tuple(c.shape)}")
         o = self.origin
+        if out is not None:
+            if tuple(out.shape) != (len(c), o.numel()):
+                raise ValueError(f"out must have shape {(len(c), o.numel())}, got {tuple(out.shape)}")
+            if out.dtype != o.dtype or out.device != o.device:
+                return out.copy_(self.points(c.numpy()))
+            scratch = torch.empty_like(o)
+            for row, ab in zip(out, c.to(o.dtype).tolist()):  # the coordinates rounded as below
+                torch.add(o, torch.mul(self.d1, ab[0], out=scratch), out=row)
+                if self.dims == 2:
+                    row.add_(torch.mul(self.d2, ab[1], out=scratch))
+            return out
         out = o.unsqueeze(0) + c[:, 0:1].to(o) * self.d1.unsqueeze(0)
         if self.dims == 2:
             out.add_(c[:, 1:2].to(o) * self.d2.unsqueeze(0))

@@ -295,9 +295,10 @@ def evaluate_grid(net: Union[nn.Module, CurveModel], plane: Plane, xs: Sequence[
     rows = _rows(len(xs), None if ys is None else len(ys), points_per_pass)
     result = _start(resume, xs, ys, use_bn, points_per_pass, plane_checksum(plane), rows, hooks)
 
+    buffer = torch.empty(min(points_per_pass, len(coords)), evaluator.num_parameters, device=device, dtype=dtype)
     def values_at(idx: np.ndarray) -> Dict[str, np.ndarray]:
         """Metrics (and point metrics) of the grid points ``idx``, in one pass per loader."""
-        flats = plane.points(coords[idx]).to(device=device, dtype=dtype)
+        flats = plane.points(coords[idx], out=buffer[:len(idx)])   # one buffer, no [K, P] block per pass
         vals = dict(evaluate_points(evaluator, flats, train_loader, test_loader, bn_loader, use_bn,
                                     runtime=runtime))
         if point_metrics is not None:
