@@ -136,6 +136,14 @@ def _check_ncv(ncv: Optional[int], k: int, num_params: int) -> int:
     return int(ncv)
 
 
+def _shifted_product(op: HessianOperator, v: torch.Tensor, shift: float, hooks: Optional[Hooks]) -> torch.Tensor:
+    """``(H - shift·I) v`` in float64 on the CPU (``as_linear_operator``'s product, kept in torch)."""
+    out = op.matvec(v).to(device="cpu", dtype=torch.float64)
+    if hooks is not None:
+        hooks.advance(1)
+    return out - shift * v if shift else out
+
+
 def _eigsh(op: HessianOperator, k: int, which: str, tol: float, maxiter: Optional[int], seed: int,
            shift: float = 0.0, return_eigenvectors: bool = False, hooks: Optional[Hooks] = None,
            ncv: Optional[int] = None):
@@ -150,10 +158,12 @@ def _eigsh(op: HessianOperator, k: int, which: str, tol: float, maxiter: Optiona
     A = op.as_linear_operator(shift=shift, hooks=hooks)
     ncv = _check_ncv(ncv, k, op.num_params)
     if k == 1 and which in ("LA", "SA"):
-        res = lanczos_extreme(A.matvec, v0, which, tol, max_steps=ncv)
+        res = lanczos_extreme(lambda v: _shifted_product(op, v, shift, hooks), torch.from_numpy(v0), which, tol,
+                              max_steps=ncv)
+        vec = res.vector.numpy()
         if res.converged:
-            return np.array([res.value]), (res.vector[:, None] if return_eigenvectors else None)
-        v0 = res.vector
+            return np.array([res.value]), (vec[:, None] if return_eigenvectors else None)
+        v0 = vec
     try:
         out = eigsh(A, k=k, which=which, tol=tol, maxiter=maxiter, v0=v0, ncv=ncv,
                     return_eigenvectors=return_eigenvectors)

@@ -39,10 +39,10 @@ the model (training, ``recompute_bn``) never leak into its products; build a
 new operator for a new point. With ``reuse_graph`` (default: on when
 ``data`` is a list or tuple, i.e. already in memory; off for loaders) the
 first product builds, once per batch, the reverse-mode graph of ``∇L_b(θ)``
-(``torch.func.vjp`` of ``grad``: one forward and one backward with graph),
-and every product is then one backward pass through those graphs (``H_b v``
-is the vjp of ``∇L_b`` with ``v``, as PyHessian does for one batch); a
-loader is iterated once. Memory: the graphs of all batches stay alive until
+(one forward and one backward with ``create_graph``), and every product is
+then one backward pass through those graphs (``H_b v`` is the vjp of
+``∇L_b`` with ``v``, as PyHessian does for one batch; several vectors at
+once with ``is_grads_batched``); a loader is iterated once. Memory: the graphs of all batches stay alive until
 :meth:`HessianOperator.release_graphs` or the operator is dropped, about
 two to three times the activations a training step keeps for the same
 samples. Without reuse the data is iterated once per product and each
@@ -308,13 +308,19 @@ class HessianOperator:
             raise
 
     def _built_graphs(self) -> list:
-        """``[(pullback, n_b)]``: each batch's vjp of ``∇L_b`` at θ, built by the first call (one pass)."""
+        """``[(∇L_b at θ with its graph, θ leaf, n_b)]`` of every batch, built by the first call (one pass).
+
+        Plain autograd (``create_graph``) rather than ``torch.func.vjp``: the
+        same graph, built and traversed with less wrapper work (measured
+        ~10% per build + 7 products on the digits CNN).
+        """
         if self._graphs is None:
             graphs = []
             for x, y, nb in self._batches():
-                with _product_context():
-                    _, pullback = vjp(grad(self._batch_loss(x, y)), self.theta)
-                graphs.append((pullback, nb))
+                theta = self.theta.detach().requires_grad_(True)
+                with _product_context(), torch.enable_grad():
+                    g = torch.autograd.grad(self._batch_loss(x, y)(theta), theta, create_graph=True)[0]
+                graphs.append((g, theta, nb))
             self._graphs = graphs
         return self._graphs
 
@@ -328,9 +334,9 @@ class HessianOperator:
             for x, y, nb in self._batches():
                 yield self._batch_hvp(x, y, v, batched), nb
             return
-        for pullback, nb in self._built_graphs():
-            with _product_context():
-                yield (vmap(lambda t: pullback(t)[0])(v) if batched else pullback(v)[0]), nb
+        for g, theta, nb in self._built_graphs():
+            with torch.enable_grad():  # H_b v = the vjp of ∇L_b(θ) with v, through the kept graph
+                yield torch.autograd.grad(g, theta, v, retain_graph=True, is_grads_batched=batched)[0], nb
 
     def _apply(self, v: torch.Tensor, batched: bool) -> torch.Tensor:
         """The sample-weighted mean of the batch products."""
