@@ -17,6 +17,11 @@ threads, not on a second BLAS pool whose spinning threads would slow the
 products in between (measured: a numpy version made each product of the
 digits CNN twice as slow on 2 cores).
 
+The test certifies an eigenvalue within the residual of θ, not that θ is
+the extreme one: sound at an isolated end of the spectrum (the top of a
+Hessian), unsafe inside a cluster (its bottom, where the Hessian tools use
+ARPACK with a full basis instead).
+
 If ``max_steps`` steps do not converge, :func:`lanczos_extreme` says so and
 returns the current Ritz pair, which the caller hands to ARPACK as its start
 vector (implicit restarts keep the memory at ``max_steps`` vectors).
