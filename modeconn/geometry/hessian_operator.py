@@ -42,7 +42,8 @@ first product builds, once per batch, the reverse-mode graph of ``∇L_b(θ)``
 (one forward and one backward with ``create_graph``), and every product is
 then one backward pass through those graphs (``H_b v`` is the vjp of
 ``∇L_b`` with ``v``, as PyHessian does for one batch; several vectors at
-once with ``is_grads_batched``); a loader is iterated once. Memory: the graphs of all batches stay alive until
+once with ``is_grads_batched``); a loader is iterated once. Memory: the
+graphs of all batches stay alive until
 :meth:`HessianOperator.release_graphs` or the operator is dropped, about
 two to three times the activations a training step keeps for the same
 samples. Without reuse the data is iterated once per product and each
