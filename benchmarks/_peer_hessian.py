@@ -14,8 +14,9 @@ Rows:
   iteration), both graphs built before timing;
 * λmax at equal accuracy: the reference is modeconn's λmax in float64 at
   ``tol=0``; PyHessian's power iteration at its default ``tol=1e-3`` (seeded)
-  against ``hessian_eigenvalues(k=1)`` at ``OURS_TOL``; the note gives both
-  relative errors and product counts. Timed end to end: building the
+  against ``hessian_eigenvalues(k=1)`` at the loosest tol of ``OURS_TOLS``
+  whose relative error is <= PyHessian's (checked before timing); the note
+  gives both relative errors and product counts. Timed end to end: building the
   graph/operator plus the iteration;
 * Hutchinson trace with 100 Rademacher vectors: PyHessian's ``trace(maxIter=100,
   tol=-1)`` (its stopping test ``|Δmean|/(mean+1e-6) < tol`` can then never
@@ -42,7 +43,7 @@ FRONT = "hessian"
 PEER = "pyhessian"
 CKPT = Path(__file__).resolve().parents[1] / "checkpoints" / "digits_cnn_a.pt"
 PEER_TOL = 1e-3   # PyHessian's default
-OURS_TOL = 1e-2   # the note shows its error stays below PyHessian's at its default 1e-3
+OURS_TOLS = (1e-2, 5e-3, 3e-3, 2e-3, 1e-3, 1e-4)   # ours runs at the loosest whose error is <= PyHessian's (untimed check)
 TRACE_VECTORS = 100
 
 
@@ -101,8 +102,8 @@ def _lmax_row(ph, model, x, y, reps: int) -> Row:
         torch.manual_seed(0)  # PyHessian's start vector comes from the global generator
         return _peer_hessian(ph, model, x, y).eigenvalues(top_n=1, tol=PEER_TOL)[0][0]
 
-    def ours():
-        return hessian_eigenvalues(model, None, [(x, y)], k=1, tol=OURS_TOL, seed=0,
+    def ours(tol):
+        return hessian_eigenvalues(model, None, [(x, y)], k=1, tol=tol, seed=0,
                                    **_kw(hessian_eigenvalues, reuse_graph=True))
 
     mod, inner, wrapped, count = _counting(ph)
@@ -111,11 +112,15 @@ def _lmax_row(ph, model, x, y, reps: int) -> Row:
         peer_val = peer()
     finally:
         mod.hessian_vector_product = inner
-    res = ours()
-    err_peer, err_ours = abs(peer_val - ref) / abs(ref), abs(res.eigenvalues[0] - ref) / abs(ref)
-    t = interleaved({"ours": ours, "peer": peer}, reps)
+    err_peer = abs(peer_val - ref) / abs(ref)
+    for tol in OURS_TOLS:  # equal accuracy: the loosest tol that is at least as accurate as PyHessian
+        res = ours(tol)
+        err_ours = abs(res.eigenvalues[0] - ref) / abs(ref)
+        if err_ours <= err_peer:
+            break
+    t = interleaved({"ours": lambda: ours(tol), "peer": peer}, reps)
     return Row(FRONT, f"λmax at equal accuracy ({len(y)} samples)", t["ours"], t["peer"], PEER,
-               note=(f"ref λmax {ref:.7g} (float64, tol=0); ours tol={OURS_TOL}: rel. error {err_ours:.1e} in "
+               note=(f"ref λmax {ref:.7g} (float64, tol=0); ours tol={tol}: rel. error {err_ours:.1e} in "
                      f"{res.num_matvecs} products; pyhessian tol={PEER_TOL}: rel. error {err_peer:.1e} in "
                      f"{count[0]} products"))
 
