@@ -30,9 +30,12 @@ from scipy.sparse.linalg import ArpackNoConvergence, eigsh
 from torch import nn
 
 from modeconn.geometry.hessian_operator import HessianOperator, LossLike, hessian_vector_product
+from modeconn.geometry.lanczos import lanczos_extreme
 from modeconn.runtime import Hooks
 
 WHICH = ("LA", "SA", "LM")
+# Lanczos basis size for k eigenvalues: max(2k+1, NCV) (capped at P), scipy's default
+NCV = 20
 
 __all__ = [
     "HessianOperator", "HessianEigs", "ExtremeEigenvalues", "Sharpness",
@@ -121,13 +124,52 @@ def _check_tol(tol: float, maxiter: Optional[int]) -> None:
         raise ValueError(f"maxiter must be >= 1 or None, got {maxiter}")
 
 
+def _check_ncv(ncv: Optional[int], k: int, num_params: int) -> int:
+    """The Lanczos basis size: ``ncv`` after checking k < ncv <= P, or the default ``max(2k+1, NCV)`` capped at P."""
+    if ncv is None:
+        return min(num_params, max(2 * k + 1, NCV))
+    if isinstance(ncv, bool) or not isinstance(ncv, (int, np.integer)):
+        raise ValueError(f"ncv must be an integer or None, got {ncv!r}")
+    if not k < int(ncv) <= num_params:
+        raise ValueError(f"ncv={ncv} (Lanczos basis size) must satisfy k < ncv <= P with k={k}, "
+                         f"P={num_params} parameters")
+    return int(ncv)
+
+
+def _shifted_product(op: HessianOperator, v: torch.Tensor, shift: float, hooks: Optional[Hooks]) -> torch.Tensor:
+    """``(H - shift·I) v`` in float64 on the CPU (``as_linear_operator``'s product, kept in torch)."""
+    out = op.matvec(v).to(device="cpu", dtype=torch.float64)
+    if hooks is not None:
+        hooks.advance(1)
+    return out - shift * v if shift else out
+
+
 def _eigsh(op: HessianOperator, k: int, which: str, tol: float, maxiter: Optional[int], seed: int,
-           shift: float = 0.0, return_eigenvectors: bool = False, hooks: Optional[Hooks] = None):
-    """``(eigenvalues, eigenvectors or None)`` of ``H - shift·I`` by ARPACK, start vector from ``seed``."""
+           shift: float = 0.0, return_eigenvectors: bool = False, hooks: Optional[Hooks] = None,
+           ncv: Optional[int] = None):
+    """``(eigenvalues, eigenvectors or None)`` of ``H - shift·I``, start vector from ``seed``.
+
+    λmax alone (k = 1, 'LA'): Lanczos checked after every product
+    (:func:`~modeconn.geometry.lanczos.lanczos_extreme`, ARPACK's stopping
+    rule), continued by ARPACK from its Ritz vector if ``ncv`` steps do not
+    converge. Otherwise ARPACK (``eigsh``) directly: at the bottom of a
+    Hessian spectrum (a cluster around 0) a small residual certifies an
+    eigenvalue near the Ritz value, not the smallest one, and checked early
+    it stopped in the cluster (λmin -0.0015 for -4.8 on a preresnet, tol
+    1e-2); ARPACK's full first basis of ``ncv`` vectors does not.
+    """
     v0 = np.random.default_rng(seed).standard_normal(op.num_params)
     A = op.as_linear_operator(shift=shift, hooks=hooks)
+    ncv = _check_ncv(ncv, k, op.num_params)
+    if k == 1 and which == "LA":
+        res = lanczos_extreme(lambda v: _shifted_product(op, v, shift, hooks), torch.from_numpy(v0), which, tol,
+                              max_steps=ncv)
+        vec = res.vector.numpy()
+        if res.converged:
+            return np.array([res.value]), (vec[:, None] if return_eigenvectors else None)
+        v0 = vec
     try:
-        out = eigsh(A, k=k, which=which, tol=tol, maxiter=maxiter, v0=v0,
+        out = eigsh(A, k=k, which=which, tol=tol, maxiter=maxiter, v0=v0, ncv=ncv,
                     return_eigenvectors=return_eigenvectors)
     except ArpackNoConvergence as e:
         raise RuntimeError(f"Lanczos did not converge to {k} eigenvalue(s) (which={which!r}) within "
@@ -140,20 +182,28 @@ def _eigsh(op: HessianOperator, k: int, which: str, tol: float, maxiter: Optiona
 def hessian_eigenvalues(model: nn.Module, loss_fn: LossLike, data: Iterable, k: int = 1, which: str = "LA",
                         tol: float = 1e-3, maxiter: Optional[int] = None, seed: int = 0, *,
                         return_eigenvectors: bool = False, param_names: Optional[Sequence[str]] = None,
-                        dtype: Optional[torch.dtype] = None, mode: str = "forward", bn_stats: str = "running",
+                        dtype: Optional[torch.dtype] = None, mode: Optional[str] = None, bn_stats: str = "running",
+                        reuse_graph: Optional[bool] = None, ncv: Optional[int] = None,
                         hooks: Optional[Hooks] = None) -> HessianEigs:
     """The k extreme eigenvalues of the Hessian by Lanczos (``scipy.sparse.linalg.eigsh``).
 
     ``which``: 'LA' (largest algebraic, default: the top of the spectrum,
     λmax first), 'SA' (smallest algebraic) or 'LM' (largest magnitude).
     ``tol`` is ARPACK's relative accuracy of each eigenvalue (0 = machine
-    precision), ``maxiter`` its number of restarts (default ``10·P``).
+    precision: it stops when every Ritz value's residual estimate is below
+    ``tol·|value|``), ``maxiter`` its number of restarts (default ``10·P``),
+    ``ncv`` its Lanczos basis size (k < ncv <= P; default ``max(2k+1, 20)``,
+    larger helps clustered spectra). For λmax alone (k = 1, 'LA') the same
+    test runs after every product (:mod:`~modeconn.geometry.lanczos`), so it
+    costs the products it needs, not at least ncv + 1 as in ARPACK.
     ``seed`` fixes the start vector, so results are reproducible. Each
     product is one pass over ``data``; a typical run needs a few tens.
 
     Raises ValueError for k >= P (the number of parameters), empty data or
-    a bad ``which``; RuntimeError when Lanczos does not converge. The other
-    keywords are :class:`HessianOperator`'s; ``hooks.advance(1)`` per product.
+    a bad ``which`` or ``ncv``; RuntimeError when Lanczos does not converge.
+    The other keywords are :class:`HessianOperator`'s (``reuse_graph``:
+    build the gradient graph once, default for list/tuple data);
+    ``hooks.advance(1)`` per product.
 
     Example:
         >>> from torch import nn
@@ -168,11 +218,13 @@ def hessian_eigenvalues(model: nn.Module, loss_fn: LossLike, data: Iterable, k: 
     if which not in WHICH:
         raise ValueError(f"unknown which {which!r}; choose one of {WHICH}")
     _check_tol(tol, maxiter)
-    op = HessianOperator(model, loss_fn, data, param_names=param_names, dtype=dtype, mode=mode, bn_stats=bn_stats)
+    op = HessianOperator(model, loss_fn, data, param_names=param_names, dtype=dtype, mode=mode, bn_stats=bn_stats,
+                         reuse_graph=reuse_graph)
     k = _check_k(k, op.num_params)
+    _check_ncv(ncv, k, op.num_params)
     t0 = time.perf_counter()
     vals, vecs = _eigsh(op, k, which, tol, maxiter, seed, return_eigenvectors=return_eigenvectors,
-                        hooks=hooks)
+                        hooks=hooks, ncv=ncv)
     if which == "LA":
         order = np.argsort(-vals)
     elif which == "SA":
@@ -187,14 +239,15 @@ def hessian_eigenvalues(model: nn.Module, loss_fn: LossLike, data: Iterable, k: 
 
 
 def _extreme(op: HessianOperator, tol: float, maxiter: Optional[int], seed: int,
-             hooks: Optional[Hooks] = None) -> ExtremeEigenvalues:
-    """λmax by Lanczos, then λmin as the largest-magnitude eigenvalue of ``H - λmax·I`` plus λmax."""
+             hooks: Optional[Hooks] = None, ncv: Optional[int] = None) -> ExtremeEigenvalues:
+    """λmax by Lanczos, then λmin as the largest-magnitude eigenvalue of ``H - λmax·I`` plus λmax (ARPACK)."""
     if op.num_params == 1:
         h = float(op.matvec(torch.ones(1)))
         return ExtremeEigenvalues(h, h)
-    lmax = float(_eigsh(op, 1, "LA", tol, maxiter, seed, hooks=hooks)[0][0])
+    _check_ncv(ncv, 1, op.num_params)
+    lmax = float(_eigsh(op, 1, "LA", tol, maxiter, seed, hooks=hooks, ncv=ncv)[0][0])
     # H - λmax·I has spectrum in [λmin - λmax, ~0]: its largest-magnitude eigenvalue is λmin - λmax
-    shifted = float(_eigsh(op, 1, "LM", tol, maxiter, seed + 1, shift=lmax, hooks=hooks)[0][0])
+    shifted = float(_eigsh(op, 1, "LM", tol, maxiter, seed + 1, shift=lmax, hooks=hooks, ncv=ncv)[0][0])
     lmin = min(shifted + lmax, lmax)
     return ExtremeEigenvalues(lmax, lmin)
 
@@ -202,23 +255,27 @@ def _extreme(op: HessianOperator, tol: float, maxiter: Optional[int], seed: int,
 def hessian_extreme_eigenvalues(model: nn.Module, loss_fn: LossLike, data: Iterable, tol: float = 1e-3,
                                 maxiter: Optional[int] = None, seed: int = 0, *,
                                 param_names: Optional[Sequence[str]] = None, dtype: Optional[torch.dtype] = None,
-                                mode: str = "forward", bn_stats: str = "running",
+                                mode: Optional[str] = None, bn_stats: str = "running",
+                                reuse_graph: Optional[bool] = None, ncv: Optional[int] = None,
                                 hooks: Optional[Hooks] = None) -> ExtremeEigenvalues:
     """``(λmax, λmin)`` of the Hessian; ``.ratio`` is ``|λmin / λmax|``.
 
     λmax by Lanczos ('LA'); λmin by a shift: the largest-magnitude eigenvalue
     of ``H - λmax·I`` is ``λmin - λmax``, and ``λmin`` is that plus λmax. Its
     error is about ``tol·(λmax - λmin)`` (relative to the spread, not to λmin).
+    Both Lanczos runs share one operator (with ``reuse_graph``, one graph);
+    the keywords are :func:`hessian_eigenvalues`'.
     """
     _check_tol(tol, maxiter)
-    op = HessianOperator(model, loss_fn, data, param_names=param_names, dtype=dtype, mode=mode, bn_stats=bn_stats)
-    return _extreme(op, tol, maxiter, seed, hooks)
+    op = HessianOperator(model, loss_fn, data, param_names=param_names, dtype=dtype, mode=mode, bn_stats=bn_stats,
+                         reuse_graph=reuse_graph)
+    return _extreme(op, tol, maxiter, seed, hooks, ncv)
 
 
 def hessian_trace(model: nn.Module, loss_fn: LossLike, data: Iterable, num_samples: int = 100, seed: int = 0, *,
                   vectors_per_pass: int = 1, param_names: Optional[Sequence[str]] = None,
-                  dtype: Optional[torch.dtype] = None, mode: str = "forward", bn_stats: str = "running",
-                  hooks: Optional[Hooks] = None) -> Tuple[float, float]:
+                  dtype: Optional[torch.dtype] = None, mode: Optional[str] = None, bn_stats: str = "running",
+                  reuse_graph: Optional[bool] = None, hooks: Optional[Hooks] = None) -> Tuple[float, float]:
     """Hutchinson estimate of ``tr H``: ``(mean, stderr)`` of ``vᵀHv`` over
     ``num_samples`` Rademacher vectors ``v`` (entries ±1, drawn from ``seed``).
 
@@ -226,14 +283,16 @@ def hessian_trace(model: nn.Module, loss_fn: LossLike, data: Iterable, num_sampl
     ``vectors_per_pass`` > 1 pushes that many vectors through each pass over
     the data at once (``torch.func.vmap``): fewer passes over the data (worth
     it when loading is the cost), more memory; per vector it is not faster on
-    CPU. ``hooks.advance(m)`` after each pass of m vectors.
+    CPU. ``reuse_graph`` (default for list/tuple data) builds the gradient
+    graph once for all vectors. ``hooks.advance(m)`` after each pass of m vectors.
     """
     if isinstance(num_samples, bool) or int(num_samples) != num_samples or num_samples < 2:
         raise ValueError(f"num_samples must be an integer >= 2 (the standard error needs two), got {num_samples!r}")
     if int(vectors_per_pass) < 1:
         raise ValueError(f"vectors_per_pass must be >= 1, got {vectors_per_pass}")
     num_samples, vectors_per_pass = int(num_samples), int(vectors_per_pass)
-    op = HessianOperator(model, loss_fn, data, param_names=param_names, dtype=dtype, mode=mode, bn_stats=bn_stats)
+    op = HessianOperator(model, loss_fn, data, param_names=param_names, dtype=dtype, mode=mode, bn_stats=bn_stats,
+                         reuse_graph=reuse_graph)
     gen = torch.Generator().manual_seed(int(seed))
     hooks = hooks or Hooks()
     samples = []
@@ -255,13 +314,16 @@ def hessian_trace(model: nn.Module, loss_fn: LossLike, data: Iterable, num_sampl
 def sharpness_along(models: Iterable[nn.Module], loss_fn: LossLike, data: Iterable, tol: float = 1e-3,
                     maxiter: Optional[int] = None, seed: int = 0, *, ts: Optional[Sequence[float]] = None,
                     param_names: Optional[Sequence[str]] = None, dtype: Optional[torch.dtype] = None,
-                    mode: str = "forward", bn_stats: str = "running", hooks: Optional[Hooks] = None) -> Sharpness:
+                    mode: Optional[str] = None, bn_stats: str = "running", reuse_graph: Optional[bool] = None,
+                    ncv: Optional[int] = None, hooks: Optional[Hooks] = None) -> Sharpness:
     """λmax, λmin and ``|λmin/λmax|`` at every model of a path (e.g.
     ``[curve.point(t) for t in ts]``, BN statistics recomputed first).
 
     ``models`` may be a generator, so only one point needs to live at a time.
     ``ts`` (optional) is stored in the result as the points' labels. Same
-    Lanczos settings for every point; ``hooks.advance(1)`` after each point.
+    Lanczos settings for every point (keywords as :func:`hessian_eigenvalues`;
+    with ``reuse_graph`` one point's graphs live at a time);
+    ``hooks.advance(1)`` after each point.
     """
     _check_tol(tol, maxiter)
     if hasattr(models, "__len__") and len(models) == 0:
@@ -271,8 +333,8 @@ def sharpness_along(models: Iterable[nn.Module], loss_fn: LossLike, data: Iterab
     lmax, lmin, matvecs = [], [], 0
     for model in models:
         op = HessianOperator(model, loss_fn, data, param_names=param_names, dtype=dtype, mode=mode,
-                             bn_stats=bn_stats)
-        e = _extreme(op, tol, maxiter, seed)
+                             bn_stats=bn_stats, reuse_graph=reuse_graph)
+        e = _extreme(op, tol, maxiter, seed, ncv=ncv)
         lmax.append(e.lambda_max)
         lmin.append(e.lambda_min)
         matvecs += op.num_matvecs
