@@ -145,3 +145,54 @@ def test_bn_recomputed_grid_equals_update_bn_per_point(monkeypatch, max_work):
             with torch.no_grad():
                 want = F.cross_entropy(ref.eval()(x), y).item()
             assert abs(grid.arrays["train_loss"][j, i] - want) < 1e-12
+
+
+@pytest.mark.parametrize("block_entries", [1, 50, 1 << 20])      # one point, a few points, all points per block
+def test_point_loop_blocks_equal_point_by_point_float64(monkeypatch, block_entries):
+    from modeconn.evaluation import points
+    monkeypatch.setattr(stacked, "VMAP_MAX_WORK", 0)
+    monkeypatch.setattr(points, "BLOCK_ENTRIES", block_entries)
+    net, x, y = _tiny()
+    plane = random_plane(flatten_parameters(net), net, dims=2, seed=3)
+    xs, ys = np.linspace(-0.8, 1.1, 5), np.linspace(-1.2, 0.3, 3)
+    loader = [(x[:9], y[:9]), (x[9:18], y[9:18]), (x[18:], y[18:])]   # a ragged last batch
+    grid = evaluate_grid(net, plane, xs, ys, train_loader=loader, test_loader=[(x[:7], y[:7])], points_per_pass=4)
+    loss, acc = _reference(net, plane, xs, ys, x, y)
+    np.testing.assert_allclose(grid.arrays["train_loss"], loss, rtol=0, atol=1e-12)
+    np.testing.assert_array_equal(grid.arrays["train_acc"], acc)
+    test_loss, _ = _reference(net, plane, xs, ys, x[:7], y[:7])
+    np.testing.assert_allclose(grid.arrays["test_loss"], test_loss, rtol=0, atol=1e-12)
+
+
+def test_each_point_gives_the_template_its_tensors_back():
+    from modeconn.geometry.grid import evaluator_for
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(4, 5), nn.BatchNorm1d(5), nn.Linear(5, 2)).eval()
+    curve = evaluator_for(net)
+    template = curve.net
+    bufs = dict(template.named_buffers())
+    flats = torch.stack([curve.flat_weights_at(0.0)] * 3)
+    p = curve.unflatten(flats)
+    b = {n: v.unsqueeze(0).expand(3, *v.shape) for n, v in bufs.items()}
+    outs = stacked.each_point(template, p, b, torch.randn(6, 4))
+    next(outs)
+    assert len(list(template.parameters())) == len(p) == 6    # point 0's views sit in the slots
+    outs.close()                                           # left early: everything back
+    assert list(template.parameters()) == []
+    assert all(v is bufs[n] for n, v in template.named_buffers())
+    with torch.no_grad():
+        got = list(stacked.each_point(template, p, b, torch.ones(6, 4)))
+    assert torch.allclose(got[2], net(torch.ones(6, 4)), atol=1e-6) and list(template.parameters()) == []
+
+
+def test_add_logits_with_infinite_logits_is_torch_logsumexp():
+    logits = torch.tensor([[[float("inf"), 0.0, 1.0], [-float("inf"), 2.0, 3.0], [1.0, 5.0, -2.0]]])
+    y = torch.tensor([1, 2, 1])
+    sums = MetricSums()
+    sums.add_logits(logits, y)
+    want = (torch.logsumexp(logits.double(), -1) - logits[0, [0, 1, 2], y].double()).sum() / 3
+    assert np.isnan(want.item()) == np.isnan(sums.means()["loss"][0])
+    finite = MetricSums()
+    finite.add_logits(logits[:, 1:], y[1:])
+    ref = (torch.logsumexp(logits[0, 1:].double(), -1) - logits[0, [1, 2], y[1:]].double()).mean()
+    assert abs(finite.means()["loss"][0] - ref.item()) < 1e-15

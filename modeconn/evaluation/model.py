@@ -10,7 +10,7 @@ for the same predictions.
 from __future__ import annotations
 
 import contextlib
-from typing import Callable, Dict, Iterable, Iterator, Union
+from typing import Callable, Dict, Iterable, Iterator, Optional, Union
 
 import numpy as np
 import torch
@@ -109,12 +109,15 @@ class MetricSums:
         ([0.5], 0.7201)
     """
 
-    def __init__(self, num_bins: int = 0):
+    def __init__(self, num_bins: int = 0, scratch: Optional[Dict[str, torch.Tensor]] = None):
         if num_bins < 0:
             raise ValueError(f"num_bins must be >= 0, got {num_bins}")
         self.num_bins = int(num_bins)
         self.n = 0
         self.loss = self.correct = self.count = self.conf = self.hits = self.edges = None
+        # add_logits' float64 work tensor lives here, reused by every batch of its shape; a caller
+        # that makes many sums in a row passes one dict to all of them (see evaluation.points)
+        self.scratch = {} if scratch is None else scratch
 
     def _zeros(self, M: int, device, *bins: int) -> torch.Tensor:
         return torch.zeros(M, *bins, dtype=torch.float64, device=device)
@@ -174,9 +177,14 @@ class MetricSums:
         """Add a batch of logits [M, B, C] (normalised in float64, so the NLL keeps its digits).
 
         ``NLL = logsumexp(z) - z_y`` in float64, without forming the whole
-        log-softmax (what :meth:`add` gets); the prediction is the argmax of
-        the logits themselves (float32 -> float64 is exact and the shift is
-        common to a row, so it is the argmax of the log-probabilities).
+        log-softmax (what :meth:`add` gets), computed as ``torch.logsumexp``
+        does: shifted by the top logit (by 0 where it is infinite). The
+        prediction is the argmax of the logits themselves (float32 -> float64
+        is exact and the shift is common to a row, so it is the argmax of the
+        log-probabilities). The classes are reduced on ``logits.transpose(1, 2)``:
+        logits laid out as [M, C, B] in memory (see ``evaluation.points``) make
+        every reduction run along contiguous samples. The float64 work tensor
+        is kept in :attr:`scratch` for the next batch of its shape (or fewer sets).
         Language-model logits [M, B, T, V] with next-token labels [B, T]: see :meth:`add`."""
         if logits.dim() != 3:
             self.add(F.log_softmax(logits.double(), dim=-1), y)
@@ -184,10 +192,17 @@ class MetricSums:
         M, B, _ = logits.shape
         self._start(M, logits.device)
         y = y.to(logits.device)
-        lse = torch.logsumexp(logits.double(), dim=-1)
-        top, pred = logits.max(2)
-        picked = logits.gather(2, y.view(1, B, 1).expand(M, B, 1)).squeeze(2)
-        self._tally(lse - picked.double(), pred, y, top.double() - lse)
+        z = logits.transpose(1, 2)                                    # [M, C, B]
+        top, pred = z.max(1)
+        top = top.double()
+        shift = top.masked_fill(top.isinf(), 0.0)
+        key = f"logits64 {tuple(z.shape[1:])} {z.device}"
+        work = self.scratch.get(key)
+        if work is None or len(work) < M:
+            work = self.scratch[key] = torch.empty_like(z, dtype=torch.float64)
+        lse = torch.sub(z, shift.unsqueeze(1), out=work[:M]).exp_().sum(1).log_().add_(shift)
+        picked = z.gather(1, y.view(1, 1, B).expand(M, 1, B)).squeeze(1)
+        self._tally(lse - picked.double(), pred, y, top - lse)
 
     def add_loss(self, loss_sum: torch.Tensor, batch_size: int) -> None:
         """Add a batch of a loss without classes (e.g. MSE): ``loss_sum`` [M] summed over the batch."""

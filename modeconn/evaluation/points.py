@@ -9,13 +9,14 @@ The shared engine of path, grid and plane evaluation. How it is fast:
   :func:`~modeconn.evaluation.stacked.batched_forward`), or, on CPUs for
   convolutions and for dense work above
   :data:`~modeconn.evaluation.stacked.VMAP_MAX_WORK`, once per point on views
-  of the stacked weights, each output reduced as soon as it is made;
+  of the stacked weights, the outputs reduced a block of points at a time;
 * BatchNorm statistics of all K points are recomputed in the same single pass
   over the training data (:func:`~modeconn.evaluation.bn.bn_statistics`, the
   routine :func:`~modeconn.evaluation.bn.recompute_bn` also runs on one model).
 """
 from __future__ import annotations
 
+import contextlib
 import itertools
 from typing import Dict, Iterable, Optional
 
@@ -29,22 +30,29 @@ from modeconn.runtime import Runtime
 
 __all__ = ["evaluate_points"]
 
+Scratch = Dict[str, torch.Tensor]
+
+
+# Outputs of the point loop are reduced in blocks of points of at most this many entries: one
+# metric reduction per block, not per point. On CPUs each reduction op wakes the intra-op threads
+# (under OMP_WAIT_POLICY=PASSIVE ~40 us per op, more than the op itself for a small batch's logits);
+# the cap keeps a language model's [B, T, V] logits to one point per block.
+BLOCK_ENTRIES = 1 << 20
+
 
 @torch.no_grad()
 def _point_means(curve, flats: torch.Tensor, buffers: Dict[str, torch.Tensor], loader: Iterable,
-                 runtime: Optional[Runtime] = None) -> Dict[str, np.ndarray]:
+                 runtime: Optional[Runtime] = None, scratch: Optional[Scratch] = None) -> Dict[str, np.ndarray]:
     """Mean cross-entropy and accuracy (``[K]`` each) of K points ``flats [K, P]`` (buffers ``[K, ...]``) over ``loader``.
 
     The template runs in eval mode. All K points share each batch: one vmap,
     or, where :func:`vectorize_by_default` says so for the first batch's
-    size, one point after another, each output reduced into its point's
-    sums at once (no ``[K, B, C]`` block is held: on CPUs the allocator
-    would return such blocks to the OS and fault them in again, pass after
-    pass). ``runtime.amp``: forwards under bf16 autocast (logits back to
-    float32 before the sums); ``runtime.compile``: the vmapped forward
-    through ``torch.compile``.
+    size, one point after another (:func:`_loop_means`). ``runtime.amp``:
+    forwards under bf16 autocast (logits back to float32 before the sums);
+    ``runtime.compile``: the vmapped forward through ``torch.compile``.
+    ``scratch``: tensors kept for the next call (see :func:`evaluate_points`).
     """
-    runtime = runtime or Runtime()
+    runtime, scratch = runtime or Runtime(), {} if scratch is None else scratch
     net, device = curve.net, flats.device
     params = curve.unflatten(flats)
     batches = iter(loader)
@@ -52,27 +60,69 @@ def _point_means(curve, flats: torch.Tensor, buffers: Dict[str, torch.Tensor], l
     if first is None:
         raise ValueError("the loader yielded no samples")
     batches = itertools.chain([first], batches)
-    one_by_one = not runtime.compile and not vectorize_by_default(net, device, flats.shape[1] * len(first[0]))
-    fwd = compiled_forward(net) if runtime.compile else batched_forward(net, True)
-    sums = [MetricSums() for _ in range(len(flats))] if one_by_one else [MetricSums()]
-    for s in sums:  # before the forwards (see MetricSums.reserve)
-        s.reserve(len(flats) if not one_by_one else 1, device)
     with eval_mode(net):
+        if not runtime.compile and not vectorize_by_default(net, device, flats.shape[1] * len(first[0])):
+            return _loop_means(net, params, buffers, batches, len(flats), runtime, scratch)
+        fwd = compiled_forward(net) if runtime.compile else batched_forward(net, True)
+        sums = MetricSums(scratch=scratch)
+        sums.reserve(len(flats), device)
         for x, y in batches:
             with runtime.autocast(device):
-                outs = (each_point(net, params, buffers, x) if one_by_one
-                        else [fwd(params, buffers, x)])          # [B, C] per point, or [K, B, C]
-                for s, out in zip(sums, outs):
-                    out = out.unsqueeze(0) if one_by_one else out
-                    s.add_logits(out.float() if runtime.amp else out, y)
+                out = fwd(params, buffers, x)                      # [K, B, C]
+                sums.add_logits(out.float() if runtime.amp else out, y)
+    return sums.means()
+
+
+def _loop_means(net, params, buffers, batches: Iterable, K: int, runtime: Runtime,
+                scratch: Scratch) -> Dict[str, np.ndarray]:
+    """:func:`_point_means` point by point: each output copied into a block of points, reduced per block.
+
+    A block holds up to :data:`BLOCK_ENTRIES` entries (its size set by the
+    first output). It and the metric's float64 work tensor are kept in
+    ``scratch`` and reused by every batch and, when the caller keeps
+    ``scratch``, every later call: large blocks made and freed pass after
+    pass let the C allocator hand the top of its heap back to the OS, and
+    the next forwards fault it in again (measured: up to 40k minor faults
+    per 21x21 grid of the digits MLP).
+    """
+    sums, device = [], next(iter(params.values())).device
+    for x, y in batches:
+        with runtime.autocast(device), contextlib.closing(each_point(net, params, buffers, x)) as outs:
+            for k, out in enumerate(outs):
+                if not sums:
+                    g = max(1, min(K, BLOCK_ENTRIES // max(1, out.numel())))
+                    sums = [MetricSums(scratch=scratch) for _ in range(0, K, g)]
+                    for i, s in enumerate(sums):
+                        s.reserve(min(g, K - i * g), device)
+                block = _block(scratch, out, g)
+                block[k % g].copy_(out)
+                if k % g == g - 1 or k == K - 1:
+                    done = block[:k % g + 1]
+                    sums[k // g].add_logits(done.float() if runtime.amp else done, y)
     means = [s.means() for s in sums]
     return {k: np.concatenate([m[k] for m in means]) for k in ("loss", "acc")}
+
+
+def _block(scratch: Scratch, out: torch.Tensor, g: int) -> torch.Tensor:
+    """A ``[g, *out.shape]`` block, kept in ``scratch`` per shape; ``[B, C]`` logits laid out ``[g, C, B]``.
+
+    With the classes outside the samples, every reduction of
+    :meth:`MetricSums.add_logits` over the classes runs along contiguous samples.
+    """
+    key = f"block {tuple(out.shape)} {out.dtype} {out.device}"
+    block = scratch.get(key)
+    if block is None or len(block) < g:
+        block = out.new_empty(g, out.shape[1], out.shape[0]).transpose(1, 2) if out.dim() == 2 \
+            else out.new_empty(g, *out.shape)
+        scratch[key] = block
+    return block[:g]
 
 
 @torch.no_grad()
 def evaluate_points(curve, flats: torch.Tensor, train_loader: Optional[Iterable],
                     test_loader: Optional[Iterable], bn_loader: Optional[Iterable] = None,
-                    recompute_bn: bool = True, runtime: Optional[Runtime] = None) -> Dict[str, np.ndarray]:
+                    recompute_bn: bool = True, runtime: Optional[Runtime] = None, *,
+                    scratch: Optional[Scratch] = None) -> Dict[str, np.ndarray]:
     """Metrics of K arbitrary points ``flats [K, P]`` of ``curve``'s architecture, in one pass per loader.
 
     Args:
@@ -87,6 +137,9 @@ def evaluate_points(curve, flats: torch.Tensor, train_loader: Optional[Iterable]
             BatchNorm; with False the template's current buffers are used.
         runtime: ``amp`` (bf16 autocast) and ``compile`` (``torch.compile``
             of the metric passes); points stay on ``flats``' device.
+        scratch: a dict the caller keeps between calls (e.g. a grid, for all
+            its chunks): the logits blocks and float64 work tensors of the
+            metric passes are kept there and reused, not made and freed per call.
 
     Returns:
         ``{"train_loss", "train_acc", "test_loss", "test_acc"}``, arrays of
@@ -112,6 +165,6 @@ def evaluate_points(curve, flats: torch.Tensor, train_loader: Optional[Iterable]
     out = {}
     for split, loader in (("train", train_loader), ("test", test_loader)):
         if loader is not None:
-            m = _point_means(curve, flats, buffers, loader, runtime)
+            m = _point_means(curve, flats, buffers, loader, runtime, scratch)
             out[f"{split}_loss"], out[f"{split}_acc"] = m["loss"], m["acc"]
     return out

@@ -2,8 +2,8 @@
 
 The weights of K points are tensors ``[K, *shape]`` per parameter (and per
 buffer); :func:`batched_forward` runs the template on a batch for all K, either
-as one ``torch.func.vmap`` or as a loop of ``functional_call`` on views of the
-stacked tensors (so in-place BatchNorm updates land in the stacked buffers).
+as one ``torch.func.vmap`` or as a loop over the points, the template run on
+views of the stacked tensors (so in-place BatchNorm updates land in the stacked buffers).
 
 Where an op has no vmap batching rule (PyTorch's CPU attention kernels,
 ``aten::_scaled_dot_product_flash_attention_for_cpu``, and the fused
@@ -13,6 +13,7 @@ template, and from then on it is evaluated point by point, silently.
 """
 from __future__ import annotations
 
+import contextlib
 import warnings
 import weakref
 from typing import Callable, Dict, Iterator, Optional
@@ -66,25 +67,53 @@ def batched_forward(net: nn.Module, vectorize: bool = True) -> Callable[[Stacked
 
 
 def each_point(net: nn.Module, p: Stacked, b: Stacked, x: torch.Tensor) -> Iterator[torch.Tensor]:
-    """The K points' outputs on ``x``, one after another (``functional_call`` on views of the stacked tensors).
+    """The K points' outputs on ``x``, one after another: ``net`` run on views of the stacked tensors.
 
-    A consumer that reduces each output before asking for the next never
-    holds K outputs at once (see :func:`modeconn.evaluation.points.evaluate_points`).
+    Each point's views are put into ``net``'s parameter and buffer slots and
+    ``net`` is called as it is (in-place BatchNorm updates land in the stacked
+    buffers); the slots get their earlier tensors back when the generator
+    ends or is closed (use ``contextlib.closing`` if it may be left early).
+    The same as ``functional_call`` per point, without its per-call renaming
+    and swapping of every tensor (≈0.07 ms per call, measured on the digits
+    MLP, more than a small network's forward on a batch). A consumer that
+    reduces each output before asking for the next never holds K outputs at
+    once (see :func:`modeconn.evaluation.points.evaluate_points`).
     """
     K = next(iter(p.values())).shape[0]
     if x.dim() == 4:  # channels-last convolutions are markedly faster on CPUs
         x = x.contiguous(memory_format=torch.channels_last)
-    for k in range(K):
-        pk = {n: v[k].contiguous(memory_format=torch.channels_last) if v.dim() == 5 else v[k]
-              for n, v in p.items()}
-        yield functional_call(net, {**pk, **{n: v[k] for n, v in b.items()}}, (x,))
+    stacks = {**p, **b}
+    slots = [_slot(net, name) for name in stacks]
+    saved = [(table, attr, table.get(attr, _ABSENT)) for table, attr in slots]
+    try:
+        for k in range(K):
+            for (table, attr), v in zip(slots, stacks.values()):
+                table[attr] = v[k].contiguous(memory_format=torch.channels_last) if v.dim() == 5 else v[k]
+            yield net(x)
+    finally:
+        for table, attr, old in saved:
+            if old is _ABSENT:
+                del table[attr]
+            else:
+                table[attr] = old
+
+
+_ABSENT = object()
+
+
+def _slot(net: nn.Module, name: str):
+    """``(table, attr)``: the ``_buffers`` or ``_parameters`` dict of the submodule that holds ``name``."""
+    owner, _, attr = name.rpartition(".")
+    module = net.get_submodule(owner)
+    return (module._buffers if attr in module._buffers else module._parameters), attr
 
 
 def _point_loop(net: nn.Module) -> Callable[[Stacked, Stacked, torch.Tensor], torch.Tensor]:
     """The K points one after another (:func:`each_point`), outputs stacked."""
     def loop(p: Stacked, b: Stacked, x: torch.Tensor) -> torch.Tensor:
         """The K points one after another."""
-        return torch.stack(list(each_point(net, p, b, x)))
+        with contextlib.closing(each_point(net, p, b, x)) as outs:
+            return torch.stack(list(outs))
     return loop
 
 

@@ -295,20 +295,20 @@ def evaluate_grid(net: Union[nn.Module, CurveModel], plane: Plane, xs: Sequence[
     rows = _rows(len(xs), None if ys is None else len(ys), points_per_pass)
     result = _start(resume, xs, ys, use_bn, points_per_pass, plane_checksum(plane), rows, hooks)
 
-    buffer = torch.empty(min(points_per_pass, len(coords)), evaluator.num_parameters, device=device, dtype=dtype)
+    buffer, scratch = torch.empty(min(points_per_pass, len(coords)), evaluator.num_parameters, device=device,
+                                  dtype=dtype), {}   # scratch: the metric passes' blocks, made once per grid
     def values_at(idx: np.ndarray) -> Dict[str, np.ndarray]:
         """Metrics (and point metrics) of the grid points ``idx``, in one pass per loader."""
         flats = plane.points(coords[idx], out=buffer[:len(idx)])   # one buffer, no [K, P] block per pass
         vals = dict(evaluate_points(evaluator, flats, train_loader, test_loader, bn_loader, use_bn,
-                                    runtime=runtime))
+                                    runtime=runtime, scratch=scratch))
         if point_metrics is not None:
             vals.update({k: np.asarray(v, float) for k, v in point_metrics(flats).items()})
         hooks.advance(len(idx))
         return vals
 
-    sharded = runtime.sharded()
     for r in range(result.rows_done, len(rows)):
-        _store(result, _row_values(rows[r], points_per_pass, values_at, sharded))
+        _store(result, _row_values(rows[r], points_per_pass, values_at, runtime.sharded()))
         result.rows_done = r + 1
         if on_row is not None:
             on_row(r, result)
