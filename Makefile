@@ -6,7 +6,7 @@ PY     := $(VENV)/bin/python
 # pyproject.toml keeps open ranges (torch>=2.3) for users elsewhere.
 TORCH_PINS ?= torch==2.14.1 torchvision==0.29.1
 
-.PHONY: demo test install bench experiments mutate clean
+.PHONY: demo test install bench bench-peers experiments mutate clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -39,6 +39,12 @@ mutate: $(VENV)/.installed-dev
 
 bench: install
 	for f in benchmarks/[a-z]*.py; do echo "== $$f"; $(PY) $$f || exit 1; done
+
+# modeconn against the peers' own code (benchmarks/peers.py): installs them (benchmark-only, never
+# dependencies of the package) into $(VENV) first; `make bench` prints a row per peer it cannot import
+bench-peers: install
+	$(PY) -m pip install --quiet -r benchmarks/requirements-peers.txt
+	OMP_WAIT_POLICY=PASSIVE $(PY) benchmarks/peers.py
 
 # The papers' results on the CPU (experiments/README.md): every experiment's cpu preset, one after
 # another, each refreshing experiments/results/<name>.md and experiments/figures/<name>.png.
