@@ -100,5 +100,11 @@ def test_a_one_sample_simplex_ensemble_is_the_sampled_point():
     ref = simplex.point(alpha)
     for (k, v), (k2, w) in zip(member.state_dict().items(), ref.state_dict().items()):
         assert k == k2 and torch.allclose(v, w, atol=0)
+    # the documented default seed is 0: the same draw as a generator seeded with 0
+    (default,) = simplex_ensemble(simplex, 1)
+    first = simplex.point(simplex.sample(torch.Generator().manual_seed(0))[1])
+    for v, w in zip(default.state_dict().values(), first.state_dict().values()):
+        assert torch.equal(v, w)
+    assert not torch.equal(default.state_dict()["0.weight"], member.state_dict()["0.weight"])
     with pytest.raises(ValueError, match="num_samples"):
         simplex_ensemble(simplex, 0)
