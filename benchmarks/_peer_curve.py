@@ -9,7 +9,10 @@ contestants run interleaved (A B A B, medians) in one process on one batch:
   :mod:`benchmarks._garipov_curves` holding the same bends (CE + 0.5 * 5e-4 *
   ||θ(t)||², SGD momentum 0.9 on the free bend, ends fixed);
 - the zoo's plain model against the reference model as the papers' code writes it
-  (``plain_step_fn``: SGD momentum 0.9, weight decay 5e-4);
+  (``plain_step_fn``: SGD momentum 0.9, weight decay 5e-4). Both have in-place
+  ReLUs; the zoo's models convolve channels-last
+  (:func:`modeconn.models.registry.channels_last`), the reference code's in
+  PyTorch's default layout: that layout is the measured difference;
 - our curve step against our own plain step: the issue's target is a curve step of
   at most 1.05 plain steps, so that row's peer is "our plain step x1.05" and its
   note gives the plain ratio itself.
@@ -66,7 +69,7 @@ def _arch_rows(arch: str, label: str, reps: int, quick: bool) -> List[Row]:
         Row(FRONT, f"{label} Bezier(3) curve step, batch {len(x)}{size}", t["curve"], t["garipov"],
             "per-layer curve layers (Garipov et al.)", note="same bends, same step; baseline in benchmarks/_garipov_curves.py"),
         Row(FRONT, f"{label} plain step, batch {len(x)}{size}", t["plain"], t["ref"], "reference model",
-            note="zoo model vs the reference code's (in-place ReLU)"),
+            note="same layers, in-place ReLUs on both sides; the zoo convolves channels-last, the reference in the default layout"),
         Row(FRONT, f"{label} curve step vs our plain step{size}", own["curve"], PLAIN_TARGET * own["plain"],
             f"our plain step x{PLAIN_TARGET}", note=f"curve/plain = {plain_ratio:.3f} (target <= {PLAIN_TARGET})"),
     ]

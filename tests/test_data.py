@@ -27,6 +27,30 @@ def test_loader_epochs_are_permutations_and_reproducible(digits):
     assert not torch.equal(e1, e2)
 
 
+@pytest.mark.parametrize("drop_last", [False, True])
+def test_unshuffled_batches_are_views_and_the_rest_are_copies(drop_last):
+    """Unshuffled, one process, no transform: the batches are slices of the held tensors (no copy) with
+    the same samples, sizes and count as the general path; shuffled or transformed batches are new
+    tensors, so an in-place transform cannot change the dataset."""
+    x, y = torch.arange(22.0).view(11, 2), torch.arange(11)
+    loader = mc.TensorLoader(x, y, 4, drop_last=drop_last)
+    batches = list(loader)
+    expected = [(0, 4), (4, 8)] + ([] if drop_last else [(8, 11)])
+    assert len(batches) == len(loader) == len(expected)
+    for (xb, yb), (lo, hi) in zip(batches, expected):
+        assert torch.equal(yb, torch.arange(lo, hi)) and torch.equal(xb, x[lo:hi])
+        assert xb.data_ptr() == x[lo].data_ptr() and yb.data_ptr() == y[lo].data_ptr()   # views
+    keep = x.clone()
+    for xb, _ in mc.TensorLoader(x, y, 4, transform=lambda b, g: b.mul_(-1)):
+        assert xb.data_ptr() != x.data_ptr()
+    for xb, _ in mc.TensorLoader(x, y, 4, shuffle=True, seed=0):
+        xb.mul_(-1)
+    for rank in (0, 1):
+        for xb, _ in mc.TensorLoader(x, y, 2, rank=rank, world_size=2):
+            xb.mul_(-1)
+    assert torch.equal(x, keep)
+
+
 def test_sharded_loader_splits_the_epoch(digits):
     # global batch k of a one-process loader (batch 64) = rank 0's batch k + rank 1's batch k (32 each)
     shards = [list(digits.train_loader(32, seed=1, rank=r, world_size=2, augment=False)) for r in (0, 1)]

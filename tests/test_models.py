@@ -64,14 +64,21 @@ def _inplace_ops(gm: torch.fx.GraphModule):
 
 
 class _MutationRecorder(TorchDispatchMode):
-    """Records every aten op that mutates one of its inputs (``x += y``, ``relu_``, ...)."""
+    """Records every aten op that mutates one of its inputs (``x += y``, ``relu_``, ...).
 
-    def __init__(self):
+    Except ``as_strided_`` on a tensor the forward made itself: a kernel setting
+    the strides of its own fresh output (adaptive pooling of a channels-last
+    input does), no value of anyone's tensor changes.
+    """
+
+    def __init__(self, owned=()):
         super().__init__()
         self.mutating = []
+        self.owned = {t.data_ptr() for t in owned}   # the caller's tensors: input, parameters, buffers
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        if func._schema.is_mutable:
+        restride_of_fresh = func is torch.ops.aten.as_strided_.default and args[0].data_ptr() not in self.owned
+        if func._schema.is_mutable and not restride_of_fresh:
             self.mutating.append(str(func))
         return func(*args, **(kwargs or {}))
 
@@ -95,7 +102,7 @@ def test_forward_shape_and_fx_trace(name, shape):
     # no in-place ops at run time (eval mode: BN/dropout do no bookkeeping of their own), except the
     # in-place ReLUs of the reference architectures, which change nothing but the model's own tensors
     x_before = x.clone()
-    with torch.no_grad(), _MutationRecorder() as rec:
+    with torch.no_grad(), _MutationRecorder([x, *model.parameters(), *model.buffers()]) as rec:
         model(x)
     relu_inplace = name.startswith("vgg") or name == "preresnet"
     assert set(rec.mutating) == ({"aten.relu_.default"} if relu_inplace else set()) and torch.equal(x, x_before)
@@ -396,3 +403,45 @@ def test_register_model_decorator(monkeypatch):
         register_model(name)(lambda input_shape, num_classes: nn.Identity())
     monkeypatch.undo()
     assert name not in list_models()
+
+
+@pytest.mark.parametrize("name", ["convnet", "convnet_bn", "vgg11_bn", "preresnet", "wide_resnet"])
+def test_image_models_convolve_channels_last_with_the_values_of_the_default_layout(name, monkeypatch):
+    """The image zoo runs its convolutions channels-last (faster on CPUs), and that changes no value:
+    the same model with the conversion patched out gives the same outputs and gradients.
+
+    Gradients are compared in float64: in float32 the two layouts sum in another order, and where
+    two inputs of a max-pool window differ by less than that rounding, the gradient goes to the
+    other one (a max's gradient is discontinuous there, in any layout).
+    """
+    import modeconn.models.registry as registry
+    torch.manual_seed(0)
+    model = create_model(name, (3, 16, 16), NUM_CLASSES, **FAST_KWARGS.get(name, {})).train()
+    layouts = []
+    for m in model.modules():
+        if isinstance(m, nn.Conv2d):
+            m.register_forward_pre_hook(
+                lambda mod, args: layouts.append(args[0].is_contiguous(memory_format=torch.channels_last)))
+    x, y = torch.randn(5, 3, 16, 16), torch.randint(0, NUM_CLASSES, (5,))
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+
+    def loss_and_grads(dtype):
+        model.load_state_dict(state)                        # BN running statistics as before
+        model.to(dtype).zero_grad()
+        torch.manual_seed(1)                                # the same dropout masks on both sides
+        loss = nn.functional.cross_entropy(model(x.to(dtype)), y)
+        loss.backward()
+        return loss.detach(), [p.grad.clone() for p in model.parameters()]
+
+    runs = {dtype: loss_and_grads(dtype) for dtype in (torch.float32, torch.float64)}
+    assert layouts and all(layouts) and x.is_contiguous()   # every conv saw channels-last; the caller's x kept
+    layouts.clear()
+    for module in ("vgg", "convnet", "preresnet", "wide_resnet"):
+        monkeypatch.setattr(f"modeconn.models.{module}.channels_last", lambda t: t)
+    ref = {dtype: loss_and_grads(dtype) for dtype in (torch.float32, torch.float64)}
+    assert layouts and not layouts[0]   # the patch reached every model module (later 1x1 maps are both layouts)
+    assert registry.channels_last(x).is_contiguous(memory_format=torch.channels_last)
+    torch.testing.assert_close(runs[torch.float32][0], ref[torch.float32][0], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(runs[torch.float64][0], ref[torch.float64][0], rtol=1e-12, atol=1e-12)
+    for g, r in zip(runs[torch.float64][1], ref[torch.float64][1]):
+        torch.testing.assert_close(g, r, rtol=1e-9, atol=1e-12)

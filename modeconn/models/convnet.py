@@ -15,7 +15,8 @@ from typing import Sequence
 import torch
 import torch.nn as nn
 
-from modeconn.models.registry import check_bool, check_image_shape, check_int, pooled_size, register_model
+from modeconn.models.registry import (channels_last, check_bool, check_image_shape, check_int, pooled_size,
+                                      register_model)
 
 __all__ = ["ConvNet", "convnet", "convnet_bn"]
 
@@ -55,7 +56,7 @@ class ConvNet(nn.Module):
         self.classifier = nn.Linear(2 * width * h * w, num_classes)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.features(x)
+        x = self.features(channels_last(x))
         x = torch.flatten(x, 1)
         return self.classifier(x)
 

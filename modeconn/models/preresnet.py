@@ -33,7 +33,7 @@ from typing import Optional, Sequence
 import torch
 import torch.nn as nn
 
-from modeconn.models.registry import check_bool, check_image_shape, register_model
+from modeconn.models.registry import channels_last, check_bool, check_image_shape, register_model
 
 __all__ = ["PreResNet", "PreActBasicBlock", "PreActBottleneck", "preresnet"]
 
@@ -151,7 +151,7 @@ class PreResNet(nn.Module):
         return nn.Sequential(*layers)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.conv1(x)
+        x = self.conv1(channels_last(x))
         x = self.layer1(x)
         x = self.layer2(x)
         x = self.layer3(x)

@@ -28,6 +28,7 @@ import torch
 import torch.nn as nn
 
 from modeconn.models.registry import (
+    channels_last,
     check_image_shape,
     check_positive_float,
     check_probability,
@@ -101,7 +102,7 @@ class VGG(nn.Module):
                 nn.init.zeros_(m.bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.features(x)
+        x = self.features(channels_last(x))
         x = torch.flatten(x, 1)
         return self.classifier(x)
 

@@ -19,7 +19,7 @@ from typing import Sequence
 import torch
 import torch.nn as nn
 
-from modeconn.models.registry import check_image_shape, check_int, check_probability, register_model
+from modeconn.models.registry import channels_last, check_image_shape, check_int, check_probability, register_model
 
 __all__ = ["WideResNet", "WideBasicBlock", "wide_resnet"]
 
@@ -94,7 +94,7 @@ class WideResNet(nn.Module):
         return nn.Sequential(*layers)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.conv1(x)
+        x = self.conv1(channels_last(x))
         x = self.layer1(x)
         x = self.layer2(x)
         x = self.layer3(x)
