@@ -119,6 +119,8 @@ def rows(reps: int, quick: bool) -> List[Row]:
     if ll is None:
         return [missing(FRONT, f"grid, {name}", PEER) for name, _ in cases]
     import loss_landscapes.metrics  # noqa: F401  (the Metric base class)
-    # the CNN grid takes about a minute per repetition on 2 cores: at most 3 (a median still), no warm-up round
-    return [_case(ll, cases[0][0], cases[0][1], reps, quick),
+    # the MLP grid takes ~0.6 s: 4x the repetitions for a settled median (single runs move by +-10 % on
+    # this shared machine); the CNN grid takes about a minute per repetition on 2 cores: at most 3 (a
+    # median still), no warm-up round
+    return [_case(ll, cases[0][0], cases[0][1], reps if quick else 4 * reps, quick),
             _case(ll, cases[1][0], cases[1][1], reps if quick else min(reps, 3), quick, warmup=int(quick))]
