@@ -57,12 +57,11 @@ class Scratch:
         numel = math.prod(shape)
         if like.device.type != "cpu":
             return like.new_empty(shape)
-        held = self._storages.get(key)
-        if held is None or held[1] != like.dtype or held[0].nbytes() < numel * like.element_size() \
-                or _in_use(held[0]):
-            held = (like.new_empty(numel).untyped_storage(), like.dtype)
+        held = self._storages.get(key)   # untyped bytes: any dtype may reuse them if they are enough
+        if held is None or held.nbytes() < numel * like.element_size() or _in_use(held):
+            held = like.new_empty(numel).untyped_storage()
             self._storages[key] = held
-        return like.new_empty(0).set_(held[0], 0, shape)
+        return like.new_empty(0).set_(held, 0, shape)
 
 
 class DecayedPoint(torch.autograd.Function):
