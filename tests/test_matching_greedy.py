@@ -134,3 +134,39 @@ def test_groups_that_are_never_ready_are_matched_by_sorted_weights_and_still_rec
     assert matcher.current == pytest.approx(norm2, rel=1e-12)
     perm, info = weight_matching(a, b, spec)
     assert all(torch.equal(perm[g], torch.argsort(shuffle[g])) for g in spec.groups)
+
+
+def test_a_group_without_parameters_is_passed_over_and_the_later_groups_are_still_solved():
+    """A group that permutes no parameter (here: only a buffer, visited first) has nothing to match;
+    the groups after it are solved as usual, so a permuted copy is still recovered exactly."""
+    from modeconn.alignment.spec import PermutationGroup, PermutationSpec
+    a = _mlp(0)
+    spec = infer_permutation_spec(a, torch.randn(1, 3, dtype=torch.float64))
+    a[0].register_buffer("counts", torch.arange(3.0, dtype=torch.float64))
+    with_empty = PermutationSpec({"nothing": PermutationGroup(3, [("0.counts", 0)]), **spec.groups})
+    shuffle = spec.random_permutation(seed=2)
+    b = apply_permutation(a, spec, shuffle)
+    matcher = _WeightMatcher(a, b, with_empty)
+    assert matcher.refs_of["nothing"] == []
+    greedy_start(matcher, with_empty)
+    assert torch.equal(matcher.perms["nothing"], torch.arange(3))
+    assert all(torch.equal(matcher.perms[g], torch.argsort(shuffle[g])) for g in spec.groups)
+
+
+def test_every_ready_axis_counts_a_bias_tells_apart_units_with_equal_weights():
+    """Two hidden units with equal incoming weights differ only in their biases (the group's second ready
+    axis): the start must sum the bias's costs too to undo the shuffle of a permuted copy."""
+    a = _mlp(0)
+    with torch.no_grad():
+        a[0].weight[1] = a[0].weight[0]
+        a[0].bias[0], a[0].bias[1] = 2.0, -2.0
+    spec = infer_permutation_spec(a, torch.randn(1, 3, dtype=torch.float64))
+    first = next(iter(spec.groups))
+    assert [r.name for r in spec.groups[first].axes][:2] == ["0.weight", "0.bias"]
+    sigma = {g: torch.arange(4) for g in spec.groups}
+    sigma[first] = torch.tensor([1, 0, 2, 3])           # swap the two look-alike units
+    b = apply_permutation(a, spec, sigma)
+    matcher = _WeightMatcher(a, b, spec)
+    greedy_start(matcher, spec)
+    assert torch.equal(matcher.perms[first], torch.tensor([1, 0, 2, 3]))
+    assert matcher.current == pytest.approx(_objective(a, a, spec, spec.identity()), rel=1e-12)
