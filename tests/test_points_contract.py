@@ -49,3 +49,15 @@ def test_a_kept_scratch_is_filled_once_and_reused_by_the_next_call():
     again = evaluate_points(line, flats, data, None, scratch=scratch)
     assert {k: v.data_ptr() for k, v in scratch.items()} == kept    # the same tensors, no new ones
     assert (first["train_loss"] == again["train_loss"]).all()
+
+
+def test_blocks_of_logits_put_the_samples_innermost():
+    """[B, C] logits go into a [g, B, C] block whose memory is [g, C, B]: the metric's reductions over the
+    classes then run along contiguous samples. Other outputs keep their own layout."""
+    from modeconn.evaluation.points import _block
+    scratch = {}
+    block = _block(scratch, torch.zeros(5, 3), 4)
+    assert block.shape == (4, 5, 3) and block.stride() == (15, 1, 5)
+    assert _block(scratch, torch.zeros(5, 3), 2).data_ptr() == block.data_ptr()   # kept and reused
+    seq = _block(scratch, torch.zeros(2, 5, 3), 4)                                 # [B, T, V] logits
+    assert seq.shape == (4, 2, 5, 3) and seq.is_contiguous()
