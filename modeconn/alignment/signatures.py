@@ -57,6 +57,6 @@ def group_signature_permutation(A: Mapping[str, torch.Tensor], B: Mapping[str, t
     """:func:`signature_permutation` of one group (also the greedy start's match of a group none of
     whose axes is ready, :mod:`~modeconn.alignment.greedy`)."""
     fa, fb = signatures(A, spec, group).double(), signatures(B, spec, group).double()
-    cost = torch.cdist(fa, fb).pow(2) if fa.shape[1] else torch.zeros(len(fa), len(fb), dtype=torch.float64)
+    cost = torch.cdist(fa, fb).pow(2)   # no features (no tensor of the group given): all zero, order kept
     _, col = linear_sum_assignment(cost.numpy())
     return torch.as_tensor(col, dtype=torch.long)
