@@ -4,7 +4,7 @@ For VGG16 and PreResNet-20 (3x32x32, 10 classes, batch 128) each row's two
 contestants run interleaved (A B A B, medians) in one process on one batch:
 
 - our curve step, exactly ``fit_curve``'s (``benchmarks/curve_step.py::curve_step_fn``:
-  random t, ``training_point(t, weight_decay=5e-4)``, ``forward_flat``, CE, SGD
+  random t, ``training_weights(t, weight_decay=5e-4)``, ``forward_weights``, CE, SGD
   momentum 0.9 on the free bend), against the per-layer curve networks of
   :mod:`benchmarks._garipov_curves` holding the same bends (CE + 0.5 * 5e-4 *
   ||θ(t)||², SGD momentum 0.9 on the free bend, ends fixed);

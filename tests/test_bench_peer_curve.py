@@ -63,7 +63,7 @@ def test_baseline_matches_curve_model(arch):
 
 def _grad_without_penalty(curve, x, y, t):
     curve.free_bends.grad = None
-    F.cross_entropy(curve.forward_flat(x, curve.training_point(t)), y).backward()
+    F.cross_entropy(curve.forward_flat(x, curve.flat_weights_at(t)), y).backward()
     return curve.layout.unflatten(curve.free_bends.grad[0])
 
 

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import modeconn.core.decayed_point as dp
-from modeconn.core.decayed_point import DecayedPoint, DecayedWeights, Scratch
+from modeconn.core.decayed_point import DecayedWeights, Scratch
 
 SHAPES = [(3, 2), (3,), (2, 2, 2)]
 P = 6 + 3 + 8
@@ -37,17 +37,6 @@ def test_decayed_weights_are_the_bend_combination_and_their_gradient_adds_the_de
     torch.testing.assert_close(free.grad, cf[:, None] * dtheta[None, :], rtol=0, atol=1e-12)
     # the parameters are separate tensors: growing one in place does not reach another
     assert all(o.storage_offset() == sum(map(lambda s: torch.Size(s).numel(), SHAPES[:i])) for i, o in enumerate(outs))
-
-
-@pytest.mark.parametrize("wd", [0.0, 0.3])
-def test_decayed_point_is_the_same_computation_as_one_flat_vector(wd):
-    free, fixed, cf, cx = _bends(2, 1, seed=1)
-    fixed_part = cx @ fixed
-    theta = DecayedPoint.apply(free, cf, fixed_part, wd)
-    torch.testing.assert_close(theta, cf @ free + fixed_part, rtol=0, atol=1e-12)
-    up = torch.randn(P, dtype=torch.float64)
-    (theta * up).sum().backward()
-    torch.testing.assert_close(free.grad, torch.outer(cf, up + wd * theta.detach()), rtol=0, atol=1e-12)
 
 
 def test_scratch_reuses_a_free_buffer_and_never_one_still_in_use():

@@ -142,14 +142,15 @@ def test_bad_training_arguments(mlp_pair, digits):
         mc.train_model(copy.deepcopy(a), digits.train_loader(), epochs=1, schedule="warp")
 
 
-def test_training_point_gradient_includes_weight_decay(mlp_pair):
+def test_training_weights_gradient_includes_weight_decay(mlp_pair):
     a, b = mlp_pair
     curve = mc.CurveModel(a, a, b, mc.Bezier(4), fix_start=True, fix_end=False)
     t, wd = torch.tensor(0.3), 0.02
     g = torch.randn(curve.num_parameters)
     # the custom backward
-    theta = curve.training_point(t, wd)
-    (theta * g).sum().backward()
+    weights = curve.training_weights(t, wd)
+    sum((weights[n] * gn).sum() for n, gn in curve.layout.unflatten(g).items()).backward()
+    theta = torch.cat([weights[n].detach().reshape(-1) for n in curve.layout.names])
     fast = curve.free_bends.grad.clone()
     curve.free_bends.grad = None
     # the plain autograd formula: <θ(t), g> + 0.5 wd ||θ(t)||²

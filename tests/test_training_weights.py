@@ -38,7 +38,7 @@ def test_training_weights_values_and_gradient(fix_start, fix_end, num_bends, wd)
     assert fast.shape == (len(curve.free_idx), curve.num_parameters)
 
 
-def test_training_weights_equals_training_point_on_a_network_step():
+def test_training_weights_equal_the_autograd_formula_on_a_network_step():
     curve = _curve(True, True, 3)
     x, y = torch.randn(5, 1, 8, 8, dtype=torch.float64), torch.randint(0, 10, (5,))
     t = torch.tensor(0.6, dtype=torch.float64)
@@ -46,8 +46,9 @@ def test_training_weights_equals_training_point_on_a_network_step():
     F.cross_entropy(out, y).backward()
     fast = curve.free_bends.grad.clone()
     curve.free_bends.grad = None
-    ref = curve.forward_flat(x, curve.training_point(t, 5e-4))
-    F.cross_entropy(ref, y).backward()
+    theta = curve.flat_weights_at(t)
+    ref = curve.forward_flat(x, theta)
+    (F.cross_entropy(ref, y) + 0.5 * 5e-4 * theta.pow(2).sum()).backward()
     assert torch.allclose(out, ref, rtol=1e-12) and torch.allclose(fast, curve.free_bends.grad, rtol=1e-10)
 
 
@@ -76,17 +77,17 @@ def test_reused_memory_is_never_memory_in_use():
         assert torch.equal(w1[n], w1_copy[n]) and not torch.equal(w1[n], w2[n])
 
 
-def test_simplex_training_weights_match_its_training_point():
+def test_simplex_training_weights_match_the_autograd_formula():
     torch.manual_seed(0)
     modes = [nn.Linear(4, 3).double() for _ in range(3)]
     cx = mc.SimplexModel.connecting(modes[0], modes, free_vertices=1)
     c = torch.tensor([0.2, 0.3, 0.1, 0.4], dtype=torch.float64)[: cx.num_bends]
     c = c / c.sum()
     w = cx.training_weights(c, 0.01)
-    flat = cx.training_point(c, 0.01)
+    flat = cx.flat_weights_at(c)
     assert all(torch.allclose(w[n], v) for n, v in cx.unflatten(flat).items())
     sum(v.sum() for v in w.values()).backward()
     fast = cx.free_bends.grad.clone()
     cx.free_bends.grad = None
-    flat.sum().backward()
+    (flat.sum() + 0.5 * 0.01 * flat.pow(2).sum()).backward()
     assert torch.allclose(fast, cx.free_bends.grad)

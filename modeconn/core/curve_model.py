@@ -28,7 +28,7 @@ from torch import nn
 from torch.func import functional_call
 
 from modeconn.core.curves import Bezier, Curve, PolyChain, TLike, _as_t, make_curve
-from modeconn.core.decayed_point import DecayedPoint, DecayedWeights, Scratch
+from modeconn.core.decayed_point import DecayedWeights, Scratch
 from modeconn.core.layout import FlatLayout
 from modeconn.runtime.checkpoints import load_described, load_state_dict, save_described
 
@@ -162,23 +162,15 @@ class BendsModel(nn.Module):
         return c.index_select(-1, self._free_sel) @ self.free_bends + \
             c.index_select(-1, self._fixed_sel) @ self.fixed_bends
 
-    def training_combination(self, c: torch.Tensor, weight_decay: float = 0.0) -> torch.Tensor:
-        """θ = c @ bends (c ``[K]``) for a training step, with weight decay at θ in its backward.
+    def training_parameters(self, c: torch.Tensor, weight_decay: float = 0.0) -> Dict[str, torch.Tensor]:
+        """θ = c @ bends (c ``[K]``) as name -> tensor for a training step, weight decay at θ in its backward.
 
         The gradient of ``0.5 * weight_decay * ||θ||²`` (= ``weight_decay * θ``)
         is added to θ's gradient inside one custom backward, so the penalty
-        costs no extra pass over the P parameters.
-        """
-        fixed_part = c.index_select(-1, self._fixed_sel) @ self.fixed_bends
-        return DecayedPoint.apply(self.free_bends, c.index_select(-1, self._free_sel), fixed_part,
-                                  float(weight_decay))
-
-    def training_parameters(self, c: torch.Tensor, weight_decay: float = 0.0) -> Dict[str, torch.Tensor]:
-        """:meth:`training_combination` as name -> tensor (what a training step runs; same numbers, same gradient).
-
-        θ = c @ bends is built parameter by parameter and the gradient of the free
-        bends written slice by slice (:class:`~modeconn.core.decayed_point.DecayedWeights`):
-        no flat θ or flat dθ is made, only the bends' gradient. Once differentiable.
+        costs no extra pass over the P parameters. θ is built parameter by
+        parameter and the gradient of the free bends written slice by slice
+        (:class:`~modeconn.core.decayed_point.DecayedWeights`): no flat θ or
+        flat dθ is made, only the bends' gradient. Once differentiable.
         """
         outs = DecayedWeights.apply(self.free_bends, self.fixed_bends, c.index_select(-1, self._free_sel),
                                     c.index_select(-1, self._fixed_sel), self.layout.shapes, float(weight_decay),
@@ -318,16 +310,9 @@ class CurveModel(BendsModel):
         """θ(t) flattened: ``[P]`` for a scalar t, ``[len(t), P]`` for a 1-D t."""
         return self.flat_combination(self.coefficients(t, check))
 
-    def training_point(self, t: torch.Tensor, weight_decay: float = 0.0) -> torch.Tensor:
-        """θ(t) flattened for a training step (scalar t, unchecked), with the curve's weight decay in its backward.
-
-        :meth:`BendsModel.training_combination` at c(t); ``fit_curve``'s step runs
-        the same point per parameter (:meth:`training_weights`).
-        """
-        return self.training_combination(self.coefficients(t, check=False), weight_decay)
-
     def training_weights(self, t: torch.Tensor, weight_decay: float = 0.0) -> Dict[str, torch.Tensor]:
-        """:meth:`training_point` as name -> tensor (:meth:`BendsModel.training_parameters`); ``fit_curve``'s step."""
+        """θ(t) (scalar t, unchecked) for ``fit_curve``'s step, with the curve's weight decay in its backward
+        (:meth:`BendsModel.training_parameters` at c(t))."""
         return self.training_parameters(self.coefficients(t, check=False), weight_decay)
 
     def weights_at(self, t: TLike) -> Dict[str, torch.Tensor]:

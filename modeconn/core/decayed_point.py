@@ -1,12 +1,9 @@
 """The training point θ = c @ bends, with the weight decay at θ inside its backward.
 
-Two forms of one computation (Garipov et al. 2018's curve objective: the loss at
-θ(t) plus ``0.5 * wd * ||θ(t)||²``, only the free bends trained):
-
-- :class:`DecayedPoint`: θ as one flat ``[P]`` vector (``training_point``);
-- :class:`DecayedWeights`: θ as one tensor per parameter (``training_weights``),
-  what a training step runs. No flat θ or flat dθ is made, only the bends'
-  gradient has P entries: on a CPU every fresh buffer of P floats (60 MB for
+Garipov et al. 2018's curve objective: the loss at θ(t) plus
+``0.5 * wd * ||θ(t)||²``, only the free bends trained. :class:`DecayedWeights`
+gives θ as one tensor per parameter (``training_weights``, what a training step
+runs). No flat θ or flat dθ is made, only the bends' gradient has P entries: on a CPU every fresh buffer of P floats (60 MB for
   VGG16) is new memory from the OS, paid for with page faults, while
   per-parameter tensors reuse the allocator's memory. Each parameter's slice of θ is computed
   from the bends' columns, and the backward writes ``c_free ⊗ (dθ + wd·θ)``
@@ -64,28 +61,8 @@ class Scratch:
         return like.new_empty(0).set_(held, 0, shape)
 
 
-class DecayedPoint(torch.autograd.Function):
-    """θ = c_free @ free + fixed_part; backward: dθ + wd·θ, projected on the free bends."""
-
-    @staticmethod
-    def forward(ctx, free, c_free, fixed_part, weight_decay):
-        """θ(t) as one ``addmm``; keeps what the backward needs."""
-        theta = torch.addmm(fixed_part.unsqueeze(0), c_free.unsqueeze(0), free).squeeze(0)
-        ctx.save_for_backward(c_free, theta)
-        ctx.weight_decay = weight_decay
-        return theta
-
-    @staticmethod
-    def backward(ctx, grad):
-        """The free bends' gradient ``outer(c_free, dθ + wd·θ)``; nothing for the other inputs."""
-        c_free, theta = ctx.saved_tensors
-        if ctx.weight_decay:
-            grad = grad.add(theta, alpha=ctx.weight_decay)
-        return torch.outer(c_free, grad), None, None, None
-
-
 class DecayedWeights(torch.autograd.Function):
-    """θ = c_free @ free + c_fixed @ fixed, split into the parameters' shapes; backward as :class:`DecayedPoint`.
+    """θ = c_free @ free + c_fixed @ fixed, split into the parameters' shapes; backward: dθ + wd·θ on the free bends.
 
     ``apply(free [F, P], fixed [Kf, P], c_free [F], c_fixed [Kf], shapes, weight_decay, scratch)``
     returns one tensor per entry of ``shapes`` (the layout's order); the gradient

@@ -195,12 +195,9 @@ class SimplexModel(BendsModel):
         """θ flattened, ``[P]`` or ``[n, P]``: at ``alpha`` on ``simplex``, or at c ``[K]`` if ``simplex`` is None."""
         return self.flat_combination(self._c(alpha, simplex, check))
 
-    def training_point(self, c: torch.Tensor, weight_decay: float = 0.0) -> torch.Tensor:
-        """θ at coordinates ``c [K]`` (unchecked) for a training step, weight decay at θ in its backward."""
-        return self.training_combination(c, weight_decay)
-
     def training_weights(self, c: torch.Tensor, weight_decay: float = 0.0) -> Dict[str, torch.Tensor]:
-        """:meth:`training_point` as name -> tensor (:meth:`BendsModel.training_parameters`); ``fit_simplex``'s step."""
+        """θ at coordinates ``c [K]`` (unchecked) for ``fit_simplex``'s step, weight decay at θ in its backward
+        (:meth:`BendsModel.training_parameters`)."""
         return self.training_parameters(c, weight_decay)
 
     def weights_at(self, alpha, simplex: Optional[int] = None) -> Dict[str, torch.Tensor]:

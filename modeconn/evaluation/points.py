@@ -30,7 +30,7 @@ from modeconn.runtime import Runtime
 
 __all__ = ["evaluate_points"]
 
-Scratch = Dict[str, torch.Tensor]
+KeptTensors = Dict[str, torch.Tensor]   # a caller's reusable blocks, by key
 
 
 # Outputs of the point loop are reduced in blocks of points of at most this many entries: one
@@ -42,7 +42,7 @@ BLOCK_ENTRIES = 1 << 20
 
 @torch.no_grad()
 def _point_means(curve, flats: torch.Tensor, buffers: Dict[str, torch.Tensor], loader: Iterable,
-                 runtime: Optional[Runtime] = None, scratch: Optional[Scratch] = None) -> Dict[str, np.ndarray]:
+                 runtime: Optional[Runtime] = None, scratch: Optional[KeptTensors] = None) -> Dict[str, np.ndarray]:
     """Mean cross-entropy and accuracy (``[K]`` each) of K points ``flats [K, P]`` (buffers ``[K, ...]``) over ``loader``.
 
     The template runs in eval mode. All K points share each batch: one vmap,
@@ -74,7 +74,7 @@ def _point_means(curve, flats: torch.Tensor, buffers: Dict[str, torch.Tensor], l
 
 
 def _loop_means(net, params, buffers, batches: Iterable, K: int, runtime: Runtime,
-                scratch: Scratch) -> Dict[str, np.ndarray]:
+                scratch: KeptTensors) -> Dict[str, np.ndarray]:
     """:func:`_point_means` point by point: each output copied into a block of points, reduced per block.
 
     A block holds up to :data:`BLOCK_ENTRIES` entries (its size set by the
@@ -103,7 +103,7 @@ def _loop_means(net, params, buffers, batches: Iterable, K: int, runtime: Runtim
     return {k: np.concatenate([m[k] for m in means]) for k in ("loss", "acc")}
 
 
-def _block(scratch: Scratch, out: torch.Tensor, g: int) -> torch.Tensor:
+def _block(scratch: KeptTensors, out: torch.Tensor, g: int) -> torch.Tensor:
     """A ``[g, *out.shape]`` block, kept in ``scratch`` per shape; ``[B, C]`` logits laid out ``[g, C, B]``.
 
     With the classes outside the samples, every reduction of
@@ -122,7 +122,7 @@ def _block(scratch: Scratch, out: torch.Tensor, g: int) -> torch.Tensor:
 def evaluate_points(curve, flats: torch.Tensor, train_loader: Optional[Iterable],
                     test_loader: Optional[Iterable], bn_loader: Optional[Iterable] = None,
                     recompute_bn: bool = True, runtime: Optional[Runtime] = None, *,
-                    scratch: Optional[Scratch] = None) -> Dict[str, np.ndarray]:
+                    scratch: Optional[KeptTensors] = None) -> Dict[str, np.ndarray]:
     """Metrics of K arbitrary points ``flats [K, P]`` of ``curve``'s architecture, in one pass per loader.
 
     Args:

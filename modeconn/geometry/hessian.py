@@ -158,9 +158,8 @@ def _eigsh(op: HessianOperator, k: int, which: str, tol: float, maxiter: Optiona
     it stopped in the cluster (λmin -0.0015 for -4.8 on a preresnet, tol
     1e-2); ARPACK's full first basis of ``ncv`` vectors does not.
     """
+    ncv = _check_ncv(ncv, k, op.num_params)   # before any product
     v0 = np.random.default_rng(seed).standard_normal(op.num_params)
-    A = op.as_linear_operator(shift=shift, hooks=hooks)
-    ncv = _check_ncv(ncv, k, op.num_params)
     if k == 1 and which == "LA":
         res = lanczos_extreme(lambda v: _shifted_product(op, v, shift, hooks), torch.from_numpy(v0), which, tol,
                               max_steps=ncv)
@@ -169,8 +168,8 @@ def _eigsh(op: HessianOperator, k: int, which: str, tol: float, maxiter: Optiona
             return np.array([res.value]), (vec[:, None] if return_eigenvectors else None)
         v0 = vec
     try:
-        out = eigsh(A, k=k, which=which, tol=tol, maxiter=maxiter, v0=v0, ncv=ncv,
-                    return_eigenvectors=return_eigenvectors)
+        out = eigsh(op.as_linear_operator(shift=shift, hooks=hooks), k=k, which=which, tol=tol, maxiter=maxiter,
+                    v0=v0, ncv=ncv, return_eigenvectors=return_eigenvectors)
     except ArpackNoConvergence as e:
         raise RuntimeError(f"Lanczos did not converge to {k} eigenvalue(s) (which={which!r}) within "
                            f"maxiter={maxiter} restarts at tol={tol} (converged: {list(e.eigenvalues)}); "
@@ -221,7 +220,6 @@ def hessian_eigenvalues(model: nn.Module, loss_fn: LossLike, data: Iterable, k: 
     op = HessianOperator(model, loss_fn, data, param_names=param_names, dtype=dtype, mode=mode, bn_stats=bn_stats,
                          reuse_graph=reuse_graph)
     k = _check_k(k, op.num_params)
-    _check_ncv(ncv, k, op.num_params)
     t0 = time.perf_counter()
     vals, vecs = _eigsh(op, k, which, tol, maxiter, seed, return_eigenvectors=return_eigenvectors,
                         hooks=hooks, ncv=ncv)
@@ -244,7 +242,6 @@ def _extreme(op: HessianOperator, tol: float, maxiter: Optional[int], seed: int,
     if op.num_params == 1:
         h = float(op.matvec(torch.ones(1)))
         return ExtremeEigenvalues(h, h)
-    _check_ncv(ncv, 1, op.num_params)
     lmax = float(_eigsh(op, 1, "LA", tol, maxiter, seed, hooks=hooks, ncv=ncv)[0][0])
     # H - λmax·I has spectrum in [λmin - λmax, ~0]: its largest-magnitude eigenvalue is λmin - λmax
     shifted = float(_eigsh(op, 1, "LM", tol, maxiter, seed + 1, shift=lmax, hooks=hooks, ncv=ncv)[0][0])
