@@ -24,6 +24,7 @@ import numpy as np
 import torch
 
 from modeconn.evaluation.bn import batchnorm_modules, bn_statistics
+from modeconn.evaluation.input_span import InputLayers, Span
 from modeconn.evaluation.model import MetricSums, eval_mode
 from modeconn.evaluation.stacked import batched_forward, compiled_forward, each_point, vectorize_by_default
 from modeconn.runtime import Runtime
@@ -42,7 +43,8 @@ BLOCK_ENTRIES = 1 << 20
 
 @torch.no_grad()
 def _point_means(curve, flats: torch.Tensor, buffers: Dict[str, torch.Tensor], loader: Iterable,
-                 runtime: Optional[Runtime] = None, scratch: Optional[KeptTensors] = None) -> Dict[str, np.ndarray]:
+                 runtime: Optional[Runtime] = None, scratch: Optional[KeptTensors] = None,
+                 span: Optional[Span] = None) -> Dict[str, np.ndarray]:
     """Mean cross-entropy and accuracy (``[K]`` each) of K points ``flats [K, P]`` (buffers ``[K, ...]``) over ``loader``.
 
     The template runs in eval mode. All K points share each batch: one vmap,
@@ -51,6 +53,7 @@ def _point_means(curve, flats: torch.Tensor, buffers: Dict[str, torch.Tensor], l
     forwards under bf16 autocast (logits back to float32 before the sums);
     ``runtime.compile``: the vmapped forward through ``torch.compile``.
     ``scratch``: tensors kept for the next call (see :func:`evaluate_points`).
+    ``span``: the points as combinations (see :func:`evaluate_points`).
     """
     runtime, scratch = runtime or Runtime(), {} if scratch is None else scratch
     net, device = curve.net, flats.device
@@ -62,7 +65,11 @@ def _point_means(curve, flats: torch.Tensor, buffers: Dict[str, torch.Tensor], l
     batches = itertools.chain([first], batches)
     with eval_mode(net):
         if not runtime.compile and not vectorize_by_default(net, device, flats.shape[1] * len(first[0])):
-            return _loop_means(net, params, buffers, batches, len(flats), runtime, scratch)
+            layers = None
+            if span is not None and not runtime.amp and len(flats) > len(list(span.vectors)):
+                layers = InputLayers(net, curve.layout.names, curve.layout.numels, span, flats,
+                                     scratch.setdefault("input span", {})) or None
+            return _loop_means(net, params, buffers, batches, len(flats), runtime, scratch, layers)
         fwd = compiled_forward(net) if runtime.compile else batched_forward(net, True)
         sums = MetricSums(scratch=scratch)
         sums.reserve(len(flats), device)
@@ -74,7 +81,7 @@ def _point_means(curve, flats: torch.Tensor, buffers: Dict[str, torch.Tensor], l
 
 
 def _loop_means(net, params, buffers, batches: Iterable, K: int, runtime: Runtime,
-                scratch: KeptTensors) -> Dict[str, np.ndarray]:
+                scratch: KeptTensors, layers: Optional[InputLayers] = None) -> Dict[str, np.ndarray]:
     """:func:`_point_means` point by point: each output copied into a block of points, reduced per block.
 
     A block holds up to :data:`BLOCK_ENTRIES` entries (its size set by the
@@ -84,10 +91,12 @@ def _loop_means(net, params, buffers, batches: Iterable, K: int, runtime: Runtim
     pass let the C allocator hand the top of its heap back to the OS, and
     the next forwards fault it in again (measured: up to 40k minor faults
     per 21x21 grid of the digits MLP).
+    ``layers``: the layers reading the input answered from a span (None: every layer computes its own product).
     """
     sums, device = [], next(iter(params.values())).device
-    for x, y in batches:
-        with runtime.autocast(device), contextlib.closing(each_point(net, params, buffers, x)) as outs:
+    for i, (x, y) in enumerate(batches):
+        at_input = None if layers is None else (lambda x_in, i=i, x=x: layers.on(x_in, i, key=x))
+        with runtime.autocast(device), contextlib.closing(each_point(net, params, buffers, x, at_input)) as outs:
             for k, out in enumerate(outs):
                 if not sums:
                     g = max(1, min(K, BLOCK_ENTRIES // max(1, out.numel())))
@@ -122,7 +131,7 @@ def _block(scratch: KeptTensors, out: torch.Tensor, g: int) -> torch.Tensor:
 def evaluate_points(curve, flats: torch.Tensor, train_loader: Optional[Iterable],
                     test_loader: Optional[Iterable], bn_loader: Optional[Iterable] = None,
                     recompute_bn: bool = True, runtime: Optional[Runtime] = None, *,
-                    scratch: Optional[KeptTensors] = None) -> Dict[str, np.ndarray]:
+                    scratch: Optional[KeptTensors] = None, span: Optional[Span] = None) -> Dict[str, np.ndarray]:
     """Metrics of K arbitrary points ``flats [K, P]`` of ``curve``'s architecture, in one pass per loader.
 
     Args:
@@ -140,6 +149,14 @@ def evaluate_points(curve, flats: torch.Tensor, train_loader: Optional[Iterable]
         scratch: a dict the caller keeps between calls (e.g. a grid, for all
             its chunks): the logits blocks and float64 work tensors of the
             metric passes are kept there and reused, not made and freed per call.
+        span: the same points as combinations of a few vectors
+            (:class:`~modeconn.evaluation.input_span.Span`, checked against
+            ``flats`` where it is used; e.g. a plane's origin and directions). When the points
+            are evaluated one after another (CPU, no amp) and outnumber the
+            vectors, the layers reading the raw input compute one product per
+            vector and batch, kept in ``scratch`` for the next call, and each
+            point's output is their combination
+            (:mod:`~modeconn.evaluation.input_span`).
 
     Returns:
         ``{"train_loss", "train_acc", "test_loss", "test_acc"}``, arrays of
@@ -165,6 +182,6 @@ def evaluate_points(curve, flats: torch.Tensor, train_loader: Optional[Iterable]
     out = {}
     for split, loader in (("train", train_loader), ("test", test_loader)):
         if loader is not None:
-            m = _point_means(curve, flats, buffers, loader, runtime, scratch)
+            m = _point_means(curve, flats, buffers, loader, runtime, scratch, span)
             out[f"{split}_loss"], out[f"{split}_acc"] = m["loss"], m["acc"]
     return out

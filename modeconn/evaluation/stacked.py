@@ -16,7 +16,7 @@ from __future__ import annotations
 import contextlib
 import warnings
 import weakref
-from typing import Callable, Dict, Iterator, Optional
+from typing import Callable, ContextManager, Dict, Iterator, Optional
 
 import torch
 from torch import nn
@@ -66,7 +66,9 @@ def batched_forward(net: nn.Module, vectorize: bool = True) -> Callable[[Stacked
     return forward
 
 
-def each_point(net: nn.Module, p: Stacked, b: Stacked, x: torch.Tensor) -> Iterator[torch.Tensor]:
+def each_point(net: nn.Module, p: Stacked, b: Stacked, x: torch.Tensor,
+               input_layers: Optional[Callable[[torch.Tensor], ContextManager[Callable[[int], None]]]] = None
+               ) -> Iterator[torch.Tensor]:
     """The K points' outputs on ``x``, one after another: ``net`` run on views of the stacked tensors.
 
     Each point's views are put into ``net``'s parameter and buffer slots and
@@ -78,6 +80,8 @@ def each_point(net: nn.Module, p: Stacked, b: Stacked, x: torch.Tensor) -> Itera
     MLP, more than a small network's forward on a batch). A consumer that
     reduces each output before asking for the next never holds K outputs at
     once (see :func:`modeconn.evaluation.points.evaluate_points`).
+    ``input_layers(x)``: a context (:meth:`~modeconn.evaluation.input_span.InputLayers.on`)
+    within which the layers reading ``x`` answer for point k after ``at(k)``.
     """
     K = next(iter(p.values())).shape[0]
     if x.dim() == 4:  # channels-last convolutions are markedly faster on CPUs
@@ -86,10 +90,13 @@ def each_point(net: nn.Module, p: Stacked, b: Stacked, x: torch.Tensor) -> Itera
     slots = [_slot(net, name) for name in stacks]
     saved = [(table, attr, table.get(attr, _ABSENT)) for table, attr in slots]
     try:
-        for k in range(K):
-            for (table, attr), v in zip(slots, stacks.values()):
-                table[attr] = v[k].contiguous(memory_format=torch.channels_last) if v.dim() == 5 else v[k]
-            yield net(x)
+        with (contextlib.nullcontext(None) if input_layers is None else input_layers(x)) as at:
+            for k in range(K):
+                for (table, attr), v in zip(slots, stacks.values()):
+                    table[attr] = v[k].contiguous(memory_format=torch.channels_last) if v.dim() == 5 else v[k]
+                if at is not None:
+                    at(k)
+                yield net(x)
     finally:
         for table, attr, old in saved:
             if old is _ABSENT:

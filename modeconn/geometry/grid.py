@@ -4,7 +4,11 @@ Every point ``θ = origin + a·d1 (+ b·d2)`` is evaluated by the shared engine
 :func:`modeconn.evaluation.path.evaluate_points`: several points per pass over
 the data (``torch.func.vmap`` over stacked weights) and, for BatchNorm networks,
 the statistics of every point recomputed in the same single pass (exactly what
-``torch.optim.swa_utils.update_bn`` gives per point). ``recompute_bn=False``
+``torch.optim.swa_utils.update_bn`` gives per point). Points evaluated one
+after another share the layers that read the raw input: a point being
+``origin + a·d1 + b·d2``, such a layer's output is the same combination of
+three products, computed once per batch for the whole grid
+(:mod:`modeconn.evaluation.input_span`). ``recompute_bn=False``
 keeps the evaluator's current buffers at every point instead (what Li et
 al.'s reference does; it distorts BN networks away from the origin).
 
@@ -34,6 +38,7 @@ from torch import nn
 
 from modeconn.core.curve_model import CurveModel
 from modeconn.evaluation.bn import has_batchnorm
+from modeconn.evaluation.input_span import Span
 from modeconn.evaluation.points import evaluate_points
 from modeconn.geometry.directions import Plane, plane_through
 from modeconn.runtime import Hooks, Runtime
@@ -242,6 +247,12 @@ def _row_values(row: np.ndarray, k: int, values_at: Callable[[np.ndarray], Dict[
     return done
 
 
+def _plane_span(plane: Plane, coords: np.ndarray) -> Span:
+    """The points at ``coords [K, dims]`` as combinations ``(1, a, b)`` of ``(origin, d1, d2)``."""
+    vectors = [plane.origin, plane.d1] + ([plane.d2] if plane.dims == 2 else [])
+    return Span(torch.from_numpy(np.concatenate([np.ones((len(coords), 1)), coords], 1)), vectors)
+
+
 def _store(result: GridResult, done: List[Tuple[np.ndarray, Dict[str, np.ndarray]]]) -> None:
     """Write chunk values into the result's arrays (created NaN-filled on first sight of a metric)."""
     for chunk, vals in done:
@@ -301,7 +312,7 @@ def evaluate_grid(net: Union[nn.Module, CurveModel], plane: Plane, xs: Sequence[
         """Metrics (and point metrics) of the grid points ``idx``, in one pass per loader."""
         flats = plane.points(coords[idx], out=buffer[:len(idx)])   # one buffer, no [K, P] block per pass
         vals = dict(evaluate_points(evaluator, flats, train_loader, test_loader, bn_loader, use_bn,
-                                    runtime=runtime, scratch=scratch))
+                                    runtime=runtime, scratch=scratch, span=_plane_span(plane, coords[idx])))
         if point_metrics is not None:
             vals.update({k: np.asarray(v, float) for k, v in point_metrics(flats).items()})
         hooks.advance(len(idx))

@@ -1,0 +1,259 @@
+"""Grid points share the products of the layers that read the raw input (evaluation.input_span).
+
+Checked against a float64 point-by-point reference (weights written into a copy
+of the network), with the layer products counted: one per vector and batch for
+a whole grid, and recomputed whenever the data or the plane change.
+"""
+import copy
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.nn.utils import vector_to_parameters
+
+from modeconn.evaluation import input_span, stacked
+from modeconn.evaluation.input_span import Span
+from modeconn.evaluation.points import evaluate_points
+from modeconn.geometry import evaluate_grid, flatten_parameters, random_plane
+from modeconn.geometry.grid import evaluator_for
+
+
+@pytest.fixture(autouse=True)
+def _small_layers_too(monkeypatch):
+    """The tests' layers are small: let every fan-in use the span (one test sets the measured default)."""
+    monkeypatch.setattr(input_span, "MIN_FAN_IN", 1)
+
+
+class _Counted:
+    """Counts calls of ``torch.nn.functional.<name>`` whose weight has ``shape``."""
+
+    def __init__(self, monkeypatch, name, shape):
+        self.calls, self.shape, own = 0, tuple(shape), getattr(F, name)
+
+        def counted(inp, weight, *args, **kwargs):
+            self.calls += tuple(weight.shape) == self.shape
+            return own(inp, weight, *args, **kwargs)
+        monkeypatch.setattr(F, name, counted)
+
+
+def _mlp():
+    """Flatten (a view of the batch) -> Linear reads the raw input."""
+    return nn.Sequential(nn.Flatten(), nn.Linear(6, 5), nn.ReLU(), nn.Linear(5, 3))
+
+
+def _cnn():
+    return nn.Sequential(nn.Conv2d(2, 4, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 3 * 1, 3))
+
+
+def _conv1d():
+    return nn.Sequential(nn.Conv1d(2, 3, 2, bias=False), nn.Tanh(), nn.Flatten(), nn.Linear(3 * 2, 3))
+
+
+CASES = {"mlp": (_mlp, (2, 3), "linear", (5, 6)), "cnn": (_cnn, (2, 3, 1), "conv2d", (4, 2, 3, 3)),
+         "conv1d": (_conv1d, (2, 3), "conv1d", (3, 2, 2))}
+
+
+def _data(shape, n=17, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, *shape, generator=g, dtype=torch.float64)
+    return x, torch.randint(0, 3, (n,), generator=g)
+
+
+def _net(make, seed=0):
+    torch.manual_seed(seed)
+    return make().double().eval()
+
+
+def _reference(net, points, x, y):
+    """Mean cross-entropy and accuracy of each flat point, written into a copy of ``net``."""
+    ref, loss, acc = copy.deepcopy(net), [], []
+    for theta in points:
+        vector_to_parameters(theta, ref.parameters())
+        with torch.no_grad():
+            out = ref(x)
+        loss.append(F.cross_entropy(out, y).item())
+        acc.append((out.argmax(1) == y).double().mean().item())
+    return np.array(loss), np.array(acc)
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_grid_through_shared_input_products_equals_point_by_point_float64(monkeypatch, case):
+    make, shape, fn, wshape = CASES[case]
+    monkeypatch.setattr(stacked, "VMAP_MAX_WORK", 0)            # points one after another (also the MLP)
+    net = _net(make)
+    x, y = _data(shape)
+    plane = random_plane(flatten_parameters(net), net, dims=2, seed=1)
+    xs, ys = np.linspace(-1.0, 0.7, 5), np.linspace(-0.4, 1.3, 3)
+    loader = [(x[:10], y[:10]), (x[10:], y[10:])]
+    counted = _Counted(monkeypatch, fn, wshape)
+    grid = evaluate_grid(net, plane, xs, ys, train_loader=loader, points_per_pass=8)
+    # 3 vectors (origin, d1, d2) x 2 batches for the whole grid (15 points, rows of 5 in 3 passes)
+    assert counted.calls == 3 * 2
+    coords = grid.coords().reshape(-1, 2)
+    points = [plane.origin + a * plane.d1 + b * plane.d2 for a, b in coords]
+    loss, acc = _reference(net, points, x, y)
+    np.testing.assert_allclose(grid.arrays["train_loss"].reshape(-1), loss, rtol=0, atol=1e-12)
+    np.testing.assert_array_equal(grid.arrays["train_acc"].reshape(-1), acc)
+
+
+def test_a_line_shares_two_products_per_batch(monkeypatch):
+    monkeypatch.setattr(stacked, "VMAP_MAX_WORK", 0)
+    net = _net(_mlp)
+    x, y = _data((2, 3))
+    plane = random_plane(flatten_parameters(net), net, dims=1, seed=2)
+    xs = np.linspace(-2.0, 1.0, 9)
+    counted = _Counted(monkeypatch, "linear", (5, 6))
+    grid = evaluate_grid(net, plane, xs, train_loader=[(x, y)], points_per_pass=3)
+    assert counted.calls == 2                                     # origin and d1, once
+    loss, _ = _reference(net, [plane.origin + a * plane.d1 for a in xs], x, y)
+    np.testing.assert_allclose(grid.arrays["train_loss"], loss, rtol=0, atol=1e-12)
+
+
+def _span_case(seed=0, K=5):
+    net = _net(_mlp, seed)
+    curve = evaluator_for(net)
+    plane = random_plane(flatten_parameters(net), net, dims=2, seed=3)
+    coords = np.random.default_rng(seed).uniform(-1, 1, (K, 2))
+    flats = plane.points(coords)
+    span = Span(torch.from_numpy(np.concatenate([np.ones((K, 1)), coords], 1)), [plane.origin, plane.d1, plane.d2])
+    return net, curve, plane, flats, span
+
+
+def _loss(curve, flats, loader, span, scratch):
+    return evaluate_points(curve, flats, loader, None, span=span, scratch=scratch)["train_loss"]
+
+
+def test_kept_products_follow_changes_of_the_data_and_of_the_vectors(monkeypatch):
+    monkeypatch.setattr(stacked, "VMAP_MAX_WORK", 0)
+    net, curve, plane, flats, span = _span_case()
+    x, y = _data((2, 3))
+    loader, scratch = [(x, y)], {}
+    counted = _Counted(monkeypatch, "linear", (5, 6))
+    first = _loss(curve, flats, loader, span, scratch)
+    again = _loss(curve, flats, loader, span, scratch)
+    assert counted.calls == 3                                     # the second pass reused the products
+    np.testing.assert_array_equal(again, first)
+    np.testing.assert_allclose(first, _reference(net, flats, x, y)[0], rtol=0, atol=1e-12)
+
+    x.mul_(1.5)                                                   # the data changed in place: recomputed
+    counted.calls = 0
+    moved = _loss(curve, flats, loader, span, scratch)
+    assert counted.calls == 3
+    np.testing.assert_allclose(moved, _reference(net, flats, x, y)[0], rtol=0, atol=1e-12)
+    assert np.abs(moved - first).max() > 1e-3
+
+    with torch.no_grad():                                         # the plane changed in place: recomputed
+        plane.d1.mul_(-0.5)
+    flats = plane.points(np.asarray(span.coefficients[:, 1:]))
+    counted.calls = 0
+    turned = _loss(curve, flats, loader, span, scratch)
+    assert counted.calls == 3
+    np.testing.assert_allclose(turned, _reference(net, flats, x, y)[0], rtol=0, atol=1e-12)
+
+
+def test_slices_of_the_same_data_reuse_the_products_and_copies_do_not(monkeypatch):
+    monkeypatch.setattr(stacked, "VMAP_MAX_WORK", 0)
+    net, curve, plane, flats, span = _span_case(seed=1)
+    x, y = _data((2, 3))
+    scratch = {}
+    counted = _Counted(monkeypatch, "linear", (5, 6))
+    for _ in range(2):   # a loader that slices its data anew every pass (like TensorLoader)
+        got = _loss(curve, flats, [(x[0:9], y[0:9]), (x[9:], y[9:])], span, scratch)
+    assert counted.calls == 3 * 2
+    for _ in range(2):   # copies: the values could differ, so the products are made again every pass
+        _loss(curve, flats, [(x[0:9].clone(), y[0:9]), (x[9:].clone(), y[9:])], span, scratch)
+    assert counted.calls == 3 * 2 + 2 * 3 * 2
+    np.testing.assert_allclose(got, _reference(net, flats, x, y)[0], rtol=0, atol=1e-12)
+
+
+def test_without_room_to_keep_them_the_products_are_made_once_per_pass(monkeypatch):
+    monkeypatch.setattr(stacked, "VMAP_MAX_WORK", 0)
+    monkeypatch.setattr(input_span, "SPAN_CACHE_BYTES", 0)
+    net, curve, plane, flats, span = _span_case(seed=2)
+    x, y = _data((2, 3))
+    scratch = {}
+    counted = _Counted(monkeypatch, "linear", (5, 6))
+    for _ in range(2):
+        got = _loss(curve, flats, [(x, y)], span, scratch)
+    assert counted.calls == 3 * 2 and scratch["input span"] == {}
+    np.testing.assert_allclose(got, _reference(net, flats, x, y)[0], rtol=0, atol=1e-12)
+
+
+class _Scaled(nn.Module):
+    """The first layer reads a tensor computed from the batch, not the batch's memory."""
+
+    def __init__(self):
+        super().__init__()
+        self.body = _mlp()
+
+    def forward(self, x):
+        return self.body(x * 2.0)
+
+
+class _MyLinear(nn.Linear):
+    pass
+
+
+@pytest.mark.parametrize("kind", ["computed input", "subclass", "hook", "few points", "small fan-in"])
+def test_layers_that_cannot_answer_from_the_span_compute_their_own_products(monkeypatch, kind):
+    monkeypatch.setattr(stacked, "VMAP_MAX_WORK", 0)
+    monkeypatch.setattr(input_span, "MIN_FAN_IN", 7 if kind == "small fan-in" else 1)   # the layer's: 6
+    torch.manual_seed(0)
+    net = _Scaled() if kind == "computed input" else _mlp()
+    if kind == "subclass":
+        net[1] = _MyLinear(6, 5)
+    net = net.double().eval()
+    first = net.body[1] if kind == "computed input" else net[1]
+    if kind == "hook":
+        first.register_forward_hook(lambda m, i, o: o * 3.0)
+    K = 3 if kind == "few points" else 5                          # 3 points, 3 vectors: nothing to share
+    x, y = _data((2, 3))
+    plane = random_plane(flatten_parameters(net), net, dims=2, seed=3)
+    coords = np.random.default_rng(0).uniform(-1, 1, (K, 2))
+    flats = plane.points(coords)
+    span = Span(torch.from_numpy(np.concatenate([np.ones((K, 1)), coords], 1)), [plane.origin, plane.d1, plane.d2])
+    counted = _Counted(monkeypatch, "linear", (5, 6))
+    got = evaluate_points(evaluator_for(net), flats, [(x, y)], None, span=span, scratch={})["train_loss"]
+    assert counted.calls == K                                      # one product per point
+    np.testing.assert_allclose(got, _reference(net, flats, x, y)[0], rtol=0, atol=1e-12)
+
+
+def test_a_span_that_does_not_give_the_points_is_refused(monkeypatch):
+    monkeypatch.setattr(stacked, "VMAP_MAX_WORK", 0)
+    net, curve, plane, flats, span = _span_case(seed=4)
+    x, y = _data((2, 3))
+    wrong = Span(span.coefficients.clone(), span.vectors)
+    wrong.coefficients[3, 2] += 0.01
+    with pytest.raises(ValueError, match="span: point 3 is not the combination"):
+        _loss(curve, flats, [(x, y)], wrong, {})
+    bent = flats.clone()
+    bent[1, 7] += 1e-6                                            # one weight entry of the first layer
+    with pytest.raises(ValueError, match=r"span: point 1 .*\(entry 7: "):
+        _loss(curve, bent, [(x, y)], span, {})
+    with pytest.raises(ValueError, match=r"span: coefficients \(5, 2\) and vectors \[\(\d+,\), \(\d+,\), \(\d+,\)\]"):
+        _loss(curve, flats, [(x, y)], Span(span.coefficients[:, :2], span.vectors), {})
+
+
+@pytest.mark.parametrize("first,shape,fn,fan_in", [
+    (lambda: nn.Linear(6, 5), (6,), "linear", 6),
+    (lambda: nn.Conv2d(4, 6, (3, 2), groups=2), (4, 3, 2), "conv2d", 2 * 3 * 2),
+    (lambda: nn.Conv1d(3, 2, 2), (3, 4), "conv1d", 3 * 2)])
+def test_the_fan_in_threshold_counts_the_products_summed_into_each_output(monkeypatch, first, shape, fn, fan_in):
+    monkeypatch.setattr(stacked, "VMAP_MAX_WORK", 0)
+    torch.manual_seed(0)
+    layer = first()
+    out = layer(torch.zeros(1, *shape)).numel()
+    net = nn.Sequential(layer, nn.Flatten(), nn.Tanh(), nn.Linear(out, 3)).double().eval()
+    x, y = _data(shape)
+    plane = random_plane(flatten_parameters(net), net, dims=2, seed=5)
+    coords = np.random.default_rng(1).uniform(-1, 1, (5, 2))
+    flats = plane.points(coords)
+    span = Span(torch.from_numpy(np.concatenate([np.ones((5, 1)), coords], 1)), [plane.origin, plane.d1, plane.d2])
+    for threshold, calls in ((fan_in, 3), (fan_in + 1, 5)):
+        monkeypatch.setattr(input_span, "MIN_FAN_IN", threshold)
+        counted = _Counted(monkeypatch, fn, layer.weight.shape)
+        got = evaluate_points(evaluator_for(net), flats, [(x, y)], None, span=span, scratch={})["train_loss"]
+        assert counted.calls == calls, threshold
+        np.testing.assert_allclose(got, _reference(net, flats, x, y)[0], rtol=0, atol=1e-12)
