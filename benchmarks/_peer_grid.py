@@ -13,6 +13,14 @@ Equal work on both sides, per model (the shipped digits MLP and BN CNN):
   whole training set as one tensor and returns the mean cross-entropy (log-softmax
   in float64, like modeconn's :class:`MetricSums`) and the accuracy.
 
+What differs is the algorithm: modeconn evaluates the points of a grid row one
+after another on the same batch and, the plane being affine in the weights,
+computes the first layer's products once per vector (origin, d1, d2) for the
+whole grid and each point's first-layer output as their combination
+(:mod:`modeconn.evaluation.input_span`; the MLP's 64->128 layer qualifies, the
+CNN's 1->16 3x3 convolution is too small to gain); loss-landscapes runs every
+point's full forward.
+
 loss-landscapes' flaws are measured, not assumed, on every run and put in the
 row's note: the grid columns it builds going up (even x index) sit one y step
 above ours — in-place ``add_`` before the metric — while those going down match,
