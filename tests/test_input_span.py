@@ -177,7 +177,7 @@ def test_without_room_to_keep_them_the_products_are_made_once_per_pass(monkeypat
     counted = _Counted(monkeypatch, "linear", (5, 6))
     for _ in range(2):
         got = _loss(curve, flats, [(x, y)], span, scratch)
-    assert counted.calls == 3 * 2 and scratch["input span"] == {}
+    assert counted.calls == 3 * 2 and scratch["input span"]["products"] == {}
     np.testing.assert_allclose(got, _reference(net, flats, x, y)[0], rtol=0, atol=1e-12)
 
 

@@ -31,6 +31,7 @@ import math
 from dataclasses import dataclass
 from typing import Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -65,25 +66,41 @@ class Span:
     coefficients: torch.Tensor
     vectors: Sequence[torch.Tensor]
 
-    def check(self, flats: torch.Tensor, entries: torch.Tensor) -> None:
+    def check(self, flats: torch.Tensor, entries: Sequence[slice], kept: Optional[Dict] = None) -> None:
         """Raise unless ``coefficients @ vectors`` equals ``flats`` at the flat indices ``entries``.
 
-        Equal up to the rounding of the sums: ``8·eps·(|c| @ |v|)`` in ``flats``' dtype.
+        Equal up to the rounding of the sums: ``8·eps·(|c| @ |v|)`` in ``flats``' dtype. Computed in
+        numpy float64 on the selected entries; ``kept``: a dict where the vectors' entries are kept
+        for the next check with the same, unmodified vectors (a grid checks every pass).
         """
         c, v = self.coefficients, list(self.vectors)
         if c.dim() != 2 or c.shape[0] != flats.shape[0] or c.shape[1] != len(v) \
                 or any(t.shape != flats.shape[1:] for t in v):
             raise ValueError(f"span: coefficients {tuple(c.shape)} and vectors {[tuple(t.shape) for t in v]} do "
                              f"not give the {tuple(flats.shape)} points")
-        c64 = c.to(flats.device, torch.float64)
-        v64 = torch.stack([t[entries.to(t.device)] for t in v]).to(flats.device, torch.float64)
-        want = c64 @ v64
-        bad = (want - flats[:, entries].double()).abs() > 8 * torch.finfo(flats.dtype).eps * (c64.abs() @ v64.abs()) \
-            + torch.finfo(flats.dtype).tiny
-        if bool(bad.any()):
-            k, i = (int(j) for j in bad.nonzero()[0])
-            raise ValueError(f"span: point {k} is not the combination of the vectors it claims (entry "
-                             f"{int(entries[i])}: {float(flats[k, entries[i]])} vs {float(want[k, i])})")
+        c64 = c.detach().cpu().double().numpy()
+        tol = 8 * torch.finfo(flats.dtype).eps
+        for sl in entries:
+            got = flats[:, sl].detach().to(torch.float64).cpu().numpy()
+            v64 = _entries(v, sl, {} if kept is None else kept)
+            want = c64 @ v64
+            bad = np.abs(want - got) > tol * (np.abs(c64) @ np.abs(v64)) + torch.finfo(flats.dtype).tiny
+            if bad.any():
+                k, i = (int(j) for j in np.argwhere(bad)[0])
+                raise ValueError(f"span: point {k} is not the combination of the vectors it claims (entry "
+                                 f"{sl.start + i * sl.step}: {got[k, i]} vs {want[k, i]})")
+
+
+def _entries(vectors: List[torch.Tensor], sl: slice, kept: Dict) -> np.ndarray:
+    """``[R, n]`` float64 array of the vectors' entries ``sl``, kept in ``kept`` while they are unmodified."""
+    key = ("vector entries", sl.start, sl.stop, sl.step)
+    old = kept.get(key)
+    if old is not None and len(old[0]) == len(vectors) and all(_same(a, va, b) for a, va, b in
+                                                               zip(old[0], old[1], vectors)):
+        return old[2]
+    arr = np.stack([t[sl].detach().to(torch.float64).cpu().numpy() for t in vectors])
+    kept[key] = tuple(vectors), tuple(t._version for t in vectors), arr
+    return arr
 
 
 def _same(kept: torch.Tensor, version: int, t: torch.Tensor) -> bool:
@@ -127,7 +144,7 @@ class InputLayers:
 
     def __init__(self, net: nn.Module, names: Sequence[str], numels: Sequence[int], span: Span,
                  flats: torch.Tensor, cache: Dict):
-        self.span, self.cache = span, cache
+        self.span, self.cache = span, cache.setdefault("products", {})
         self.coefficients = span.coefficients.double().tolist()
         owned: Dict[str, List[str]] = {}
         start: Dict[str, Tuple[int, int]] = {}
@@ -146,8 +163,8 @@ class InputLayers:
         prefix = [f"{n}." if n else "" for n, _, _ in self.layers]
         ranges = [start[p + a] for p, (_, _, attrs) in zip(prefix, self.layers) for a in attrs]
         if ranges:   # every parameter of those layers, at up to CHECKED_ENTRIES evenly spaced entries each
-            span.check(flats, torch.cat([torch.arange(lo, hi, max(1, (hi - lo) // CHECKED_ENTRIES))
-                                         for lo, hi in ranges]).to(flats.device))
+            span.check(flats, [slice(lo, hi, max(1, (hi - lo) // CHECKED_ENTRIES)) for lo, hi in ranges],
+                       cache.setdefault("checked", {}))
         self.basis: Basis = [{p + a: t[slice(*start[p + a])] for p, (_, _, attrs) in zip(prefix, self.layers)
                               for a in attrs} for t in span.vectors]
 
