@@ -90,6 +90,8 @@ def test_the_companion_line_joins_the_curves_current_ends_with_their_buffers():
     ends = curve.flat_weights_at(torch.tensor([0.0, 1.0]))
     torch.testing.assert_close(line.flat_weights_at(torch.tensor([0.0, 0.5, 1.0])),
                                torch.stack([ends[0], (ends[0] + ends[1]) / 2, ends[1]]), rtol=0, atol=1e-6)
+    for name, buf in a.named_buffers():          # the line's live buffers: the start's, as the curve's at t=0
+        assert torch.equal(line.net.get_buffer(name), buf), name
     for which, model in ((0, a), (1, b)):
         got = line.endpoint_buffers(which)
         assert set(got) == {"1.running_mean", "1.running_var", "1.num_batches_tracked"}
@@ -112,3 +114,9 @@ def test_the_barrier_table_has_a_row_per_path_metric_and_reference():
     assert got["curve", "train_error", "mean"] == (pytest.approx(0.2), 0.5)
     with pytest.raises(ValueError, match="barrier of an accuracy"):
         _result().barrier_table(metrics=("test_acc",))
+
+
+def test_summary_of_a_path_of_zero_length_weighs_every_point_alike():
+    res = _result()
+    res.segment_lengths = np.zeros(4)
+    assert res.summary("test_loss") == {"min": 1.0, "max": 3.0, "mean": 2.0, "weighted_mean": 2.0}
