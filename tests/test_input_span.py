@@ -229,7 +229,7 @@ def test_a_span_that_does_not_give_the_points_is_refused(monkeypatch):
     with pytest.raises(ValueError, match="span: point 3 is not the combination"):
         _loss(curve, flats, [(x, y)], wrong, {})
     bent = flats.clone()
-    bent[1, 7] += 1e-6                                            # one weight entry of the first layer
+    bent[1, 7] *= 1 + 1e-12                            # one weight entry of the first layer, by 1e-12 (float64)
     with pytest.raises(ValueError, match=r"span: point 1 .*\(entry 7: "):
         _loss(curve, bent, [(x, y)], span, {})
     with pytest.raises(ValueError, match=r"span: coefficients \(5, 2\) and vectors \[\(\d+,\), \(\d+,\), \(\d+,\)\]"):
@@ -257,3 +257,151 @@ def test_the_fan_in_threshold_counts_the_products_summed_into_each_output(monkey
         got = evaluate_points(evaluator_for(net), flats, [(x, y)], None, span=span, scratch={})["train_loss"]
         assert counted.calls == calls, threshold
         np.testing.assert_allclose(got, _reference(net, flats, x, y)[0], rtol=0, atol=1e-12)
+
+
+class _Views(nn.Module):
+    """One layer read three times: two different views of the batch and a tensor computed from it."""
+
+    def __init__(self, shift=2):
+        super().__init__()
+        self.lin, self.out, self.shift = nn.Linear(6, 5), nn.Linear(5, 3), shift
+
+    def forward(self, x):
+        s = self.shift
+        return self.out(torch.tanh(self.lin(x[:, :6]) + self.lin(x[:, s:s + 6]) + self.lin(x[:, :6] * 2.0)))
+
+
+def _plane_span(net, K=5, seed=0, first=1.0):
+    plane = random_plane(flatten_parameters(net), net, dims=2, seed=seed)
+    coords = np.random.default_rng(seed).uniform(-1, 1, (K, 2))
+    c = np.concatenate([np.full((K, 1), first), coords], 1)
+    flats = first * plane.origin + torch.from_numpy(coords[:, :1]) * plane.d1 + torch.from_numpy(coords[:, 1:]) * plane.d2
+    return flats, Span(torch.from_numpy(c), [plane.origin, plane.d1, plane.d2])
+
+
+def test_each_view_of_the_batch_gets_its_own_products_and_other_inputs_the_points_weights(monkeypatch):
+    monkeypatch.setattr(stacked, "VMAP_MAX_WORK", 0)
+    torch.manual_seed(0)
+    net = _Views().double().eval()
+    x, y = _data((8,))
+    flats, span = _plane_span(net)
+    counted = _Counted(monkeypatch, "linear", (5, 6))
+    scratch = {}
+    got = evaluate_points(evaluator_for(net), flats, [(x, y)], None, span=span, scratch=scratch)["train_loss"]
+    assert counted.calls == 2 * 3 + 5                  # two views x three vectors, the computed input per point
+    np.testing.assert_allclose(got, _reference(net, flats, x, y)[0], rtol=0, atol=1e-12)
+    net.shift = 1                                      # the next pass reads another view: new products
+    counted.calls = 0
+    got = evaluate_points(evaluator_for(net), flats, [(x, y)], None, span=span, scratch=scratch)["train_loss"]
+    assert counted.calls == 3 + 5                      # the first view's products were kept
+    np.testing.assert_allclose(got, _reference(net, flats, x, y)[0], rtol=0, atol=1e-12)
+
+
+def test_a_batch_slot_refilled_with_another_part_of_the_same_data_gets_new_products(monkeypatch):
+    monkeypatch.setattr(stacked, "VMAP_MAX_WORK", 0)
+    net, curve, plane, flats, span = _span_case(seed=5)
+    x, y = _data((2, 3))
+    scratch = {}
+    _loss(curve, flats, [(x[0:9], y[0:9])], span, scratch)
+    got = _loss(curve, flats, [(x[8:17], y[8:17])], span, scratch)     # same memory, batch 0, other rows
+    np.testing.assert_allclose(got, _reference(net, flats, x[8:17], y[8:17])[0], rtol=0, atol=1e-12)
+
+
+class _Rewrites(nn.Module):
+    """Writes into its input before reading it (the values stay; the batch's memory is no longer trusted)."""
+
+    def __init__(self):
+        super().__init__()
+        self.body = _mlp()
+
+    def forward(self, x):
+        return self.body(x.add_(0.0))
+
+
+def test_a_batch_written_to_since_it_came_is_not_trusted(monkeypatch):
+    monkeypatch.setattr(stacked, "VMAP_MAX_WORK", 0)
+    torch.manual_seed(0)
+    net = _Rewrites().double().eval()
+    x, y = _data((2, 3))
+    flats, span = _plane_span(net)
+    counted = _Counted(monkeypatch, "linear", (5, 6))
+    got = evaluate_points(evaluator_for(net), flats, [(x, y)], None, span=span, scratch={})["train_loss"]
+    assert counted.calls == 5
+    np.testing.assert_allclose(got, _reference(net, flats, x, y)[0], rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize("first", [1.0, 0.5, -2.0])
+def test_any_first_coefficient_and_a_single_vector(monkeypatch, first):
+    monkeypatch.setattr(stacked, "VMAP_MAX_WORK", 0)
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Flatten(), nn.Linear(6, 5), nn.ReLU(inplace=True), nn.Linear(5, 3)).double().eval()
+    x, y = _data((2, 3))
+    flats, span = _plane_span(net, first=first)
+    got = evaluate_points(evaluator_for(net), flats, [(x, y)], None, span=span, scratch={})["train_loss"]
+    np.testing.assert_allclose(got, _reference(net, flats, x, y)[0], rtol=0, atol=1e-12)
+    # one vector: the points are multiples of it (the in-place ReLU must not reach the kept product)
+    scales = torch.tensor([[first], [1.5], [0.25]], dtype=torch.float64)
+    origin = flatten_parameters(net)
+    counted = _Counted(monkeypatch, "linear", (5, 6))
+    flats = scales * origin
+    got = evaluate_points(evaluator_for(net), flats, [(x, y)], None, span=Span(scales, [origin]),
+                          scratch={})["train_loss"]
+    assert counted.calls == 1
+    np.testing.assert_allclose(got, _reference(net, flats, x, y)[0], rtol=0, atol=1e-12)
+
+
+def _eligible(net):
+    curve = evaluator_for(net)
+    flats = flatten_parameters(net)[None].repeat(4, 1)
+    span = Span(torch.ones(4, 1, dtype=flats.dtype), [flats[0]])
+    return [name for name, _, _ in input_span.InputLayers(curve.net, curve.layout.names, curve.layout.numels,
+                                                          span, flats, {}).layers]
+
+
+def test_which_layers_may_answer_from_a_span():
+    from torch.nn.utils import parametrize
+    from torch.nn.utils.parametrizations import weight_norm
+
+    def make(kind):
+        torch.manual_seed(0)
+        net = nn.Sequential(nn.Linear(6, 5), nn.Tanh(), nn.Conv1d(1, 2, 3), nn.Linear(2, 2, bias=False))
+        first = net[0]
+        if kind == "pre-hook":
+            first.register_forward_pre_hook(lambda m, i: None)
+        elif kind == "buffer":
+            first.register_buffer("scale", torch.ones(1))
+        elif kind == "own forward":
+            first.forward = first.forward
+        elif kind == "extra parameter":
+            first.register_parameter("gain", nn.Parameter(torch.ones(1)))
+        elif kind == "parametrized":
+            parametrize.register_parametrization(first, "weight", nn.Identity())
+        elif kind == "weight norm":
+            net[0] = weight_norm(first)
+        elif kind == "subclass":
+            net[0] = _MyLinear(6, 5)
+        return net.double()
+
+    assert _eligible(make("plain")) == ["0", "2", "3"]
+    for kind in ("pre-hook", "buffer", "own forward", "extra parameter", "parametrized", "weight norm", "subclass"):
+        assert _eligible(make(kind)) == ["2", "3"], kind
+    # a layout without the first layer's weight (held fixed): its output is not linear in the point
+    net = make("plain")
+    names = [n for n, _ in net.named_parameters() if n != "0.weight"]
+    numels = [p.numel() for n, p in net.named_parameters() if n != "0.weight"]
+    flats = torch.randn(4, sum(numels), dtype=torch.float64)
+    span = Span(torch.eye(4, dtype=torch.float64), list(flats))
+    assert [n for n, _, _ in input_span.InputLayers(net, names, numels, span, flats, {}).layers] == ["2", "3"]
+
+
+def test_a_refilled_slot_of_images_gets_new_products_though_the_layer_reads_a_fresh_copy(monkeypatch):
+    """4-D batches are copied channels-last before the forward: only the loader's tensor tells them apart."""
+    monkeypatch.setattr(stacked, "VMAP_MAX_WORK", 0)
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(2, 4, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 3 * 2, 3)).double().eval()
+    x, y = _data((2, 3, 2))
+    flats, span = _plane_span(net)
+    curve, scratch = evaluator_for(net), {}
+    evaluate_points(curve, flats, [(x[0:9], y[0:9])], None, span=span, scratch=scratch)
+    got = evaluate_points(curve, flats, [(x[8:17], y[8:17])], None, span=span, scratch=scratch)["train_loss"]
+    np.testing.assert_allclose(got, _reference(net, flats, x[8:17], y[8:17])[0], rtol=0, atol=1e-12)

@@ -15,9 +15,10 @@ the points of a grid row do).
 The values are those of the direct product up to float rounding (a
 different order of the same sums).
 
-Which layers: modules of exactly those classes (no subclass, hooks, buffers
-or parametrization) whose parameters are in the flat layout and whose
-outputs each sum at least :data:`MIN_FAN_IN` products; and which
+Which layers: modules of exactly those classes (no subclass, hooks or
+buffers) whose own parameters are a weight and maybe a bias, all in the
+flat layout, and whose outputs each sum at least :data:`MIN_FAN_IN`
+products; and which
 calls: those whose input lies in the memory of the batch given to the
 network (the batch itself or a view of it, e.g. ``torch.flatten(x, 1)``),
 unmodified since the batch came: such an input does not depend on the
@@ -156,8 +157,10 @@ class InputLayers:
         self.layers: List[Tuple[str, nn.Module, List[str]]] = []
         for name, m in net.named_modules():
             attrs = owned.get(name, [])
+            # a parametrized weight (torch.nn.utils.parametrize, weight_norm, prune) is not a parameter
+            # of the layer itself: "weight" is then missing from attrs
             if type(m) in _LINEAR_IN_WEIGHTS and not (m._forward_hooks or m._forward_pre_hooks or m._buffers
-                                                      or hasattr(m, "parametrizations") or "forward" in vars(m)) \
+                                                      or "forward" in vars(m)) \
                     and "weight" in attrs and set(attrs) <= {"weight", "bias"} and _fan_in(m) >= MIN_FAN_IN:
                 self.layers.append((name, m, attrs))
         prefix = [f"{n}." if n else "" for n, _, _ in self.layers]
@@ -182,7 +185,7 @@ class InputLayers:
         """
         key = x if key is None else key
         memory, version = x.untyped_storage().data_ptr(), x._version
-        point, patched, this_pass = [0], [], {}   # this_pass: the products of this batch, kept or not
+        point, patched, this_pass = [0], [], {}   # this_pass: the products of this batch by (layer, input view)
 
         def reads_batch(inp) -> bool:
             return isinstance(inp, torch.Tensor) and inp.numel() > 0 and inp.device == x.device \
@@ -193,9 +196,9 @@ class InputLayers:
                 if args or kwargs or not reads_batch(inp):
                     return own(inp, *args, **kwargs)
                 geometry = _geometry(inp)
-                if this_pass.get(name, (None,))[0] != geometry:
-                    this_pass[name] = geometry, self._outputs(name, m, attrs, own, inp, batch, key), {}
-                _, outs, rest = this_pass[name]
+                if (name, geometry) not in this_pass:
+                    this_pass[name, geometry] = self._outputs(name, m, attrs, own, inp, batch, key), {}
+                outs, rest = this_pass[name, geometry]
                 c = self.coefficients[point[0]]
                 if len(outs) == 1:
                     return torch.mul(outs[0], c[0])
@@ -225,11 +228,11 @@ class InputLayers:
     def _outputs(self, name: str, m: nn.Module, attrs: List[str], own: Callable, inp: torch.Tensor, batch: int,
                  key: torch.Tensor) -> List[torch.Tensor]:
         """The R outputs ``f(inp; v_r)`` of layer ``name`` (kept ones when they are for the same values)."""
-        slot, vectors = (name, batch), tuple(self.span.vectors)
+        slot, vectors = (name, batch, _geometry(inp)), tuple(self.span.vectors)
         kept = self.cache.get(slot)
-        if kept is not None and _same(kept[0], kept[1], key) and kept[2] == _geometry(inp) \
-                and len(kept[3]) == len(vectors) and all(_same(a, va, b) for a, va, b in zip(kept[3], kept[4], vectors)):
-            return kept[5]
+        if kept is not None and _same(kept[0], kept[1], key) and len(kept[2]) == len(vectors) \
+                and all(_same(a, va, b) for a, va, b in zip(kept[2], kept[3], vectors)):
+            return kept[4]
         prefix = f"{name}." if name else ""
         point_k = {a: m._parameters[a] for a in attrs}   # point k's views: the dtype of the points
         outs = []
@@ -241,9 +244,9 @@ class InputLayers:
         finally:
             m._parameters.update(point_k)
         size = sum(o.numel() * o.element_size() for o in outs)
-        used = sum(sum(o.numel() * o.element_size() for o in e[5]) for s, e in self.cache.items() if s != slot)
+        used = sum(sum(o.numel() * o.element_size() for o in e[4]) for s, e in self.cache.items() if s != slot)
         if used + size <= SPAN_CACHE_BYTES:
-            self.cache[slot] = (key, key._version, _geometry(inp), vectors, tuple(v._version for v in vectors), outs)
+            self.cache[slot] = (key, key._version, vectors, tuple(v._version for v in vectors), outs)
         else:
             self.cache.pop(slot, None)
         return outs
