@@ -196,3 +196,70 @@ def test_add_logits_with_infinite_logits_is_torch_logsumexp():
     finite.add_logits(logits[:, 1:], y[1:])
     ref = (torch.logsumexp(logits[0, 1:].double(), -1) - logits[0, [1, 2], y[1:]].double()).mean()
     assert abs(finite.means()["loss"][0] - ref.item()) < 1e-15
+
+
+class _CountingLoader(list):
+    """A list of batches that counts the passes over it (``batch_size`` as a DataLoader says it)."""
+
+    def __init__(self, batches, batch_size=None):
+        super().__init__(batches)
+        self.passes = 0
+        if batch_size is not None:
+            self.batch_size = batch_size
+
+    def __iter__(self):
+        self.passes += 1
+        return super().__iter__()
+
+
+class _Unsized:
+    """Batches from an iterable that does not tell its batch size."""
+
+    def __init__(self, batches):
+        self.batches, self.passes = batches, 0
+
+    def __iter__(self):
+        self.passes += 1
+        return iter(self.batches)
+
+
+@pytest.mark.parametrize("max_work,loader_kind,row_bytes_points,passes", [
+    (0, "list", None, 3),            # one after another: a whole row (5 points) per pass, 3 rows
+    (0, "sized", None, 3),           # the loader's batch_size attribute
+    (10 ** 12, "list", None, 9),     # vmapped: points_per_pass=2 -> 3 passes per row
+    (0, "list", 3, 6),               # weights of 3 points fit the cap: 2 passes per row
+    (0, "unsized", None, 9),         # batch size unknown: points_per_pass
+])
+def test_rows_share_passes_when_points_run_one_after_another(monkeypatch, max_work, loader_kind, row_bytes_points,
+                                                            passes):
+    from modeconn.geometry import grid as grid_module
+    monkeypatch.setattr(stacked, "VMAP_MAX_WORK", max_work)
+    net, x, y = _tiny()
+    if row_bytes_points is not None:
+        monkeypatch.setattr(grid_module, "ROW_PASS_BYTES", row_bytes_points * 8 * sum(p.numel() for p in net.parameters()))
+    batches = [(x[:10], y[:10]), (x[10:], y[10:])]
+    loader = {"list": lambda: _CountingLoader(batches), "sized": lambda: _CountingLoader(batches, batch_size=10),
+              "unsized": lambda: _Unsized(batches)}[loader_kind]()
+    plane = random_plane(flatten_parameters(net), net, dims=2, seed=1)
+    xs, ys = np.linspace(-1.0, 0.7, 5), np.linspace(-0.4, 1.3, 3)
+    grid = evaluate_grid(net, plane, xs, ys, train_loader=loader, points_per_pass=2)
+    assert loader.passes == passes
+    loss, acc = _reference(net, plane, xs, ys, x, y)
+    np.testing.assert_allclose(grid.arrays["train_loss"], loss, rtol=0, atol=1e-12)
+    np.testing.assert_array_equal(grid.arrays["train_acc"], acc)
+
+
+def test_with_ranks_each_gets_a_share_of_a_row(monkeypatch):
+    from modeconn.geometry import grid as grid_module
+    from modeconn.runtime import Runtime
+    monkeypatch.setattr(stacked, "VMAP_MAX_WORK", 0)
+    net, x, y = _tiny()
+    curve = grid_module.evaluator_for(net)
+    one = Runtime(distributed=False)
+    assert grid_module._row_pass(curve, 21, 8, [(x, y)], one) == 21
+    assert grid_module._row_pass(curve, 21, 8, [(x, y)], Runtime(compile=True)) == 8
+    monkeypatch.setattr(Runtime, "sharded", lambda self: True)
+    monkeypatch.setattr(grid_module._dist, "get_world_size", lambda: 2)
+    assert grid_module._row_pass(curve, 21, 8, [(x, y)], one) == 11
+    monkeypatch.setattr(grid_module._dist, "get_world_size", lambda: 4)
+    assert grid_module._row_pass(curve, 21, 8, [(x, y)], one) == 6

@@ -40,11 +40,15 @@ from modeconn.core.curve_model import CurveModel
 from modeconn.evaluation.bn import has_batchnorm
 from modeconn.evaluation.input_span import Span
 from modeconn.evaluation.points import evaluate_points
+from modeconn.evaluation.stacked import vectorize_by_default
 from modeconn.geometry.directions import Plane, plane_through
 from modeconn.runtime import Hooks, Runtime
 from modeconn.runtime import distributed as _dist
 
 RowCallback = Callable[[int, "GridResult"], None]
+
+# the weights of the points one pass of a 2-D grid row holds when they are evaluated one after another
+ROW_PASS_BYTES = 1 << 27
 PointMetrics = Callable[[torch.Tensor], Mapping[str, np.ndarray]]
 
 __all__ = ["GridResult", "CurvePlane", "axis", "evaluator_for", "evaluate_grid", "curve_plane",
@@ -225,6 +229,14 @@ def _evaluator_on(net: Union[nn.Module, CurveModel], plane: Plane, runtime: Runt
     return evaluator
 
 
+def _use_bn(evaluator: CurveModel, recompute_bn: bool, bn_loader, train_loader) -> bool:
+    """Whether BN statistics are recomputed per point (the net has BN and it was asked); checks there is data."""
+    has_bn = has_batchnorm(evaluator.net)
+    if recompute_bn and bn_loader is None and train_loader is None and has_bn:
+        raise ValueError("recomputing BN statistics needs a bn_loader or a train_loader")
+    return bool(recompute_bn and has_bn)
+
+
 def _start(resume: Optional[GridResult], xs, ys, use_bn: bool, k: int, checksum: np.ndarray,
            rows: List[np.ndarray], hooks: Hooks) -> GridResult:
     """The result to fill: empty, or a copy of ``resume`` once it is checked to be this grid."""
@@ -245,6 +257,32 @@ def _row_values(row: np.ndarray, k: int, values_at: Callable[[np.ndarray], Dict[
     if sharded:  # every rank gets the whole row: resume state and results are the same everywhere
         done = [item for part in _dist.all_gather_object(done) for item in part]
     return done
+
+
+def _batch_size(loader) -> Optional[int]:
+    """Samples in ``loader``'s batches when it says (``batch_size``, or a list's first batch), else None."""
+    size = getattr(loader, "batch_size", None)
+    if size is None and isinstance(loader, (list, tuple)) and loader:
+        size = len(loader[0][0])
+    return None if size is None else int(size)
+
+
+def _row_pass(evaluator: CurveModel, nx: int, points_per_pass: int, loader, runtime: Runtime) -> int:
+    """Points per pass over the data in a 2-D grid's rows of ``nx`` points.
+
+    ``points_per_pass`` where the points are vmapped (their activations
+    stack up). Where they run one after another (CPUs: convolutions, dense
+    work above ``VMAP_MAX_WORK``) a point costs only its weights, so a whole
+    row shares each pass, up to :data:`ROW_PASS_BYTES` of weights: fewer
+    passes over the data, and the row's first-layer products made once
+    (:mod:`~modeconn.evaluation.input_span`). With ranks, each gets a share.
+    """
+    size = _batch_size(loader)
+    device = evaluator.fixed_bends.device
+    if runtime.compile or size is None or vectorize_by_default(evaluator.net, device, evaluator.num_parameters * size):
+        return points_per_pass
+    k = max(points_per_pass, min(nx, ROW_PASS_BYTES // (evaluator.num_parameters * evaluator.fixed_bends.element_size())))
+    return min(k, math.ceil(nx / _dist.get_world_size())) if runtime.sharded() else k
 
 
 def _plane_span(plane: Plane, coords: np.ndarray) -> Span:
@@ -275,7 +313,8 @@ def evaluate_grid(net: Union[nn.Module, CurveModel], plane: Plane, xs: Sequence[
 
     ``net`` gives the architecture (a module or a CurveModel); ``ys`` is given
     exactly when ``plane`` is 2-D. Points share passes over the data
-    (``points_per_pass``), BN statistics are recomputed per point over
+    (``points_per_pass``; a whole row of a 2-D grid where the points run
+    one after another, see :func:`_row_pass`), BN statistics are recomputed per point over
     ``bn_loader`` (default ``train_loader``) unless ``recompute_bn`` is False;
     a split whose loader is None is left out. ``on_row(i, partial)`` follows
     every finished row and ``resume`` keeps a partial result's rows;
@@ -297,17 +336,14 @@ def evaluate_grid(net: Union[nn.Module, CurveModel], plane: Plane, xs: Sequence[
     xs, ys, points_per_pass = _grid_arguments(plane, xs, ys, train_loader, test_loader, points_per_pass)
     runtime, hooks = runtime or Runtime(), hooks or Hooks()
     evaluator = _evaluator_on(net, plane, runtime)
-    has_bn = has_batchnorm(evaluator.net)
-    if recompute_bn and bn_loader is None and train_loader is None and has_bn:
-        raise ValueError("recomputing BN statistics needs a bn_loader or a train_loader")
-    use_bn = bool(recompute_bn and has_bn)
-    device, dtype = evaluator.fixed_bends.device, evaluator.fixed_bends.dtype
+    use_bn = _use_bn(evaluator, recompute_bn, bn_loader, train_loader)
     coords = xs[:, None] if ys is None else np.stack(np.meshgrid(xs, ys), -1).reshape(-1, 2)
     rows = _rows(len(xs), None if ys is None else len(ys), points_per_pass)
     result = _start(resume, xs, ys, use_bn, points_per_pass, plane_checksum(plane), rows, hooks)
-
-    buffer, scratch = torch.empty(min(points_per_pass, len(coords)), evaluator.num_parameters, device=device,
-                                  dtype=dtype), {}   # scratch: the metric passes' blocks, made once per grid
+    per_pass = points_per_pass if ys is None else _row_pass(evaluator, len(xs), points_per_pass,
+                                                             train_loader or test_loader, runtime)
+    # one points buffer for every pass; scratch: the metric passes' blocks, made once per grid
+    buffer, scratch = evaluator.fixed_bends.new_empty(min(per_pass, len(coords)), evaluator.num_parameters), {}
     def values_at(idx: np.ndarray) -> Dict[str, np.ndarray]:
         """Metrics (and point metrics) of the grid points ``idx``, in one pass per loader."""
         flats = plane.points(coords[idx], out=buffer[:len(idx)])   # one buffer, no [K, P] block per pass
@@ -319,7 +355,7 @@ def evaluate_grid(net: Union[nn.Module, CurveModel], plane: Plane, xs: Sequence[
         return vals
 
     for r in range(result.rows_done, len(rows)):
-        _store(result, _row_values(rows[r], points_per_pass, values_at, runtime.sharded()))
+        _store(result, _row_values(rows[r], per_pass, values_at, runtime.sharded()))
         result.rows_done = r + 1
         if on_row is not None:
             on_row(r, result)
