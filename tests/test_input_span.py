@@ -248,15 +248,19 @@ def test_the_fan_in_threshold_counts_the_products_summed_into_each_output(monkey
     net = nn.Sequential(layer, nn.Flatten(), nn.Tanh(), nn.Linear(out, 3)).double().eval()
     x, y = _data(shape)
     plane = random_plane(flatten_parameters(net), net, dims=2, seed=5)
-    coords = np.random.default_rng(1).uniform(-1, 1, (5, 2))
-    flats = plane.points(coords)
-    span = Span(torch.from_numpy(np.concatenate([np.ones((5, 1)), coords], 1)), [plane.origin, plane.d1, plane.d2])
-    for threshold, calls in ((fan_in, 3), (fan_in + 1, 5)):
-        monkeypatch.setattr(input_span, "MIN_FAN_IN", threshold)
-        counted = _Counted(monkeypatch, fn, layer.weight.shape)
-        got = evaluate_points(evaluator_for(net), flats, [(x, y)], None, span=span, scratch={})["train_loss"]
-        assert counted.calls == calls, threshold
-        np.testing.assert_allclose(got, _reference(net, flats, x, y)[0], rtol=0, atol=1e-12)
+    row = np.random.default_rng(1).uniform(-1, 1, (5, 2))
+    row[:, 1] = 0.3                  # a grid row: one add per point; elsewhere three passes per point
+    for coords, per_pass in ((row, 1), (np.random.default_rng(1).uniform(-1, 1, (5, 2)), 3)):
+        flats = plane.points(coords)
+        span = Span(torch.from_numpy(np.concatenate([np.ones((5, 1)), coords], 1)),
+                    [plane.origin, plane.d1, plane.d2])
+        at_most = fan_in // per_pass     # the largest MIN_FAN_IN with fan_in >= MIN_FAN_IN * passes
+        for threshold, calls in ((at_most, 3), (at_most + 1, 5)):
+            monkeypatch.setattr(input_span, "MIN_FAN_IN", threshold)
+            counted = _Counted(monkeypatch, fn, layer.weight.shape)
+            got = evaluate_points(evaluator_for(net), flats, [(x, y)], None, span=span, scratch={})["train_loss"]
+            assert counted.calls == calls, (threshold, per_pass)
+            np.testing.assert_allclose(got, _reference(net, flats, x, y)[0], rtol=0, atol=1e-12)
 
 
 class _Views(nn.Module):
@@ -358,7 +362,8 @@ def _eligible(net):
                                                           span, flats, {}).layers]
 
 
-def test_which_layers_may_answer_from_a_span():
+def test_which_layers_may_answer_from_a_span(monkeypatch):
+    monkeypatch.setattr(input_span, "MIN_FAN_IN", 0)   # the other rules; the fan-in has its own test
     from torch.nn.utils import parametrize
     from torch.nn.utils.parametrizations import weight_norm
 
@@ -405,3 +410,28 @@ def test_a_refilled_slot_of_images_gets_new_products_though_the_layer_reads_a_fr
     evaluate_points(curve, flats, [(x[0:9], y[0:9])], None, span=span, scratch=scratch)
     got = evaluate_points(curve, flats, [(x[8:17], y[8:17])], None, span=span, scratch=scratch)["train_loss"]
     np.testing.assert_allclose(got, _reference(net, flats, x[8:17], y[8:17])[0], rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize("bends", [2, 3, 4])
+def test_path_points_share_the_products_of_their_bends(monkeypatch, bends):
+    """θ(t) = Σ_k c_k(t) bend_k: a path's chunks share one product per bend and batch."""
+    from modeconn.core.curve_model import CurveModel
+    from modeconn.core.curves import Bezier
+    from modeconn.evaluation.path import evaluate_path
+    monkeypatch.setattr(stacked, "VMAP_MAX_WORK", 0)
+    a, b = _net(_mlp, 0), _net(_mlp, 1)
+    curve = CurveModel(a, a, b, Bezier(bends)).double()
+    with torch.no_grad():
+        curve.free_bends.add_(0.3 * torch.randn_like(curve.free_bends))
+    x, y = _data((2, 3))
+    train, test = [(x[:9], y[:9]), (x[9:], y[9:])], [(x, y)]
+    counted = _Counted(monkeypatch, "linear", (5, 6))
+    ts = np.linspace(0.0, 1.0, 11)
+    res = evaluate_path(curve, train, test, ts=ts, points_per_pass=5)
+    # chunks of 5, 5, 1 points over 3 batches: one product per bend and batch for the first two chunks
+    # (kept across them), and the last point (fewer points than bends) runs its own
+    assert counted.calls == bends * 3 + 1 * 3
+    with torch.no_grad():
+        points = curve.flat_weights_at(torch.tensor(ts))
+    np.testing.assert_allclose(res.train_nll, _reference(a, points, x, y)[0], rtol=0, atol=1e-12)
+    np.testing.assert_allclose(res.test_acc, _reference(a, points, x, y)[1], rtol=0, atol=0)

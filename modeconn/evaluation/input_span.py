@@ -18,7 +18,9 @@ different order of the same sums).
 Which layers: modules of exactly those classes (no subclass, hooks or
 buffers) whose own parameters are a weight and maybe a bias, all in the
 flat layout, and whose outputs each sum at least :data:`MIN_FAN_IN`
-products; and which
+products per elementwise pass a point's combination takes (one where the
+points differ only in their second coefficient, as along a grid row; R
+otherwise, as along a curve); and which
 calls: those whose input lies in the memory of the batch given to the
 network (the batch itself or a view of it, e.g. ``torch.flatten(x, 1)``),
 unmodified since the batch came: such an input does not depend on the
@@ -46,9 +48,11 @@ SPAN_CACHE_BYTES = 1 << 28
 # every entry costs as much as the products it saves on a small network)
 CHECKED_ENTRIES = 512
 
-# a layer whose output entries each sum fewer products than this runs faster than R scaled copies of
-# its outputs can be added (measured on 2 CPU threads: the digits CNN's 1->16 3x3 convolution, fan-in
-# 9, made a 21x21 grid 5 % slower; the digits MLP's 64->128 layer made it ~10 % faster)
+# a layer whose output entries each sum fewer products than this, per elementwise pass a point's
+# combination takes (1 in a grid row, R along a path), runs faster than its output can be combined
+# (measured on 2 CPU threads: the digits CNN's 1->16 3x3 convolution, fan-in 9, made a 21x21 grid 5 %
+# slower and the digits MLP's 64->128 layer a few % faster; along a Bezier(3) path, 3 passes per
+# point, that layer made path evaluation 12 % slower, an MNIST-sized 784->256 layer 41 % faster)
 MIN_FAN_IN = 32
 
 _LINEAR_IN_WEIGHTS = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
@@ -155,6 +159,9 @@ class InputLayers:
             owner, _, attr = full.rpartition(".")
             owned.setdefault(owner, []).append(attr)
             start[full], at = (at, at + n), at + n
+        c = span.coefficients
+        others = torch.cat([c[:, :1], c[:, 2:]], 1)
+        passes = 1 if len(c) < 2 or bool((others == others[:1]).all()) else c.shape[1]   # per point
         self.layers: List[Tuple[str, nn.Module, List[str]]] = []
         for name, m in net.named_modules():
             attrs = owned.get(name, [])
@@ -162,7 +169,7 @@ class InputLayers:
             # of the layer itself: "weight" is then missing from attrs
             if type(m) in _LINEAR_IN_WEIGHTS and not (m._forward_hooks or m._forward_pre_hooks or m._buffers
                                                       or "forward" in vars(m)) \
-                    and "weight" in attrs and set(attrs) <= {"weight", "bias"} and _fan_in(m) >= MIN_FAN_IN:
+                    and "weight" in attrs and set(attrs) <= {"weight", "bias"} and _fan_in(m) >= MIN_FAN_IN * passes:
                 self.layers.append((name, m, attrs))
         prefix = [f"{n}." if n else "" for n, _, _ in self.layers]
         ranges = [start[p + a] for p, (_, _, attrs) in zip(prefix, self.layers) for a in attrs]

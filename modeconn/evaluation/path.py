@@ -29,6 +29,7 @@ from modeconn.core.curve_model import CurveModel
 from modeconn.core.curves import PolyChain
 from modeconn.evaluation.barriers import BARRIER_REFERENCES, barrier, check_barrier_metric, has_endpoints
 from modeconn.evaluation.bn import batchnorm_modules
+from modeconn.evaluation.input_span import Span
 from modeconn.evaluation.points import evaluate_points
 from modeconn.runtime import Hooks, Runtime
 from modeconn.runtime import distributed as _dist
@@ -168,12 +169,15 @@ def _evaluate_chunks(path: CurveModel, ts: np.ndarray, loaders: tuple, use_bn: b
     t_tensor = torch.tensor(ts, dtype=path.fixed_bends.dtype)
     sharded = runtime.sharded()
     points_per_pass, starts, mine = _chunk_plan(len(ts), points_per_pass, sharded)
-    results, flats_all = {}, []
+    results, flats_all, scratch = {}, [], {}
+    bends = list(path.bends)   # θ(t) = Σ_k c_k(t) bend_k: the layers reading the input share products
     for i, lo in enumerate(starts):
-        flats = path.flat_weights_at(t_tensor[lo:lo + points_per_pass].to(device), check=False).detach()
+        coefficients = path.coefficients(t_tensor[lo:lo + points_per_pass].to(device), check=False).detach()
+        flats = path.flat_combination(coefficients).detach()
         flats_all.append(flats)
         if i in mine:
-            results[i] = evaluate_points(path, flats, *loaders, recompute_bn=use_bn, runtime=runtime)
+            results[i] = evaluate_points(path, flats, *loaders, recompute_bn=use_bn, runtime=runtime,
+                                         scratch=scratch, span=Span(coefficients, bends))
             hooks.advance(len(flats))
     if sharded:  # one rank per point: gather every rank's chunks (plain numpy arrays)
         for part in _dist.all_gather_object(results):
