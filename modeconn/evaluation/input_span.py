@@ -101,8 +101,7 @@ def _entries(vectors: List[torch.Tensor], sl: slice, kept: Dict) -> np.ndarray:
     """``[R, n]`` float64 array of the vectors' entries ``sl``, kept in ``kept`` while they are unmodified."""
     key = ("vector entries", sl.start, sl.stop, sl.step)
     old = kept.get(key)
-    if old is not None and len(old[0]) == len(vectors) and all(_same(a, va, b) for a, va, b in
-                                                               zip(old[0], old[1], vectors)):
+    if old is not None and _all_same(old[0], old[1], vectors):
         return old[2]
     arr = np.stack([t[sl].detach().to(torch.float64).cpu().numpy() for t in vectors])
     kept[key] = tuple(vectors), tuple(t._version for t in vectors), arr
@@ -123,6 +122,11 @@ def _same(kept: torch.Tensor, version: int, t: torch.Tensor) -> bool:
         return True
     return (t.numel() > 0 and t.device == kept.device and t.dtype == kept.dtype and _geometry(t) == _geometry(kept)
             and t.untyped_storage().data_ptr() == kept.untyped_storage().data_ptr())
+
+
+def _all_same(kept: Sequence[torch.Tensor], versions: Sequence[int], now: Sequence[torch.Tensor]) -> bool:
+    """:func:`_same` for each of several tensors (the span's vectors), and as many of them."""
+    return len(kept) == len(now) and all(_same(a, v, b) for a, v, b in zip(kept, versions, now))
 
 
 def _geometry(t: torch.Tensor) -> Tuple:
@@ -238,8 +242,7 @@ class InputLayers:
         """The R outputs ``f(inp; v_r)`` of layer ``name`` (kept ones when they are for the same values)."""
         slot, vectors = (name, batch, _geometry(inp)), tuple(self.span.vectors)
         kept = self.cache.get(slot)
-        if kept is not None and _same(kept[0], kept[1], key) and len(kept[2]) == len(vectors) \
-                and all(_same(a, va, b) for a, va, b in zip(kept[2], kept[3], vectors)):
+        if kept is not None and _same(kept[0], kept[1], key) and _all_same(kept[2], kept[3], vectors):
             return kept[4]
         prefix = f"{name}." if name else ""
         point_k = {a: m._parameters[a] for a in attrs}   # point k's views: the dtype of the points
