@@ -25,6 +25,7 @@ import argparse
 import copy
 import sys
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
@@ -56,32 +57,8 @@ def _digits_mlp():
     return "digits MLP 64-128-128-10, digits train set", net.eval(), ds.eval_loader("train", len(ds.y_train))
 
 
-def _case(name, net, loader, steps: int, reps: int) -> None:
-    xs = np.linspace(-1.0, 1.0, steps)
-    plane = random_plane(flatten_parameters(net), net, dims=2, norm="filter", seed=0)
-    grids = {}
-
-    def run(shared: bool):
-        def go():
-            saved = input_span.MIN_FAN_IN
-            input_span.MIN_FAN_IN = saved if shared else 1 << 62
-            try:
-                grids[shared] = evaluate_grid(net, plane, xs, xs, train_loader=loader, recompute_bn=False)
-            finally:
-                input_span.MIN_FAN_IN = saved
-        return go
-
-    t = interleaved({"shared": run(True), "per point": run(False)}, reps)
-    diff = np.abs(grids[True].arrays["train_loss"] - grids[False].arrays["train_loss"]).max()
-    print(f"{name}, {steps}x{steps} grid: shared {t['shared']:.3f} s, per point {t['per point']:.3f} s, "
-          f"ratio {t['shared'] / t['per point']:.2f}; max |Δ train loss| {diff:.1e}")
-
-
-def _path_case(name, make, loader, points: int, reps: int) -> None:
-    """A Bezier(3) curve between two networks of ``make``'s architecture, evaluated at ``points`` ts."""
-    torch.manual_seed(1)
-    a, b = make(), make()
-    curve = CurveModel(a, a, b, Bezier(3))
+def _side_by_side(name: str, work: Callable[[], object], values: Callable[[object], np.ndarray], reps: int) -> None:
+    """``work()`` with the input products shared and per point, interleaved; prints times, ratio, max |Δ|."""
     results = {}
 
     def run(shared: bool):
@@ -89,15 +66,33 @@ def _path_case(name, make, loader, points: int, reps: int) -> None:
             saved = input_span.MIN_FAN_IN
             input_span.MIN_FAN_IN = saved if shared else 1 << 62
             try:
-                results[shared] = evaluate_path(curve, loader, loader, num_points=points)
+                results[shared] = work()
             finally:
                 input_span.MIN_FAN_IN = saved
         return go
 
     t = interleaved({"shared": run(True), "per point": run(False)}, reps)
-    diff = np.abs(results[True].train_nll - results[False].train_nll).max()
-    print(f"{name}, Bezier(3) path, {points} points: shared {t['shared']:.3f} s, per point "
-          f"{t['per point']:.3f} s, ratio {t['shared'] / t['per point']:.2f}; max |Δ train loss| {diff:.1e}")
+    diff = np.abs(values(results[True]) - values(results[False])).max()
+    print(f"{name}: shared {t['shared']:.3f} s, per point {t['per point']:.3f} s, "
+          f"ratio {t['shared'] / t['per point']:.2f}; max |Δ train loss| {diff:.1e}")
+
+
+def _case(name, net, loader, steps: int, reps: int) -> None:
+    """A ``steps`` x ``steps`` grid over [-1, 1]² of a filter-normalised random plane (seed 0)."""
+    xs = np.linspace(-1.0, 1.0, steps)
+    plane = random_plane(flatten_parameters(net), net, dims=2, norm="filter", seed=0)
+    _side_by_side(f"{name}, {steps}x{steps} grid",
+                  lambda: evaluate_grid(net, plane, xs, xs, train_loader=loader, recompute_bn=False),
+                  lambda g: g.arrays["train_loss"], reps)
+
+
+def _path_case(name, make, loader, points: int, reps: int) -> None:
+    """A Bezier(3) curve between two networks of ``make``'s architecture, evaluated at ``points`` ts."""
+    torch.manual_seed(1)
+    a, b = make(), make()
+    curve = CurveModel(a, a, b, Bezier(3))
+    _side_by_side(f"{name}, Bezier(3) path, {points} points",
+                  lambda: evaluate_path(curve, loader, loader, num_points=points), lambda r: r.train_nll, reps)
 
 
 def main(argv=None) -> None:
