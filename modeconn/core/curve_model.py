@@ -132,7 +132,7 @@ class BendsModel(nn.Module):
 
     @property
     def bends(self) -> torch.Tensor:
-        """All bends as one ``[num_bends, P]`` tensor (views of the stored ones)."""
+        """All bends as one new ``[num_bends, P]`` tensor (a copy of the stored fixed and free bends, detached)."""
         out = self.fixed_bends.new_empty((self.num_bends, self.num_parameters))
         out[self._fixed_sel] = self.fixed_bends
         out[self._free_sel] = self.free_bends.detach()
