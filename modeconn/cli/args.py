@@ -249,7 +249,8 @@ def add_grid_args(p: argparse.ArgumentParser) -> None:
                         "distorts BN networks away from the checkpoint). No effect without BN.")
     g.add_argument("--points-per-pass", type=at_least(1), default=8,
                    help="grid points evaluated together in one pass over the data (vmap over stacked "
-                        "weights; memory grows with it) (default: %(default)s)")
+                        "weights; memory grows with it); where the points run one after another (CPU "
+                        "convolutions, larger dense nets) a whole 2-D row shares a pass (default: %(default)s)")
     g.add_argument("--hessian", action="store_true",
                    help="also compute the Hessian's extreme eigenvalues λmax, λmin and |λmin/λmax| "
                         "(Li et al.'s convexity map) at every grid point, over --hessian-samples training "
