@@ -435,3 +435,17 @@ def test_path_points_share_the_products_of_their_bends(monkeypatch, bends):
         points = curve.flat_weights_at(torch.tensor(ts))
     np.testing.assert_allclose(res.train_nll, _reference(a, points, x, y)[0], rtol=0, atol=1e-12)
     np.testing.assert_allclose(res.test_acc, _reference(a, points, x, y)[1], rtol=0, atol=0)
+
+
+def test_train_and_test_batches_of_one_shape_keep_their_own_products(monkeypatch):
+    monkeypatch.setattr(stacked, "VMAP_MAX_WORK", 0)
+    net, curve, plane, flats, span = _span_case(seed=6)
+    x, y = _data((2, 3), n=16)
+    u, v = _data((2, 3), n=8, seed=1)
+    train, test, scratch = [(x[:8], y[:8]), (x[8:], y[8:])], [(u, v)], {}
+    counted = _Counted(monkeypatch, "linear", (5, 6))
+    for _ in range(3):
+        got = evaluate_points(curve, flats, train, test, span=span, scratch=scratch)
+    assert counted.calls == 3 * 3                      # 3 vectors x 3 batches, once for the three calls
+    np.testing.assert_allclose(got["test_loss"], _reference(net, flats, u, v)[0], rtol=0, atol=1e-12)
+    np.testing.assert_allclose(got["train_loss"], _reference(net, flats, x, y)[0], rtol=0, atol=1e-12)

@@ -240,7 +240,9 @@ class InputLayers:
     def _outputs(self, name: str, m: nn.Module, attrs: List[str], own: Callable, inp: torch.Tensor, batch: int,
                  key: torch.Tensor) -> List[torch.Tensor]:
         """The R outputs ``f(inp; v_r)`` of layer ``name`` (kept ones when they are for the same values)."""
-        slot, vectors = (name, batch, _geometry(inp)), tuple(self.span.vectors)
+        # by layer, batch number, input view and the batch's memory (a train and a test batch each keep theirs)
+        slot = (name, batch, _geometry(inp), key.untyped_storage().data_ptr())
+        vectors = tuple(self.span.vectors)
         kept = self.cache.get(slot)
         if kept is not None and _same(kept[0], kept[1], key) and _all_same(kept[2], kept[3], vectors):
             return kept[4]
