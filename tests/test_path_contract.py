@@ -120,3 +120,67 @@ def test_summary_of_a_path_of_zero_length_weighs_every_point_alike():
     res = _result()
     res.segment_lengths = np.zeros(4)
     assert res.summary("test_loss") == {"min": 1.0, "max": 3.0, "mean": 2.0, "weighted_mean": 2.0}
+
+
+def test_the_barrier_table_of_a_path_without_its_line_and_a_short_path_summary():
+    rows = _result().barrier_table(metrics=("test_loss",))
+    assert [(r["path"], r["reference"]) for r in rows] == [("curve", "interp"), ("curve", "mean"), ("curve", "max")]
+    res = _result()
+    res.segment_lengths = np.array([0.1, 0.2, 0.3, 0.4])         # total length 1: still weighted
+    assert res.summary("test_loss")["weighted_mean"] == pytest.approx((2 * 0.1 + 2.5 * 0.2 + 2.25 * 0.3 + 2 * 0.4) / 1.0)
+
+
+def _bn_line():
+    from modeconn.core.curve_model import linear_path
+    a, b = _bn_net(0), _bn_net(1)
+    return a, b, linear_path(a, b)
+
+
+def test_evaluate_path_at_its_two_ends_with_the_stored_bn_statistics():
+    """num_points=2 is the two endpoints; recompute_bn=False keeps the live (start's) statistics at every t."""
+    import copy
+
+    from modeconn.evaluation.path import evaluate_path
+    a, b, line = _bn_line()
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(20, 3, generator=g), torch.randint(0, 2, (20,), generator=g)
+    res = evaluate_path(line, [(x, y)], [(x, y)], num_points=2, recompute_bn=False)
+    b_with_a_stats = copy.deepcopy(b)
+    for name, buf in a.named_buffers():
+        b_with_a_stats.get_buffer(name).copy_(buf)
+    with torch.no_grad():
+        want = [nn.functional.cross_entropy(m.eval()(x), y).item() for m in (a, b_with_a_stats)]
+    assert res.ts.tolist() == [0.0, 1.0] and not res.bn_recomputed
+    np.testing.assert_allclose(res.train_nll, want, rtol=1e-6)
+    assert res.arc_length[0] == 0.0
+    assert res.arc_length[1] == pytest.approx(float((line.flat_weights_at(1.0) - line.flat_weights_at(0.0)).norm()))
+
+
+def test_evaluate_path_runs_the_points_under_the_runtime_it_is_given():
+    """bf16 autocast reaches the point engine: values move by bf16 rounding, not more."""
+    from modeconn.evaluation.path import evaluate_path
+    from modeconn.runtime import Runtime
+    _, _, line = _bn_line()
+    g = torch.Generator().manual_seed(1)
+    x, y = torch.randn(64, 3, generator=g), torch.randint(0, 2, (64,), generator=g)
+    plain = evaluate_path(line, [(x, y)], [(x, y)], num_points=5, recompute_bn=False)
+    amp = evaluate_path(line, [(x, y)], [(x, y)], num_points=5, recompute_bn=False, runtime=Runtime(amp=True))
+    diff = np.abs(amp.train_nll - plain.train_nll).max()
+    assert 0 < diff < 0.05
+
+
+@pytest.mark.parametrize("world,rank,want_ppp,want_mine,want_points", [
+    (3, 0, 4, [0], 4), (3, 1, 4, [1], 4), (3, 2, 4, [2], 2),   # 10 points: chunks of ceil(10/3) = 4, 4, 2
+    (2, 1, 5, [1], 5),                                          # chunks of ceil(10/2) = 5, one per rank
+])
+def test_with_ranks_every_rank_gets_whole_chunks_of_the_path(monkeypatch, world, rank, want_ppp, want_mine,
+                                                             want_points):
+    from modeconn.evaluation import path as path_module
+    from modeconn.runtime import Runtime
+    monkeypatch.setattr(path_module._dist, "get_world_size", lambda: world)
+    monkeypatch.setattr(path_module._dist, "get_rank", lambda: rank)
+    ppp, starts, mine = path_module._chunk_plan(10, 8, sharded=True)
+    assert ppp == want_ppp and starts == list(range(0, 10, want_ppp)) and list(mine) == want_mine
+    assert path_module._chunk_plan(10, 8, sharded=False) == (8, [0, 8], range(0, 2))
+    monkeypatch.setattr(Runtime, "sharded", lambda self: True)
+    assert path_module.points_of_this_rank(10, 8) == want_points
