@@ -390,11 +390,17 @@ def test_which_layers_may_answer_from_a_span(monkeypatch):
     assert _eligible(make("plain")) == ["0", "2", "3"]
     for kind in ("pre-hook", "buffer", "own forward", "extra parameter", "parametrized", "weight norm", "subclass"):
         assert _eligible(make(kind)) == ["2", "3"], kind
+    nested = nn.Sequential(nn.Sequential(nn.Linear(6, 5), nn.Tanh()), nn.Linear(5, 2)).double()
+    assert _eligible(nested) == ["0.0", "1"]
     # a layout without the first layer's weight (held fixed): its output is not linear in the point
     net = make("plain")
     names = [n for n, _ in net.named_parameters() if n != "0.weight"]
     numels = [p.numel() for n, p in net.named_parameters() if n != "0.weight"]
     flats = torch.randn(4, sum(numels), dtype=torch.float64)
+    span = Span(torch.eye(4, dtype=torch.float64), list(flats))
+    assert [n for n, _, _ in input_span.InputLayers(net, names, numels, span, flats, {}).layers] == ["2", "3"]
+    names, numels = names[1:], numels[1:]                   # and without any of its parameters
+    flats = flats[:, 5:]
     span = Span(torch.eye(4, dtype=torch.float64), list(flats))
     assert [n for n, _, _ in input_span.InputLayers(net, names, numels, span, flats, {}).layers] == ["2", "3"]
 
@@ -449,3 +455,61 @@ def test_train_and_test_batches_of_one_shape_keep_their_own_products(monkeypatch
     assert counted.calls == 3 * 3                      # 3 vectors x 3 batches, once for the three calls
     np.testing.assert_allclose(got["test_loss"], _reference(net, flats, u, v)[0], rtol=0, atol=1e-12)
     np.testing.assert_allclose(got["train_loss"], _reference(net, flats, x, y)[0], rtol=0, atol=1e-12)
+
+
+def test_a_network_that_is_one_layer_and_a_float32_network_on_a_float64_plane(monkeypatch):
+    monkeypatch.setattr(stacked, "VMAP_MAX_WORK", 0)
+    torch.manual_seed(0)
+    x, y = _data((6,))
+    bare = nn.Linear(6, 3).double()                            # the eligible layer is the network itself
+    flats, span = _plane_span(bare)
+    got = evaluate_points(evaluator_for(bare), flats, [(x, y)], None, span=span, scratch={})["train_loss"]
+    np.testing.assert_allclose(got, _reference(bare, flats, x, y)[0], rtol=0, atol=1e-12)
+    # a curve plane's axes are float64 while the network is float32; coordinates far from the origin
+    net = _mlp().float().eval()
+    plane = random_plane(flatten_parameters(net), net, dims=2, seed=7)
+    vectors = [plane.origin.double(), plane.d1.double(), plane.d2.double()]
+    coords = np.random.default_rng(2).uniform(-100, 100, (5, 2))   # float32 rounding well above eps
+    c = torch.from_numpy(np.concatenate([np.ones((5, 1)), coords], 1))
+    flats = (c @ torch.stack(vectors)).float()                 # the points rounded to float32
+    counted = _Counted(monkeypatch, "linear", (5, 6))
+    got = evaluate_points(evaluator_for(net), flats, [(x.float(), y)], None, span=Span(c, vectors),
+                          scratch={})["train_loss"]
+    assert counted.calls == 3
+    want = _reference(net.double(), flats.double(), x, y)[0]
+    np.testing.assert_allclose(got, want, rtol=1e-4)
+
+
+def test_products_are_kept_while_they_fit_the_budget(monkeypatch):
+    monkeypatch.setattr(stacked, "VMAP_MAX_WORK", 0)
+    net, curve, plane, flats, span = _span_case(seed=8)
+    x, y = _data((2, 3), n=16)
+    loader = [(x[:8], y[:8]), (x[8:], y[8:])]
+    # one batch's three products: 3 x [8, 5] float64 = 960 bytes; a budget of exactly that keeps batch 0
+    monkeypatch.setattr(input_span, "SPAN_CACHE_BYTES", 3 * 8 * 5 * 8)
+    counted, scratch = _Counted(monkeypatch, "linear", (5, 6)), {}
+    for _ in range(2):
+        got = _loss(curve, flats, loader, span, scratch)
+    assert counted.calls == 3 * 2 + 3                  # the second pass remakes batch 1's products only
+    np.testing.assert_allclose(got, _reference(net, flats, x, y)[0], rtol=0, atol=1e-12)
+    for budget, calls in ((3 * 8 * 5 * 8 - 1, 3 * 2 * 2),     # a byte short of one batch: nothing kept
+                          (2 * 3 * 8 * 5 * 8 - 1, 3 * 2 + 3)):  # a byte short of both: batch 0 kept
+        monkeypatch.setattr(input_span, "SPAN_CACHE_BYTES", budget)
+        counted.calls, scratch = 0, {}
+        for _ in range(2):
+            _loss(curve, flats, loader, span, scratch)
+        assert counted.calls == calls, budget
+
+
+def test_the_span_is_checked_at_evenly_spaced_entries_of_every_parameter(monkeypatch):
+    monkeypatch.setattr(stacked, "VMAP_MAX_WORK", 0)
+    monkeypatch.setattr(input_span, "CHECKED_ENTRIES", 2)
+    net, curve, plane, flats, span = _span_case(seed=9)
+    x, y = _data((2, 3))
+    # layer 1: weight entries 0..29 (every 15th checked), bias 30..34 (every 2nd: 30, 32, 34)
+    bent = flats.clone()
+    bent[2, 32] += 1e-3
+    with pytest.raises(ValueError, match=r"span: point 2 .*\(entry 32: "):
+        _loss(curve, bent, [(x, y)], span, {})
+    with pytest.raises(ValueError, match=r"span: coefficients \(4, 3\)"):
+        _loss(curve, flats, [(x, y)], Span(span.coefficients[:4], span.vectors), {})   # 4 rows for 5 points

@@ -71,12 +71,12 @@ class Span:
     coefficients: torch.Tensor
     vectors: Sequence[torch.Tensor]
 
-    def check(self, flats: torch.Tensor, entries: Sequence[slice], kept: Optional[Dict] = None) -> None:
+    def check(self, flats: torch.Tensor, entries: Sequence[slice], kept: Dict) -> None:
         """Raise unless ``coefficients @ vectors`` equals ``flats`` at the flat indices ``entries``.
 
         Equal up to the rounding of the sums: ``8·eps·(|c| @ |v|)`` in ``flats``' dtype. Computed in
         numpy float64 on the selected entries; ``kept``: a dict where the vectors' entries are kept
-        for the next check with the same, unmodified vectors (a grid checks every pass).
+        for the next check with the same, unmodified vectors (a grid checks every pass; ``{}``: none).
         """
         c, v = self.coefficients, list(self.vectors)
         if c.dim() != 2 or c.shape[0] != flats.shape[0] or c.shape[1] != len(v) \
@@ -87,7 +87,7 @@ class Span:
         tol = 8 * torch.finfo(flats.dtype).eps
         for sl in entries:
             got = flats[:, sl].detach().to(torch.float64).cpu().numpy()
-            v64 = _entries(v, sl, {} if kept is None else kept)
+            v64 = _entries(v, sl, kept)
             terms = c64[:, :, None] * v64[None]          # [K, R, n]: R is a few, no BLAS call (and its threads)
             want = terms.sum(1)
             bad = np.abs(want - got) > tol * np.abs(terms).sum(1) + torch.finfo(flats.dtype).tiny
