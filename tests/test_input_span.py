@@ -229,7 +229,7 @@ def test_a_span_that_does_not_give_the_points_is_refused(monkeypatch):
     with pytest.raises(ValueError, match="span: point 3 is not the combination"):
         _loss(curve, flats, [(x, y)], wrong, {})
     bent = flats.clone()
-    bent[1, 7] *= 1 + 1e-12                            # one weight entry of the first layer, by 1e-12 (float64)
+    bent[1, 7] *= 1 + 1e-13                            # one weight entry of the first layer, by 1e-13 (float64)
     with pytest.raises(ValueError, match=r"span: point 1 .*\(entry 7: "):
         _loss(curve, bent, [(x, y)], span, {})
     with pytest.raises(ValueError, match=r"span: coefficients \(5, 2\) and vectors \[\(\d+,\), \(\d+,\), \(\d+,\)\]"):

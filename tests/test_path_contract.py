@@ -184,3 +184,5 @@ def test_with_ranks_every_rank_gets_whole_chunks_of_the_path(monkeypatch, world,
     assert path_module._chunk_plan(10, 8, sharded=False) == (8, [0, 8], range(0, 2))
     monkeypatch.setattr(Runtime, "sharded", lambda self: True)
     assert path_module.points_of_this_rank(10, 8) == want_points
+    if world == 2:   # the default pass, evaluate_path's 8: 40 points in 5 chunks of 8, rank 1 has the last 2
+        assert path_module.points_of_this_rank(40) == 16
