@@ -263,3 +263,26 @@ def test_with_ranks_each_gets_a_share_of_a_row(monkeypatch):
     assert grid_module._row_pass(curve, 21, 8, [(x, y)], one) == 11
     monkeypatch.setattr(grid_module._dist, "get_world_size", lambda: 4)
     assert grid_module._row_pass(curve, 21, 8, [(x, y)], one) == 6
+
+
+def test_a_loader_without_a_length_is_not_asked_for_one(monkeypatch):
+    """An iterable-style DataLoader has no len(): the row pass must not take its truth value."""
+    from torch.utils.data import DataLoader, IterableDataset
+
+    class Stream(IterableDataset):
+        def __init__(self, x, y):
+            self.x, self.y = x, y
+
+        def __iter__(self):
+            return iter(zip(self.x, self.y))
+
+    monkeypatch.setattr(stacked, "VMAP_MAX_WORK", 0)
+    net, x, y = _tiny()
+    loader = DataLoader(Stream(x, y), batch_size=10)
+    with pytest.raises(TypeError):
+        len(loader)
+    plane = random_plane(flatten_parameters(net), net, dims=2, seed=1)
+    xs, ys = np.linspace(-1.0, 0.7, 5), np.linspace(-0.4, 1.3, 3)
+    grid = evaluate_grid(net, plane, xs, ys, train_loader=loader, points_per_pass=2)
+    loss, _ = _reference(net, plane, xs, ys, x, y)
+    np.testing.assert_allclose(grid.arrays["train_loss"], loss, rtol=0, atol=1e-12)

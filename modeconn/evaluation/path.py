@@ -170,14 +170,17 @@ def _evaluate_chunks(path: CurveModel, ts: np.ndarray, loaders: tuple, use_bn: b
     sharded = runtime.sharded()
     points_per_pass, starts, mine = _chunk_plan(len(ts), points_per_pass, sharded)
     results, flats_all, scratch = {}, [], {}
-    bends = list(path.bends)   # θ(t) = Σ_k c_k(t) bend_k: the layers reading the input share products
+    # a curve's θ(t) = Σ_k c_k(t) bend_k: the layers reading the input share products (other bends
+    # models, e.g. a simplex complex whose "ts" are coordinates, evaluate every point on its own)
+    bends = list(path.bends) if isinstance(path, CurveModel) else None
     for i, lo in enumerate(starts):
-        coefficients = path.coefficients(t_tensor[lo:lo + points_per_pass].to(device), check=False).detach()
-        flats = path.flat_combination(coefficients).detach()
+        ts_i = t_tensor[lo:lo + points_per_pass].to(device)
+        flats = path.flat_weights_at(ts_i, check=False).detach()
         flats_all.append(flats)
         if i in mine:
+            span = None if bends is None else Span(path.coefficients(ts_i, check=False).detach(), bends)
             results[i] = evaluate_points(path, flats, *loaders, recompute_bn=use_bn, runtime=runtime,
-                                         scratch=scratch, span=Span(coefficients, bends))
+                                         scratch=scratch, span=span)
             hooks.advance(len(flats))
     if sharded:  # one rank per point: gather every rank's chunks (plain numpy arrays)
         for part in _dist.all_gather_object(results):

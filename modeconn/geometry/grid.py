@@ -46,10 +46,10 @@ from modeconn.runtime import Hooks, Runtime
 from modeconn.runtime import distributed as _dist
 
 RowCallback = Callable[[int, "GridResult"], None]
+PointMetrics = Callable[[torch.Tensor], Mapping[str, np.ndarray]]
 
 # the weights of the points one pass of a 2-D grid row holds when they are evaluated one after another
 ROW_PASS_BYTES = 1 << 27
-PointMetrics = Callable[[torch.Tensor], Mapping[str, np.ndarray]]
 
 __all__ = ["GridResult", "CurvePlane", "axis", "evaluator_for", "evaluate_grid", "curve_plane",
            "curve_plane_geometry", "plane_checksum"]
@@ -340,8 +340,8 @@ def evaluate_grid(net: Union[nn.Module, CurveModel], plane: Plane, xs: Sequence[
     coords = xs[:, None] if ys is None else np.stack(np.meshgrid(xs, ys), -1).reshape(-1, 2)
     rows = _rows(len(xs), None if ys is None else len(ys), points_per_pass)
     result = _start(resume, xs, ys, use_bn, points_per_pass, plane_checksum(plane), rows, hooks)
-    per_pass = points_per_pass if ys is None else _row_pass(evaluator, len(xs), points_per_pass,
-                                                             train_loader or test_loader, runtime)
+    per_pass = points_per_pass if ys is None else _row_pass(
+        evaluator, len(xs), points_per_pass, test_loader if train_loader is None else train_loader, runtime)
     # one points buffer for every pass; scratch: the metric passes' blocks, made once per grid
     buffer, scratch = evaluator.fixed_bends.new_empty(min(per_pass, len(coords)), evaluator.num_parameters), {}
     def values_at(idx: np.ndarray) -> Dict[str, np.ndarray]:
