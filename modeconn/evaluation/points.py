@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import itertools
-from typing import Dict, Iterable, Optional
+from typing import Callable, Dict, Iterable, List, Optional
 
 import numpy as np
 import torch
@@ -44,7 +44,7 @@ BLOCK_ENTRIES = 1 << 20
 @torch.no_grad()
 def _point_means(curve, flats: torch.Tensor, buffers: Dict[str, torch.Tensor], loader: Iterable,
                  runtime: Optional[Runtime] = None, scratch: Optional[KeptTensors] = None,
-                 span: Optional[Span] = None) -> Dict[str, np.ndarray]:
+                 span_layers: Optional[Callable[[], Optional[InputLayers]]] = None) -> Dict[str, np.ndarray]:
     """Mean cross-entropy and accuracy (``[K]`` each) of K points ``flats [K, P]`` (buffers ``[K, ...]``) over ``loader``.
 
     The template runs in eval mode. All K points share each batch: one vmap,
@@ -53,7 +53,7 @@ def _point_means(curve, flats: torch.Tensor, buffers: Dict[str, torch.Tensor], l
     forwards under bf16 autocast (logits back to float32 before the sums);
     ``runtime.compile``: the vmapped forward through ``torch.compile``.
     ``scratch``: tensors kept for the next call (see :func:`evaluate_points`).
-    ``span``: the points as combinations (see :func:`evaluate_points`).
+    ``span_layers()``: the layers answered from the points' span, if any (see :func:`evaluate_points`).
     """
     runtime, scratch = runtime or Runtime(), {} if scratch is None else scratch
     net, device = curve.net, flats.device
@@ -65,10 +65,7 @@ def _point_means(curve, flats: torch.Tensor, buffers: Dict[str, torch.Tensor], l
     batches = itertools.chain([first], batches)
     with eval_mode(net):
         if not runtime.compile and not vectorize_by_default(net, device, flats.shape[1] * len(first[0])):
-            layers = None
-            if span is not None and not runtime.amp and len(flats) > len(list(span.vectors)):
-                layers = InputLayers(net, curve.layout.names, curve.layout.numels, span, flats,
-                                     scratch.setdefault("input span", {})) or None
+            layers = None if span_layers is None else span_layers()
             return _loop_means(net, params, buffers, batches, len(flats), runtime, scratch, layers)
         fwd = compiled_forward(net) if runtime.compile else batched_forward(net, True)
         sums = MetricSums(scratch=scratch)
@@ -78,6 +75,23 @@ def _point_means(curve, flats: torch.Tensor, buffers: Dict[str, torch.Tensor], l
                 out = fwd(params, buffers, x)                      # [K, B, C]
                 sums.add_logits(out.float() if runtime.amp else out, y)
     return sums.means()
+
+
+def _span_layers(curve, flats: torch.Tensor, span: Span, runtime: Runtime,
+                 scratch: KeptTensors) -> Callable[[], Optional[InputLayers]]:
+    """``() -> InputLayers or None``, made (and the span checked) at the first call only: both splits share it.
+
+    None where the span cannot help: under amp, or with no more points than vectors.
+    """
+    made: List[Optional[InputLayers]] = []
+
+    def layers() -> Optional[InputLayers]:
+        if not made:
+            useful = not runtime.amp and len(flats) > len(list(span.vectors))
+            made.append(InputLayers(curve.net, curve.layout.names, curve.layout.numels, span, flats,
+                                    scratch.setdefault("input span", {})) or None if useful else None)
+        return made[0]
+    return layers
 
 
 def _loop_means(net, params, buffers, batches: Iterable, K: int, runtime: Runtime,
@@ -179,9 +193,11 @@ def evaluate_points(curve, flats: torch.Tensor, train_loader: Optional[Iterable]
         buffers = bn_statistics(curve, flats, bn_loader, runtime=runtime)
     else:
         buffers = {n: b.unsqueeze(0).expand(len(flats), *b.shape) for n, b in curve.net.named_buffers()}
+    runtime, scratch = runtime or Runtime(), {} if scratch is None else scratch
+    span_layers = None if span is None else _span_layers(curve, flats, span, runtime, scratch)
     out = {}
     for split, loader in (("train", train_loader), ("test", test_loader)):
         if loader is not None:
-            m = _point_means(curve, flats, buffers, loader, runtime, scratch, span)
+            m = _point_means(curve, flats, buffers, loader, runtime, scratch, span_layers)
             out[f"{split}_loss"], out[f"{split}_acc"] = m["loss"], m["acc"]
     return out
