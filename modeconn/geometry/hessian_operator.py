@@ -92,7 +92,9 @@ def _get_loss(loss_fn: LossLike) -> LossFn:
     if callable(loss_fn):
         return loss_fn
     if loss_fn == "mse":
-        return lambda out, y: F.mse_loss(out, y.reshape(out.shape).to(out.dtype))
+        # F.mse_loss written out: torch's forward-over-reverse rule of its mean reduction raises
+        # "ZeroTensors are immutable" (pytorch#123996), and forward mode is the default without reuse
+        return lambda out, y: (out - y.reshape(out.shape).to(out.dtype)).pow(2).mean()
     raise ValueError(f"unknown loss_fn {loss_fn!r}; use 'cross_entropy', 'mse', None or a callable (out, y) -> scalar")
 
 
