@@ -361,6 +361,7 @@ def test_affine_batch_norm_defaults_are_those_of_F_batch_norm():
     g = torch.Generator().manual_seed(14)
     x = torch.randn(5, 4, generator=g, dtype=F64)
     mean, var = torch.randn(4, generator=g, dtype=F64), torch.rand(4, generator=g, dtype=F64) * 1e-3
+    # a drop-in for F.batch_norm, so its defaults too (torch forwards training/momentum/eps by keyword today)
     torch.testing.assert_close(_affine_batch_norm(x, mean, var), F.batch_norm(x, mean, var), rtol=1e-13, atol=1e-13)
     # one statistic missing: left to F.batch_norm (which raises its own error in eval mode)
     assert _affine_batch_norm(x, mean, None) is None and _affine_batch_norm(x, None, var) is None
@@ -442,4 +443,5 @@ def test_scipy_operator_shift_in_float64_for_float32_vectors():
     v = v32.astype(np.float64)                                        # the same numbers, exactly
     lo = HessianOperator(model, F.cross_entropy, [(x, y)]).as_linear_operator(shift=0.1)
     np.testing.assert_allclose(lo.matvec(v32), H @ v - 0.1 * v, rtol=0, atol=1e-12)
+    # a column [P, 1], which scipy passes through as it is, is flattened
     np.testing.assert_allclose(lo.matvec(v.reshape(-1, 1)).ravel(), H @ v - 0.1 * v, rtol=0, atol=1e-12)
