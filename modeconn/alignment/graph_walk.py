@@ -12,7 +12,7 @@ safety net, a layout that disagrees with the traced output shape is dropped.
 """
 from __future__ import annotations
 
-from typing import Callable, Dict, Iterable, Optional
+from typing import Callable, Dict, Iterable
 
 from torch import fx
 
@@ -59,7 +59,7 @@ def _check_layout(walk: WalkState, node: fx.Node) -> None:
         walk.layout[node] = None
 
 
-def walk_graph(gm: fx.GraphModule, state_names: Optional[Iterable[str]] = None) -> WalkState:
+def walk_graph(gm: fx.GraphModule, state_names: Iterable[str]) -> WalkState:
     """Visit every node of ``gm`` (shapes already propagated) and return the final state.
 
     Hand-written attention is found first

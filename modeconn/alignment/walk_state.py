@@ -131,8 +131,9 @@ def value_users(node: fx.Node) -> List[fx.Node]:
 
 
 def main_input(node: fx.Node) -> Any:
-    """The first positional argument of a call: the tensor the operation acts on (None if absent)."""
-    return node.args[0] if node.args else None
+    """The tensor a call acts on: its first positional argument, else its ``input`` keyword
+    (``torch.flatten(input=x, start_dim=1)``); None if it has neither."""
+    return node.args[0] if node.args else node.kwargs.get("input")
 
 
 def _target_name(node: fx.Node) -> str:
@@ -146,15 +147,15 @@ def _target_name(node: fx.Node) -> str:
 class WalkState:
     """Layouts and kinds of the nodes visited so far, the groups, and notes for the spec's reasons."""
 
-    def __init__(self, gm: fx.GraphModule, state_names: Optional[Iterable[str]] = None):
+    def __init__(self, gm: fx.GraphModule, state_names: Iterable[str]):
         """Empty state for the traced module ``gm`` (shapes already propagated).
 
-        ``state_names``: the model's state-dict names (default: ``gm``'s), the
-        entries a group may permute.
+        ``state_names``: the model's state-dict names, the entries a group may
+        permute (not ``gm``'s: tracing registers plain tensor attributes as buffers).
         """
         self.gm = gm
         self.modules = dict(gm.named_modules())
-        self.state_names = set(state_names if state_names is not None else gm.state_dict())
+        self.state_names = set(state_names)
         self.tuple_layouts: Dict[fx.Node, Dict[int, ChannelLayout]] = {}  # layouts of a tuple output's items
         self.sites: List[AttentionSite] = []
         self.site_projections: Set[fx.Node] = set()  # q/k/v Linears of attention sites: open no group

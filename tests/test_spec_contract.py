@@ -1,0 +1,169 @@
+"""Spec inference, case by case, from mutation testing (tests/MUTATION.md, run 9): which groups form,
+which parameters move with them, and the reasons given for what stays fixed."""
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn as nn
+
+from modeconn.alignment import apply_permutation, infer_permutation_spec
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def _same_function(model, spec, x, seed=3):
+    permuted = apply_permutation(model, spec, spec.random_permutation(seed))
+    with torch.no_grad():
+        torch.testing.assert_close(permuted.eval()(x), model.eval()(x), rtol=1e-5, atol=1e-6)
+
+
+def _axes_of(spec):
+    return {a.name for g in spec.groups.values() for a in g.axes}
+
+
+class SizedPosition(nn.Module):
+    """A token embedding plus a position embedding sliced by a size query on the parameter itself."""
+
+    def __init__(self, vocab=7, seq=5, dim=6):
+        super().__init__()
+        self.tok = nn.Embedding(vocab, dim)
+        self.pos = nn.Parameter(torch.randn(1, seq, dim))
+        self.fc = nn.Linear(dim, 8)
+        self.head = nn.Linear(8, 3)
+
+    def forward(self, x):
+        h = self.tok(x) + self.pos[:, :self.pos.size(1)]
+        return self.head(torch.relu(self.fc(h)).mean(1))
+
+
+def test_a_size_query_is_not_a_second_reader_of_a_position_embedding():
+    torch.manual_seed(0)
+    model, x = SizedPosition(), torch.randint(0, 7, (4, 5))
+    spec = infer_permutation_spec(model, x[:1])
+    # `pos.size(1)` only reads the shape: pos is still added to the embedding alone, so it moves with it
+    assert "pos" in _axes_of(spec) and "pos" not in spec.fixed
+    assert "tok.weight" in _axes_of(spec)
+    _same_function(model, spec, x)
+
+
+class Cumsum(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Linear(4, 6), nn.Linear(6, 3)
+
+    def forward(self, x):
+        return self.b(torch.cumsum(self.a(x), 1))
+
+
+def test_the_reason_names_the_unsupported_function():
+    spec = infer_permutation_spec(Cumsum(), torch.randn(1, 4))
+    assert list(spec.groups) == [] and "a.weight" in spec.fixed
+    reason = next(r for r in spec.reasons if "'a'" in r)
+    assert "unsupported operation" in reason and "(function cumsum)" in reason, reason
+
+
+class SharedLayer(nn.Module):
+    """``mid`` is called twice: its second call's units reach the output, and they share mid's weight."""
+
+    def __init__(self):
+        super().__init__()
+        self.inp, self.mid = nn.Linear(4, 6), nn.Linear(6, 6)
+
+    def forward(self, x):
+        h = torch.relu(self.mid(torch.relu(self.inp(x))))
+        return self.mid(h)
+
+
+def test_a_layer_called_again_opens_a_numbered_group():
+    spec = infer_permutation_spec(SharedLayer(), torch.randn(1, 4))
+    # every group is tied to the output through the shared weight: all fixed, the reason lists the openers
+    assert list(spec.groups) == [] and set(spec.fixed) == {"inp.weight", "inp.bias", "mid.weight", "mid.bias"}
+    assert spec.reasons == ["group 'inp' (6 units, opened by inp, mid, mid@1) left unpermuted: "
+                            "its units reach the model output (never permuted)"]
+
+
+class ViewAs(nn.Module):
+    """``a.view_as(b)``: b only gives a shape there, yet b's units are also used on their own."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b, self.ha, self.hb = nn.Linear(4, 6), nn.Linear(4, 6), nn.Linear(6, 3), nn.Linear(6, 3)
+
+    def forward(self, x):
+        a, b = torch.relu(self.a(x)), torch.relu(self.b(x))
+        return self.ha(a.view_as(b)) + self.hb(b)
+
+
+def test_a_permuted_secondary_argument_is_left_fixed_with_its_reason():
+    torch.manual_seed(0)
+    model, x = ViewAs(), torch.randn(5, 4)
+    spec = infer_permutation_spec(model, x[:1])
+    assert list(spec.groups) == ["a"]                                   # the main tensor's units still move
+    assert {"b.weight", "b.bias", "hb.weight"} <= set(spec.fixed)
+    assert ("group 'b' (6 units, opened by b) left unpermuted: permuted tensor used as a secondary argument "
+            "of node 'view_as' (method .view_as())") in spec.reasons
+    _same_function(model, spec, x)
+
+
+class Shuffle(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.c, self.sh, self.h = nn.Conv2d(1, 4, 3, padding=1), nn.PixelShuffle(2), nn.Linear(64, 3)
+
+    def forward(self, x):
+        return self.h(torch.flatten(self.sh(self.c(x)), 1))
+
+
+def test_the_reason_names_the_unsupported_module_and_its_type():
+    spec = infer_permutation_spec(Shuffle(), torch.randn(1, 1, 4, 4))
+    assert list(spec.groups) == [] and {"c.weight", "c.bias"} <= set(spec.fixed)
+    assert ("group 'c' (4 units, opened by c) left unpermuted: unsupported module PixelShuffle at node 'sh' "
+            "(PixelShuffle 'sh')") in spec.reasons
+
+
+class PlainTensorAttribute(nn.Module):
+    """``pos`` is a plain tensor attribute: tracing makes it a buffer of the graph, but it is not in the
+    model's state dict, so it cannot be permuted and the units it is added to must stay fixed."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.h = nn.Linear(4, 6), nn.Linear(6, 3)
+        self.pos = torch.randn(1, 6)
+
+    def forward(self, x):
+        return self.h(torch.relu(self.a(x) + self.pos))
+
+
+def test_a_tensor_outside_the_state_dict_never_moves_with_the_units():
+    torch.manual_seed(0)
+    model, x = PlainTensorAttribute(), torch.randn(5, 4)
+    spec = infer_permutation_spec(model, x[:1])
+    assert list(spec.groups) == [] and {"a.weight", "a.bias"} <= set(spec.fixed)
+    assert any("'a'" in r and "unpermuted tensor 'pos'" in r for r in spec.reasons), spec.reasons
+    _same_function(model, spec, x)
+
+
+KEYWORD_CALLS = {
+    "relu": lambda h: torch.relu(input=h),
+    "flatten": lambda h: torch.flatten(input=h, start_dim=1),
+    "dropout": lambda h: nn.functional.dropout(input=h, p=0.5, training=False),
+    "softmax": lambda h: torch.softmax(input=h, dim=1),
+}
+
+
+class KeywordInput(nn.Module):
+    def __init__(self, op):
+        super().__init__()
+        self.a, self.h, self.op = nn.Linear(4, 6), nn.Linear(6, 3), KEYWORD_CALLS[op]
+
+    def forward(self, x):
+        return self.h(self.op(self.a(x)))        # the op gets its tensor as `input=`, no positional argument
+
+
+@pytest.mark.parametrize("op", sorted(KEYWORD_CALLS))
+def test_a_tensor_passed_by_keyword_is_followed(op):
+    torch.manual_seed(0)
+    model, x = KeywordInput(op), torch.randn(5, 4)
+    spec = infer_permutation_spec(model, x[:1])
+    assert list(spec.groups) == ["a"] and "h.weight" not in spec.fixed    # h's input axis moves with a
+    _same_function(model, spec, x)
