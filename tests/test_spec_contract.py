@@ -167,3 +167,27 @@ def test_a_tensor_passed_by_keyword_is_followed(op):
     spec = infer_permutation_spec(model, x[:1])
     assert list(spec.groups) == ["a"] and "h.weight" not in spec.fixed    # h's input axis moves with a
     _same_function(model, spec, x)
+
+
+def test_units_are_observed_after_their_activation():
+    # activation matching compares units where the activation has been applied, not the layer's raw output
+    model = nn.Sequential(nn.Linear(4, 6), nn.ReLU(), nn.Linear(6, 5), nn.Tanh(), nn.Linear(5, 3))
+    spec = infer_permutation_spec(model, torch.randn(1, 4))
+    assert [p.node for p in spec.groups["0"].observe] == ["_1"]           # fx names the ReLU module 1 node "_1"
+    assert [p.node for p in spec.groups["2"].observe] == ["_3"]
+
+
+class Residual(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a, self.b, self.head = nn.Linear(4, 6), nn.Linear(6, 6), nn.Linear(6, 3)
+
+    def forward(self, x):
+        h = torch.relu(self.a(x))
+        return self.head(h + self.b(h))
+
+
+def test_a_residual_stream_is_observed_after_the_activation_only():
+    spec = infer_permutation_spec(Residual(), torch.randn(1, 4))
+    # b's raw output and the sum are not activations: the ReLU output is the one point kept
+    assert list(spec.groups) == ["a"] and [p.node for p in spec.groups["a"].observe] == ["relu"]
