@@ -191,3 +191,26 @@ def test_a_residual_stream_is_observed_after_the_activation_only():
     spec = infer_permutation_spec(Residual(), torch.randn(1, 4))
     # b's raw output and the sum are not activations: the ReLU output is the one point kept
     assert list(spec.groups) == ["a"] and [p.node for p in spec.groups["a"].observe] == ["relu"]
+
+
+class PlainThenGrouped(nn.Module):
+    """An ordinary layer first, then a layer read by a grouped convolution (2 blocks of 4 channels)."""
+
+    def __init__(self):
+        super().__init__()
+        self.c0, self.c1 = nn.Conv2d(1, 8, 3, padding=1), nn.Conv2d(8, 8, 3, padding=1)
+        self.c2, self.fc = nn.Conv2d(8, 8, 1, groups=2), nn.Linear(8, 3)
+
+    def forward(self, x):
+        h = torch.relu(self.c1(torch.relu(self.c0(x))))
+        return self.fc(torch.relu(self.c2(h)).mean((2, 3)))
+
+
+def test_every_class_read_in_blocks_is_restricted_not_only_the_first():
+    torch.manual_seed(0)
+    model, x = PlainThenGrouped(), torch.randn(4, 1, 5, 5)
+    spec = infer_permutation_spec(model, x[:1])
+    # c0 is free (8 units); c1 and c2 may only permute the same way in both blocks of 4
+    assert {k: g.size for k, g in spec.groups.items()} == {"c0": 8, "c1": 4, "c2": 4}
+    for seed in range(3):
+        _same_function(model, spec, x, seed)
