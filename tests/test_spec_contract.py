@@ -214,3 +214,62 @@ def test_every_class_read_in_blocks_is_restricted_not_only_the_first():
     assert {k: g.size for k, g in spec.groups.items()} == {"c0": 8, "c1": 4, "c2": 4}
     for seed in range(3):
         _same_function(model, spec, x, seed)
+
+
+class TwoGroupings(nn.Module):
+    """``a + b`` merges c1's and c2's units; a is also read by a conv of ``ga`` groups, b by one of ``gb``;
+    ``out``'s units are read by a conv of 2 groups after that."""
+
+    def __init__(self, ga, gb):
+        super().__init__()
+        self.c1, self.c2 = nn.Conv2d(1, 12, 3, padding=1), nn.Conv2d(1, 12, 3, padding=1)
+        self.ga, self.gb = nn.Conv2d(12, 12, 1, groups=ga), nn.Conv2d(12, 12, 1, groups=gb)
+        self.out, self.tail, self.fc = nn.Conv2d(12, 8, 1), nn.Conv2d(8, 8, 1, groups=2), nn.Linear(8, 3)
+
+    def forward(self, x):
+        a, b = torch.relu(self.c1(x)), torch.relu(self.c2(x))
+        side = torch.relu(self.ga(a)).mean((1, 2, 3)) + torch.relu(self.gb(b)).mean((1, 2, 3))
+        h = torch.relu(self.tail(torch.relu(self.out(a + b))))
+        return self.fc(h.mean((2, 3))) + side[:, None]
+
+
+def test_blocks_of_2_and_4_give_a_permutation_equal_in_4_blocks_of_3():
+    torch.manual_seed(0)
+    model, x = TwoGroupings(2, 4), torch.randn(4, 1, 5, 5)
+    spec = infer_permutation_spec(model, x[:1])
+    assert {k: g.size for k, g in spec.groups.items()} == {"c1": 3, "ga": 6, "gb": 3, "out": 4, "tail": 4}
+    for seed in range(3):
+        _same_function(model, spec, x, seed)
+
+
+def test_blocks_of_2_and_3_cannot_both_hold_and_are_left_fixed():
+    torch.manual_seed(0)
+    model, x = TwoGroupings(2, 3), torch.randn(4, 1, 5, 5)
+    spec = infer_permutation_spec(model, x[:1])
+    # the classes after the dropped one are still restricted to their blocks
+    assert {k: g.size for k, g in spec.groups.items()} == {"ga": 6, "gb": 4, "out": 4, "tail": 4}
+    assert {"c1.weight", "c1.bias", "c2.weight", "c2.bias"} <= set(spec.fixed)
+    assert ("group 'c1' (12 units, opened by c1, c2) left unpermuted: its units are read in incompatible "
+            "blocks (units, blocks): [(12, 2), (12, 3)]") in spec.reasons
+    for seed in range(3):
+        _same_function(model, spec, x, seed)
+
+
+class SharedInputAxis(nn.Module):
+    """``shared`` reads a's 8 units, and (called again) h's 4 units twice over: one axis, two group sizes."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.h, self.shared = nn.Linear(4, 8), nn.Linear(4, 4), nn.Linear(8, 3)
+
+    def forward(self, x):
+        a, h = torch.relu(self.a(x)), torch.relu(self.h(x))
+        return self.shared(a) + self.shared(torch.cat([h, h], 1))
+
+
+def test_one_axis_claimed_by_groups_of_different_sizes_leaves_both_fixed():
+    spec = infer_permutation_spec(SharedInputAxis(), torch.randn(1, 4))
+    assert list(spec.groups) == []
+    for name, size in (("a", 8), ("h", 4)):
+        assert (f"group '{name}' ({size} units, opened by {name}) left unpermuted: 'shared.weight' axis 1 is "
+                "shared by groups of different sizes") in spec.reasons
