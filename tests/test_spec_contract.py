@@ -273,3 +273,22 @@ def test_one_axis_claimed_by_groups_of_different_sizes_leaves_both_fixed():
     for name, size in (("a", 8), ("h", 4)):
         assert (f"group '{name}' ({size} units, opened by {name}) left unpermuted: 'shared.weight' axis 1 is "
                 "shared by groups of different sizes") in spec.reasons
+
+
+class TwoViewsOfOneAxis(nn.Module):
+    """``fc`` reads a flattened conv map (2 channels x 4 positions) and, called again, a Linear's 8 units."""
+
+    def __init__(self):
+        super().__init__()
+        self.c, self.a, self.fc = nn.Conv2d(1, 2, 3, padding=1), nn.Linear(3, 8), nn.Linear(8, 3)
+
+    def forward(self, x, z):
+        return self.fc(torch.flatten(torch.relu(self.c(x)), 1)) + self.fc(torch.relu(self.a(z)))
+
+
+def test_overlapping_permutations_of_one_axis_are_both_dropped():
+    spec = infer_permutation_spec(TwoViewsOfOneAxis(), (torch.randn(1, 1, 2, 2), torch.randn(1, 3)))
+    assert list(spec.groups) == []
+    for name, size in (("c", 2), ("a", 8)):
+        assert (f"group '{name}' ({size} units, opened by {name}) left unpermuted: conflicting permutations "
+                "of 'fc.weight' axis 1") in spec.reasons
