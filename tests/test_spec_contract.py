@@ -7,6 +7,7 @@ import torch
 import torch.nn as nn
 
 from modeconn.alignment import apply_permutation, infer_permutation_spec
+from modeconn.alignment.spec import ObservePoint
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -292,3 +293,73 @@ def test_overlapping_permutations_of_one_axis_are_both_dropped():
     for name, size in (("c", 2), ("a", 8)):
         assert (f"group '{name}' ({size} units, opened by {name}) left unpermuted: conflicting permutations "
                 "of 'fc.weight' axis 1") in spec.reasons
+
+
+def _observed(model, x):
+    return {k: g.observe for k, g in infer_permutation_spec(model, x).groups.items()}
+
+
+class ConvFlatten(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.c, self.fc = nn.Conv2d(1, 3, 3, padding=1), nn.Linear(12, 2)
+
+    def forward(self, x):
+        return self.fc(torch.flatten(torch.relu(self.c(x)), 1))
+
+
+class LinearBatchNorm(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a, self.bn, self.fc = nn.Linear(4, 6), nn.BatchNorm1d(6), nn.Linear(6, 2)
+
+    def forward(self, x):
+        return self.fc(self.bn(self.a(x)))
+
+
+def test_observe_points_skip_data_movement_and_raw_outputs_seen_again():
+    # the flattened map is only moved data: the channels are read at the ReLU, on dim 1
+    assert _observed(ConvFlatten(), torch.randn(1, 1, 2, 2)) == {"c": [ObservePoint("relu", 1, 0, 1, 1)]}
+    # no activation: the BatchNorm output, not the Linear output it transforms per channel
+    assert _observed(LinearBatchNorm(), torch.randn(2, 4)) == {"a": [ObservePoint("bn", 1, 0, 1, 1)]}
+
+
+def test_observe_points_of_units_read_in_blocks_repeat_per_block():
+    observed = _observed(PlainThenGrouped(), torch.randn(1, 1, 5, 5))
+    # c1's 8 channels are 2 blocks of 4 units: one point that views the channels as [2, 4]
+    assert observed["c1"] == [ObservePoint("relu_1", 1, 0, 1, 2)]
+    assert observed["c0"] == [ObservePoint("relu", 1, 0, 1, 1)]
+
+
+class TwoSlices(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fa, self.fb, self.fc = nn.Linear(4, 6), nn.Linear(4, 6), nn.Linear(6, 3)
+
+    def forward(self, x):
+        a, b = torch.relu(self.fa(x)), torch.relu(self.fb(x))
+        return self.fc(a + b) + a[:, :3] + b[:, 1:4]
+
+
+def test_a_class_dropped_for_two_reasons_lists_both():
+    spec = infer_permutation_spec(TwoSlices(), torch.randn(1, 4))
+    assert ("group 'fa' (6 units, opened by fa, fb) left unpermuted: "
+            "channels sliced through the middle of the group at node 'getitem' (function getitem); "
+            "channels sliced through the middle of the group at node 'getitem_1' (function getitem)") in spec.reasons
+
+
+class Functional(nn.Module):
+    def __init__(self, follow):
+        super().__init__()
+        self.w, self.fc, self.follow = nn.Parameter(torch.randn(6, 4)), nn.Linear(6, 2), follow
+
+    def forward(self, x):
+        return self.fc(self.follow(nn.functional.linear(x, self.w)))
+
+
+@pytest.mark.parametrize("follow", [torch.relu, lambda h: torch.cumsum(h, 1)], ids=["relu", "cumsum"])
+def test_a_parameter_read_as_an_attribute_is_used(follow):
+    spec = infer_permutation_spec(Functional(follow), torch.randn(1, 4))
+    # permuted after a ReLU; fixed after cumsum, for that reason alone: w is used by the forward pass
+    assert list(spec.groups) == (["w"] if follow is torch.relu else [])
+    assert not any("not used" in r for r in spec.reasons), spec.reasons
