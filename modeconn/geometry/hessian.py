@@ -261,7 +261,8 @@ def hessian_extreme_eigenvalues(model: nn.Module, loss_fn: LossLike, data: Itera
     of ``H - λmax·I`` is ``λmin - λmax``, and ``λmin`` is that plus λmax. Its
     error is about ``tol·(λmax - λmin)`` (relative to the spread, not to λmin).
     Both Lanczos runs share one operator (with ``reuse_graph``, one graph);
-    the keywords are :func:`hessian_eigenvalues`'.
+    ``seed`` draws λmax's start vector and ``seed + 1`` λmin's. The keywords
+    are :func:`hessian_eigenvalues`'.
     """
     _check_tol(tol, maxiter)
     op = HessianOperator(model, loss_fn, data, param_names=param_names, dtype=dtype, mode=mode, bn_stats=bn_stats,
@@ -323,8 +324,6 @@ def sharpness_along(models: Iterable[nn.Module], loss_fn: LossLike, data: Iterab
     ``hooks.advance(1)`` after each point.
     """
     _check_tol(tol, maxiter)
-    if hasattr(models, "__len__") and len(models) == 0:
-        raise ValueError("models is empty: sharpness_along needs at least one point")
     hooks = hooks or Hooks()
     t0 = time.perf_counter()
     lmax, lmin, matvecs = [], [], 0
