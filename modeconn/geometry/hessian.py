@@ -241,6 +241,8 @@ def _extreme(op: HessianOperator, tol: float, maxiter: Optional[int], seed: int,
     """λmax by Lanczos, then λmin as the largest-magnitude eigenvalue of ``H - λmax·I`` plus λmax (ARPACK)."""
     if op.num_params == 1:
         h = float(op.matvec(torch.ones(1)))
+        if hooks is not None:
+            hooks.advance(1)
         return ExtremeEigenvalues(h, h)
     lmax = float(_eigsh(op, 1, "LA", tol, maxiter, seed, hooks=hooks, ncv=ncv)[0][0])
     # H - λmax·I has spectrum in [λmin - λmax, ~0]: its largest-magnitude eigenvalue is λmin - λmax
