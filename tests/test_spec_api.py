@@ -9,7 +9,7 @@ import pytest
 import torch
 from torch import nn
 
-from modeconn.alignment import AxisRef, PermutationSpec
+from modeconn.alignment import AxisRef, PermutationGroup, PermutationSpec
 from modeconn.alignment.spec import ObservePoint, compatible_refs
 
 
@@ -143,3 +143,58 @@ def test_summary_lists_groups_and_reasons():
     assert spec.summary() == ("PermutationSpec: 1 groups, 4 fixed entries\n"
                               "  a: 8 units, 2 axes, observed at 2 points\n"
                               "  fixed: b: by hand")
+
+
+# ----------------------------------------------------------------------- bad input
+SD = {"a.weight": torch.zeros(8, 3), "a.bias": torch.zeros(8), "b.weight": torch.zeros(2, 8)}
+
+
+@pytest.mark.parametrize("size", [0, -1, 2.0, True, "8"])
+def test_a_group_size_must_be_a_positive_int(size):
+    with pytest.raises(ValueError, match="group size must be a positive int"):
+        PermutationGroup(size, [("a.weight", 0)])
+
+
+@pytest.mark.parametrize("name", ["", 3])
+def test_group_names_must_be_non_empty_strings(name):
+    with pytest.raises(ValueError, match="group names must be non-empty strings"):
+        PermutationSpec({name: PermutationGroup(8, [("a.weight", 0)])})
+
+
+def test_groups_may_be_given_as_tuples_of_two_or_three():
+    spec = PermutationSpec({"a": (8, [("a.weight", 0)]), "b": (8, [("a.bias", 0)], ["relu"])})
+    assert spec.groups["a"] == PermutationGroup(8, [AxisRef("a.weight", 0)])
+    assert spec.groups["b"].observe == [ObservePoint("relu")]
+    for bad in ((8,), (8, [("a.weight", 0)], [], "extra"), "8"):
+        with pytest.raises(ValueError, match="must be a PermutationGroup or"):
+            PermutationSpec({"a": bad})
+
+
+def test_a_five_field_axis_entry_is_an_axis_ref():
+    group = PermutationGroup(4, [("a.weight", 0, 0, 1, 2)])
+    assert group.axes == [AxisRef("a.weight", 0, 0, 1, 2)]
+    with pytest.raises(ValueError, match="must be \\(name, axis\\)"):
+        PermutationGroup(4, [("a.weight", 0, 0, 1, 2, 1)])
+
+
+@pytest.mark.parametrize("bad", [{"a.weight": [1.0]}, {3: torch.zeros(1)}])
+def test_a_state_dict_must_map_strings_to_tensors(bad):
+    with pytest.raises(ValueError, match="must map a str to a torch.Tensor"):
+        PermutationSpec({"a": (8, [("a.weight", 0)])}).validate(bad)
+
+
+@pytest.mark.parametrize("ref", [AxisRef("a.weight", 0, -1), AxisRef("a.weight", 0, 0, 0), AxisRef("a.weight", 0, 0, 1, 0)])
+def test_validate_refuses_negative_offsets_and_empty_blocks(ref):
+    with pytest.raises(ValueError, match="has invalid offset"):
+        PermutationSpec({"a": (8, [AxisRef("a.weight", 0), ref])}).validate(SD)
+
+
+def test_validate_refuses_a_slice_past_the_end_of_the_axis():
+    with pytest.raises(ValueError, match="a.bias"):
+        PermutationSpec({"a": (8, [AxisRef("a.weight", 0), AxisRef("a.bias", 0, 4)])}).validate(SD)
+
+
+def test_a_group_without_a_full_axis_names_its_first_axis():
+    with pytest.raises(ValueError, match="has size 4 but none of its axes has that length "
+                                         "\\(e.g. 'a.weight' has shape \\(8, 3\\), length 8 on axis 0\\)"):
+        PermutationSpec({"a": (4, [AxisRef("a.weight", 0), AxisRef("b.weight", 1)])}).validate(SD)
