@@ -363,3 +363,74 @@ def test_a_parameter_read_as_an_attribute_is_used(follow):
     # permuted after a ReLU; fixed after cumsum, for that reason alone: w is used by the forward pass
     assert list(spec.groups) == (["w"] if follow is torch.relu else [])
     assert not any("not used" in r for r in spec.reasons), spec.reasons
+
+
+class TwoConflicts(nn.Module):
+    """Two independent copies of :class:`TwoViewsOfOneAxis`: the second conflict must be found as well."""
+
+    def __init__(self):
+        super().__init__()
+        self.one, self.two = TwoViewsOfOneAxis(), TwoViewsOfOneAxis()
+
+    def forward(self, x, z):
+        return self.one(x, z) + self.two(x, z)
+
+
+def test_every_conflict_is_found_not_only_the_first():
+    spec = infer_permutation_spec(TwoConflicts(), (torch.randn(1, 1, 2, 2), torch.randn(1, 3)))
+    assert list(spec.groups) == []
+    for net in ("one", "two"):
+        for layer in ("c", "a"):
+            assert any(r.startswith(f"group '{net}.{layer}'") and f"conflicting permutations of '{net}.fc.weight'" in r
+                       for r in spec.reasons), (net, layer, spec.reasons)
+
+
+class ConflictChain(nn.Module):
+    """a's 8 units meet c1's map (2 channels x 4) on fc1's input and c2's map (4 channels x 2) on fc2's."""
+
+    def __init__(self):
+        super().__init__()
+        self.c1, self.c2 = nn.Conv2d(1, 2, 3, padding=1), nn.Conv2d(1, 4, 3, padding=1)
+        self.a, self.fc1, self.fc2 = nn.Linear(3, 8), nn.Linear(8, 3), nn.Linear(8, 3)
+
+    def forward(self, x1, x2, z):
+        a = torch.relu(self.a(z))
+        m1, m2 = torch.flatten(torch.relu(self.c1(x1)), 1), torch.flatten(torch.relu(self.c2(x2)), 1)
+        return self.fc1(m1) + self.fc1(a) + self.fc2(m2) + self.fc2(a)
+
+
+def test_a_dropped_class_still_holds_its_slice_against_every_other():
+    torch.manual_seed(0)
+    model, inputs = ConflictChain(), (torch.randn(4, 1, 2, 2), torch.randn(4, 1, 1, 2), torch.randn(4, 3))
+    spec = infer_permutation_spec(model, tuple(t[:1] for t in inputs))
+    # a conflicts with both maps. Once a is dropped its units stay in place, and fc1 and fc2 still read them:
+    # permuting either map's columns of those weights would change fc(a). So all three are left fixed.
+    assert list(spec.groups) == []
+    for layer, weight in (("c1", "fc1"), ("a", "fc1"), ("c2", "fc2")):
+        assert any(r.startswith(f"group '{layer}'") and f"conflicting permutations of '{weight}.weight'" in r
+                   for r in spec.reasons), (layer, spec.reasons)
+
+
+class SlicedAndFlattened(nn.Module):
+    """Like :class:`TwoViewsOfOneAxis`, but a's units are also sliced, so a is dropped before the conflicts."""
+
+    def __init__(self):
+        super().__init__()
+        self.c, self.a, self.fc = nn.Conv2d(1, 2, 3, padding=1), nn.Linear(3, 8), nn.Linear(8, 3)
+
+    def forward(self, x, z):
+        a = torch.relu(self.a(z))
+        return self.fc(torch.flatten(torch.relu(self.c(x)), 1)) + self.fc(a) + a[:, :3]
+
+
+def test_a_class_dropped_for_another_reason_pins_its_slice():
+    torch.manual_seed(0)
+    model, inputs = SlicedAndFlattened(), (torch.randn(4, 1, 2, 2), torch.randn(4, 3))
+    spec = infer_permutation_spec(model, tuple(t[:1] for t in inputs))
+    # c's map shares fc's columns with a's unpermuted units: permuting c would change fc(a) (it did)
+    assert list(spec.groups) == [] and {"c.weight", "c.bias"} <= set(spec.fixed)
+    assert ("group 'c' (2 units, opened by c) left unpermuted: conflicting permutations of 'fc.weight' axis 1"
+            in spec.reasons)
+    permuted = apply_permutation(model, spec, spec.random_permutation(1))
+    with torch.no_grad():
+        torch.testing.assert_close(permuted(*inputs), model(*inputs))

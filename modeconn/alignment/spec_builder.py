@@ -100,30 +100,27 @@ def _drop_conflicts(groups: UnitGroups, classes: Classes, dropped: Set[int]) -> 
     """Add to ``dropped`` the classes whose slices of an axis overlap another's; return their reasons.
 
     Refs of different classes on one slice that permute disjoint digits of it
-    (attention heads and the dims inside every head) do not conflict.
+    (attention heads and the dims inside every head) do not conflict.  A class
+    already dropped still holds its slice: its units stay in place, so a kept
+    class permuting an overlapping slice of the same tensor (a layer that reads
+    both) would move entries the dropped class's units are multiplied with.
+    Whether two refs clash does not depend on which classes are dropped, so one
+    pass over every pair finds all of them.
     """
     reasons: Dict[int, List[str]] = {}
-    changed = True
-    while changed:
-        changed = False
-        spans: Dict[Tuple[str, int], List[Tuple[AxisRef, int, int]]] = {}
-        for r in classes:
-            if r in dropped:
-                continue
-            for a in _class_axes(groups, classes[r]):
-                spans.setdefault((a.name, a.axis), []).append((a, groups[r].size, r))
-        for (name, axis), lst in spans.items():
-            for i, (a0, n0, r0) in enumerate(lst):
-                for a1, n1, r1 in lst[i + 1:]:
-                    clash = (a1 != a0) if r1 == r0 else not compatible_refs(a0, n0, a1, n1)
-                    if clash and a0.offset < a1.offset + a1.span(n1) and a1.offset < a0.offset + a0.span(n0):
-                        for r in {r0, r1}:
-                            if r not in dropped:
-                                dropped.add(r)
-                                reasons.setdefault(r, []).append(f"conflicting permutations of '{name}' axis {axis}")
-                                changed = True
-            if changed:
-                break  # recompute the spans without the dropped classes
+    spans: Dict[Tuple[str, int], List[Tuple[AxisRef, int, int]]] = {}
+    for r in classes:
+        for a in _class_axes(groups, classes[r]):
+            spans.setdefault((a.name, a.axis), []).append((a, groups[r].size, r))
+    for (name, axis), lst in spans.items():
+        for i, (a0, n0, r0) in enumerate(lst):
+            for a1, n1, r1 in lst[i + 1:]:
+                clash = (a1 != a0) if r1 == r0 else not compatible_refs(a0, n0, a1, n1)
+                if clash and a0.offset < a1.offset + a1.span(n1) and a1.offset < a0.offset + a0.span(n0):
+                    for r in (r0, r1):
+                        if r not in dropped:
+                            dropped.add(r)
+                            reasons.setdefault(r, []).append(f"conflicting permutations of '{name}' axis {axis}")
     return reasons
 
 
