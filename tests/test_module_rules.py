@@ -168,3 +168,54 @@ def test_a_per_channel_prelu_is_where_units_are_observed():
     # the PReLU output is an activation; cb's raw output and the sum are not
     assert list(spec.groups) == ["c1"] and [p.node for p in spec.groups["c1"].observe] == ["mid"]
     _same_function(model, spec, x)
+
+
+class Act(nn.Module):
+    """A Linear, an activation *module*, and a residual branch: only the activation's output is observed."""
+
+    def __init__(self, act):
+        super().__init__()
+        self.a, self.act, self.b, self.head = nn.Linear(4, 6), act, nn.Linear(6, 6), nn.Linear(6, 3)
+
+    def forward(self, x):
+        h = self.act(self.a(x))
+        return self.head(h + self.b(h))
+
+
+@pytest.mark.parametrize("act", [nn.ReLU(), nn.GELU(), nn.PReLU()], ids=["relu", "gelu", "prelu_shared"])
+def test_activation_modules_mark_where_units_are_observed(act):
+    model, x = _randomize(Act(act)), torch.randn(5, 4)
+    spec = infer_permutation_spec(model, x[:1])
+    assert list(spec.groups) == ["a"] and [p.node for p in spec.groups["a"].observe] == ["act"]
+    _same_function(model, spec, x)
+
+
+def test_layers_without_bias_and_transposed_convolutions():
+    model = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1, bias=False), nn.ReLU(),
+                          nn.ConvTranspose2d(4, 5, 2, stride=2), nn.ReLU(), nn.Flatten(),
+                          nn.Linear(5 * 6 * 6, 6, bias=False), nn.Tanh(), nn.Linear(6, 2))
+    model, x = _randomize(model), torch.randn(3, 1, 3, 3)
+    spec = infer_permutation_spec(model, x[:1])
+    assert list(spec.groups) == ["0", "2", "5"]
+    assert _axes(spec, "0") == {("0.weight", 0), ("2.weight", 0)}     # a transposed conv's input channels: axis 0
+    assert _axes(spec, "2") == {("2.weight", 1), ("2.bias", 0), ("5.weight", 1)}
+    assert _axes(spec, "5") == {("5.weight", 0), ("7.weight", 1)}
+    _same_function(model, spec, x)
+
+
+class TwoInputModule(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a, self.b, self.bil = nn.Linear(4, 6), nn.Linear(4, 5), nn.Bilinear(6, 5, 3)
+
+    def forward(self, x):
+        return self.bil(torch.relu(self.a(x)), torch.relu(self.b(x)))
+
+
+def test_a_module_of_two_inputs_drops_the_second_as_a_secondary_argument():
+    spec = infer_permutation_spec(TwoInputModule(), torch.randn(1, 4))
+    assert list(spec.groups) == []
+    assert spec.reasons[:2] == [
+        "group 'a' (6 units, opened by a) left unpermuted: unsupported module Bilinear at node 'bil' (Bilinear 'bil')",
+        "group 'b' (5 units, opened by b) left unpermuted: permuted tensor used as a secondary argument of node 'bil' "
+        "(Bilinear 'bil'); unsupported module Bilinear at node 'bil' (Bilinear 'bil')"]
