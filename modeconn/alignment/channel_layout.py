@@ -136,7 +136,8 @@ def reshape_map(a: Sequence[int], b: Sequence[int], c: int) -> Optional[Tuple[in
             return None
         non1 = [k for k in jb if b[k] != 1]
         if not non1:
-            return (jb[0], 1, 1) if a[c] == 1 else None
+            # a single unit; none of b's dims holds it when b is a scalar (0-d)
+            return (jb[0], 1, 1) if a[c] == 1 and jb else None
         jstar = non1[0]
         post = math.prod(b[k] for k in jb if k > jstar)
         if a[c] * inner != b[jstar] * post or inner % post != 0:
