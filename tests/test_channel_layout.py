@@ -15,6 +15,7 @@ from modeconn.alignment import apply_permutation, infer_permutation_spec
 from modeconn.alignment.channel_layout import (ChannelLayout, Segment, Unsupported, channel_slice, indexed_dim,
                                                make_layout, matrix_transpose_order, permute_order, reshape_map,
                                                reshaped, sliced_segments, swap_order)
+from tests.test_alignment import _brute_force_channel_map
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -49,23 +50,6 @@ def test_make_layout_defaults_to_not_after_an_activation_and_drops_unpermuted_la
 
 
 # ------------------------------------------------------------------------------- reshapes
-def _brute_force_channel_map(a, b, c):
-    """Where channel dim ``c`` of ``a`` lands in ``b``: ``(dim, block)`` or None (see test_alignment.py)."""
-    view = [1] * len(a)
-    view[c] = a[c]
-    idx = torch.arange(a[c]).view(view).expand(*a).reshape(*b)
-    for j in range(len(b)):
-        if b[j] % a[c]:
-            continue
-        block = b[j] // a[c]
-        want = torch.arange(a[c]).repeat_interleave(block)
-        shape = [1] * len(b)
-        shape[j] = b[j]
-        if torch.equal(idx, want.view(shape).expand(*b)):
-            return j, block
-    return None
-
-
 def _shapes(total, max_len):
     out = []
     for n in range(1, max_len + 1):

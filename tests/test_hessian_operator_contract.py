@@ -15,6 +15,7 @@ from torch.func import functional_call
 
 from modeconn.geometry.hessian_operator import HessianOperator, _affine_batch_norm, hessian_vector_product
 from modeconn.runtime import Hooks
+from tests.test_hessian_reuse import CountingBatches
 
 F64 = torch.float64
 
@@ -38,17 +39,6 @@ def dense_hessian(model, loss_fn, batches, counts, names=None, overrides=None):
 def mlp(out=4, seed=0):
     torch.manual_seed(seed)
     return nn.Sequential(nn.Linear(3, 5), nn.Tanh(), nn.Linear(5, out)).double().eval()
-
-
-class CountingBatches:
-    """A loader (not a list) that counts its passes."""
-
-    def __init__(self, batches):
-        self.batches, self.passes = batches, 0
-
-    def __iter__(self):
-        self.passes += 1
-        return iter(self.batches)
 
 
 # ------------------------------------------------------------------------ losses
