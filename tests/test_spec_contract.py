@@ -434,3 +434,42 @@ def test_a_class_dropped_for_another_reason_pins_its_slice():
     permuted = apply_permutation(model, spec, spec.random_permutation(1))
     with torch.no_grad():
         torch.testing.assert_close(permuted(*inputs), model(*inputs))
+
+
+class UnusedAfterBatchNorm(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a, self.bn, self.h = nn.Linear(4, 6), nn.BatchNorm1d(6), nn.Linear(6, 3)
+        self.unused = nn.Linear(2, 2)
+
+    def forward(self, x):
+        return self.h(torch.relu(self.bn(self.a(x))))
+
+
+def test_every_unused_entry_is_explained_after_a_never_permuted_one():
+    spec = infer_permutation_spec(UnusedAfterBatchNorm(), torch.randn(2, 4))
+    # bn.num_batches_tracked is fixed without a reason (never permuted); the unused layer after it is explained
+    assert {"bn.num_batches_tracked", "unused.weight", "unused.bias"} <= set(spec.fixed)
+    assert [r for r in spec.reasons if "not used" in r] == [
+        "'unused.weight' is not used by the traced forward pass; left unpermuted",
+        "'unused.bias' is not used by the traced forward pass; left unpermuted"]
+
+
+class CatBehindOthers(nn.Module):
+    """relu(cat([input, a, b])): b's units sit after the unpermuted input and after a, which is dropped."""
+
+    def __init__(self):
+        super().__init__()
+        self.fa, self.fb, self.fc = nn.Linear(4, 6), nn.Linear(4, 5), nn.Linear(15, 3)
+
+    def forward(self, x):
+        a, b = self.fa(x), self.fb(x)
+        return self.fc(torch.relu(torch.cat([x, a, b], 1))) + a[:, :3]
+
+
+def test_units_after_unpermuted_and_dropped_segments_are_observed_at_their_offset():
+    torch.manual_seed(0)
+    model, x = CatBehindOthers(), torch.randn(4, 4)
+    spec = infer_permutation_spec(model, x[:1])
+    assert list(spec.groups) == ["fb"] and spec.groups["fb"].observe == [ObservePoint("relu", 1, 10, 1, 1)]
+    _same_function(model, spec, x)
