@@ -473,3 +473,42 @@ def test_units_after_unpermuted_and_dropped_segments_are_observed_at_their_offse
     spec = infer_permutation_spec(model, x[:1])
     assert list(spec.groups) == ["fb"] and spec.groups["fb"].observe == [ObservePoint("relu", 1, 10, 1, 1)]
     _same_function(model, spec, x)
+
+
+class OneClassTwoViews(nn.Module):
+    """a and c's channels are one class (added); fc reads them as cat([a, a]) and as c's flattened map."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.c, self.fc = nn.Linear(3, 4), nn.Conv1d(1, 4, 3, padding=1), nn.Linear(8, 2)
+
+    def forward(self, z, x):
+        a = torch.relu(self.a(z))
+        m = torch.relu(self.c(x) + a[:, :, None])
+        return self.fc(torch.cat([a, a], 1)) + self.fc(torch.flatten(m, 1))
+
+
+def test_one_class_seen_two_ways_on_one_slice_is_dropped():
+    spec = infer_permutation_spec(OneClassTwoViews(), (torch.randn(1, 3), torch.randn(1, 1, 2)))
+    assert list(spec.groups) == []
+    assert ("group 'a' (4 units, opened by a, c) left unpermuted: conflicting permutations of 'fc.weight' axis 1"
+            in spec.reasons)
+
+
+class CatTwice(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a, self.fc = nn.Linear(3, 4), nn.Linear(8, 2)
+
+    def forward(self, z):
+        a = torch.relu(self.a(z))
+        return self.fc(torch.cat([a, a], 1))
+
+
+def test_one_class_on_two_touching_slices_is_permuted_in_both():
+    torch.manual_seed(0)
+    model, z = CatTwice(), torch.randn(4, 3)
+    spec = infer_permutation_spec(model, z[:1])
+    assert list(spec.groups) == ["a"]
+    assert {(a.name, a.offset) for a in spec.groups["a"].axes} >= {("fc.weight", 0), ("fc.weight", 4)}
+    _same_function(model, spec, z)
