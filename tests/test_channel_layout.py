@@ -364,16 +364,7 @@ def test_indexed_units_keep_their_group_or_are_fixed_and_the_function_is_kept(id
         assert "b.weight" in _axes_of(spec)
 
 
-class Tokens(nn.Module):
-    """Units on the last of three dims, sliced, picked and indexed after the batch."""
-
-    def __init__(self, idx, width):
-        super().__init__()
-        self.idx = idx
-        self.a, self.b = nn.Linear(4, 6), nn.Linear(width, 3)
-
-    def forward(self, x):
-        return self.b(torch.relu(self.a(x))[self.idx])
+Tokens = Indexed   # units on the last of three dims, sliced, picked and indexed after the batch
 
 
 @pytest.mark.parametrize("idx,width,kept", [

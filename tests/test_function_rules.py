@@ -9,30 +9,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from modeconn.alignment import apply_permutation, infer_permutation_spec
+from modeconn.alignment import infer_permutation_spec
+from tests.test_module_rules import _axes, _randomize, _same_function
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-def _same_function(model, spec, x, seeds=(1, 2, 3)):
-    model.eval()
-    for seed in seeds:
-        permuted = apply_permutation(model, spec, spec.random_permutation(seed)).eval()
-        with torch.no_grad():
-            torch.testing.assert_close(permuted(x), model(x), rtol=1e-5, atol=1e-5)
-
-
-def _axes(spec, group):
-    return {(a.name, a.axis) for a in spec.groups[group].axes}
-
-
-def _randomize(model):
-    torch.manual_seed(0)
-    with torch.no_grad():
-        for name, t in model.state_dict().items():
-            if t.is_floating_point():
-                t.copy_(torch.rand_like(t) + 0.5 if "var" in name else torch.randn_like(t))
-    return model
 
 
 def _spec(model, x):
