@@ -251,6 +251,32 @@ def test_functional_norm_with_parameters_that_are_not_state_entries_is_unsupport
     _same_function(model, spec, x)
 
 
+class FNormBiasOnly(FNorm):
+    """The norm is called with no weight (None) but with a bias: the bias after the None still moves."""
+
+    def __init__(self, kind):
+        super().__init__(kind, True, 6)
+
+    def norm(self, h):
+        n = self.n
+        if self.kind == "batch":
+            return F.batch_norm(h, n.running_mean, n.running_var, None, n.bias, False, 0.1, 1e-5)
+        if self.kind == "layer":
+            return F.layer_norm(h.permute(0, 2, 3, 1), (6,), None, n.bias).permute(0, 3, 1, 2)
+        return F.group_norm(h, 6, None, n.bias)
+
+
+@pytest.mark.parametrize("kind", sorted(WHAT))
+def test_functional_norm_without_a_weight_still_moves_its_bias(kind):
+    model, x = FNormBiasOnly(kind), torch.randn(3, 1, 5, 5)
+    spec = _spec(model, x)
+    stats = {"n.running_mean", "n.running_var"} if kind == "batch" else set()
+    assert _axes(spec, "c1") == {("c1.weight", 0), ("c1.bias", 0), ("c2.weight", 1), ("n.bias", 0)} | \
+        {(e, 0) for e in stats}
+    assert "n.weight" in spec.fixed  # never read by the forward pass
+    _same_function(model, spec, x)
+
+
 class LayerNormDynamicShape(FNorm):
     def __init__(self):
         super().__init__("layer", True)
@@ -303,6 +329,7 @@ OPS = {
     "transpose_kw": lambda h: torch.transpose(h, dim0=1, dim1=3).transpose(3, 1),
     "swapaxes": lambda h: torch.swapaxes(h.swapdims(1, 3), 1, 3),
     "transpose_neg": lambda h: h.transpose(-3, -1).transpose(-1, -3),
+    "transpose_mixed": lambda h: torch.transpose(h.transpose(1, dim1=3), 3, dim1=1),  # a dim by position, one by keyword
     "dropout": lambda h: F.dropout(h, 0.5, training=False),
     "dropout2d": lambda h: F.dropout2d(h, p=0.3, training=False),
     "softmax": lambda h: F.softmax(h, dim=1),
@@ -343,6 +370,7 @@ OBSERVED = {  # where c1's units are read: after the last op that changes values
     "transpose": ['relu'],
     "transpose_kw": ['relu'],
     "transpose_neg": ['relu'],
+    "transpose_mixed": ['relu'],
 }
 
 
