@@ -165,3 +165,66 @@ def test_training_weights_carry_no_weight_decay_unless_asked():
     c = curve.coefficients(t)
     sum(w.sum() for w in curve.training_parameters(c).values()).backward()
     torch.testing.assert_close(curve.free_bends.grad[0], torch.full_like(theta, c1))
+
+
+def test_a_template_with_two_parameter_dtypes_is_refused():
+    mixed = nn.Sequential(nn.Linear(3, 4), nn.Linear(4, 2).double())
+    with pytest.raises(ValueError, match="one floating dtype"):
+        mc.CurveModel(mixed, mixed, mixed)
+
+
+def test_the_default_family_is_bezier_3_and_a_curve_without_free_bends_trains_nothing():
+    a, b = nn.Linear(3, 2), nn.Linear(3, 2)
+    assert mc.CurveModel(a, a, b).curve == mc.Bezier(3)
+    line = mc.linear_path(a, b)
+    assert line.free_idx == [] and not any(p.requires_grad for p in line.parameters())
+    # the index buffers are rebuilt from the description, never saved
+    assert set(mc.CurveModel(a, a, b).state_dict()) == {"free_bends", "fixed_bends"}
+
+
+def test_endpoints_in_another_dtype_are_held_in_the_templates():
+    a, b = nn.Linear(3, 2), nn.Linear(3, 2)
+    wide_a = {k: v.double() for k, v in a.state_dict().items()}
+    wide_b = {k: v.double() for k, v in b.state_dict().items()}
+    curve = mc.CurveModel(a, wide_a, wide_b, mc.Bezier(4))
+    assert curve.bends.dtype == torch.float32
+    assert torch.equal(curve.bends[0], curve.layout.flatten(a))
+
+
+@pytest.mark.parametrize("which,expected", [("start", "start endpoint"), ("end", "end endpoint"),
+                                            ("middle0", "bend 1"), ("middle1", "bend 2")])
+def test_a_network_that_does_not_fit_is_named(which, expected):
+    a, b, other = nn.Linear(3, 2), nn.Linear(3, 2), nn.Linear(4, 2)
+    nets = {"start": a, "end": b, "middle0": a, "middle1": b, which: other}
+    with pytest.raises(ValueError, match=f"{expected} has shape"):
+        mc.CurveModel(a, nets["start"], nets["end"], mc.PolyChain(4), middle=[nets["middle0"], nets["middle1"]])
+
+
+def test_live_and_endpoint_statistics_come_from_the_endpoints_not_the_template():
+    template, a, b = _bn_net(1), _bn_net(2), _bn_net(3)
+    curve = mc.CurveModel(template, a, b)
+    _assert_same(_buffers(curve.net), _buffers(a))
+    _assert_same(curve.endpoint_buffers(0), _buffers(a))
+    _assert_same(curve.endpoint_buffers(1), _buffers(b))
+    # endpoints given as parameters only: the template's statistics stand in
+    bare_a = {n: p.detach() for n, p in a.named_parameters()}
+    bare_b = {n: p.detach() for n, p in b.named_parameters()}
+    bare = mc.CurveModel(template, bare_a, bare_b)
+    _assert_same(bare.endpoint_buffers(0), _buffers(template))
+    _assert_same(bare.endpoint_buffers(1), _buffers(template))
+
+
+def test_random_middle_bends_are_fresh_initialisations_from_seed_plus_k():
+    a, b = nn.Linear(3, 2), nn.Linear(3, 2)
+    curve = mc.CurveModel(a, a, b, mc.Bezier(4), init="random", seed=5)
+    for k in (1, 2):
+        fresh = nn.Linear(3, 2)
+        torch.manual_seed(5 + k)
+        fresh.reset_parameters()
+        assert torch.equal(curve.bends[k], curve.layout.flatten(fresh))
+
+
+def test_fixed_middle_bends_with_free_ends():
+    a, m, b = nn.Linear(3, 2), nn.Linear(3, 2), nn.Linear(3, 2)
+    curve = mc.CurveModel(a, a, b, mc.PolyChain(3), middle=[m], fix_middle=True, fix_start=False, fix_end=False)
+    assert curve.fixed_idx == [1] and curve.free_idx == [0, 2]
