@@ -73,6 +73,25 @@ def test_the_reported_objective_is_that_of_the_returned_permutation(seed, restar
     assert all(x <= y + 1e-9 for x, y in zip(info.objectives, info.objectives[1:]))
 
 
+@pytest.mark.parametrize("widths", [(6, 12, 10, 8, 3), (6, 8, 30, 8, 3)])
+@pytest.mark.parametrize("seed", [0, 1, 2, 3])
+def test_the_result_is_a_fixed_point_of_every_groups_assignment(seed, widths):
+    """Converged descent: with B permuted by the result, each group's cost matrix C[i, j] = <A's unit i,
+    B's unit j> over the group's axes (built here from the state dicts, in float64) has the identity among its
+    optimal assignments (scipy's optimum equals the trace)."""
+    a, b = _mlp(30 + seed, widths), _mlp(40 + seed, widths)
+    spec = infer_permutation_spec(a, torch.randn(1, widths[0]))
+    perm, info = weight_matching(a, b, spec, seed=seed, init="identity")
+    assert info.converged
+    sd_a, sd_b = a.state_dict(), apply_permutation(b.state_dict(), spec, perm)
+    for g, group in spec.groups.items():
+        rows = [(sd_a[r.name].double().movedim(r.axis, 0).reshape(group.size, -1),
+                 sd_b[r.name].double().movedim(r.axis, 0).reshape(group.size, -1)) for r in group.axes]
+        cost = sum(ra @ rb.T for ra, rb in rows).numpy()
+        i, j = linear_sum_assignment(cost, maximize=True)
+        assert cost[i, j].sum() <= np.trace(cost) + 1e-9, g
+
+
 def test_matching_a_network_to_itself_is_one_sweep_that_changes_nothing():
     a = _mlp(3, (4, 7, 6, 2))
     spec = infer_permutation_spec(a, torch.randn(1, 4))
@@ -182,3 +201,96 @@ def test_a_bad_observe_point_names_its_group(node, message):
     hand = PermutationSpec({"hidden": PermutationGroup(g.size, g.axes, [ObservePoint(node)])})
     with pytest.raises(ValueError, match=message):
         activation_matching(a, b, [x], hand)
+
+
+# ------------------------------------------------------------------------------------------ starts and restarts
+def _pair(seed=0, widths=(6, 12, 10, 8, 3)):
+    a, b = _mlp(30 + seed, widths), _mlp(40 + seed, widths)
+    return a, b, infer_permutation_spec(a, torch.randn(1, widths[0]))
+
+
+def test_a_descent_cut_short_says_so_and_records_its_seed():
+    a, b, spec = _pair()
+    full, info = weight_matching(a, b, spec, init="identity")
+    assert info.sweeps >= 2 and info.converged is True and info.seed == 0
+    _, cut = weight_matching(a, b, spec, init="identity", max_iter=1, seed=4)
+    assert cut.sweeps == 1 and cut.converged is False and cut.seed == 4
+
+
+@pytest.mark.parametrize("init", ["identity", "greedy", "sorted"])
+def test_every_start_reports_b_as_given_for_its_initial_objective(init):
+    a, b, spec = _pair(1)
+    perm, info = weight_matching(a, b, spec, init=init)
+    assert info.initial_objective == pytest.approx(_objective(a, b, spec, spec.identity()), rel=1e-12)
+    assert info.objectives[-1] == pytest.approx(_objective(a, b, spec, perm), rel=1e-12)
+    assert info.start in ({"identity", "greedy"} if init == "greedy" else {init})
+
+
+def test_each_restart_is_a_descent_from_its_seeded_random_permutation():
+    a, b, spec = _pair(2)
+    perm, info = weight_matching(a, b, spec, seed=5, restarts=3, init="identity")
+    assert len(info.restart_objectives) == 3
+    for r in (1, 2):  # restart r: B shuffled by spec.random_permutation(seed + r), then one descent with seed + r
+        start = spec.random_permutation(5 + r)
+        _, alone = weight_matching(a, apply_permutation(b.state_dict(), spec, start), spec, seed=5 + r,
+                                   init="identity")
+        assert info.restart_objectives[r] == pytest.approx(alone.objectives[-1], rel=1e-12)
+    best = int(np.argmax(info.restart_objectives))
+    assert info.best_restart == best and info.start == ("random" if best else "identity")
+    assert _objective(a, b, spec, perm) == pytest.approx(max(info.restart_objectives), rel=1e-12)
+
+
+def test_the_sorted_start_is_reported_and_random_restarts_after_it():
+    a, b, spec = _pair(3)
+    _, info = weight_matching(a, b, spec, init="sorted", restarts=4, seed=1)
+    assert info.start == ("random" if info.best_restart else "sorted")
+    _, only = weight_matching(a, b, spec, init="sorted")
+    assert only.start == "sorted"
+
+
+def test_on_a_tie_the_earliest_restart_and_b_as_given_win():
+    a = _mlp(3, (4, 7, 6, 2))
+    spec = infer_permutation_spec(a, torch.randn(1, 4))
+    perm, info = weight_matching(a, a, spec, restarts=3)  # every restart ends at the identity's objective
+    assert info.restart_objectives == pytest.approx([info.initial_objective] * 3, rel=1e-12)
+    assert info.best_restart == 0 and info.start == "identity"
+    assert all(torch.equal(perm[k], torch.arange(g.size)) for k, g in spec.groups.items())
+
+
+@pytest.mark.parametrize("name", ["max_iter", "restarts"])
+@pytest.mark.parametrize("bad", [0, True, 1.5])
+def test_a_bad_count_is_refused_by_name(name, bad):
+    a, b, spec = _pair()
+    with pytest.raises(ValueError, match=f"{name} must be a positive int"):
+        weight_matching(a, b, spec, **{name: bad})
+
+
+def test_matching_state_dicts_leaves_batchnorm_statistics_out_of_the_objective():
+    torch.manual_seed(0)
+    a, b = (nn.Sequential(nn.Linear(3, 5), nn.BatchNorm1d(5), nn.ReLU(), nn.Linear(5, 2)) for _ in range(2))
+    for m in (a, b):
+        m.train()(torch.randn(16, 3))  # running statistics away from 0 and 1
+    spec = infer_permutation_spec(a, torch.randn(2, 3))
+    perm, info = weight_matching(a.state_dict(), b.state_dict(), spec, init="identity")
+    assert set(info.names) == {"0.weight", "0.bias", "1.weight", "1.bias", "3.weight"}
+    assert info.objectives[-1] == pytest.approx(_objective(a, b, spec, perm), rel=1e-12)
+
+
+def test_a_float64_network_is_matched_to_a_float32_one():
+    a, b = _mlp(1), _mlp(2).double()
+    spec = infer_permutation_spec(a, torch.randn(1, 3))
+    best = max(_objective(a, b, spec, {"0": torch.tensor(p)}) for p in itertools.permutations(range(5)))
+    _, info = weight_matching(a, b, spec, init="identity")
+    assert info.objectives[-1] == pytest.approx(best, rel=1e-12)
+
+
+def test_weight_similarity_is_the_float64_cosine_of_matched_units():
+    a, b, spec = _pair(4)
+    perm = spec.random_permutation(3)
+    sim = weight_similarity(a, b, spec, perm)
+    sd_a, sd_b = a.state_dict(), apply_permutation(b.state_dict(), spec, perm)
+    for g, group in spec.groups.items():
+        ra = torch.cat([sd_a[r.name].double().movedim(r.axis, 0).reshape(group.size, -1) for r in group.axes], 1)
+        rb = torch.cat([sd_b[r.name].double().movedim(r.axis, 0).reshape(group.size, -1) for r in group.axes], 1)
+        want = float(torch.nn.functional.cosine_similarity(ra, rb, dim=1).mean())
+        assert sim[g] == pytest.approx(want, abs=1e-13), g

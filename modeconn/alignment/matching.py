@@ -345,7 +345,7 @@ def weight_matching(a, b, spec: PermutationSpec, seed: int = 0, max_iter: int = 
     ``init="sorted"`` starts from the units matched by their sorted weights
     (:mod:`~modeconn.alignment.signatures`), exact on a permutation of A even where rows tie
     (constant norm weights at a zoo's initialisation). ``restarts = k > 1`` also starts from
-    ``spec.random_permutation(seed + r)``, 0 < r < k, and keeps the highest objective.
+    ``spec.random_permutation(seed + r)``, 0 < r < k, and keeps the highest objective (the earliest on a tie).
 
     Returns ``(perm, WeightMatchingInfo)``.
 
