@@ -1,0 +1,110 @@
+"""What the training loops promise beyond their numbers (mutation run 10, training/loop.py): the settings a resume
+state records (and so refuses to resume under other ones), SAM's variants reaching the curve's optimizer, a
+repeatable adversarial curve run, the warm-up's length, and the divergence message naming the learning rate."""
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+import modeconn as mc
+from modeconn.data import TensorLoader
+from modeconn.evaluation.adversarial import PGD
+from modeconn.runtime import Hooks
+from modeconn.training.loop import fit_curve, train_model
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def _data(n=40, batch=8):
+    g = torch.Generator().manual_seed(0)
+    return TensorLoader(torch.randn(n, 4, generator=g), torch.randint(0, 3, (n,), generator=g), batch_size=batch,
+                        shuffle=True, seed=1)
+
+
+def _curve():
+    torch.manual_seed(0)
+    a, b = nn.Sequential(nn.Linear(4, 6), nn.ReLU(), nn.Linear(6, 3)), nn.Sequential(nn.Linear(4, 6), nn.ReLU(),
+                                                                                      nn.Linear(6, 3))
+    return mc.CurveModel(a, a, b, mc.Bezier(3))
+
+
+def _states():
+    states = []
+    return states, Hooks(on_epoch_end=lambda record, state: states.append(state))
+
+
+def test_a_curve_run_records_every_setting_it_depends_on():
+    states, hooks = _states()
+    attack = PGD(eps=0.1, steps=1)
+    fit_curve(_curve(), _data(), epochs=1, lr=0.02, weight_decay=1e-3, momentum=0.5, schedule="cosine", seed=3,
+              sam=0.05, sam_adaptive=True, sam_sparsity=0.5, sam_mask="random", adversarial=attack, hooks=hooks)
+    assert states[0]["settings"] == {
+        "loop": "fit_curve", "epochs": 1, "lr": 0.02, "weight_decay": 1e-3, "momentum": 0.5, "schedule": "cosine",
+        "seed": 3, "sam": 0.05, "sam_adaptive": True, "sam_sparsity": 0.5, "sam_mask": "random",
+        "adversarial": attack.as_dict()}
+
+
+def test_a_plain_run_records_no_optional_setting_and_the_documented_defaults():
+    states, hooks = _states()
+    history = train_model(nn.Linear(4, 3), _data(), hooks=hooks)
+    assert len(history) == 20
+    assert states[0]["settings"] == {"loop": "train_model", "epochs": 20, "lr": 0.05, "weight_decay": 5e-4,
+                                     "momentum": 0.9, "schedule": "reference", "seed": 0}
+    states, hooks = _states()
+    assert len(fit_curve(_curve(), _data(), hooks=hooks)) == 20
+    assert states[0]["settings"] == {"loop": "fit_curve", "epochs": 20, "lr": 0.03, "weight_decay": 5e-4,
+                                     "momentum": 0.9, "schedule": "reference", "seed": 0}
+
+
+@pytest.mark.parametrize("warmup_epochs,steps", [(0.1, 1), (0.5, 2), (2, 10)])
+def test_the_warm_up_lasts_its_epochs_of_steps_at_least_one(warmup_epochs, steps):
+    states, hooks = _states()
+    train_model(nn.Linear(4, 3), _data(), epochs=3, lr=0.05, warmup_epochs=warmup_epochs, hooks=hooks)  # 5 steps
+    assert states[0]["settings"]["warmup_steps"] == steps
+
+
+@pytest.mark.parametrize("bad", [-1.0, float("inf"), float("nan")])
+def test_a_bad_warm_up_is_refused(bad):
+    with pytest.raises(ValueError, match="warmup_epochs must be a number >= 0"):
+        train_model(nn.Linear(4, 3), _data(), epochs=1, warmup_epochs=bad)
+
+
+def _bends_after(global_seed=None, **kw):
+    curve = _curve()
+    if global_seed is not None:
+        torch.manual_seed(global_seed)
+    fit_curve(curve, _data(), epochs=1, lr=0.1, seed=2, **kw)
+    return curve.free_bends.detach().clone()
+
+
+def test_sam_variants_reach_the_curves_optimizer():
+    plain = _bends_after(sam=0.2)
+    assert not torch.allclose(_bends_after(sam=0.2, sam_adaptive=True), plain)
+    assert not torch.allclose(_bends_after(sam=0.2, sam_sparsity=0.5, sam_mask="random"), plain)
+
+
+def test_an_adversarial_curve_run_is_repeatable_whatever_the_global_generator():
+    attack = PGD(eps=0.2, steps=2, random_start=True)
+    first = _bends_after(global_seed=11, adversarial=attack)
+    assert torch.equal(_bends_after(global_seed=12, adversarial=attack), first)
+
+
+def test_a_diverging_curve_names_its_learning_rate():
+    with pytest.raises(FloatingPointError, match=r"lower the learning rate \(lr=1e\+30\)"):
+        fit_curve(_curve(), _data(), epochs=1, lr=1e30)
+
+
+def test_with_amp_the_curve_step_runs_the_network_in_bf16_and_returns_float32():
+    from modeconn.runtime import Runtime
+    from modeconn.training.loop import curve_training
+
+    curve = _curve()
+    *_, stepper, ddp = curve_training(curve, _data(), 1, 0.1, 0.9, "constant", 0.0, Runtime(amp=True))
+    x, t = torch.randn(5, 4), torch.tensor(0.3)
+    out, _ = stepper(x, t)
+    weights = curve.weights_at(t)  # θ(t) stays float32; only the network runs under autocast
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        want = curve.forward_weights(x, weights)
+    assert not ddp and out.dtype == torch.float32 and want.dtype == torch.bfloat16
+    assert torch.equal(out, want.float())
