@@ -108,3 +108,10 @@ def test_with_amp_the_curve_step_runs_the_network_in_bf16_and_returns_float32():
         want = curve.forward_weights(x, weights)
     assert not ddp and out.dtype == torch.float32 and want.dtype == torch.bfloat16
     assert torch.equal(out, want.float())
+
+
+def test_a_network_of_one_parameter_tensor_trains():
+    net = nn.Linear(4, 3, bias=False)
+    before = net.weight.detach().clone()
+    history = train_model(net, _data(), epochs=1, lr=0.05)
+    assert len(history) == 1 and not torch.equal(net.weight, before)
