@@ -115,3 +115,18 @@ def test_a_network_of_one_parameter_tensor_trains():
     before = net.weight.detach().clone()
     history = train_model(net, _data(), epochs=1, lr=0.05)
     assert len(history) == 1 and not torch.equal(net.weight, before)
+
+
+def test_compile_wraps_the_network_and_the_curve_step(monkeypatch):
+    """With ``Runtime(compile=True)`` the trained module goes through ``torch.compile`` (recorded here by a
+    stand-in that returns the module itself, so no compiler is needed)."""
+    from modeconn.runtime import Runtime
+    from modeconn.training.loop import _CurveStep
+
+    compiled = []
+    monkeypatch.setattr(torch, "compile", lambda module: compiled.append(module) or module)
+    net = nn.Linear(4, 3)
+    train_model(net, _data(), epochs=1, runtime=Runtime(compile=True))
+    assert compiled == [net]
+    fit_curve(_curve(), _data(), epochs=1, runtime=Runtime(compile=True))
+    assert len(compiled) == 2 and isinstance(compiled[1], _CurveStep)
