@@ -130,3 +130,47 @@ def test_compile_wraps_the_network_and_the_curve_step(monkeypatch):
     assert compiled == [net]
     fit_curve(_curve(), _data(), epochs=1, runtime=Runtime(compile=True))
     assert len(compiled) == 2 and isinstance(compiled[1], _CurveStep)
+
+
+def test_a_network_run_records_every_setting_it_depends_on():
+    states, hooks = _states()
+    attack = PGD(eps=0.1, steps=1)
+    train_model(nn.Linear(4, 3), _data(), epochs=2, lr=0.02, weight_decay=1e-3, momentum=0.5, schedule="cosine",
+                seed=3, sam=0.05, sam_adaptive=True, sam_sparsity=0.5, sam_mask="random", adversarial=attack,
+                warmup_epochs=1, hooks=hooks)
+    assert states[0]["settings"] == {
+        "loop": "train_model", "epochs": 2, "lr": 0.02, "weight_decay": 1e-3, "momentum": 0.5, "schedule": "cosine",
+        "seed": 3, "sam": 0.05, "sam_adaptive": True, "sam_sparsity": 0.5, "sam_mask": "random", "warmup_steps": 5,
+        "adversarial": attack.as_dict()}
+
+
+class _Counter:
+    """An ``epoch_fields`` with a resume state (as ``NTKTracker``): its record entry and its state."""
+
+    def __init__(self):
+        self.calls = 0
+
+    def __call__(self):
+        self.calls += 1
+        return {"calls": self.calls}
+
+    def state_dict(self):
+        return {"calls": self.calls}
+
+    def load_state_dict(self, state):
+        self.calls = state["calls"]
+
+
+def test_epoch_fields_join_the_records_and_their_state_the_resume_state():
+    states, hooks = _states()
+    history = train_model(nn.Linear(4, 3), _data(), epochs=2, lr=0.05, epoch_fields=_Counter(), hooks=hooks)
+    assert [r["calls"] for r in history] == [1, 2]
+    assert [s["epoch_fields"] for s in states] == [{"calls": 1}, {"calls": 2}]
+    resumed = _Counter()
+    again = train_model(nn.Linear(4, 3), _data(), epochs=2, lr=0.05, epoch_fields=resumed, resume=states[0])
+    assert [r["calls"] for r in again] == [1, 2] and resumed.calls == 2
+
+
+def test_a_diverging_network_names_its_learning_rate_and_the_warm_up():
+    with pytest.raises(FloatingPointError, match=r"lower the learning rate \(lr=1e\+30\) or warm it up longer"):
+        train_model(nn.Linear(4, 3), _data(), epochs=1, lr=1e30)
