@@ -174,3 +174,73 @@ def test_epoch_fields_join_the_records_and_their_state_the_resume_state():
 def test_a_diverging_network_names_its_learning_rate_and_the_warm_up():
     with pytest.raises(FloatingPointError, match=r"lower the learning rate \(lr=1e\+30\) or warm it up longer"):
         train_model(nn.Linear(4, 3), _data(), epochs=1, lr=1e30)
+
+
+def test_a_curve_follows_the_reference_schedule_without_a_warm_up():
+    from tests.test_training import REFERENCE_4
+
+    history = fit_curve(_curve(), _data(), epochs=4, lr=0.2)
+    assert [r["lr"] for r in history] == pytest.approx([0.2 * f for f in REFERENCE_4], abs=1e-12)
+
+
+def test_the_losses_by_name_and_a_callable():
+    from modeconn.training.loop import get_loss
+
+    def mine(out, y):
+        return out.sum()
+
+    assert get_loss(mine) is mine
+    out, y = torch.randn(5, 1), torch.randn(5, dtype=torch.float64)
+    assert torch.equal(get_loss("mse")(out, y), ((out[:, 0] - y.float()) ** 2).mean())
+    logits, labels = torch.randn(5, 3), torch.randint(0, 3, (5,))
+    assert torch.equal(get_loss("cross_entropy")(logits, labels), torch.nn.functional.cross_entropy(logits, labels))
+    with pytest.raises(ValueError, match="unknown loss 'hinge'"):
+        get_loss("hinge")
+
+
+def test_with_amp_a_network_step_takes_its_loss_in_float32():
+    from modeconn.runtime import Runtime
+    from modeconn.training.loop import model_step
+
+    net = nn.Linear(4, 3)
+    x, y = torch.randn(5, 4), torch.randint(0, 3, (5,))
+    out, value, logged = model_step(net, "cross_entropy", Runtime(amp=True), torch.device("cpu"))(x, y, None)
+    assert out.dtype == torch.bfloat16 and value.dtype == torch.float32 and logged is value
+    assert torch.equal(value, torch.nn.functional.cross_entropy(out.float(), y))
+
+
+@pytest.mark.parametrize("kw,message", [({"epochs": 1.5}, "epochs must be an integer"),
+                                        ({"epochs": True}, "epochs must be an integer"),
+                                        ({"lr": 0.0}, "lr must be a positive number"),
+                                        ({"lr": -0.1}, "lr must be a positive number"),
+                                        ({"lr": float("inf")}, "lr must be a positive number")])
+def test_bad_epochs_and_rates_are_refused(kw, message):
+    with pytest.raises(ValueError, match=message):
+        train_model(nn.Linear(4, 3), _data(), **{"epochs": 1, **kw})
+
+
+def test_sam_runs_take_the_momentum_and_the_weight_decay():
+    def weights(**kw):
+        net = nn.Linear(4, 3)
+        with torch.no_grad():
+            net.weight.fill_(0.1), net.bias.zero_()
+        train_model(net, _data(), epochs=2, lr=0.05, sam=0.05, **kw)
+        return net.weight.detach().clone()
+
+    base = weights(momentum=0.9, weight_decay=0.0)
+    assert not torch.allclose(weights(momentum=0.0, weight_decay=0.0), base)
+    assert not torch.allclose(weights(momentum=0.9, weight_decay=0.1), base)
+
+
+def test_the_resume_state_holds_the_model_optimizer_and_scheduler_by_name():
+    states, hooks = _states()
+    net = nn.Linear(4, 3)
+    train_model(net, _data(), epochs=1, lr=0.05, hooks=hooks)
+    assert {"model", "optimizer", "scheduler", "epoch", "history", "settings", "rng"} <= set(states[0])
+    assert all(torch.equal(states[0]["model"][k], v) for k, v in net.state_dict().items())
+
+
+def test_a_mask_without_sparsity_is_still_ssam():
+    states, hooks = _states()
+    train_model(nn.Linear(4, 3), _data(), epochs=1, sam=0.05, sam_mask="random", hooks=hooks)
+    assert states[0]["settings"]["sam_mask"] == "random" and states[0]["settings"]["sam_sparsity"] == 0.0
