@@ -244,3 +244,26 @@ def test_a_mask_without_sparsity_is_still_ssam():
     states, hooks = _states()
     train_model(nn.Linear(4, 3), _data(), epochs=1, sam=0.05, sam_mask="random", hooks=hooks)
     assert states[0]["settings"]["sam_mask"] == "random" and states[0]["settings"]["sam_sparsity"] == 0.0
+
+
+@pytest.mark.parametrize("out_shape,y,expected", [
+    ((5, 3), torch.zeros(5, dtype=torch.long), True),            # logits and class labels
+    ((5, 3), torch.zeros(5), False),                              # float targets: regression
+    ((2, 4, 7), torch.zeros(2, 4, dtype=torch.long), True),      # tokens: [B, T, V] and [B, T]
+    ((2, 4, 7), torch.zeros(2, 4), False),
+    ((2, 4, 7), torch.zeros(2, dtype=torch.long), False),        # 3-D output, one label per sequence
+    ((2, 3, 4, 4), torch.zeros(2, 4, 4, dtype=torch.long), False),  # per-pixel labels: not counted
+    ((5,), torch.zeros(5, dtype=torch.long), False),
+])
+def test_accuracy_is_reported_for_class_logits_and_token_logits_only(out_shape, y, expected):
+    from modeconn.training.loop import _is_classification
+
+    assert _is_classification(torch.zeros(out_shape), y) is expected
+
+
+def test_a_resumed_run_counts_its_finished_steps_first():
+    states, hooks = _states()
+    train_model(nn.Linear(4, 3), _data(), epochs=2, lr=0.05, hooks=hooks)
+    steps = []
+    train_model(nn.Linear(4, 3), _data(), epochs=2, lr=0.05, resume=states[0], hooks=Hooks(progress=steps.append))
+    assert steps[0] == 5 and sum(steps) == 10 and len(steps) == 6  # the first epoch's 5 steps, then one by one
