@@ -267,3 +267,13 @@ def test_a_resumed_run_counts_its_finished_steps_first():
     steps = []
     train_model(nn.Linear(4, 3), _data(), epochs=2, lr=0.05, resume=states[0], hooks=Hooks(progress=steps.append))
     assert steps[0] == 5 and sum(steps) == 10 and len(steps) == 6  # the first epoch's 5 steps, then one by one
+
+
+def test_each_record_carries_its_epochs_duration():
+    import time
+
+    t0 = time.perf_counter()
+    history = train_model(nn.Linear(4, 3), _data(), epochs=2, lr=0.05)
+    elapsed = time.perf_counter() - t0
+    assert all(isinstance(r["seconds"], float) and 0 <= r["seconds"] for r in history)
+    assert sum(r["seconds"] for r in history) <= elapsed  # a part of the call, not a clock reading
