@@ -277,3 +277,23 @@ def test_each_record_carries_its_epochs_duration():
     elapsed = time.perf_counter() - t0
     assert all(isinstance(r["seconds"], float) and 0 <= r["seconds"] for r in history)
     assert sum(r["seconds"] for r in history) <= elapsed  # a part of the call, not a clock reading
+
+
+def test_an_epochs_loss_and_accuracy_are_the_means_over_its_samples():
+    net = nn.Linear(4, 3)
+    data = _data()
+    x, y = data.x, data.y
+    with torch.no_grad():
+        out = net(x)
+    want_loss = float(torch.nn.functional.cross_entropy(out.double(), y))
+    want_acc = float((out.argmax(1) == y).double().mean())
+    record = train_model(net, data, epochs=1, lr=1e-30, momentum=0.0, weight_decay=0.0, schedule="constant")[0]
+    assert record["loss"] == pytest.approx(want_loss, rel=1e-6)  # steps of 1e-30 leave the network as it was
+    assert record["acc"] == pytest.approx(want_acc, abs=1e-12)
+
+
+def test_a_regression_run_reports_no_accuracy():
+    g = torch.Generator().manual_seed(0)
+    data = TensorLoader(torch.randn(20, 4, generator=g), torch.randn(20, generator=g), batch_size=5)
+    record = train_model(nn.Linear(4, 1), data, epochs=1, lr=0.01, loss="mse")[0]
+    assert record["acc"] != record["acc"] and record["loss"] > 0  # NaN
