@@ -24,8 +24,7 @@ def _data(n=40, batch=8):
 
 def _curve():
     torch.manual_seed(0)
-    a, b = nn.Sequential(nn.Linear(4, 6), nn.ReLU(), nn.Linear(6, 3)), nn.Sequential(nn.Linear(4, 6), nn.ReLU(),
-                                                                                      nn.Linear(6, 3))
+    a, b = (nn.Sequential(nn.Linear(4, 6), nn.ReLU(), nn.Linear(6, 3)) for _ in range(2))
     return mc.CurveModel(a, a, b, mc.Bezier(3))
 
 

@@ -28,6 +28,12 @@ def _mlp(seed, widths=(3, 5, 2)):
     return nn.Sequential(*layers)
 
 
+def _unit_rows(sd, group):
+    """Each unit's entries of every parameter the group moves, in float64: [units, all its entries]
+    (the full-axis refs of plain MLPs: the axis moved to the front, the rest flattened)."""
+    return torch.cat([sd[r.name].double().movedim(r.axis, 0).reshape(group.size, -1) for r in group.axes], 1)
+
+
 def _objective(a, b, spec, perm):
     """sum over the parameters a group moves of <A_w, P(B_w)>, in float64 from the state dicts."""
     sd_a, sd_b = a.state_dict(), apply_permutation(b.state_dict(), spec, perm)
@@ -85,9 +91,7 @@ def test_the_result_is_a_fixed_point_of_every_groups_assignment(seed, widths):
     assert info.converged
     sd_a, sd_b = a.state_dict(), apply_permutation(b.state_dict(), spec, perm)
     for g, group in spec.groups.items():
-        rows = [(sd_a[r.name].double().movedim(r.axis, 0).reshape(group.size, -1),
-                 sd_b[r.name].double().movedim(r.axis, 0).reshape(group.size, -1)) for r in group.axes]
-        cost = sum(ra @ rb.T for ra, rb in rows).numpy()
+        cost = (_unit_rows(sd_a, group) @ _unit_rows(sd_b, group).T).numpy()
         i, j = linear_sum_assignment(cost, maximize=True)
         assert cost[i, j].sum() <= np.trace(cost) + 1e-9, g
 
@@ -290,7 +294,6 @@ def test_weight_similarity_is_the_float64_cosine_of_matched_units():
     sim = weight_similarity(a, b, spec, perm)
     sd_a, sd_b = a.state_dict(), apply_permutation(b.state_dict(), spec, perm)
     for g, group in spec.groups.items():
-        ra = torch.cat([sd_a[r.name].double().movedim(r.axis, 0).reshape(group.size, -1) for r in group.axes], 1)
-        rb = torch.cat([sd_b[r.name].double().movedim(r.axis, 0).reshape(group.size, -1) for r in group.axes], 1)
+        ra, rb = _unit_rows(sd_a, group), _unit_rows(sd_b, group)
         want = float(torch.nn.functional.cosine_similarity(ra, rb, dim=1).mean())
         assert sim[g] == pytest.approx(want, abs=1e-13), g
